@@ -1,0 +1,296 @@
+//! Plain `#[repr(C)]` types shared by the Portcullis kernel programs (`ebpf/`) and the
+//! daemon. Everything here is `no_std` and free of pointers so the same bytes mean the
+//! same thing on both sides of a BPF map or ring buffer.
+//!
+//! Conventions:
+//! - Addresses are 16 bytes in network byte order. IPv4 is stored IPv4-mapped
+//!   (`::ffff:a.b.c.d`) so one key type serves both families and a v4-mapped IPv6
+//!   connect to a protected IPv4 endpoint matches the same key.
+//! - Ports are in host byte order.
+//! - Every struct has explicit padding fields so no byte of a map key is undefined.
+#![no_std]
+
+#[cfg(feature = "user")]
+mod user;
+
+/// How many cgroup levels the kernel programs walk upwards looking for an enrolled
+/// ancestor. Kubernetes pod cgroups sit 3-5 levels deep; 32 leaves room for nesting.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+
+/// Names of the maps, shared so the daemon can find their pins in bpffs.
+pub mod maps {
+    /// Enrolled agent cgroups: `u64` cgroup id -> [`super::Enrollment`].
+    pub const AGENT_CGROUPS: &str = "PC_AGENT_CGROUPS";
+    /// Protected endpoints: [`super::SockKey`] -> [`super::Protection`].
+    pub const PROTECTED: &str = "PC_PROTECTED";
+    /// Single-slot array holding [`super::Settings`].
+    pub const SETTINGS: &str = "PC_SETTINGS";
+    /// Socket cookie -> [`super::ConnRecord`], written at connect time.
+    pub const CONN_BY_COOKIE: &str = "PC_CONN_BY_COOKIE";
+    /// Agent's local address -> [`super::ConnRecord`], written once the port is known.
+    pub const CONN_BY_CLIENT: &str = "PC_CONN_BY_CLIENT";
+    /// Processes that were ever seen inside an agent cgroup: tgid -> [`super::StickyAgent`].
+    pub const STICKY_TASKS: &str = "PC_STICKY_TASKS";
+    /// Ring buffer of [`super::Event`].
+    pub const EVENTS: &str = "PC_EVENTS";
+}
+
+/// Size of the event ring buffer in bytes (power of two, multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+/// Capacity of the per-connection maps. LRU: the oldest entries go first if a burst of
+/// connections outruns the daemon; the daemon deletes entries as it consumes them.
+pub const CONN_MAP_ENTRIES: u32 = 65_536;
+pub const AGENT_CGROUP_ENTRIES: u32 = 16_384;
+pub const PROTECTED_ENTRIES: u32 = 1_024;
+pub const STICKY_TASK_ENTRIES: u32 = 65_536;
+
+/// `AF_INET` / `AF_INET6` as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// An address + port, used both as a map key (protected endpoints, client tuples) and
+/// inside records.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct SockKey {
+    /// Network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host byte order. In the protected map, 0 means "every port of this address".
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl SockKey {
+    pub const fn from_v4(octets: [u8; 4], port: u16) -> Self {
+        let [a, b, c, d] = octets;
+        SockKey {
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
+            port,
+            _pad: 0,
+        }
+    }
+
+    pub const fn from_v6(addr: [u8; 16], port: u16) -> Self {
+        SockKey {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// True when the address is an IPv4 address (stored IPv4-mapped).
+    pub const fn is_v4(&self) -> bool {
+        let a = &self.addr;
+        a[0] == 0
+            && a[1] == 0
+            && a[2] == 0
+            && a[3] == 0
+            && a[4] == 0
+            && a[5] == 0
+            && a[6] == 0
+            && a[7] == 0
+            && a[8] == 0
+            && a[9] == 0
+            && a[10] == 0xff
+            && a[11] == 0xff
+    }
+
+    pub const fn v4_octets(&self) -> [u8; 4] {
+        [self.addr[12], self.addr[13], self.addr[14], self.addr[15]]
+    }
+
+    pub const fn with_port(&self, port: u16) -> Self {
+        SockKey {
+            addr: self.addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of the protected-endpoints map.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Protection {
+    /// Free-form id chosen by the daemon (index in its config) so events can name the rule.
+    pub id: u32,
+    pub _pad: u32,
+}
+
+/// Value of the agent-cgroups map.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Enrollment {
+    /// Wall-clock seconds at enrollment, for `portcullis status`.
+    pub enrolled_at: u64,
+}
+
+/// Value of the sticky-tasks map: a process that was seen in an agent cgroup stays an
+/// agent (and so do its children) even if it moves itself to another cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct StickyAgent {
+    /// The enrolled cgroup the process was first seen in.
+    pub agent_cgroup: u64,
+}
+
+/// Flags in [`Settings::flags`].
+pub mod settings_flags {
+    /// The daemon has an IPv4 listen address: redirect IPv4 (and v4-mapped) connects.
+    pub const HAVE_DAEMON_V4: u32 = 1 << 0;
+    /// The daemon has an IPv6 listen address: redirect native IPv6 connects.
+    pub const HAVE_DAEMON_V6: u32 = 1 << 1;
+    /// Offsets for the fork tracker were resolved from kernel BTF.
+    pub const HAVE_TASK_OFFSETS: u32 = 1 << 2;
+}
+
+/// Written by the daemon into the single-slot `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Settings {
+    pub daemon_v4: SockKey,
+    pub daemon_v6: SockKey,
+    pub flags: u32,
+    /// Byte offset of `tgid` in the kernel's `struct task_struct`, from BTF.
+    pub task_tgid_offset: u32,
+}
+
+/// Who made a socket operation, as the kernel saw it. Nothing here comes from the agent.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Origin {
+    /// The cgroup the process was in (`bpf_get_current_cgroup_id`).
+    pub cgroup_id: u64,
+    /// The enrolled agent cgroup that made this an agent socket (the cgroup itself or an
+    /// ancestor), or the cgroup recorded for a sticky process.
+    pub agent_cgroup_id: u64,
+    /// Network namespace cookie of the socket (0 where the hook cannot tell).
+    pub netns_cookie: u64,
+    pub tgid: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: [u8; 16],
+}
+
+/// What the kernel recorded when it redirected a connection to the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct ConnRecord {
+    /// Where the agent tried to connect.
+    pub original_dst: SockKey,
+    pub origin: Origin,
+    pub socket_cookie: u64,
+    /// `bpf_ktime_get_boot_ns` at connect.
+    pub ktime_ns: u64,
+}
+
+/// Kinds of events on the ring buffer.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum EventKind {
+    /// A TCP connect to a protected endpoint was rewritten to the daemon.
+    Redirected = 1,
+    /// A connect to a protected endpoint was refused (non-TCP socket, or no daemon
+    /// address for the family).
+    ConnectRefused = 2,
+    /// A UDP/QUIC datagram to a protected endpoint was refused (sendmsg hook).
+    DatagramRefused = 3,
+    /// A raw socket was refused at creation (cgroup/sock_create).
+    RawSocketRefused = 4,
+    /// A packet socket (AF_PACKET) was refused at creation (BPF LSM socket_create).
+    PacketSocketRefused = 5,
+    /// The egress backstop dropped a packet to a protected endpoint.
+    EgressDropped = 6,
+    /// A process that left its agent cgroup was still treated as an agent.
+    StickyAgentSeen = 7,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<EventKind> {
+        Some(match v {
+            1 => EventKind::Redirected,
+            2 => EventKind::ConnectRefused,
+            3 => EventKind::DatagramRefused,
+            4 => EventKind::RawSocketRefused,
+            5 => EventKind::PacketSocketRefused,
+            6 => EventKind::EgressDropped,
+            7 => EventKind::StickyAgentSeen,
+            _ => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            EventKind::Redirected => "redirected",
+            EventKind::ConnectRefused => "connect_refused",
+            EventKind::DatagramRefused => "datagram_refused",
+            EventKind::RawSocketRefused => "raw_socket_refused",
+            EventKind::PacketSocketRefused => "packet_socket_refused",
+            EventKind::EgressDropped => "egress_dropped",
+            EventKind::StickyAgentSeen => "sticky_agent_seen",
+        }
+    }
+}
+
+/// Which hook produced an event.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Hook {
+    Connect4 = 1,
+    Connect6 = 2,
+    Sendmsg4 = 3,
+    Sendmsg6 = 4,
+    SockCreate = 5,
+    LsmSocketCreate = 6,
+    SkbEgress = 7,
+}
+
+impl Hook {
+    pub const fn from_u32(v: u32) -> Option<Hook> {
+        Some(match v {
+            1 => Hook::Connect4,
+            2 => Hook::Connect6,
+            3 => Hook::Sendmsg4,
+            4 => Hook::Sendmsg6,
+            5 => Hook::SockCreate,
+            6 => Hook::LsmSocketCreate,
+            7 => Hook::SkbEgress,
+            _ => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hook::Connect4 => "cgroup/connect4",
+            Hook::Connect6 => "cgroup/connect6",
+            Hook::Sendmsg4 => "cgroup/sendmsg4",
+            Hook::Sendmsg6 => "cgroup/sendmsg6",
+            Hook::SockCreate => "cgroup/sock_create",
+            Hook::LsmSocketCreate => "lsm/socket_create",
+            Hook::SkbEgress => "cgroup_skb/egress",
+        }
+    }
+}
+
+/// One ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Event {
+    /// [`EventKind`] as u32 (an enum read from a map must not be trusted to be valid).
+    pub kind: u32,
+    /// [`Hook`] as u32.
+    pub hook: u32,
+    pub origin: Origin,
+    /// The destination the agent attempted (zero for socket-creation events).
+    pub dst: SockKey,
+    /// Where the connection was sent instead (redirects only).
+    pub redirected_to: SockKey,
+    /// Socket family, type and protocol as the hook saw them.
+    pub family: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+    pub _pad: u32,
+    pub socket_cookie: u64,
+    pub ktime_ns: u64,
+}

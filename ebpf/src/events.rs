@@ -1,0 +1,38 @@
+//! Ring-buffer reporting. A full ring buffer drops the event (and the daemon sees the
+//! gap in its lost-event counter), never the enforcement decision.
+use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
+use portcullis_common::{Event, EventKind, Hook, Origin, SockKey};
+
+use crate::maps::PC_EVENTS;
+
+pub struct Report {
+    pub kind: EventKind,
+    pub hook: Hook,
+    pub dst: SockKey,
+    pub redirected_to: SockKey,
+    pub family: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+    pub socket_cookie: u64,
+}
+
+#[inline(always)]
+pub fn emit(report: &Report, origin: &Origin) {
+    if let Some(mut entry) = PC_EVENTS.reserve::<Event>(0) {
+        entry.write(Event {
+            kind: report.kind as u32,
+            hook: report.hook as u32,
+            origin: *origin,
+            dst: report.dst,
+            redirected_to: report.redirected_to,
+            family: report.family,
+            sock_type: report.sock_type,
+            protocol: report.protocol,
+            _pad: 0,
+            socket_cookie: report.socket_cookie,
+            // SAFETY: plain helper call.
+            ktime_ns: unsafe { bpf_ktime_get_boot_ns() },
+        });
+        entry.submit(0);
+    }
+}

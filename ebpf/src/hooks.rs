@@ -1,0 +1,6 @@
+//! The attached programs, one module per concern.
+mod connect;
+mod datagram;
+mod egress;
+mod socket;
+mod sticky;

@@ -1,0 +1,12 @@
+//! `cargo xtask bench WHAT`: delegated to the lab binary, which measures the baseline
+//! and the subject in the same run.
+use anyhow::{Result, bail};
+
+use crate::test;
+
+pub fn run(what: &str, args: &[String]) -> Result<()> {
+    match what {
+        "kernel" => test::lab(&["bench-kernel"], args),
+        other => bail!("unknown benchmark `{other}`; available: kernel"),
+    }
+}

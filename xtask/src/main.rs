@@ -1,0 +1,74 @@
+//! `cargo xtask ...`: everything from a fresh machine to a demo, in Rust.
+//!
+//! The same binary also serves as the eBPF build's linker shim and rustc wrapper: it is
+//! linked under other names in the tools cache and dispatches on the name it was run
+//! under (see `ebpf.rs`).
+use std::path::Path;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod ebpf;
+mod paths;
+mod run;
+mod setup;
+mod test;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Portcullis build, setup, demo, test and bench")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and tests need (apt packages, bpf-linker), idempotently.
+    Setup,
+    /// Build the eBPF object, the daemon and the test helpers (release).
+    Build,
+    /// Set up, build, then run every test tier (unit, kernel as root).
+    Test {
+        /// Run only these tiers (unit, kernel); default all.
+        #[arg(long, value_delimiter = ',')]
+        tier: Vec<String>,
+        /// Extra arguments passed to the test harness (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, then show an agent being redirected and its bypass attempts blocked.
+    Demo,
+    /// Benchmarks, reported as ratios against a baseline measured in the same run.
+    Bench {
+        /// Which benchmark: `kernel`.
+        what: String,
+        /// Extra arguments passed to the benchmark.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    // Invoked under another name by the eBPF build?
+    if let Some(name) = std::env::args_os()
+        .next()
+        .as_deref()
+        .and_then(|a| Path::new(a).file_name().map(|n| n.to_owned()))
+        && let Some(code) = ebpf::dispatch_shim(&name.to_string_lossy())?
+    {
+        std::process::exit(code);
+    }
+
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::all(),
+        Cmd::Build => {
+            setup::build_tools()?;
+            ebpf::build_all().map(|_| ())
+        }
+        Cmd::Test { tier, args } => test::run(&tier, &args),
+        Cmd::Demo => test::demo(),
+        Cmd::Bench { what, args } => bench::run(&what, &args),
+    }
+}

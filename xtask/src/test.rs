@@ -1,0 +1,80 @@
+//! `cargo xtask test` and `cargo xtask demo`.
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::{
+    ebpf, paths,
+    run::{self, step},
+    setup,
+};
+
+const TIERS: &[&str] = &["unit", "kernel"];
+
+fn require_root(what: &str) -> Result<()> {
+    if !run::is_root() {
+        bail!(
+            "{what} needs root: it creates cgroups and network namespaces and loads eBPF \
+             programs into the running kernel. Run it as root (CI does)."
+        );
+    }
+    Ok(())
+}
+
+pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
+    let tiers: Vec<&str> = if tiers.is_empty() {
+        TIERS.to_vec()
+    } else {
+        for t in tiers {
+            if !TIERS.contains(&t.as_str()) {
+                bail!("unknown tier `{t}`; tiers: {}", TIERS.join(", "));
+            }
+        }
+        tiers.iter().map(String::as_str).collect()
+    };
+    setup::all()?;
+    let obj = ebpf::build_all()?;
+
+    if tiers.contains(&"unit") {
+        step("tier unit: in-process tests of every crate (no root needed)");
+        run::status(
+            Command::new("cargo")
+                .current_dir(paths::root())
+                .args(["test", "--release", "--workspace", "--lib", "--bins"])
+                .env("PORTCULLIS_BPF_OBJECT", &obj)
+                .args(args),
+        )?;
+    }
+    if tiers.contains(&"kernel") {
+        require_root("the kernel tier")?;
+        step("tier kernel: real programs in the running kernel, own cgroups and netns");
+        run::status(
+            Command::new("cargo")
+                .current_dir(paths::root())
+                .args(["test", "--release", "-p", "portcullis-tests", "--test", "kernel"])
+                .env("PORTCULLIS_BPF_OBJECT", &obj)
+                .env("PORTCULLIS_BIN_DIR", paths::target().join("release"))
+                .arg("--")
+                .arg("--test-threads=1")
+                .args(args),
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs the lab binary (tests/src/bin/pc-lab.rs) as root with `sub` and `args`.
+pub fn lab(sub: &[&str], args: &[String]) -> Result<()> {
+    require_root("the lab")?;
+    setup::all()?;
+    ebpf::build_all()?;
+    run::status(
+        Command::new(paths::release_bin("pc-lab"))
+            .args(sub)
+            .args(args)
+            .env("PORTCULLIS_BIN_DIR", paths::target().join("release")),
+    )
+}
+
+pub fn demo() -> Result<()> {
+    lab(&["demo"], &[])
+}
