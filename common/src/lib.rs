@@ -244,6 +244,8 @@ pub enum Hook {
     SockCreate = 5,
     LsmSocketCreate = 6,
     SkbEgress = 7,
+    /// Fallback for packet sockets where BPF LSM is unavailable (the caller is killed).
+    SysEnterSocket = 8,
 }
 
 impl Hook {
@@ -256,6 +258,7 @@ impl Hook {
             5 => Hook::SockCreate,
             6 => Hook::LsmSocketCreate,
             7 => Hook::SkbEgress,
+            8 => Hook::SysEnterSocket,
             _ => return None,
         })
     }
@@ -269,6 +272,7 @@ impl Hook {
             Hook::SockCreate => "cgroup/sock_create",
             Hook::LsmSocketCreate => "lsm/socket_create",
             Hook::SkbEgress => "cgroup_skb/egress",
+            Hook::SysEnterSocket => "tp_btf/sys_enter (SIGKILL)",
         }
     }
 }

@@ -208,11 +208,14 @@ fn client_key(ctx: &SockOpsContext) -> Option<SockKey> {
     match ctx.family() {
         f if f == AF_INET as u32 => Some(SockKey::from_v4(ctx.local_ip4().to_ne_bytes(), port)),
         f if f == AF_INET6 as u32 => {
-            let w = ctx.local_ip6();
+            let ops = ctx.ops;
             let mut addr = [0u8; 16];
             let mut i = 0;
             while i < 4 {
-                let b = w[i].to_ne_bytes();
+                // SAFETY: 4-byte reads of the context's local_ip6 words, the only width
+                // the verifier accepts; volatile stops LLVM from splitting them.
+                let w = unsafe { read_volatile(addr_of!((*ops).local_ip6[i])) };
+                let b = w.to_ne_bytes();
                 addr[i * 4] = b[0];
                 addr[i * 4 + 1] = b[1];
                 addr[i * 4 + 2] = b[2];

@@ -1,0 +1,362 @@
+//! The daemon's one YAML configuration file, parsed in one place.
+//!
+//! Unknown fields are refused, and every error names the field (as a path such as
+//! `kernel.protected_endpoints[2]`) and the offending value. `deploy/portcullis.yaml`
+//! is the documented example.
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Deserializer, de};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where redirected agent connections arrive. The kernel rewrites agents' connects
+    /// to these addresses, so they must be concrete (not 0.0.0.0 / ::).
+    pub listen: Listen,
+    pub kernel: Kernel,
+    /// Daemon state: CA, event logs, kernel attach state.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub ipv4: Option<ConcreteAddr>,
+    pub ipv6: Option<ConcreteAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    /// cgroup v2 directory the programs attach to: an ancestor of every agent cgroup
+    /// (e.g. the kubepods slice). The programs act only on enrolled cgroups below it.
+    pub attach_cgroup: PathBuf,
+    /// bpffs directory where programs, links and maps are pinned.
+    #[serde(default = "default_bpffs_dir")]
+    pub bpffs_dir: PathBuf,
+    /// Mount bpffs at the parent of `bpffs_dir` if it is not mounted there yet.
+    #[serde(default = "default_true")]
+    pub mount_bpffs: bool,
+    /// Agent cgroups enrolled at start (more can be enrolled at run time).
+    #[serde(default)]
+    pub agent_cgroups: Vec<PathBuf>,
+    /// Endpoints agents may reach only through the daemon: the API Service ClusterIP,
+    /// the API servers' real addresses, ... `IP:PORT`, `[IPv6]:PORT`, or `IP:*` for
+    /// every port of an address.
+    pub protected_endpoints: Vec<Endpoint>,
+    /// An eBPF object to load instead of the one built into the binary.
+    pub bpf_object: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `portcullis=debug`.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/portcullis")
+}
+fn default_bpffs_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/portcullis")
+}
+fn default_true() -> bool {
+    true
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+/// A listen address that can be a connect target: a specific IP and a non-zero port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcreteAddr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for ConcreteAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let sa: SocketAddr = s.parse().map_err(|_| {
+            de::Error::custom(format!(
+                "`{s}` is not an address: expected IP:PORT (IPv6 as [ADDR]:PORT)"
+            ))
+        })?;
+        if sa.ip().is_unspecified() || sa.port() == 0 {
+            return Err(de::Error::custom(format!(
+                "`{s}` cannot be a redirect target: give a specific IP and a non-zero port"
+            )));
+        }
+        Ok(ConcreteAddr(sa))
+    }
+}
+
+/// A protected endpoint: an address and a port, or every port (`*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    /// `None` for every port.
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.ip, self.port) {
+            (IpAddr::V4(ip), Some(p)) => write!(f, "{ip}:{p}"),
+            (IpAddr::V6(ip), Some(p)) => write!(f, "[{ip}]:{p}"),
+            (IpAddr::V4(ip), None) => write!(f, "{ip}:*"),
+            (IpAddr::V6(ip), None) => write!(f, "[{ip}]:*"),
+        }
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("`{s}` is not an endpoint: expected IP:PORT, [IPv6]:PORT, IP:* or [IPv6]:*")
+        };
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let ip: IpAddr = host.parse().map_err(|_| bad())?;
+        if ip.is_unspecified() {
+            return Err(format!(
+                "`{s}`: the unspecified address cannot be protected"
+            ));
+        }
+        let port = match port {
+            "*" => None,
+            p => match p.parse::<u16>() {
+                Ok(0) | Err(_) => return Err(bad()),
+                Ok(p) => Some(p),
+            },
+        };
+        // A mapped IPv6 spelling of an IPv4 address is the IPv4 address.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        Ok(Endpoint { ip, port })
+    }
+}
+
+impl<'de> Deserialize<'de> for Endpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(de::Error::custom)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                field: if field == "." { "(top level)".into() } else { field },
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.into(),
+            message,
+        };
+        if self.listen.ipv4.is_none() && self.listen.ipv6.is_none() {
+            return Err(invalid(
+                "listen",
+                "give at least one of `ipv4` or `ipv6`".into(),
+            ));
+        }
+        if let Some(a) = self.listen.ipv4
+            && !a.0.is_ipv4()
+        {
+            return Err(invalid(
+                "listen.ipv4",
+                format!("`{}` is not an IPv4 address", a.0),
+            ));
+        }
+        if let Some(a) = self.listen.ipv6
+            && !a.0.is_ipv6()
+        {
+            return Err(invalid(
+                "listen.ipv6",
+                format!("`{}` is not an IPv6 address", a.0),
+            ));
+        }
+        if !self.kernel.attach_cgroup.is_absolute() {
+            return Err(invalid(
+                "kernel.attach_cgroup",
+                format!(
+                    "`{}` must be an absolute path",
+                    self.kernel.attach_cgroup.display()
+                ),
+            ));
+        }
+        for (i, cg) in self.kernel.agent_cgroups.iter().enumerate() {
+            if !cg.starts_with(&self.kernel.attach_cgroup) {
+                return Err(invalid(
+                    &format!("kernel.agent_cgroups[{i}]"),
+                    format!(
+                        "`{}` is not below kernel.attach_cgroup `{}`, so the programs would never see it",
+                        cg.display(),
+                        self.kernel.attach_cgroup.display()
+                    ),
+                ));
+            }
+        }
+        if self.kernel.protected_endpoints.is_empty() {
+            return Err(invalid(
+                "kernel.protected_endpoints",
+                "list at least one endpoint (the API Service ClusterIP:443, the API servers)".into(),
+            ));
+        }
+        for (i, ep) in self.kernel.protected_endpoints.iter().enumerate() {
+            let hits_daemon = [self.listen.ipv4, self.listen.ipv6]
+                .into_iter()
+                .flatten()
+                .any(|l| l.0.ip() == ep.ip && ep.port.is_none_or(|p| p == l.0.port()));
+            if hits_daemon {
+                return Err(invalid(
+                    &format!("kernel.protected_endpoints[{i}]"),
+                    format!("`{ep}` covers the daemon's own listen address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen:
+  ipv4: 10.0.0.1:15443
+  ipv6: "[fd00::1]:15443"
+kernel:
+  attach_cgroup: /sys/fs/cgroup/kubepods
+  agent_cgroups: [/sys/fs/cgroup/kubepods/agent-a]
+  protected_endpoints: ["10.96.0.1:443", "[fd00::5]:6443", "192.168.1.10:*", "[::ffff:10.0.0.9]:6443"]
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.yaml"))
+    }
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.kernel.protected_endpoints.len(), 4);
+        assert_eq!(c.kernel.protected_endpoints[2].port, None);
+        // v4-mapped spelling is unwrapped to IPv4.
+        assert_eq!(
+            c.kernel.protected_endpoints[3].ip,
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(c.kernel.bpffs_dir, PathBuf::from("/sys/fs/bpf/portcullis"));
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../deploy/portcullis.yaml");
+        parse(text).unwrap();
+    }
+
+    fn err(s: &str) -> String {
+        parse(s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn bad_endpoint_names_field_and_value() {
+        let e = err(&GOOD.replace("\"10.96.0.1:443\"", "\"10.96.0.1\""));
+        assert!(e.contains("kernel.protected_endpoints[0]"), "{e}");
+        assert!(e.contains("`10.96.0.1`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = err(&GOOD.replace("attach_cgroup", "atach_cgroup"));
+        assert!(e.contains("atach_cgroup"), "{e}");
+    }
+
+    #[test]
+    fn unspecified_listen_is_refused() {
+        let e = err(&GOOD.replace("10.0.0.1:15443", "0.0.0.0:15443"));
+        assert!(e.contains("listen.ipv4"), "{e}");
+        assert!(e.contains("0.0.0.0:15443"), "{e}");
+    }
+
+    #[test]
+    fn agent_cgroup_outside_attach_point_is_refused() {
+        let e = err(&GOOD.replace("/kubepods/agent-a", "/other/agent-a"));
+        assert!(e.contains("kernel.agent_cgroups[0]"), "{e}");
+    }
+
+    #[test]
+    fn protecting_the_daemon_itself_is_refused() {
+        let e = err(&GOOD.replace("\"192.168.1.10:*\"", "\"10.0.0.1:*\""));
+        assert!(e.contains("kernel.protected_endpoints[2]"), "{e}");
+    }
+
+    #[test]
+    fn bad_port_is_refused() {
+        for p in ["10.96.0.1:0", "10.96.0.1:65536", "10.96.0.1:http", "[fd00::5:6443"] {
+            assert!(p.parse::<Endpoint>().is_err(), "{p}");
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! `portcullis run`: kernel enforcement first, then the listener, then the event logs.
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use portcullis_common::{Settings, SockKey, settings_flags};
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::mpsc};
+use tracing::{info, warn};
+
+use crate::{
+    cli::endpoint_key,
+    config::{Config, Log, LogFormat},
+    jsonl::JsonlWriter,
+    kernel::{self, PinnedMaps, bpffs, cgroup, events},
+    listener,
+    origin::BpfOriginLookup,
+};
+
+pub fn init_tracing(log: &Log) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    pid: u32,
+    mode: &'a str,
+    listen: Vec<SocketAddr>,
+    programs: &'a [(String, u32, u32)],
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", cfg.state_dir.display()))?;
+    let ready_file = cfg.state_dir.join("ready");
+    let _ = std::fs::remove_file(&ready_file);
+
+    bpffs::ensure(&cfg.kernel.bpffs_dir, cfg.kernel.mount_bpffs)?;
+    if !cgroup::is_cgroup2(&cfg.kernel.attach_cgroup) {
+        anyhow::bail!(
+            "kernel.attach_cgroup `{}` is not on a cgroup v2 filesystem (see `portcullis doctor`)",
+            cfg.kernel.attach_cgroup.display()
+        );
+    }
+    let object = kernel::object_bytes(cfg.kernel.bpf_object.as_deref())?;
+    let tgid_offset = match kernel::btf::task_tgid_offset() {
+        Ok(o) => Some(o),
+        Err(e) => {
+            warn!(error = %e, "fork tracking disabled: processes that leave an agent cgroup and then fork are not followed");
+            None
+        }
+    };
+    let settings = settings(&cfg, tgid_offset);
+    let agent_ids: Vec<(std::path::PathBuf, u64)> = cfg
+        .kernel
+        .agent_cgroups
+        .iter()
+        .map(|p| cgroup::id_of(p).map(|id| (p.clone(), id)))
+        .collect::<Result<_, _>>()?;
+    let paths = kernel::Paths::new(&cfg.kernel.bpffs_dir);
+    let state = kernel::start(
+        &object,
+        &cfg.kernel.attach_cgroup,
+        &paths,
+        &cfg.state_dir.join("kernel-state.json"),
+        |maps: &mut PinnedMaps| {
+            maps.write_settings(&settings)?;
+            for (i, ep) in cfg.kernel.protected_endpoints.iter().enumerate() {
+                maps.protect(endpoint_key(ep), i as u32)?;
+            }
+            for (path, id) in &agent_ids {
+                maps.enroll(*id)?;
+                info!(cgroup = %path.display(), id, "enrolled agent cgroup");
+            }
+            Ok(())
+        },
+    )?;
+
+    // Program diagnostics (aya-log) from the pinned programs, whether loaded or adopted.
+    if let Some(id) = kernel::program_id(&state, "pc_connect4") {
+        match aya_log::EbpfLogger::init_from_id(id) {
+            Ok(logger) => {
+                tokio::spawn(pump_ebpf_log(logger));
+            }
+            Err(e) => warn!(error = %e, "eBPF program logs unavailable"),
+        }
+    }
+
+    let maps = Arc::new(Mutex::new(PinnedMaps::open(&paths.maps())?));
+    let lookup = Arc::new(BpfOriginLookup::new(maps.clone()));
+    let (ev_tx, mut ev_rx) = mpsc::channel(4096);
+    let ring = PinnedMaps::open_events(&paths.maps())?;
+    tokio::spawn(async move {
+        if let Err(e) = events::pump(ring, ev_tx).await {
+            warn!(error = %e, "kernel event reader stopped");
+        }
+    });
+
+    let (acc_tx, mut acc_rx) = mpsc::channel(4096);
+    let mut listening = Vec::new();
+    for addr in [cfg.listen.ipv4, cfg.listen.ipv6].into_iter().flatten() {
+        let l = TcpListener::bind(addr.0)
+            .await
+            .with_context(|| format!("binding listen address {}", addr.0))?;
+        info!(addr = %addr.0, "listening for redirected agent connections");
+        listening.push(addr.0);
+        tokio::spawn(listener::serve(l, lookup.clone(), acc_tx.clone()));
+    }
+    drop(acc_tx);
+
+    let mut kernel_log = JsonlWriter::open(&cfg.state_dir.join("kernel-events.jsonl"))?;
+    let mut conn_log = JsonlWriter::open(&cfg.state_dir.join("connections.jsonl"))?;
+    let ready = Ready {
+        pid: std::process::id(),
+        mode: &state.mode,
+        listen: listening,
+        programs: &state.programs,
+    };
+    std::fs::write(&ready_file, serde_json::to_vec(&ready)?)?;
+    info!(mode = %state.mode, "portcullis ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            Some(ev) = ev_rx.recv() => {
+                info!(kind = ev.kind, hook = ev.hook, pid = ev.origin.pid, comm = %ev.origin.comm,
+                      dst = %ev.dst, redirected_to = %ev.redirected_to, "kernel event");
+                if let Err(e) = kernel_log.append(&ev) {
+                    warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
+                }
+            }
+            Some(acc) = acc_rx.recv() => {
+                if let Err(e) = conn_log.append(&acc) {
+                    warn!(error = %e, path = %conn_log.path().display(), "writing connection record");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    // Programs stay attached and pinned: agents fail closed until the next start adopts.
+    let _ = std::fs::remove_file(&ready_file);
+    info!("stopping; kernel enforcement stays in place (pinned)");
+    Ok(())
+}
+
+fn settings(cfg: &Config, tgid_offset: Option<u32>) -> Settings {
+    let mut s = Settings::default();
+    if let Some(a) = cfg.listen.ipv4 {
+        s.daemon_v4 = SockKey::from(a.0);
+        s.flags |= settings_flags::HAVE_DAEMON_V4;
+    }
+    if let Some(a) = cfg.listen.ipv6 {
+        s.daemon_v6 = SockKey::from(a.0);
+        s.flags |= settings_flags::HAVE_DAEMON_V6;
+    }
+    if let Some(off) = tgid_offset {
+        s.task_tgid_offset = off;
+        s.flags |= settings_flags::HAVE_TASK_OFFSETS;
+    }
+    s
+}
+
+async fn pump_ebpf_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer map's fd for its whole life and always
+    // returns that same fd from as_raw_fd.
+    let Ok(mut afd) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = afd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}

@@ -1,0 +1,227 @@
+//! Kernel events: the ring buffer read through tokio's AsyncFd, decoded into
+//! [`KernelEvent`], and handed to the daemon over a channel.
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aya::maps::{MapData, RingBuf};
+use portcullis_common::{Event, EventKind, Hook};
+use serde::Serialize;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+use tracing::warn;
+
+use super::KernelError;
+
+/// A decoded ring-buffer record, as written to the event log.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct KernelEvent {
+    /// RFC 3339 wall-clock time (from the kernel's boot-time clock).
+    pub time: String,
+    pub kind: &'static str,
+    pub hook: &'static str,
+    pub origin: OriginView,
+    /// The destination the agent attempted, `IP:PORT` (empty for socket creation).
+    pub dst: String,
+    /// Where the connection went instead (redirects only).
+    pub redirected_to: String,
+    pub family: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+    pub socket_cookie: u64,
+}
+
+/// The kernel-observed origin of a socket operation.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct OriginView {
+    pub cgroup_id: u64,
+    pub agent_cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+}
+
+impl From<&portcullis_common::Origin> for OriginView {
+    fn from(o: &portcullis_common::Origin) -> Self {
+        OriginView {
+            cgroup_id: o.cgroup_id,
+            agent_cgroup_id: o.agent_cgroup_id,
+            netns_cookie: o.netns_cookie,
+            pid: o.tgid,
+            tid: o.pid,
+            uid: o.uid,
+            gid: o.gid,
+            comm: o.comm_str(),
+        }
+    }
+}
+
+/// Decodes one ring-buffer record; `None` for a record of the wrong size or kind.
+pub fn decode(bytes: &[u8], clock: &BootClock) -> Option<KernelEvent> {
+    if bytes.len() < size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: length checked above; `Event` is plain old data (aya::Pod) so any bytes
+    // are a valid value, and read_unaligned does not need alignment.
+    let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let kind = EventKind::from_u32(ev.kind)?;
+    let hook = Hook::from_u32(ev.hook)?;
+    let addr = |k: &portcullis_common::SockKey| {
+        if k.is_unset() {
+            String::new()
+        } else {
+            k.to_string()
+        }
+    };
+    Some(KernelEvent {
+        time: clock.rfc3339(ev.ktime_ns),
+        kind: kind.name(),
+        hook: hook.name(),
+        origin: (&ev.origin).into(),
+        dst: addr(&ev.dst),
+        redirected_to: addr(&ev.redirected_to),
+        family: ev.family,
+        sock_type: ev.sock_type,
+        protocol: ev.protocol,
+        socket_cookie: ev.socket_cookie,
+    })
+}
+
+/// Converts `bpf_ktime_get_boot_ns` readings to wall-clock time.
+pub struct BootClock {
+    wall_minus_boot_ns: i128,
+}
+
+impl BootClock {
+    pub fn now() -> BootClock {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        let boot = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        BootClock {
+            wall_minus_boot_ns: wall - boot,
+        }
+    }
+
+    pub fn rfc3339(&self, boot_ns: u64) -> String {
+        let ns = (boot_ns as i128 + self.wall_minus_boot_ns).max(0) as u128;
+        let t = UNIX_EPOCH + Duration::from_nanos(ns as u64);
+        humantime_rfc3339(t)
+    }
+}
+
+/// RFC 3339 with microseconds, UTC, without pulling in a date crate.
+pub fn humantime_rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Reads the ring buffer until the receiver goes away.
+pub async fn pump(ring: RingBuf<MapData>, tx: mpsc::Sender<KernelEvent>) -> Result<(), KernelError> {
+    // SAFETY: the RingBuf owns its map's fd (an OwnedFd inside MapData) for its whole
+    // life and always returns that same fd from as_raw_fd, as register requires.
+    let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| KernelError::Map {
+        map: portcullis_common::maps::EVENTS.into(),
+        message: format!("registering with the reactor: {e}"),
+    })?;
+    let clock = BootClock::now();
+    loop {
+        let mut guard = afd.readable_mut().await.map_err(|e| KernelError::Map {
+            map: portcullis_common::maps::EVENTS.into(),
+            message: e.to_string(),
+        })?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            match decode(&item, &clock) {
+                Some(ev) => {
+                    if tx.send(ev).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                None => warn!(len = item.len(), "undecodable kernel event"),
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_common::{Origin, SockKey};
+
+    #[test]
+    fn decodes_a_redirect() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let ev = Event {
+            kind: EventKind::Redirected as u32,
+            hook: Hook::Connect4 as u32,
+            origin: Origin {
+                cgroup_id: 7,
+                agent_cgroup_id: 5,
+                netns_cookie: 9,
+                tgid: 100,
+                pid: 101,
+                uid: 0,
+                gid: 0,
+                comm,
+            },
+            dst: SockKey::from_v4([10, 96, 0, 1], 443),
+            redirected_to: SockKey::from_v4([10, 0, 0, 1], 15443),
+            family: 2,
+            sock_type: 1,
+            protocol: 6,
+            _pad: 0,
+            socket_cookie: 42,
+            ktime_ns: 0,
+        };
+        // SAFETY: Event is plain old data; viewing it as bytes is what the kernel does.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
+        };
+        let k = decode(bytes, &BootClock::now()).unwrap();
+        assert_eq!(k.kind, "redirected");
+        assert_eq!(k.hook, "cgroup/connect4");
+        assert_eq!(k.dst, "10.96.0.1:443");
+        assert_eq!(k.redirected_to, "10.0.0.1:15443");
+        assert_eq!(k.origin.comm, "curl");
+        assert_eq!(k.origin.pid, 100);
+        assert!(decode(&bytes[..10], &BootClock::now()).is_none());
+    }
+
+    #[test]
+    fn rfc3339_known_instant() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_micros(5);
+        assert_eq!(humantime_rfc3339(t), "2023-11-14T22:13:20.000005Z");
+    }
+}

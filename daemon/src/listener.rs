@@ -1,0 +1,68 @@
+//! The daemon's listener for redirected agent connections. Until the TLS proxy lands
+//! (next issue), each connection is accepted, its kernel origin looked up and recorded,
+//! and closed.
+use std::{net::SocketAddr, sync::Arc};
+
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::mpsc};
+use tracing::{info, warn};
+
+use crate::origin::{ConnOrigin, OriginLookup};
+
+/// One accepted connection, as written to `connections.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Accepted {
+    pub time: String,
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+    /// `None` when the kernel has no record: the connection was not redirected from an
+    /// agent (someone dialled the daemon's address directly).
+    pub kernel: Option<ConnOrigin>,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    lookup: Arc<dyn OriginLookup>,
+    tx: mpsc::Sender<Accepted>,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: keep serving the others.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let kernel = match lookup.lookup(peer) {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(%peer, error = %e, "origin lookup failed");
+                None
+            }
+        };
+        match &kernel {
+            Some(k) => info!(
+                %peer,
+                original_dst = %k.original_dst,
+                pid = k.origin.pid,
+                comm = %k.origin.comm,
+                cgroup_id = k.origin.cgroup_id,
+                "accepted redirected agent connection"
+            ),
+            None => warn!(%peer, "accepted a connection the kernel did not redirect"),
+        }
+        let rec = Accepted {
+            time: crate::kernel::events::humantime_rfc3339(std::time::SystemTime::now()),
+            listen: local,
+            peer,
+            kernel,
+        };
+        drop(stream);
+        if tx.send(rec).await.is_err() {
+            return Ok(());
+        }
+    }
+}
