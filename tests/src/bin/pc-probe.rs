@@ -1,1 +1,351 @@
-fn main() {}
+//! pc-probe: what an agent process might try, one attempt per run, result as one JSON
+//! line on stdout. Run by the lab inside an agent cgroup and network namespace. Also the
+//! stand-in API server (`serve`) and the load generator for `bench kernel`.
+//! Test-only: nothing here is part of the product.
+use std::{
+    io::{BufRead, Read, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// TCP connect, then getpeername/getsockname.
+    Tcp { addr: SocketAddr },
+    /// TCP connect from an IPv6 socket to the IPv4-mapped form of `addr`.
+    TcpMapped { addr: SocketAddr },
+    /// Unconnected UDP sendto (QUIC's first flight looks like this).
+    Udp { addr: SocketAddr },
+    /// TCP Fast Open: sendto with MSG_FASTOPEN and data, no connect().
+    Tfo { addr: SocketAddr },
+    /// connect() submitted through io_uring.
+    Uring { addr: SocketAddr },
+    /// socket(AF_INET, SOCK_RAW, IPPROTO_TCP) and a hand-made SYN to `addr`.
+    Raw { addr: SocketAddr },
+    /// socket(AF_PACKET, SOCK_RAW, ETH_P_ALL).
+    Packet,
+    /// Write our pid into another cgroup's cgroup.procs, then TCP connect; a child forked
+    /// after the move connects too.
+    Leave { procs: String, addr: SocketAddr },
+    /// Connect now; on each stdin line `send` write 64 bytes and report; `quit` ends.
+    Hold { addr: SocketAddr },
+    /// Bounded connect loop; reports latency percentiles.
+    BenchConnect {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 2000)]
+        count: u32,
+        #[arg(long, default_value_t = 10)]
+        max_secs: u64,
+    },
+    /// Bounded burst of refused UDP sends (each one a kernel event).
+    BenchEvents {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 50_000)]
+        count: u32,
+        #[arg(long, default_value_t = 10)]
+        max_secs: u64,
+    },
+    /// Stand-in API server / sink: accept TCP and UDP on `addrs`, log to `log`.
+    Serve {
+        #[arg(long)]
+        log: String,
+        #[arg(required = true)]
+        addrs: Vec<SocketAddr>,
+    },
+}
+
+fn errno_of(e: &std::io::Error) -> Value {
+    json!({"errno": e.raw_os_error(), "error": e.to_string()})
+}
+
+fn out(v: Value) {
+    println!("{v}");
+    let _ = std::io::stdout().flush();
+}
+
+fn base(kind: &str) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("probe".into(), kind.into());
+    m.insert("pid".into(), std::process::id().into());
+    m
+}
+
+fn finish(mut m: serde_json::Map<String, Value>, r: std::io::Result<Value>) {
+    match r {
+        Ok(v) => {
+            m.insert("ok".into(), true.into());
+            if let Value::Object(o) = v {
+                m.extend(o);
+            }
+        }
+        Err(e) => {
+            m.insert("ok".into(), false.into());
+            if let Value::Object(o) = errno_of(&e) {
+                m.extend(o);
+            }
+        }
+    }
+    out(Value::Object(m));
+}
+
+fn names(s: &Socket) -> Value {
+    let p = s.peer_addr().ok().and_then(|a| a.as_socket()).map(|a| a.to_string());
+    let l = s.local_addr().ok().and_then(|a| a.as_socket()).map(|a| a.to_string());
+    json!({"peer": p, "local": l})
+}
+
+fn tcp(addr: SocketAddr) -> std::io::Result<Value> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
+    Ok(names(&s))
+}
+
+fn tcp_mapped(addr: SocketAddr) -> std::io::Result<Value> {
+    let SocketAddr::V4(v4) = addr else {
+        return Err(std::io::Error::other("tcp-mapped needs an IPv4 address"));
+    };
+    let mapped = SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port());
+    let s = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_only_v6(false)?;
+    s.connect_timeout(&mapped.into(), Duration::from_secs(3))?;
+    Ok(names(&s))
+}
+
+fn udp(addr: SocketAddr) -> std::io::Result<Value> {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let s = UdpSocket::bind(bind)?;
+    let n = s.send_to(b"\xc0quic-initial-stand-in", addr)?;
+    Ok(json!({"sent": n}))
+}
+
+fn tfo(addr: SocketAddr) -> std::io::Result<Value> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let n = s.send_to_with_flags(b"GET / HTTP/1.1\r\n\r\n", &addr.into(), libc::MSG_FASTOPEN)?;
+    Ok(json!({"sent": n, "names": names(&s)}))
+}
+
+fn uring(addr: SocketAddr) -> std::io::Result<Value> {
+    use io_uring::{IoUring, opcode, types};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let sa = SockAddr::from(addr);
+    let mut ring = IoUring::new(4)?;
+    let entry = opcode::Connect::new(types::Fd(s.as_raw_fd()), sa.as_ptr().cast(), sa.len())
+        .build()
+        .user_data(1);
+    // SAFETY: `sa` and the socket outlive the submission: we wait for its completion
+    // below before either is dropped.
+    unsafe { ring.submission().push(&entry) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| std::io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+    }
+    Ok(names(&s))
+}
+
+fn raw(addr: SocketAddr) -> std::io::Result<Value> {
+    let s = Socket::new(Domain::for_address(addr), Type::RAW, Some(Protocol::TCP))?;
+    // A bare TCP SYN header (checksum left 0: the point is whether it leaves at all).
+    let mut syn = [0u8; 20];
+    syn[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    syn[2..4].copy_from_slice(&addr.port().to_be_bytes());
+    syn[12] = 5 << 4;
+    syn[13] = 0x02;
+    let n = s.send_to(&syn, &addr.into())?;
+    Ok(json!({"sent": n}))
+}
+
+fn packet() -> std::io::Result<Value> {
+    let s = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from((libc::ETH_P_ALL as u16).to_be() as i32)))?;
+    Ok(json!({"fd": s.as_raw_fd()}))
+}
+
+fn leave(procs: &str, addr: SocketAddr) -> std::io::Result<Value> {
+    std::fs::write(procs, std::process::id().to_string())?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")?;
+    let me = tcp(addr);
+    // A child forked after the move, exec'ing nothing: same code path as the parent.
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["tcp", &addr.to_string()])
+        .output()?;
+    let child_out: Value =
+        serde_json::from_slice(&child.stdout).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&child.stdout)}));
+    Ok(json!({
+        "cgroup_after_move": own.trim(),
+        "parent": match me { Ok(v) => json!({"ok": true, "names": v}), Err(e) => json!({"ok": false, "err": errno_of(&e)}) },
+        "child": child_out,
+    }))
+}
+
+fn hold(addr: SocketAddr) -> Result<()> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let mut m = base("hold");
+    match s.connect_timeout(&addr.into(), Duration::from_secs(3)) {
+        Ok(()) => {
+            m.insert("ok".into(), true.into());
+            m.insert("names".into(), names(&s));
+        }
+        Err(e) => {
+            m.insert("ok".into(), false.into());
+            m.insert("err".into(), errno_of(&e));
+            out(Value::Object(m));
+            return Ok(());
+        }
+    }
+    out(Value::Object(m));
+    let mut stream: std::net::TcpStream = s.into();
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    for line in std::io::stdin().lock().lines() {
+        match line?.trim() {
+            "send" => {
+                let r = stream.write_all(&[b'x'; 64]).and_then(|_| stream.flush());
+                out(json!({"probe": "hold-send", "ok": r.is_ok()}));
+            }
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx]
+}
+
+fn bench_connect(addr: SocketAddr, count: u32, max_secs: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(max_secs);
+    let mut samples = Vec::with_capacity(count as usize);
+    let mut errors = 0u32;
+    for _ in 0..count {
+        if Instant::now() > deadline {
+            break;
+        }
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // Avoid TIME_WAIT port exhaustion on the client side across thousands of runs.
+        s.set_linger(Some(Duration::ZERO))?;
+        let t = Instant::now();
+        let r = s.connect(&addr.into());
+        let dt = t.elapsed().as_nanos() as u64;
+        match r {
+            Ok(()) => samples.push(dt),
+            Err(_) => errors += 1,
+        }
+    }
+    samples.sort_unstable();
+    out(json!({
+        "probe": "bench-connect", "addr": addr.to_string(), "n": samples.len(), "errors": errors,
+        "p50_ns": percentile(&samples, 0.50), "p99_ns": percentile(&samples, 0.99),
+        "mean_ns": if samples.is_empty() { 0 } else { samples.iter().sum::<u64>() / samples.len() as u64 },
+    }));
+    Ok(())
+}
+
+fn bench_events(addr: SocketAddr, count: u32, max_secs: u64) -> Result<()> {
+    let s = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    let deadline = Instant::now() + Duration::from_secs(max_secs);
+    let t = Instant::now();
+    let mut refused = 0u32;
+    let mut sent = 0u32;
+    for _ in 0..count {
+        if Instant::now() > deadline {
+            break;
+        }
+        match s.send_to(b"x", addr) {
+            Ok(_) => sent += 1,
+            Err(_) => refused += 1,
+        }
+    }
+    out(json!({"probe": "bench-events", "refused": refused, "sent": sent, "elapsed_ns": t.elapsed().as_nanos() as u64}));
+    Ok(())
+}
+
+fn serve(log: &str, addrs: &[SocketAddr]) -> Result<()> {
+    let logf = std::sync::Arc::new(std::sync::Mutex::new(
+        std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| log.to_string())?,
+    ));
+    let write = move |v: Value| {
+        let mut f = logf.lock().unwrap();
+        let _ = writeln!(f, "{v}");
+    };
+    let mut handles = Vec::new();
+    for &a in addrs {
+        let s = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        if a.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&a.into()).with_context(|| format!("bind tcp {a}"))?;
+        s.listen(128)?;
+        let l: TcpListener = s.into();
+        let w = write.clone();
+        handles.push(std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let peer = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                w(json!({"event": "accept", "listen": a.to_string(), "peer": peer}));
+                let w2 = w.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        w2(json!({"event": "data", "listen": a.to_string(), "peer": peer, "bytes": n}));
+                    }
+                });
+            }
+        }));
+        let u = UdpSocket::bind(a).with_context(|| format!("bind udp {a}"))?;
+        let w = write.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, peer)) = u.recv_from(&mut buf) {
+                w(json!({"event": "datagram", "listen": a.to_string(), "peer": peer.to_string(), "bytes": n}));
+            }
+        }));
+    }
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    for h in handles {
+        let _ = h.join();
+    }
+    bail!("all listeners stopped")
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Tcp { addr } => finish(base("tcp"), tcp(addr)),
+        Cmd::TcpMapped { addr } => finish(base("tcp-mapped"), tcp_mapped(addr)),
+        Cmd::Udp { addr } => finish(base("udp"), udp(addr)),
+        Cmd::Tfo { addr } => finish(base("tfo"), tfo(addr)),
+        Cmd::Uring { addr } => finish(base("uring"), uring(addr)),
+        Cmd::Raw { addr } => finish(base("raw"), raw(addr)),
+        Cmd::Packet => finish(base("packet"), packet()),
+        Cmd::Leave { procs, addr } => finish(base("leave"), leave(&procs, addr)),
+        Cmd::Hold { addr } => hold(addr)?,
+        Cmd::BenchConnect { addr, count, max_secs } => bench_connect(addr, count, max_secs)?,
+        Cmd::BenchEvents { addr, count, max_secs } => bench_events(addr, count, max_secs)?,
+        Cmd::Serve { log, addrs } => serve(&log, &addrs)?,
+    }
+    Ok(())
+}
