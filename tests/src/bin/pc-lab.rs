@@ -1,1 +1,248 @@
-fn main() {}
+//! pc-lab: the lab behind `cargo xtask demo` and `cargo xtask bench kernel`. Needs root.
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use portcullis_tests::{Lab, Probe, wait_for};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// An agent redirected through the gate, its bypass attempts blocked, kernel events.
+    Demo,
+    /// connect() latency with and without the programs, and ring-buffer events/s.
+    BenchKernel {
+        /// Connects per measurement (bounded; each measurement also stops after 20 s).
+        #[arg(long, default_value_t = 3000)]
+        count: u32,
+        /// Refused datagrams (one kernel event each) for the events/s measurement.
+        #[arg(long, default_value_t = 50_000)]
+        events: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Demo => demo(),
+        Cmd::BenchKernel { count, events } => bench(count, events),
+    }
+}
+
+fn say(s: &str) {
+    println!("\n\x1b[1m{s}\x1b[0m");
+}
+
+fn verdict(label: &str, blocked: bool, detail: &str) {
+    let mark = if blocked { "\x1b[32mBLOCKED \x1b[0m" } else { "\x1b[31mREACHED \x1b[0m" };
+    println!("  {mark} {label:<42} {detail}");
+}
+
+fn demo() -> Result<()> {
+    say("Building a lab: agent pod netns + cgroup, node netns (daemon), API server netns");
+    let lab = Lab::new("demo")?;
+    println!("  API Service ClusterIP {}   API server {} / {}", lab.cluster_ip(), lab.api(), lab.api_v6());
+    println!("  agent cgroup {}", lab.agent_cg.display());
+    let ready = lab.start_daemon()?;
+    println!(
+        "  portcullis run: mode {}, {} programs attached at {}",
+        ready["mode"],
+        ready["programs"].as_array().map(|a| a.len()).unwrap_or(0),
+        lab.cg_root.display()
+    );
+
+    say("1. The agent connects to the kubernetes Service as usual");
+    let p = lab.agent(&["tcp", &lab.cluster_ip().to_string()])?;
+    println!("  agent: connect {} -> ok={}, getpeername() = {}", lab.cluster_ip(), p.ok(), p.json["peer"]);
+    if let Some(c) = lab.wait_connection(5, |c| c["kernel"]["origin"]["pid"].as_u64() == p.pid()) {
+        let k = &c["kernel"];
+        println!(
+            "  daemon: accepted from {} — kernel says: original destination {}, pid {} ({}), cgroup {}",
+            c["peer"], k["original_dst"], k["origin"]["pid"], k["origin"]["comm"], k["origin"]["cgroup_id"]
+        );
+    }
+
+    say("2. Bypass attempts from the agent cgroup");
+    let api = lab.api().to_string();
+    let v6 = lab.api_v6().to_string();
+    let procs = lab.bystander_cg.join("cgroup.procs");
+    let attempts: Vec<(&str, Vec<String>)> = vec![
+        ("hard-coded real API server IP (TCP)", vec!["tcp".into(), api.clone()]),
+        ("IPv6 address of the API server", vec!["tcp".into(), v6.clone()]),
+        ("IPv4-mapped IPv6 (::ffff:a.b.c.d)", vec!["tcp-mapped".into(), api.clone()]),
+        ("UDP / QUIC datagram", vec!["udp".into(), api.clone()]),
+        ("TCP Fast Open (sendto MSG_FASTOPEN)", vec!["tfo".into(), api.clone()]),
+        ("io_uring connect", vec!["uring".into(), api.clone()]),
+        ("raw IP socket", vec!["raw".into(), api.clone()]),
+        ("AF_PACKET socket", vec!["packet".into()]),
+        (
+            "leave the cgroup, then connect (and fork)",
+            vec!["leave".into(), procs.display().to_string(), api.clone()],
+        ),
+    ];
+    for (label, args) in &attempts {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = lab.agent(&argv)?;
+        let (blocked, detail) = judge(&lab, &p);
+        verdict(label, blocked, &detail);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let reached = lab
+        .standin_log()
+        .into_iter()
+        .filter(|e| e["peer"].as_str().unwrap_or("").contains(&format!("10.{}.1.2", lab.s)))
+        .count();
+    println!("  stand-in API server: {reached} connections/datagrams from the agent network");
+
+    say("3. The daemon is killed (kill -9): agents fail closed");
+    lab.kill_daemon();
+    let p = lab.agent(&["tcp", &api])?;
+    verdict("connect while the daemon is down", !p.ok(), &format!("{}", p.json["error"]));
+    let ready = lab.start_daemon()?;
+    println!("  restarted: mode {} (pinned programs and maps adopted, no reload)", ready["mode"]);
+    let p = lab.agent(&["tcp", &api])?;
+    println!("  agent connect after restart: ok={}, getpeername() = {}", p.ok(), p.json["peer"]);
+
+    say("4. Kernel events (ring buffer -> daemon -> kernel-events.jsonl)");
+    std::thread::sleep(Duration::from_millis(300));
+    for e in lab.kernel_events() {
+        println!(
+            "  {:<22} {:<28} pid {:>7} {:<10} dst {:<24} {}",
+            e["kind"].as_str().unwrap_or(""),
+            e["hook"].as_str().unwrap_or(""),
+            e["origin"]["pid"],
+            e["origin"]["comm"].as_str().unwrap_or(""),
+            e["dst"].as_str().unwrap_or(""),
+            e["redirected_to"].as_str().map(|r| if r.is_empty() { String::new() } else { format!("-> {r}") }).unwrap_or_default()
+        );
+    }
+    if reached != 0 {
+        bail!("the stand-in API server was reached by the agent");
+    }
+    say("Done: every attempt was redirected to the daemon or refused, and reported.");
+    Ok(())
+}
+
+/// Blocked means: refused/killed, or it landed on the daemon (redirected), never the API.
+fn judge(lab: &Lab, p: &Probe) -> (bool, String) {
+    if let Some(sig) = p.killed_by() {
+        return (true, format!("killed by signal {sig} before socket() returned"));
+    }
+    let j = &p.json;
+    if j["probe"] == "leave" {
+        let parent = &j["parent"]["names"]["peer"];
+        let on_daemon = lab
+            .wait_connection(3, |c| c["kernel"]["origin"]["pid"].as_u64() == p.pid())
+            .is_some();
+        return (on_daemon, format!("moved to {}, still redirected (peer {parent})", j["cgroup_after_move"].as_str().unwrap_or("").rsplit('/').next().unwrap_or("")));
+    }
+    if !p.ok() {
+        return (true, format!("refused: {}", j["error"].as_str().unwrap_or("")));
+    }
+    let on_daemon = lab
+        .wait_connection(3, |c| c["kernel"]["origin"]["pid"].as_u64() == p.pid())
+        .is_some();
+    (on_daemon, if on_daemon { "redirected to the daemon (agent still sees the original peer)".into() } else { "NOT redirected".into() })
+}
+
+struct Stat {
+    p50: f64,
+    p99: f64,
+    n: u64,
+}
+
+fn connect_stat(lab: &Lab, addr: std::net::SocketAddr, count: u32) -> Result<Stat> {
+    let p = lab.agent(&["bench-connect", &addr.to_string(), "--count", &count.to_string(), "--max-secs", "20"])?;
+    let j = &p.json;
+    if j["n"].as_u64().unwrap_or(0) == 0 {
+        bail!("no successful connects to {addr}: {j}");
+    }
+    Ok(Stat {
+        p50: j["p50_ns"].as_f64().unwrap_or(0.0) / 1000.0,
+        p99: j["p99_ns"].as_f64().unwrap_or(0.0) / 1000.0,
+        n: j["n"].as_u64().unwrap_or(0),
+    })
+}
+
+fn bench(count: u32, events: u32) -> Result<()> {
+    let lab = Lab::new("bench")?;
+    let _sink = lab.start_sink()?;
+    lab.start_daemon()?;
+    // Warm up ARP/ND and the daemon.
+    let _ = connect_stat(&lab, lab.sink(), 200);
+    let _ = connect_stat(&lab, lab.daemon_v4(), 200);
+
+    println!("connect() latency from the agent cgroup, {count} connects each (µs)");
+    let on_sink = connect_stat(&lab, lab.sink(), count)?;
+    let on_direct = connect_stat(&lab, lab.daemon_v4(), count)?;
+    let on_redirect = connect_stat(&lab, lab.api(), count)?;
+
+    // Ring buffer: each refused datagram is one event; measure how fast they arrive.
+    let before = lab.kernel_events().len();
+    let t = Instant::now();
+    let burst = lab.agent(&["bench-events", &lab.api().to_string(), "--count", &events.to_string(), "--max-secs", "20"])?;
+    let produced = burst.json["refused"].as_u64().unwrap_or(0);
+    let send_ns = burst.json["elapsed_ns"].as_u64().unwrap_or(1);
+    let mut delivered = 0u64;
+    let settle = wait_for(30, || {
+        let n = (lab.kernel_events().len() - before) as u64;
+        if n == delivered && n > 0 {
+            return Some(n);
+        }
+        delivered = n;
+        std::thread::sleep(Duration::from_millis(200));
+        None
+    });
+    let delivered = settle.unwrap_or(delivered);
+    let elapsed = t.elapsed().as_secs_f64();
+
+    // Baseline in the same run: detach the programs (the daemon keeps listening).
+    lab.portcullis(&["unload"]).context("unloading for the baseline")?;
+    let off_sink = connect_stat(&lab, lab.sink(), count)?;
+    let off_direct = connect_stat(&lab, lab.daemon_v4(), count)?;
+
+    let row = |name: &str, s: &Stat, base: &Stat| {
+        println!(
+            "  {name:<46} p50 {:>7.1}  p99 {:>7.1}  n {:>5}  p50 ratio {:>5.3}  added p50 {:>+6.2} µs",
+            s.p50, s.p99, s.n, s.p50 / base.p50, s.p50 - base.p50
+        );
+    };
+    row("baseline: programs detached, node sink", &off_sink, &off_sink);
+    row("programs attached, node sink (not protected)", &on_sink, &off_sink);
+    row("baseline: programs detached, daemon address", &off_direct, &off_direct);
+    row("programs attached, daemon address (direct)", &on_direct, &off_direct);
+    row("programs attached, API address -> daemon", &on_redirect, &off_direct);
+    let added = on_redirect.p50 - off_direct.p50;
+    println!(
+        "  redirect path added at p50: {added:+.2} µs (goal <= 2 µs): {}",
+        if added <= 2.0 { "met" } else { "NOT met" }
+    );
+    println!(
+        "ring buffer: {produced} refused datagrams in {:.3} s ({:.0} events/s produced), {delivered} delivered to the event log in {elapsed:.2} s ({:.0} events/s end to end, {} lost)",
+        send_ns as f64 / 1e9,
+        produced as f64 / (send_ns as f64 / 1e9),
+        delivered as f64 / elapsed,
+        produced.saturating_sub(delivered)
+    );
+    let report = json!({
+        "connect_us": {
+            "off_sink": [off_sink.p50, off_sink.p99], "on_sink": [on_sink.p50, on_sink.p99],
+            "off_daemon": [off_direct.p50, off_direct.p99], "on_daemon": [on_direct.p50, on_direct.p99],
+            "on_redirect": [on_redirect.p50, on_redirect.p99],
+            "added_p50_redirect_us": added,
+            "added_p50_miss_us": on_sink.p50 - off_sink.p50,
+        },
+        "events": {"produced": produced, "delivered": delivered, "produce_per_s": produced as f64 / (send_ns as f64 / 1e9), "end_to_end_per_s": delivered as f64 / elapsed},
+    });
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("kernel.json"), serde_json::to_vec_pretty(&report)?)?;
+    println!("report: {}", out.join("kernel.json").display());
+    let _: Value = report;
+    Ok(())
+}
