@@ -36,7 +36,7 @@ pub mod maps {
 }
 
 /// Size of the event ring buffer in bytes (power of two, multiple of the page size).
-pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+pub const EVENTS_RING_BYTES: u32 = 4 << 20;
 /// Capacity of the per-connection maps. LRU: the oldest entries go first if a burst of
 /// connections outruns the daemon; the daemon deletes entries as it consumes them.
 pub const CONN_MAP_ENTRIES: u32 = 65_536;

@@ -75,7 +75,11 @@ impl fmt::Display for SockKey {
 impl Origin {
     /// The process name, up to the first NUL.
     pub fn comm_str(&self) -> std::string::String {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        let end = self
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.comm.len());
         std::string::String::from_utf8_lossy(&self.comm[..end]).into_owned()
     }
 }

@@ -11,7 +11,9 @@ use crate::{
 };
 
 fn maps(cfg: &Config) -> Result<PinnedMaps> {
-    Ok(PinnedMaps::open(&kernel::Paths::new(&cfg.kernel.bpffs_dir).maps())?)
+    Ok(PinnedMaps::open(
+        &kernel::Paths::new(&cfg.kernel.bpffs_dir).maps(),
+    )?)
 }
 
 pub fn endpoint_key(ep: &Endpoint) -> SockKey {
@@ -69,7 +71,11 @@ pub fn status(cfg: &Config) -> Result<()> {
         .unwrap_or_else(|_| "(no kernel-state.json)".into());
     println!("kernel state: {state}");
     println!("enrolled cgroup ids: {:?}", m.enrolled());
-    let eps: Vec<String> = m.protected_endpoints().iter().map(|k| k.to_string()).collect();
+    let eps: Vec<String> = m
+        .protected_endpoints()
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
     println!("protected endpoints: {}", eps.join(", "));
     Ok(())
 }
@@ -77,6 +83,9 @@ pub fn status(cfg: &Config) -> Result<()> {
 pub fn unload(cfg: &Config) -> Result<()> {
     let n = kernel::unload(&kernel::Paths::new(&cfg.kernel.bpffs_dir))?;
     let _ = std::fs::remove_file(cfg.state_dir.join("kernel-state.json"));
-    println!("detached {n} programs and removed pins under {}", cfg.kernel.bpffs_dir.display());
+    println!(
+        "detached {n} programs and removed pins under {}",
+        cfg.kernel.bpffs_dir.display()
+    );
     Ok(())
 }

@@ -146,9 +146,8 @@ impl FromStr for Endpoint {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            format!("`{s}` is not an endpoint: expected IP:PORT, [IPv6]:PORT, IP:* or [IPv6]:*")
-        };
+        let bad =
+            || format!("`{s}` is not an endpoint: expected IP:PORT, [IPv6]:PORT, IP:* or [IPv6]:*");
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let host = host
             .strip_prefix('[')
@@ -201,7 +200,11 @@ impl Config {
             let field = e.path().to_string();
             ConfigError::Invalid {
                 path: path.to_owned(),
-                field: if field == "." { "(top level)".into() } else { field },
+                field: if field == "." {
+                    "(top level)".into()
+                } else {
+                    field
+                },
                 message: e.into_inner().to_string(),
             }
         })?;
@@ -261,7 +264,8 @@ impl Config {
         if self.kernel.protected_endpoints.is_empty() {
             return Err(invalid(
                 "kernel.protected_endpoints",
-                "list at least one endpoint (the API Service ClusterIP:443, the API servers)".into(),
+                "list at least one endpoint (the API Service ClusterIP:443, the API servers)"
+                    .into(),
             ));
         }
         for (i, ep) in self.kernel.protected_endpoints.iter().enumerate() {
@@ -355,7 +359,12 @@ kernel:
 
     #[test]
     fn bad_port_is_refused() {
-        for p in ["10.96.0.1:0", "10.96.0.1:65536", "10.96.0.1:http", "[fd00::5:6443"] {
+        for p in [
+            "10.96.0.1:0",
+            "10.96.0.1:65536",
+            "10.96.0.1:http",
+            "[fd00::5:6443",
+        ] {
             assert!(p.parse::<Endpoint>().is_err(), "{p}");
         }
     }

@@ -23,7 +23,9 @@ use crate::{
 pub fn init_tracing(log: &Log) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match log.format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -134,25 +136,39 @@ pub async fn run(cfg: Config) -> Result<()> {
     loop {
         tokio::select! {
             Some(ev) = ev_rx.recv() => {
-                info!(kind = ev.kind, hook = ev.hook, pid = ev.origin.pid, comm = %ev.origin.comm,
+                tracing::debug!(kind = ev.kind, hook = ev.hook, pid = ev.origin.pid, comm = %ev.origin.comm,
                       dst = %ev.dst, redirected_to = %ev.redirected_to, "kernel event");
                 if let Err(e) = kernel_log.append(&ev) {
                     warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
+                }
+                if ev_rx.is_empty() {
+                    flush(&mut kernel_log);
                 }
             }
             Some(acc) = acc_rx.recv() => {
                 if let Err(e) = conn_log.append(&acc) {
                     warn!(error = %e, path = %conn_log.path().display(), "writing connection record");
                 }
+                if acc_rx.is_empty() {
+                    flush(&mut conn_log);
+                }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
     }
+    flush(&mut kernel_log);
+    flush(&mut conn_log);
     // Programs stay attached and pinned: agents fail closed until the next start adopts.
     let _ = std::fs::remove_file(&ready_file);
     info!("stopping; kernel enforcement stays in place (pinned)");
     Ok(())
+}
+
+fn flush(w: &mut JsonlWriter) {
+    if let Err(e) = w.flush() {
+        warn!(error = %e, path = %w.path().display(), "flushing event log");
+    }
 }
 
 fn settings(cfg: &Config, tgid_offset: Option<u32>) -> Settings {

@@ -109,7 +109,9 @@ pub fn run(cfg: Option<&Config>) -> bool {
     let lsms = active_lsms();
     checks.push(Check {
         name: "BPF LSM",
-        ok: lsms.as_deref().is_some_and(|l| l.split(',').any(|x| x.trim() == "bpf")),
+        ok: lsms
+            .as_deref()
+            .is_some_and(|l| l.split(',').any(|x| x.trim() == "bpf")),
         detail: match &lsms {
             Some(l) => format!("active LSMs: {}", l.trim()),
             None => "/sys/kernel/security/lsm unreadable (securityfs not mounted?)".into(),

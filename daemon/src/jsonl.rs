@@ -1,9 +1,9 @@
-//! Append-only JSON-lines files (kernel events, accepted connections). Each record is
-//! one `write` of a complete line, so a crash never leaves half a record behind a
-//! complete one.
+//! Append-only JSON-lines files (kernel events, accepted connections). Records are
+//! buffered and flushed whenever the daemon's queue runs empty, so a burst costs one
+//! write per batch; a crash can cut only the last line, which readers skip.
 use std::{
     fs::{File, OpenOptions},
-    io::Write,
+    io::{BufWriter, Write},
     path::{Path, PathBuf},
 };
 
@@ -11,7 +11,7 @@ use serde::Serialize;
 
 pub struct JsonlWriter {
     path: PathBuf,
-    file: File,
+    file: BufWriter<File>,
 }
 
 impl JsonlWriter {
@@ -19,7 +19,7 @@ impl JsonlWriter {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         Ok(JsonlWriter {
             path: path.to_owned(),
-            file,
+            file: BufWriter::with_capacity(64 * 1024, file),
         })
     }
 
@@ -27,6 +27,10 @@ impl JsonlWriter {
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
         self.file.write_all(&line)
+    }
+
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 
     pub fn path(&self) -> &Path {

@@ -14,7 +14,11 @@ mod listener;
 mod origin;
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "The gate between AI agents and the Kubernetes API")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "The gate between AI agents and the Kubernetes API"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -1,11 +1,11 @@
 //! "Is this an agent?" — enrolled cgroup membership (the cgroup or any ancestor), plus
 //! sticky marks for processes that were ever seen in an enrolled cgroup.
+use aya_ebpf::bindings::__sk_buff;
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_get_current_uid_gid,
     generated::{bpf_get_current_ancestor_cgroup_id, bpf_skb_ancestor_cgroup_id},
 };
-use aya_ebpf::bindings::__sk_buff;
 use portcullis_common::{MAX_CGROUP_DEPTH, Origin, StickyAgent};
 
 use crate::maps::{PC_AGENT_CGROUPS, PC_STICKY_TASKS};
@@ -97,7 +97,13 @@ pub fn sticky_agent(tgid: u32) -> Option<Agent> {
 pub fn mark_sticky(tgid: u32, cgroup: u64) {
     // SAFETY: presence test only.
     if unsafe { PC_STICKY_TASKS.get(&tgid) }.is_none() {
-        let _ = PC_STICKY_TASKS.insert(&tgid, &StickyAgent { agent_cgroup: cgroup }, 0);
+        let _ = PC_STICKY_TASKS.insert(
+            &tgid,
+            &StickyAgent {
+                agent_cgroup: cgroup,
+            },
+            0,
+        );
     }
 }
 

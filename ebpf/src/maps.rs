@@ -10,8 +10,7 @@ use portcullis_common::{
 };
 
 #[map]
-pub static PC_AGENT_CGROUPS: HashMap<u64, Enrollment> =
-    HashMap::pinned(AGENT_CGROUP_ENTRIES, 0);
+pub static PC_AGENT_CGROUPS: HashMap<u64, Enrollment> = HashMap::pinned(AGENT_CGROUP_ENTRIES, 0);
 
 #[map]
 pub static PC_PROTECTED: HashMap<SockKey, Protection> = HashMap::pinned(PROTECTED_ENTRIES, 0);
@@ -20,8 +19,7 @@ pub static PC_PROTECTED: HashMap<SockKey, Protection> = HashMap::pinned(PROTECTE
 pub static PC_SETTINGS: Array<Settings> = Array::pinned(1, 0);
 
 #[map]
-pub static PC_CONN_BY_COOKIE: LruHashMap<u64, ConnRecord> =
-    LruHashMap::pinned(CONN_MAP_ENTRIES, 0);
+pub static PC_CONN_BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(CONN_MAP_ENTRIES, 0);
 
 #[map]
 pub static PC_CONN_BY_CLIENT: LruHashMap<SockKey, ConnRecord> =
@@ -43,7 +41,5 @@ pub fn settings() -> Option<&'static Settings> {
 #[inline(always)]
 pub fn protected(key: &SockKey) -> bool {
     // SAFETY: the value is only tested for presence, never held across a map update.
-    unsafe {
-        PC_PROTECTED.get(key).is_some() || PC_PROTECTED.get(&key.with_port(0)).is_some()
-    }
+    unsafe { PC_PROTECTED.get(key).is_some() || PC_PROTECTED.get(&key.with_port(0)).is_some() }
 }

@@ -97,6 +97,7 @@ pub struct Lab {
     ns: [String; 3],
     daemon: std::sync::Mutex<Option<Child>>,
     standin: Option<Child>,
+    extra: std::sync::Mutex<Vec<Child>>,
 }
 
 impl Lab {
@@ -140,7 +141,8 @@ impl Lab {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let s = 100 + (std::process::id() + n * 7) % 150;
         let base = format!("pc{s}");
-        let dir = std::env::temp_dir().join(format!("portcullis-lab-{tag}-{s}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-lab-{tag}-{s}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let cg_root = cgroup2_root()?.join(format!("portcullis-lab-{s}-{}", std::process::id()));
@@ -152,11 +154,17 @@ impl Lab {
             cg_root,
             bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/portcullis-lab-{s}")),
             config: dir.join("portcullis.yaml"),
-            ns: [format!("{base}-node"), format!("{base}-agent"), format!("{base}-api")],
+            ns: [
+                format!("{base}-node"),
+                format!("{base}-agent"),
+                format!("{base}-api"),
+            ],
             daemon: std::sync::Mutex::new(None),
             standin: None,
+            extra: std::sync::Mutex::new(Vec::new()),
         };
-        lab.build(&base).with_context(|| format!("building lab {base}"))?;
+        lab.build(&base)
+            .with_context(|| format!("building lab {base}"))?;
         Ok(lab)
     }
 
@@ -194,9 +202,27 @@ impl Lab {
         }
         ip(&["-n", &b, "addr", "add", &v4("3.1/32"), "dev", "lo"])?;
         ip(&["-n", &a, "route", "add", "default", "via", &v4("1.1")])?;
-        ip(&["-n", &a, "-6", "route", "add", "default", "via", &v6("1::1")])?;
+        ip(&[
+            "-n",
+            &a,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &v6("1::1"),
+        ])?;
         ip(&["-n", &b, "route", "add", "default", "via", &v4("2.1")])?;
-        ip(&["-n", &b, "-6", "route", "add", "default", "via", &v6("2::1")])?;
+        ip(&[
+            "-n",
+            &b,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &v6("2::1"),
+        ])?;
         ip(&["-n", &n, "route", "add", &v4("3.0/24"), "via", &v4("2.2")])?;
         sh(Command::new("ip").args([
             "netns",
@@ -226,7 +252,11 @@ impl Lab {
         std::fs::write(&self.config, config)?;
 
         // The stand-in API server, and the node's plain sink for benchmarks.
-        self.standin = Some(self.serve(&b, "standin.jsonl", &[self.api(), self.cluster_ip(), self.api_v6()])?);
+        self.standin = Some(self.serve(
+            &b,
+            "standin.jsonl",
+            &[self.api(), self.cluster_ip(), self.api_v6()],
+        )?);
         Ok(())
     }
 
@@ -255,8 +285,10 @@ impl Lab {
     }
 
     /// Starts a plain listener on the node (benchmarks' baseline target).
-    pub fn start_sink(&self) -> Result<Child> {
-        self.serve(self.ns_node(), "sink.jsonl", &[self.sink()])
+    pub fn start_sink(&self) -> Result<()> {
+        let c = self.serve(self.ns_node(), "sink.jsonl", &[self.sink()])?;
+        self.extra.lock().unwrap().push(c);
+        Ok(())
     }
 
     /// Starts `portcullis run` in the node namespace and waits until it is ready.
@@ -298,7 +330,10 @@ impl Lab {
                 );
             }
             if Instant::now() > deadline {
-                bail!("portcullis run not ready after 30 s:\n{}", self.daemon_log());
+                bail!(
+                    "portcullis run not ready after 30 s:\n{}",
+                    self.daemon_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -369,7 +404,16 @@ impl Lab {
 
     /// Starts a long-lived `pc-probe hold ADDR` in `cg`; returns the child, its stdin and
     /// the first JSON line.
-    pub fn hold(&self, cg: &Path, addr: SocketAddr) -> Result<(Child, ChildStdin, BufReader<std::process::ChildStdout>, Value)> {
+    pub fn hold(
+        &self,
+        cg: &Path,
+        addr: SocketAddr,
+    ) -> Result<(
+        Child,
+        ChildStdin,
+        BufReader<std::process::ChildStdout>,
+        Value,
+    )> {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg("cg=$1; ns=$2; shift 2; echo $$ > \"$cg/cgroup.procs\" && exec nsenter --net=\"$ns\" \"$@\"")
@@ -455,7 +499,8 @@ pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.kill_daemon();
-        if let Some(mut c) = self.standin.take() {
+        let extra = std::mem::take(&mut *self.extra.lock().unwrap());
+        for mut c in self.standin.take().into_iter().chain(extra) {
             let _ = c.kill();
             let _ = c.wait();
         }

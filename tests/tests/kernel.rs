@@ -18,7 +18,12 @@ fn lab(tag: &str) -> Lab {
 
 fn run(lab: &Lab, args: &[&str]) -> Probe {
     let p = lab.agent(args).expect("running the probe");
-    eprintln!("probe {args:?} -> {} ({}) {}", p.json, p.status, p.stderr.trim());
+    eprintln!(
+        "probe {args:?} -> {} ({}) {}",
+        p.json,
+        p.status,
+        p.stderr.trim()
+    );
     p
 }
 
@@ -30,33 +35,56 @@ fn assert_standin_untouched(lab: &Lab) {
         .into_iter()
         .filter(|e| {
             let peer = e["peer"].as_str().unwrap_or("");
-            peer.contains(&format!("10.{}.1.2", lab.s)) || peer.contains(&format!("fd00:0:{}:1::2", lab.s))
+            peer.contains(&format!("10.{}.1.2", lab.s))
+                || peer.contains(&format!("fd00:0:{}:1::2", lab.s))
         })
         .collect();
-    assert!(seen.is_empty(), "the stand-in API server was reached: {seen:?}");
+    assert!(
+        seen.is_empty(),
+        "the stand-in API server was reached: {seen:?}"
+    );
 }
 
 fn event_for(lab: &Lab, kind: &str, pid: Option<u64>) -> Value {
     lab.wait_event(5, |e| {
         e["kind"] == kind && pid.is_none_or(|p| e["origin"]["pid"].as_u64() == Some(p))
     })
-    .unwrap_or_else(|| panic!("no `{kind}` event for pid {pid:?}; events: {:?}", lab.kernel_events()))
+    .unwrap_or_else(|| {
+        panic!(
+            "no `{kind}` event for pid {pid:?}; events: {:?}",
+            lab.kernel_events()
+        )
+    })
 }
 
 fn assert_redirected(lab: &Lab, p: &Probe, original: SocketAddr) {
     assert!(p.ok(), "connect failed: {}", p.json);
     // getpeername shows the address the agent asked for, not the daemon's.
-    let peer = p.json["peer"].as_str().or(p.json["names"]["peer"].as_str()).unwrap_or("");
+    let peer = p.json["peer"]
+        .as_str()
+        .or(p.json["names"]["peer"].as_str())
+        .unwrap_or("");
     let want = original.to_string();
     let mapped = format!("[::ffff:{}]:{}", original.ip(), original.port());
-    assert!(peer == want || peer == mapped, "getpeername = {peer}, want {want}");
+    assert!(
+        peer == want || peer == mapped,
+        "getpeername = {peer}, want {want}"
+    );
     // The daemon accepted it and the kernel told it who and where.
     let pid = p.pid().unwrap();
     let conn = lab
         .wait_connection(5, |c| c["kernel"]["origin"]["pid"].as_u64() == Some(pid))
-        .unwrap_or_else(|| panic!("daemon has no connection from pid {pid}: {:?}", lab.connections()));
+        .unwrap_or_else(|| {
+            panic!(
+                "daemon has no connection from pid {pid}: {:?}",
+                lab.connections()
+            )
+        });
     let orig = conn["kernel"]["original_dst"].as_str().unwrap();
-    assert_eq!(orig.parse::<SocketAddr>().unwrap().ip().to_canonical(), original.ip().to_canonical());
+    assert_eq!(
+        orig.parse::<SocketAddr>().unwrap().ip().to_canonical(),
+        original.ip().to_canonical()
+    );
     assert_eq!(orig.parse::<SocketAddr>().unwrap().port(), original.port());
     assert_eq!(conn["kernel"]["origin"]["comm"], "pc-probe");
     assert_eq!(
@@ -103,7 +131,10 @@ fn bypass_udp_and_quic_are_refused() {
         assert!(!p.ok(), "UDP to {target} was sent: {}", p.json);
         assert_eq!(p.errno(), Some(EPERM));
         let ev = event_for(&lab, "datagram_refused", p.pid());
-        assert_eq!(ev["dst"].as_str().unwrap().parse::<SocketAddr>().unwrap(), target);
+        assert_eq!(
+            ev["dst"].as_str().unwrap().parse::<SocketAddr>().unwrap(),
+            target
+        );
     }
     assert_standin_untouched(&lab);
 }
@@ -144,7 +175,8 @@ fn bypass_raw_socket_is_refused() {
 fn bypass_af_packet_is_refused_or_the_caller_killed() {
     let lab = lab("packet");
     let state: Value =
-        serde_json::from_slice(&std::fs::read(lab.state_dir().join("kernel-state.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(lab.state_dir().join("kernel-state.json")).unwrap())
+            .unwrap();
     let guard = state["packet_guard"].as_str().unwrap().to_string();
     let p = run(&lab, &["packet"]);
     match guard.as_str() {
@@ -155,13 +187,21 @@ fn bypass_af_packet_is_refused_or_the_caller_killed() {
         "pc_sys_enter_socket" => {
             // BPF LSM unavailable on this kernel: the caller is killed before socket()
             // returns, so it never holds the socket.
-            assert_eq!(p.killed_by(), Some(9), "probe was not killed: {} {}", p.status, p.json);
+            assert_eq!(
+                p.killed_by(),
+                Some(9),
+                "probe was not killed: {} {}",
+                p.status,
+                p.json
+            );
             assert!(p.json.is_null(), "probe printed a result: {}", p.json);
         }
         other => panic!("unknown packet guard {other}"),
     }
     let ev = lab
-        .wait_event(5, |e| e["kind"] == "packet_socket_refused" && e["family"] == 17)
+        .wait_event(5, |e| {
+            e["kind"] == "packet_socket_refused" && e["family"] == 17
+        })
         .expect("packet_socket_refused event");
     eprintln!("guard {guard}: {ev}");
 }
@@ -170,11 +210,20 @@ fn bypass_af_packet_is_refused_or_the_caller_killed() {
 fn bypass_leaving_the_cgroup_does_not_escape() {
     let lab = lab("leave");
     let procs = lab.bystander_cg.join("cgroup.procs");
-    let p = run(&lab, &["leave", procs.to_str().unwrap(), &lab.api().to_string()]);
+    let p = run(
+        &lab,
+        &["leave", procs.to_str().unwrap(), &lab.api().to_string()],
+    );
     assert!(p.ok(), "{}", p.json);
-    let byst = format!("{}", lab.bystander_cg.file_name().unwrap().to_string_lossy());
+    let byst = format!(
+        "{}",
+        lab.bystander_cg.file_name().unwrap().to_string_lossy()
+    );
     assert!(
-        p.json["cgroup_after_move"].as_str().unwrap().ends_with(&byst),
+        p.json["cgroup_after_move"]
+            .as_str()
+            .unwrap()
+            .ends_with(&byst),
         "the move itself happened (we are root, no cgroup namespace): {}",
         p.json
     );
@@ -184,8 +233,14 @@ fn bypass_leaving_the_cgroup_does_not_escape() {
     assert_eq!(p.json["child"]["ok"], true, "{}", p.json);
     assert_eq!(p.json["child"]["peer"], lab.api().to_string());
     let parent = event_for(&lab, "sticky_agent_seen", p.pid());
-    assert_eq!(parent["origin"]["cgroup_id"].as_u64(), Some(Lab::cgroup_id(&lab.bystander_cg)));
-    assert_eq!(parent["origin"]["agent_cgroup_id"].as_u64(), Some(Lab::cgroup_id(&lab.agent_cg)));
+    assert_eq!(
+        parent["origin"]["cgroup_id"].as_u64(),
+        Some(Lab::cgroup_id(&lab.bystander_cg))
+    );
+    assert_eq!(
+        parent["origin"]["agent_cgroup_id"].as_u64(),
+        Some(Lab::cgroup_id(&lab.agent_cg))
+    );
     let child_pid = p.json["child"]["pid"].as_u64();
     event_for(&lab, "sticky_agent_seen", child_pid);
     assert_standin_untouched(&lab);
@@ -195,7 +250,8 @@ fn bypass_leaving_the_cgroup_does_not_escape() {
 fn daemon_down_fails_closed_and_restart_adopts_without_gap() {
     let lab = lab("restart");
     let before: Value =
-        serde_json::from_slice(&std::fs::read(lab.state_dir().join("kernel-state.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(lab.state_dir().join("kernel-state.json")).unwrap())
+            .unwrap();
     lab.kill_daemon();
 
     // Down: the kernel still redirects to the daemon's address, where nothing listens.
@@ -249,11 +305,22 @@ fn outside_agent_cgroups_nothing_changes() {
     let p = lab.bystander(&["tcp", &lab.api().to_string()]).unwrap();
     assert!(p.ok(), "{}", p.json);
     assert_eq!(p.json["peer"], lab.api().to_string());
-    let standin = wait_for(5, || lab.standin_log().into_iter().find(|e| e["event"] == "accept"));
-    assert!(standin.is_some(), "the bystander did not reach the API server directly");
+    let standin = wait_for(5, || {
+        lab.standin_log()
+            .into_iter()
+            .find(|e| e["event"] == "accept")
+    });
+    assert!(
+        standin.is_some(),
+        "the bystander did not reach the API server directly"
+    );
     let udp = lab.bystander(&["udp", &lab.api().to_string()]).unwrap();
     assert!(udp.ok(), "{}", udp.json);
-    assert!(lab.kernel_events().iter().all(|e| e["origin"]["pid"].as_u64() != p.pid()));
+    assert!(
+        lab.kernel_events()
+            .iter()
+            .all(|e| e["origin"]["pid"].as_u64() != p.pid())
+    );
 }
 
 #[test]
@@ -263,8 +330,12 @@ fn unenroll_restores_and_reenroll_enforces() {
     lab.portcullis(&["unenroll", &cg]).unwrap();
     let p = run(&lab, &["tcp", &lab.api().to_string()]);
     assert!(p.ok());
-    wait_for(5, || lab.standin_log().into_iter().find(|e| e["event"] == "accept"))
-        .expect("unenrolled agent reaches the API server directly");
+    wait_for(5, || {
+        lab.standin_log()
+            .into_iter()
+            .find(|e| e["event"] == "accept")
+    })
+    .expect("unenrolled agent reaches the API server directly");
     lab.portcullis(&["enroll", &cg]).unwrap();
     let p = run(&lab, &["tcp", &lab.api().to_string()]);
     assert_redirected(&lab, &p, lab.api());
@@ -278,7 +349,12 @@ fn egress_backstop_drops_a_socket_opened_before_enrollment() {
     // Connected directly while not enrolled (a socket from before enforcement began).
     let (mut child, mut stdin, mut out, first) = lab.hold(&lab.agent_cg, lab.api()).unwrap();
     assert_eq!(first["ok"], true, "{first}");
-    wait_for(5, || lab.standin_log().into_iter().find(|e| e["event"] == "accept")).expect("direct connection");
+    wait_for(5, || {
+        lab.standin_log()
+            .into_iter()
+            .find(|e| e["event"] == "accept")
+    })
+    .expect("direct connection");
     lab.portcullis(&["enroll", &cg]).unwrap();
     Lab::write_stdin(&mut stdin, "send").unwrap();
     let mut line = String::new();
@@ -286,8 +362,15 @@ fn egress_backstop_drops_a_socket_opened_before_enrollment() {
     let ev = event_for(&lab, "egress_dropped", None);
     assert_eq!(ev["dst"], lab.api().to_string());
     std::thread::sleep(Duration::from_millis(500));
-    let data: Vec<Value> = lab.standin_log().into_iter().filter(|e| e["event"] == "data").collect();
-    assert!(data.is_empty(), "data reached the API server after enrollment: {data:?}");
+    let data: Vec<Value> = lab
+        .standin_log()
+        .into_iter()
+        .filter(|e| e["event"] == "data")
+        .collect();
+    assert!(
+        data.is_empty(),
+        "data reached the API server after enrollment: {data:?}"
+    );
     let _ = Lab::write_stdin(&mut stdin, "quit");
     let _ = child.kill();
     let _ = child.wait();
@@ -311,6 +394,9 @@ fn cli_refuses_bad_config_naming_field_and_value() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("kernel.protected_endpoints[0]") && err.contains("`10.96.0.1`"), "{err}");
+    assert!(
+        err.contains("kernel.protected_endpoints[0]") && err.contains("`10.96.0.1`"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

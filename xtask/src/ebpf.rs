@@ -119,7 +119,12 @@ fn rustc_shim(args: &[OsString]) -> Result<i32> {
         .windows(2)
         .any(|w| w[0] == "--crate-name" && w[1] == "aya_log_ebpf");
     if is_aya_log {
-        cmd.args(["--cfg", "target_arch=\"bpf\"", "-A", "explicit_builtin_cfgs_in_flags"]);
+        cmd.args([
+            "--cfg",
+            "target_arch=\"bpf\"",
+            "-A",
+            "explicit_builtin_cfgs_in_flags",
+        ]);
     }
     Ok(cmd.status()?.code().unwrap_or(1))
 }
@@ -142,8 +147,9 @@ fn expand_args(args: &[OsString]) -> Result<Vec<String>> {
 
 fn link_shim(args: &[OsString]) -> Result<i32> {
     let args = expand_args(args)?;
-    let linker = std::env::var_os(BPF_LINKER_ENV)
-        .context("pc-bpf-link: PORTCULLIS_BPF_LINKER is not set (run through `cargo xtask build`)")?;
+    let linker = std::env::var_os(BPF_LINKER_ENV).context(
+        "pc-bpf-link: PORTCULLIS_BPF_LINKER is not set (run through `cargo xtask build`)",
+    )?;
     let mut output = None;
     let mut inputs = Vec::new();
     let mut exports = Vec::new();
@@ -205,8 +211,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pc-vs-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("vs");
-        std::fs::write(&p, "{\n  global:\n    pc_connect4;\n    PC_EVENTS;\n\n  local:\n    *;\n};\n")
-            .unwrap();
+        std::fs::write(
+            &p,
+            "{\n  global:\n    pc_connect4;\n    PC_EVENTS;\n\n  local:\n    *;\n};\n",
+        )
+        .unwrap();
         assert_eq!(
             version_script_exports(&p).unwrap(),
             vec!["pc_connect4".to_string(), "PC_EVENTS".to_string()]

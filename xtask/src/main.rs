@@ -16,7 +16,10 @@ mod setup;
 mod test;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Portcullis build, setup, demo, test and bench")]
+#[command(
+    name = "cargo xtask",
+    about = "Portcullis build, setup, demo, test and bench"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -97,7 +97,8 @@ pub fn rustc_info() -> Result<Rustc> {
         .next()
         .and_then(|m| m.parse().ok())
         .with_context(|| format!("cannot read the LLVM major from `{llvm}`"))?;
-    let sysroot = PathBuf::from(run::output(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
+    let sysroot =
+        PathBuf::from(run::output(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
     Ok(Rustc {
         release,
         llvm_major,
@@ -165,7 +166,9 @@ pub fn bpf_linker() -> Result<PathBuf> {
         "building bpf-linker {BPF_LINKER_VERSION} against rustc's own LLVM {} (~2 min, once per toolchain)",
         rustc.llvm_major
     ));
-    note("why: rustc emits LLVM bitcode for the eBPF crate and bpf-linker must read the same LLVM major");
+    note(
+        "why: rustc emits LLVM bitcode for the eBPF crate and bpf-linker must read the same LLVM major",
+    );
     run::status(
         Command::new("cargo")
             .args([

@@ -51,7 +51,14 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
         run::status(
             Command::new("cargo")
                 .current_dir(paths::root())
-                .args(["test", "--release", "-p", "portcullis-tests", "--test", "kernel"])
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "portcullis-tests",
+                    "--test",
+                    "kernel",
+                ])
                 .env("PORTCULLIS_BPF_OBJECT", &obj)
                 .env("PORTCULLIS_BIN_DIR", paths::target().join("release"))
                 .arg("--")

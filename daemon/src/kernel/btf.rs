@@ -19,7 +19,9 @@ pub fn task_tgid_offset() -> Result<u32, KernelError> {
             && let Some(bits) = member_bit_offset(&btf, &s, "tgid", 0)
         {
             if bits % 8 != 0 {
-                return Err(err(format!("task_struct.tgid at bit {bits} is not byte aligned")));
+                return Err(err(format!(
+                    "task_struct.tgid at bit {bits} is not byte aligned"
+                )));
             }
             return Ok(bits / 8);
         }

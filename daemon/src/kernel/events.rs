@@ -146,13 +146,19 @@ pub fn humantime_rfc3339(t: SystemTime) -> String {
 }
 
 /// Reads the ring buffer until the receiver goes away.
-pub async fn pump(ring: RingBuf<MapData>, tx: mpsc::Sender<KernelEvent>) -> Result<(), KernelError> {
+pub async fn pump(
+    ring: RingBuf<MapData>,
+    tx: mpsc::Sender<KernelEvent>,
+) -> Result<(), KernelError> {
     // SAFETY: the RingBuf owns its map's fd (an OwnedFd inside MapData) for its whole
     // life and always returns that same fd from as_raw_fd, as register requires.
-    let mut afd = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| KernelError::Map {
-        map: portcullis_common::maps::EVENTS.into(),
-        message: format!("registering with the reactor: {e}"),
-    })?;
+    let mut afd =
+        unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+            KernelError::Map {
+                map: portcullis_common::maps::EVENTS.into(),
+                message: format!("registering with the reactor: {e}"),
+            }
+        })?;
     let clock = BootClock::now();
     loop {
         let mut guard = afd.readable_mut().await.map_err(|e| KernelError::Map {

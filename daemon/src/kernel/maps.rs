@@ -21,7 +21,10 @@ fn open(dir: &Path, name: &str) -> Result<Map, KernelError> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).map_err(|e| KernelError::Map {
         map: name.into(),
-        message: format!("opening pin {}: {e} (is the daemon installed? run `portcullis run` once)", path.display()),
+        message: format!(
+            "opening pin {}: {e} (is the daemon installed? run `portcullis run` once)",
+            path.display()
+        ),
     })?;
     Map::from_map_data(data).map_err(|e| KernelError::Map {
         map: name.into(),

@@ -41,7 +41,9 @@ pub enum KernelError {
     #[error("map {map}: {message}")]
     Map { map: String, message: String },
     #[cfg_attr(embedded_bpf, allow(dead_code))]
-    #[error("no eBPF object: this binary was built without one (use `cargo xtask build`) and kernel.bpf_object is not set")]
+    #[error(
+        "no eBPF object: this binary was built without one (use `cargo xtask build`) and kernel.bpf_object is not set"
+    )]
     NoObject,
     #[error("{path}: {message}")]
     State { path: PathBuf, message: String },
@@ -181,7 +183,10 @@ pub fn start(
             packet_guard: previous.map(|p| p.packet_guard).unwrap_or_default(),
             programs: pinned_ids(paths)?,
         };
-        info!(programs = state.programs.len(), "adopted pinned programs and maps");
+        info!(
+            programs = state.programs.len(),
+            "adopted pinned programs and maps"
+        );
         write_state(state_file, &state)?;
         return Ok(state);
     }
@@ -212,10 +217,12 @@ pub fn start(
     let pin = |link: FdLink, name: &str, program: &str| {
         let target = pin_target(name);
         let _ = std::fs::remove_file(&target);
-        link.pin(&target).map(drop).map_err(|e| KernelError::Program {
-            program: program.to_string(),
-            message: format!("pinning link at {}: {e}", target.display()),
-        })
+        link.pin(&target)
+            .map(drop)
+            .map_err(|e| KernelError::Program {
+                program: program.to_string(),
+                message: format!("pinning link at {}: {e}", target.display()),
+            })
     };
     let mut packet_guard = None;
     for (name, how) in PACKET_GUARDS {
@@ -291,7 +298,9 @@ fn attach_one(
     let link: FdLink = match (prog, how) {
         (Program::CgroupSockAddr(p), Attach::Cgroup) => {
             p.load().map_err(|e| perr(format!("load: {e:?}")))?;
-            let id = p.attach(fd, mode).map_err(|e| perr(format!("attach: {e:?}")))?;
+            let id = p
+                .attach(fd, mode)
+                .map_err(|e| perr(format!("attach: {e:?}")))?;
             p.take_link(id)
                 .map_err(|e| perr(e.to_string()))?
                 .try_into()
@@ -299,7 +308,9 @@ fn attach_one(
         }
         (Program::SockOps(p), Attach::Cgroup) => {
             p.load().map_err(|e| perr(format!("load: {e:?}")))?;
-            let id = p.attach(fd, mode).map_err(|e| perr(format!("attach: {e:?}")))?;
+            let id = p
+                .attach(fd, mode)
+                .map_err(|e| perr(format!("attach: {e:?}")))?;
             p.take_link(id)
                 .map_err(|e| perr(e.to_string()))?
                 .try_into()
@@ -307,7 +318,9 @@ fn attach_one(
         }
         (Program::CgroupSock(p), Attach::Cgroup) => {
             p.load().map_err(|e| perr(format!("load: {e:?}")))?;
-            let id = p.attach(fd, mode).map_err(|e| perr(format!("attach: {e:?}")))?;
+            let id = p
+                .attach(fd, mode)
+                .map_err(|e| perr(format!("attach: {e:?}")))?;
             p.take_link(id)
                 .map_err(|e| perr(e.to_string()))?
                 .try_into()
@@ -324,8 +337,11 @@ fn attach_one(
                 .map_err(|e| perr(format!("{e}")))?
         }
         (Program::Lsm(p), Attach::Lsm(hook)) => {
-            p.load(hook, btf)
-                .map_err(|e| perr(format!("load: {e:?} (is BPF LSM active? see `portcullis doctor`)")))?;
+            p.load(hook, btf).map_err(|e| {
+                perr(format!(
+                    "load: {e:?} (is BPF LSM active? see `portcullis doctor`)"
+                ))
+            })?;
             let id = p.attach().map_err(|e| perr(format!("attach: {e:?}")))?;
             p.take_link(id).map_err(|e| perr(e.to_string()))?.into()
         }

@@ -12,9 +12,7 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
-use portcullis_common::{
-    AF_INET, AF_INET6, ConnRecord, EventKind, Hook, SockKey, settings_flags,
-};
+use portcullis_common::{AF_INET, AF_INET6, ConnRecord, EventKind, Hook, SockKey, settings_flags};
 
 use crate::{
     agent::{current_agent, current_origin},
@@ -113,8 +111,7 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     let origin = current_origin(&agent, netns);
     // SAFETY: reads of the context's socket type/family/protocol fields.
-    let (family, sock_type, protocol) =
-        unsafe { ((*sa).user_family, (*sa).type_, (*sa).protocol) };
+    let (family, sock_type, protocol) = unsafe { ((*sa).user_family, (*sa).type_, (*sa).protocol) };
     let mut report = Report {
         kind: EventKind::ConnectRefused,
         hook,

@@ -3,8 +3,8 @@
 //! an agent's socket to a protected endpoint is dropped. Redirected connections go to the
 //! daemon's address, which is never protected, so they pass.
 use aya_ebpf::{
-    EbpfContext, bindings::__sk_buff, helpers::generated::bpf_skb_cgroup_id,
-    macros::cgroup_skb, programs::SkBuffContext,
+    EbpfContext, bindings::__sk_buff, helpers::generated::bpf_skb_cgroup_id, macros::cgroup_skb,
+    programs::SkBuffContext,
 };
 use portcullis_common::{AF_INET, AF_INET6, EventKind, Hook, Origin, SockKey};
 

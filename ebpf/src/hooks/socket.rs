@@ -71,7 +71,13 @@ pub fn pc_lsm_socket_create(ctx: LsmContext) -> i32 {
 }
 
 #[inline(always)]
-fn report_packet_socket(hook: Hook, family: i32, sock_type: i32, protocol: i32, agent: &crate::agent::Agent) {
+fn report_packet_socket(
+    hook: Hook,
+    family: i32,
+    sock_type: i32,
+    protocol: i32,
+    agent: &crate::agent::Agent,
+) {
     emit(
         &Report {
             kind: EventKind::PacketSocketRefused,
@@ -108,7 +114,8 @@ pub fn pc_sys_enter_socket(ctx: BtfTracePointContext) -> i32 {
     }
     let regs: *const u8 = ctx.arg(0);
     // SAFETY: `regs` is the tracepoint's pt_regs pointer; probe_read tolerates faults.
-    let family = unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_DI) as *const u64) }.unwrap_or(0) as i32;
+    let family =
+        unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_DI) as *const u64) }.unwrap_or(0) as i32;
     if family != AF_PACKET && family != AF_XDP {
         return 0;
     }

@@ -33,9 +33,8 @@ pub fn pc_sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let child: *const u8 = ctx.arg(1);
     // SAFETY: `child` is the tracepoint's task_struct pointer; the offset of `tgid` was
     // resolved from this kernel's BTF by the daemon, and probe_read tolerates faults.
-    let child_tgid = unsafe {
-        bpf_probe_read_kernel(child.add(s.task_tgid_offset as usize) as *const i32)
-    };
+    let child_tgid =
+        unsafe { bpf_probe_read_kernel(child.add(s.task_tgid_offset as usize) as *const i32) };
     if let Ok(tgid) = child_tgid
         && tgid as u32 != parent_tgid
     {

@@ -19,8 +19,11 @@ enum Cmd {
     /// connect() latency with and without the programs, and ring-buffer events/s.
     BenchKernel {
         /// Connects per measurement (bounded; each measurement also stops after 20 s).
-        #[arg(long, default_value_t = 3000)]
+        #[arg(long, default_value_t = 1000)]
         count: u32,
+        /// Alternating attached/detached rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
         /// Refused datagrams (one kernel event each) for the events/s measurement.
         #[arg(long, default_value_t = 50_000)]
         events: u32,
@@ -30,7 +33,11 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Demo => demo(),
-        Cmd::BenchKernel { count, events } => bench(count, events),
+        Cmd::BenchKernel {
+            count,
+            events,
+            rounds,
+        } => bench(count, events, rounds),
     }
 }
 
@@ -39,14 +46,23 @@ fn say(s: &str) {
 }
 
 fn verdict(label: &str, blocked: bool, detail: &str) {
-    let mark = if blocked { "\x1b[32mBLOCKED \x1b[0m" } else { "\x1b[31mREACHED \x1b[0m" };
+    let mark = if blocked {
+        "\x1b[32mBLOCKED \x1b[0m"
+    } else {
+        "\x1b[31mREACHED \x1b[0m"
+    };
     println!("  {mark} {label:<42} {detail}");
 }
 
 fn demo() -> Result<()> {
     say("Building a lab: agent pod netns + cgroup, node netns (daemon), API server netns");
     let lab = Lab::new("demo")?;
-    println!("  API Service ClusterIP {}   API server {} / {}", lab.cluster_ip(), lab.api(), lab.api_v6());
+    println!(
+        "  API Service ClusterIP {}   API server {} / {}",
+        lab.cluster_ip(),
+        lab.api(),
+        lab.api_v6()
+    );
     println!("  agent cgroup {}", lab.agent_cg.display());
     let ready = lab.start_daemon()?;
     println!(
@@ -58,12 +74,21 @@ fn demo() -> Result<()> {
 
     say("1. The agent connects to the kubernetes Service as usual");
     let p = lab.agent(&["tcp", &lab.cluster_ip().to_string()])?;
-    println!("  agent: connect {} -> ok={}, getpeername() = {}", lab.cluster_ip(), p.ok(), p.json["peer"]);
+    println!(
+        "  agent: connect {} -> ok={}, getpeername() = {}",
+        lab.cluster_ip(),
+        p.ok(),
+        p.json["peer"]
+    );
     if let Some(c) = lab.wait_connection(5, |c| c["kernel"]["origin"]["pid"].as_u64() == p.pid()) {
         let k = &c["kernel"];
         println!(
             "  daemon: accepted from {} — kernel says: original destination {}, pid {} ({}), cgroup {}",
-            c["peer"], k["original_dst"], k["origin"]["pid"], k["origin"]["comm"], k["origin"]["cgroup_id"]
+            c["peer"],
+            k["original_dst"],
+            k["origin"]["pid"],
+            k["origin"]["comm"],
+            k["origin"]["cgroup_id"]
         );
     }
 
@@ -72,11 +97,23 @@ fn demo() -> Result<()> {
     let v6 = lab.api_v6().to_string();
     let procs = lab.bystander_cg.join("cgroup.procs");
     let attempts: Vec<(&str, Vec<String>)> = vec![
-        ("hard-coded real API server IP (TCP)", vec!["tcp".into(), api.clone()]),
-        ("IPv6 address of the API server", vec!["tcp".into(), v6.clone()]),
-        ("IPv4-mapped IPv6 (::ffff:a.b.c.d)", vec!["tcp-mapped".into(), api.clone()]),
+        (
+            "hard-coded real API server IP (TCP)",
+            vec!["tcp".into(), api.clone()],
+        ),
+        (
+            "IPv6 address of the API server",
+            vec!["tcp".into(), v6.clone()],
+        ),
+        (
+            "IPv4-mapped IPv6 (::ffff:a.b.c.d)",
+            vec!["tcp-mapped".into(), api.clone()],
+        ),
         ("UDP / QUIC datagram", vec!["udp".into(), api.clone()]),
-        ("TCP Fast Open (sendto MSG_FASTOPEN)", vec!["tfo".into(), api.clone()]),
+        (
+            "TCP Fast Open (sendto MSG_FASTOPEN)",
+            vec!["tfo".into(), api.clone()],
+        ),
         ("io_uring connect", vec!["uring".into(), api.clone()]),
         ("raw IP socket", vec!["raw".into(), api.clone()]),
         ("AF_PACKET socket", vec!["packet".into()]),
@@ -95,18 +132,34 @@ fn demo() -> Result<()> {
     let reached = lab
         .standin_log()
         .into_iter()
-        .filter(|e| e["peer"].as_str().unwrap_or("").contains(&format!("10.{}.1.2", lab.s)))
+        .filter(|e| {
+            e["peer"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("10.{}.1.2", lab.s))
+        })
         .count();
     println!("  stand-in API server: {reached} connections/datagrams from the agent network");
 
     say("3. The daemon is killed (kill -9): agents fail closed");
     lab.kill_daemon();
     let p = lab.agent(&["tcp", &api])?;
-    verdict("connect while the daemon is down", !p.ok(), &format!("{}", p.json["error"]));
+    verdict(
+        "connect while the daemon is down",
+        !p.ok(),
+        &format!("{}", p.json["error"]),
+    );
     let ready = lab.start_daemon()?;
-    println!("  restarted: mode {} (pinned programs and maps adopted, no reload)", ready["mode"]);
+    println!(
+        "  restarted: mode {} (pinned programs and maps adopted, no reload)",
+        ready["mode"]
+    );
     let p = lab.agent(&["tcp", &api])?;
-    println!("  agent connect after restart: ok={}, getpeername() = {}", p.ok(), p.json["peer"]);
+    println!(
+        "  agent connect after restart: ok={}, getpeername() = {}",
+        p.ok(),
+        p.json["peer"]
+    );
 
     say("4. Kernel events (ring buffer -> daemon -> kernel-events.jsonl)");
     std::thread::sleep(Duration::from_millis(300));
@@ -118,7 +171,14 @@ fn demo() -> Result<()> {
             e["origin"]["pid"],
             e["origin"]["comm"].as_str().unwrap_or(""),
             e["dst"].as_str().unwrap_or(""),
-            e["redirected_to"].as_str().map(|r| if r.is_empty() { String::new() } else { format!("-> {r}") }).unwrap_or_default()
+            e["redirected_to"]
+                .as_str()
+                .map(|r| if r.is_empty() {
+                    String::new()
+                } else {
+                    format!("-> {r}")
+                })
+                .unwrap_or_default()
         );
     }
     if reached != 0 {
@@ -131,7 +191,10 @@ fn demo() -> Result<()> {
 /// Blocked means: refused/killed, or it landed on the daemon (redirected), never the API.
 fn judge(lab: &Lab, p: &Probe) -> (bool, String) {
     if let Some(sig) = p.killed_by() {
-        return (true, format!("killed by signal {sig} before socket() returned"));
+        return (
+            true,
+            format!("killed by signal {sig} before socket() returned"),
+        );
     }
     let j = &p.json;
     if j["probe"] == "leave" {
@@ -139,15 +202,36 @@ fn judge(lab: &Lab, p: &Probe) -> (bool, String) {
         let on_daemon = lab
             .wait_connection(3, |c| c["kernel"]["origin"]["pid"].as_u64() == p.pid())
             .is_some();
-        return (on_daemon, format!("moved to {}, still redirected (peer {parent})", j["cgroup_after_move"].as_str().unwrap_or("").rsplit('/').next().unwrap_or("")));
+        return (
+            on_daemon,
+            format!(
+                "moved to {}, still redirected (peer {parent})",
+                j["cgroup_after_move"]
+                    .as_str()
+                    .unwrap_or("")
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+            ),
+        );
     }
     if !p.ok() {
-        return (true, format!("refused: {}", j["error"].as_str().unwrap_or("")));
+        return (
+            true,
+            format!("refused: {}", j["error"].as_str().unwrap_or("")),
+        );
     }
     let on_daemon = lab
         .wait_connection(3, |c| c["kernel"]["origin"]["pid"].as_u64() == p.pid())
         .is_some();
-    (on_daemon, if on_daemon { "redirected to the daemon (agent still sees the original peer)".into() } else { "NOT redirected".into() })
+    (
+        on_daemon,
+        if on_daemon {
+            "redirected to the daemon (agent still sees the original peer)".into()
+        } else {
+            "NOT redirected".into()
+        },
+    )
 }
 
 struct Stat {
@@ -157,7 +241,14 @@ struct Stat {
 }
 
 fn connect_stat(lab: &Lab, addr: std::net::SocketAddr, count: u32) -> Result<Stat> {
-    let p = lab.agent(&["bench-connect", &addr.to_string(), "--count", &count.to_string(), "--max-secs", "20"])?;
+    let p = lab.agent(&[
+        "bench-connect",
+        &addr.to_string(),
+        "--count",
+        &count.to_string(),
+        "--max-secs",
+        "20",
+    ])?;
     let j = &p.json;
     if j["n"].as_u64().unwrap_or(0) == 0 {
         bail!("no successful connects to {addr}: {j}");
@@ -169,23 +260,38 @@ fn connect_stat(lab: &Lab, addr: std::net::SocketAddr, count: u32) -> Result<Sta
     })
 }
 
-fn bench(count: u32, events: u32) -> Result<()> {
+fn median(mut v: Vec<Stat>) -> Stat {
+    let n = v.len() as u64;
+    let mid = v.len() / 2;
+    v.sort_by(|a, b| a.p50.total_cmp(&b.p50));
+    let p50 = v[mid].p50;
+    v.sort_by(|a, b| a.p99.total_cmp(&b.p99));
+    Stat {
+        p50,
+        p99: v[mid].p99,
+        n: v.iter().map(|s| s.n).sum::<u64>() / n,
+    }
+}
+
+fn bench(count: u32, events: u32, rounds: u32) -> Result<()> {
     let lab = Lab::new("bench")?;
-    let _sink = lab.start_sink()?;
+    lab.start_sink()?;
     lab.start_daemon()?;
     // Warm up ARP/ND and the daemon.
     let _ = connect_stat(&lab, lab.sink(), 200);
     let _ = connect_stat(&lab, lab.daemon_v4(), 200);
 
-    println!("connect() latency from the agent cgroup, {count} connects each (µs)");
-    let on_sink = connect_stat(&lab, lab.sink(), count)?;
-    let on_direct = connect_stat(&lab, lab.daemon_v4(), count)?;
-    let on_redirect = connect_stat(&lab, lab.api(), count)?;
-
     // Ring buffer: each refused datagram is one event; measure how fast they arrive.
     let before = lab.kernel_events().len();
     let t = Instant::now();
-    let burst = lab.agent(&["bench-events", &lab.api().to_string(), "--count", &events.to_string(), "--max-secs", "20"])?;
+    let burst = lab.agent(&[
+        "bench-events",
+        &lab.api().to_string(),
+        "--count",
+        &events.to_string(),
+        "--max-secs",
+        "20",
+    ])?;
     let produced = burst.json["refused"].as_u64().unwrap_or(0);
     let send_ns = burst.json["elapsed_ns"].as_u64().unwrap_or(1);
     let mut delivered = 0u64;
@@ -201,22 +307,73 @@ fn bench(count: u32, events: u32) -> Result<()> {
     let delivered = settle.unwrap_or(delivered);
     let elapsed = t.elapsed().as_secs_f64();
 
-    // Baseline in the same run: detach the programs (the daemon keeps listening).
-    lab.portcullis(&["unload"]).context("unloading for the baseline")?;
-    let off_sink = connect_stat(&lab, lab.sink(), count)?;
-    let off_direct = connect_stat(&lab, lab.daemon_v4(), count)?;
+    // Latency: alternate rounds with the programs attached and detached (the daemon
+    // keeps listening while detached), so drift hits both sides alike. Each round
+    // reports its p50/p99; the table gives the median of the rounds.
+    println!(
+        "connect() latency from the agent cgroup, {rounds} rounds x {count} connects each (µs)"
+    );
+    let mut on_sink = Vec::new();
+    let mut on_direct = Vec::new();
+    let mut on_redirect = Vec::new();
+    let mut off_sink = Vec::new();
+    let mut off_direct = Vec::new();
+    for round in 0..rounds {
+        if round > 0 {
+            lab.start_daemon()?;
+        }
+        on_sink.push(connect_stat(&lab, lab.sink(), count)?);
+        on_direct.push(connect_stat(&lab, lab.daemon_v4(), count)?);
+        on_redirect.push(connect_stat(&lab, lab.api(), count)?);
+        lab.portcullis(&["unload"])
+            .context("detaching for the baseline")?;
+        off_sink.push(connect_stat(&lab, lab.sink(), count)?);
+        off_direct.push(connect_stat(&lab, lab.daemon_v4(), count)?);
+        lab.kill_daemon();
+    }
+    let (on_sink, on_direct, on_redirect, off_sink, off_direct) = (
+        median(on_sink),
+        median(on_direct),
+        median(on_redirect),
+        median(off_sink),
+        median(off_direct),
+    );
 
     let row = |name: &str, s: &Stat, base: &Stat| {
         println!(
             "  {name:<46} p50 {:>7.1}  p99 {:>7.1}  n {:>5}  p50 ratio {:>5.3}  added p50 {:>+6.2} µs",
-            s.p50, s.p99, s.n, s.p50 / base.p50, s.p50 - base.p50
+            s.p50,
+            s.p99,
+            s.n,
+            s.p50 / base.p50,
+            s.p50 - base.p50
         );
     };
-    row("baseline: programs detached, node sink", &off_sink, &off_sink);
-    row("programs attached, node sink (not protected)", &on_sink, &off_sink);
-    row("baseline: programs detached, daemon address", &off_direct, &off_direct);
-    row("programs attached, daemon address (direct)", &on_direct, &off_direct);
-    row("programs attached, API address -> daemon", &on_redirect, &off_direct);
+    row(
+        "baseline: programs detached, node sink",
+        &off_sink,
+        &off_sink,
+    );
+    row(
+        "programs attached, node sink (not protected)",
+        &on_sink,
+        &off_sink,
+    );
+    row(
+        "baseline: programs detached, daemon address",
+        &off_direct,
+        &off_direct,
+    );
+    row(
+        "programs attached, daemon address (direct)",
+        &on_direct,
+        &off_direct,
+    );
+    row(
+        "programs attached, API address -> daemon",
+        &on_redirect,
+        &off_direct,
+    );
     let added = on_redirect.p50 - off_direct.p50;
     println!(
         "  redirect path added at p50: {added:+.2} µs (goal <= 2 µs): {}",

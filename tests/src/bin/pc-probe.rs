@@ -101,8 +101,16 @@ fn finish(mut m: serde_json::Map<String, Value>, r: std::io::Result<Value>) {
 }
 
 fn names(s: &Socket) -> Value {
-    let p = s.peer_addr().ok().and_then(|a| a.as_socket()).map(|a| a.to_string());
-    let l = s.local_addr().ok().and_then(|a| a.as_socket()).map(|a| a.to_string());
+    let p = s
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.to_string());
+    let l = s
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map(|a| a.to_string());
     json!({"peer": p, "local": l})
 }
 
@@ -124,7 +132,13 @@ fn tcp_mapped(addr: SocketAddr) -> std::io::Result<Value> {
 }
 
 fn udp(addr: SocketAddr) -> std::io::Result<Value> {
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .unwrap();
     let s = UdpSocket::bind(bind)?;
     let n = s.send_to(b"\xc0quic-initial-stand-in", addr)?;
     Ok(json!({"sent": n}))
@@ -171,7 +185,11 @@ fn raw(addr: SocketAddr) -> std::io::Result<Value> {
 }
 
 fn packet() -> std::io::Result<Value> {
-    let s = Socket::new(Domain::PACKET, Type::RAW, Some(Protocol::from((libc::ETH_P_ALL as u16).to_be() as i32)))?;
+    let s = Socket::new(
+        Domain::PACKET,
+        Type::RAW,
+        Some(Protocol::from((libc::ETH_P_ALL as u16).to_be() as i32)),
+    )?;
     Ok(json!({"fd": s.as_raw_fd()}))
 }
 
@@ -183,8 +201,8 @@ fn leave(procs: &str, addr: SocketAddr) -> std::io::Result<Value> {
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["tcp", &addr.to_string()])
         .output()?;
-    let child_out: Value =
-        serde_json::from_slice(&child.stdout).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&child.stdout)}));
+    let child_out: Value = serde_json::from_slice(&child.stdout)
+        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&child.stdout)}));
     Ok(json!({
         "cgroup_after_move": own.trim(),
         "parent": match me { Ok(v) => json!({"ok": true, "names": v}), Err(e) => json!({"ok": false, "err": errno_of(&e)}) },
@@ -259,7 +277,11 @@ fn bench_connect(addr: SocketAddr, count: u32, max_secs: u64) -> Result<()> {
 }
 
 fn bench_events(addr: SocketAddr, count: u32, max_secs: u64) -> Result<()> {
-    let s = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    let s = UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
     let deadline = Instant::now() + Duration::from_secs(max_secs);
     let t = Instant::now();
     let mut refused = 0u32;
@@ -273,13 +295,19 @@ fn bench_events(addr: SocketAddr, count: u32, max_secs: u64) -> Result<()> {
             Err(_) => refused += 1,
         }
     }
-    out(json!({"probe": "bench-events", "refused": refused, "sent": sent, "elapsed_ns": t.elapsed().as_nanos() as u64}));
+    out(
+        json!({"probe": "bench-events", "refused": refused, "sent": sent, "elapsed_ns": t.elapsed().as_nanos() as u64}),
+    );
     Ok(())
 }
 
 fn serve(log: &str, addrs: &[SocketAddr]) -> Result<()> {
     let logf = std::sync::Arc::new(std::sync::Mutex::new(
-        std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| log.to_string())?,
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| log.to_string())?,
     ));
     let write = move |v: Value| {
         let mut f = logf.lock().unwrap();
@@ -343,8 +371,16 @@ fn main() -> Result<()> {
         Cmd::Packet => finish(base("packet"), packet()),
         Cmd::Leave { procs, addr } => finish(base("leave"), leave(&procs, addr)),
         Cmd::Hold { addr } => hold(addr)?,
-        Cmd::BenchConnect { addr, count, max_secs } => bench_connect(addr, count, max_secs)?,
-        Cmd::BenchEvents { addr, count, max_secs } => bench_events(addr, count, max_secs)?,
+        Cmd::BenchConnect {
+            addr,
+            count,
+            max_secs,
+        } => bench_connect(addr, count, max_secs)?,
+        Cmd::BenchEvents {
+            addr,
+            count,
+            max_secs,
+        } => bench_events(addr, count, max_secs)?,
         Cmd::Serve { log, addrs } => serve(&log, &addrs)?,
     }
     Ok(())
