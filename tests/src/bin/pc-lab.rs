@@ -260,6 +260,35 @@ fn connect_stat(lab: &Lab, addr: std::net::SocketAddr, count: u32) -> Result<Sta
     })
 }
 
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// (name, run time ns, run count) of every loaded `pc_*` program.
+fn program_stats() -> Vec<(String, u64, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| {
+            let name = p.name_as_str()?.to_string();
+            name.starts_with("pc_").then(|| (name, p.run_time().as_nanos() as u64, p.run_count()))
+        })
+        .collect()
+}
+
+/// Per-connect time and runs of each program between two snapshots.
+fn program_delta(before: &[(String, u64, u64)], after: &[(String, u64, u64)], connects: u32) -> Vec<(String, f64, f64)> {
+    let mut out: Vec<(String, f64, f64)> = after
+        .iter()
+        .filter_map(|(name, ns, runs)| {
+            let (_, ns0, runs0) = before.iter().find(|(n, _, _)| n == name)?;
+            let runs = runs.saturating_sub(*runs0);
+            (runs > 0).then(|| {
+                (name.clone(), ns.saturating_sub(*ns0) as f64 / connects as f64, runs as f64 / connects as f64)
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
 fn median(mut v: Vec<Stat>) -> Stat {
     let n = v.len() as u64;
     let mid = v.len() / 2;
@@ -318,19 +347,28 @@ fn bench(count: u32, events: u32, rounds: u32) -> Result<()> {
     let mut on_redirect = Vec::new();
     let mut off_sink = Vec::new();
     let mut off_direct = Vec::new();
+    let mut per_connect = Vec::new();
+    // The kernel's own accounting of time spent in our programs (kernel.bpf_stats_enabled).
+    let stats_was = std::fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
+    let _ = std::fs::write(BPF_STATS, "1");
     for round in 0..rounds {
         if round > 0 {
             lab.start_daemon()?;
         }
         on_sink.push(connect_stat(&lab, lab.sink(), count)?);
         on_direct.push(connect_stat(&lab, lab.daemon_v4(), count)?);
+        let before = program_stats();
         on_redirect.push(connect_stat(&lab, lab.api(), count)?);
+        if round == 0 {
+            per_connect = program_delta(&before, &program_stats(), count);
+        }
         lab.portcullis(&["unload"])
             .context("detaching for the baseline")?;
         off_sink.push(connect_stat(&lab, lab.sink(), count)?);
         off_direct.push(connect_stat(&lab, lab.daemon_v4(), count)?);
         lab.kill_daemon();
     }
+    let _ = std::fs::write(BPF_STATS, stats_was.trim());
     let (on_sink, on_direct, on_redirect, off_sink, off_direct) = (
         median(on_sink),
         median(on_direct),
@@ -379,6 +417,12 @@ fn bench(count: u32, events: u32, rounds: u32) -> Result<()> {
         "  redirect path added at p50: {added:+.2} µs (goal <= 2 µs): {}",
         if added <= 2.0 { "met" } else { "NOT met" }
     );
+    let total_ns: f64 = per_connect.iter().map(|(_, ns, _)| ns).sum();
+    println!("  kernel-measured time in Portcullis programs per redirected connect (bpf_stats):");
+    for (name, ns, runs) in &per_connect {
+        println!("    {name:<24} {ns:>8.0} ns per connect ({runs:.1} runs per connect)");
+    }
+    println!("    {:<24} {total_ns:>8.0} ns per connect", "total");
     println!(
         "ring buffer: {produced} refused datagrams in {:.3} s ({:.0} events/s produced), {delivered} delivered to the event log in {elapsed:.2} s ({:.0} events/s end to end, {} lost)",
         send_ns as f64 / 1e9,
@@ -393,6 +437,7 @@ fn bench(count: u32, events: u32, rounds: u32) -> Result<()> {
             "on_redirect": [on_redirect.p50, on_redirect.p99],
             "added_p50_redirect_us": added,
             "added_p50_miss_us": on_sink.p50 - off_sink.p50,
+            "program_ns_per_redirected_connect": total_ns,
         },
         "events": {"produced": produced, "delivered": delivered, "produce_per_s": produced as f64 / (send_ns as f64 / 1e9), "end_to_end_per_s": delivered as f64 / elapsed},
     });
