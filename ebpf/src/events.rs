@@ -1,9 +1,15 @@
 //! Ring-buffer reporting. A full ring buffer drops the event (and the daemon sees the
 //! gap in its lost-event counter), never the enforcement decision.
-use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::generated::bpf_ktime_get_boot_ns,
+};
 use portcullis_common::{Event, EventKind, Hook, Origin, SockKey};
 
 use crate::maps::PC_EVENTS;
+
+/// Unread bytes in the ring buffer above which the reader is woken at once.
+const WAKE_AFTER_BYTES: u64 = 64 * 1024;
 
 pub struct Report {
     pub kind: EventKind,
@@ -33,6 +39,14 @@ pub fn emit(report: &Report, origin: &Origin) {
             // SAFETY: plain helper call.
             ktime_ns: unsafe { bpf_ktime_get_boot_ns() },
         });
-        entry.submit(0);
+        // Waking the reader on every event costs an irq_work and a wake-up inside the
+        // agent's connect(); the daemon also polls every few milliseconds, so wake it
+        // only once a batch has built up.
+        let flags = if PC_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AFTER_BYTES {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        entry.submit(flags as u64);
     }
 }

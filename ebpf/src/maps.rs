@@ -1,6 +1,10 @@
+//! The LRU maps keep per-CPU LRU lists (BPF_F_NO_COMMON_LRU): no global lock on the
+//! connect path.
+//!
 //! Every map is pinned by name under the daemon's bpffs directory, so enrollment,
 //! connection records and undelivered events survive a daemon restart.
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
     maps::{Array, HashMap, LruHashMap, RingBuf},
 };
@@ -19,15 +23,16 @@ pub static PC_PROTECTED: HashMap<SockKey, Protection> = HashMap::pinned(PROTECTE
 pub static PC_SETTINGS: Array<Settings> = Array::pinned(1, 0);
 
 #[map]
-pub static PC_CONN_BY_COOKIE: LruHashMap<u64, ConnRecord> = LruHashMap::pinned(CONN_MAP_ENTRIES, 0);
+pub static PC_CONN_BY_COOKIE: LruHashMap<u64, ConnRecord> =
+    LruHashMap::pinned(CONN_MAP_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map]
 pub static PC_CONN_BY_CLIENT: LruHashMap<SockKey, ConnRecord> =
-    LruHashMap::pinned(CONN_MAP_ENTRIES, 0);
+    LruHashMap::pinned(CONN_MAP_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map]
 pub static PC_STICKY_TASKS: LruHashMap<u32, StickyAgent> =
-    LruHashMap::pinned(STICKY_TASK_ENTRIES, 0);
+    LruHashMap::pinned(STICKY_TASK_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map]
 pub static PC_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);

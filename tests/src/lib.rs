@@ -361,9 +361,9 @@ impl Lab {
         self.probe_in(&self.bystander_cg, args)
     }
 
-    pub fn probe_in(&self, cg: &Path, args: &[&str]) -> Result<Probe> {
-        // A shell moves itself into the cgroup, then execs into the agent netns, as a
-        // container runtime does (cgroup first, then exec).
+    /// pc-probe as an agent process: a shell moves itself into the cgroup, then execs
+    /// into the agent netns, as a container runtime does (cgroup first, then exec).
+    fn probe_command(&self, cg: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg("cg=$1; ns=$2; shift 2; echo $$ > \"$cg/cgroup.procs\" && exec nsenter --net=\"$ns\" \"$@\"")
@@ -372,7 +372,12 @@ impl Lab {
             .arg(format!("/run/netns/{}", self.ns_agent()))
             .arg(bin("pc-probe"))
             .args(args);
-        let mut child = cmd
+        cmd
+    }
+
+    pub fn probe_in(&self, cg: &Path, args: &[&str]) -> Result<Probe> {
+        let mut child = self
+            .probe_command(cg, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -414,14 +419,8 @@ impl Lab {
         BufReader<std::process::ChildStdout>,
         Value,
     )> {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg("cg=$1; ns=$2; shift 2; echo $$ > \"$cg/cgroup.procs\" && exec nsenter --net=\"$ns\" \"$@\"")
-            .arg("pc-agent")
-            .arg(cg)
-            .arg(format!("/run/netns/{}", self.ns_agent()))
-            .arg(bin("pc-probe"))
-            .args(["hold", &addr.to_string()])
+        let mut child = self
+            .probe_command(cg, &["hold", &addr.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

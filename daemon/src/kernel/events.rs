@@ -145,6 +145,9 @@ pub fn humantime_rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Longest a lone event waits in the ring buffer before the daemon reads it.
+pub const POLL_EVERY: Duration = Duration::from_millis(20);
+
 /// Reads the ring buffer until the receiver goes away.
 pub async fn pump(
     ring: RingBuf<MapData>,
@@ -160,24 +163,40 @@ pub async fn pump(
             }
         })?;
     let clock = BootClock::now();
+    // The programs wake us only once a batch has built up (a wake-up per event would
+    // sit inside every agent connect); the tick bounds the delay of a lone event.
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = afd.readable_mut().await.map_err(|e| KernelError::Map {
-            map: portcullis_common::maps::EVENTS.into(),
-            message: e.to_string(),
-        })?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            match decode(&item, &clock) {
-                Some(ev) => {
-                    if tx.send(ev).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                None => warn!(len = item.len(), "undecodable kernel event"),
+        let batch = tokio::select! {
+            g = afd.readable_mut() => {
+                let mut g = g.map_err(|e| KernelError::Map {
+                    map: portcullis_common::maps::EVENTS.into(),
+                    message: e.to_string(),
+                })?;
+                let batch = drain(g.get_inner_mut(), &clock);
+                g.clear_ready();
+                batch
+            }
+            _ = tick.tick() => drain(afd.get_mut(), &clock),
+        };
+        for ev in batch {
+            if tx.send(ev).await.is_err() {
+                return Ok(());
             }
         }
-        guard.clear_ready();
     }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, clock: &BootClock) -> Vec<KernelEvent> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        match decode(&item, clock) {
+            Some(ev) => out.push(ev),
+            None => warn!(len = item.len(), "undecodable kernel event"),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -295,46 +295,26 @@ fn attach_one(
     // programs on the cgroup and the kernel refuses any flag on them: `Single` sends 0.
     let mode = CgroupAttachMode::Single;
     let fd = cgroup.as_fd();
+    // The cgroup program types differ in type but not in shape: load, attach to the
+    // cgroup, take the link as an FdLink so it can be pinned.
+    macro_rules! cgroup_link {
+        ($p:expr, $($attach_args:expr),+) => {{
+            $p.load().map_err(|e| perr(format!("load: {e:?}")))?;
+            let id = $p
+                .attach($($attach_args),+)
+                .map_err(|e| perr(format!("attach: {e:?}")))?;
+            $p.take_link(id)
+                .map_err(|e| perr(e.to_string()))?
+                .try_into()
+                .map_err(|e| perr(format!("{e}")))?
+        }};
+    }
     let link: FdLink = match (prog, how) {
-        (Program::CgroupSockAddr(p), Attach::Cgroup) => {
-            p.load().map_err(|e| perr(format!("load: {e:?}")))?;
-            let id = p
-                .attach(fd, mode)
-                .map_err(|e| perr(format!("attach: {e:?}")))?;
-            p.take_link(id)
-                .map_err(|e| perr(e.to_string()))?
-                .try_into()
-                .map_err(|e| perr(format!("{e}")))?
-        }
-        (Program::SockOps(p), Attach::Cgroup) => {
-            p.load().map_err(|e| perr(format!("load: {e:?}")))?;
-            let id = p
-                .attach(fd, mode)
-                .map_err(|e| perr(format!("attach: {e:?}")))?;
-            p.take_link(id)
-                .map_err(|e| perr(e.to_string()))?
-                .try_into()
-                .map_err(|e| perr(format!("{e}")))?
-        }
-        (Program::CgroupSock(p), Attach::Cgroup) => {
-            p.load().map_err(|e| perr(format!("load: {e:?}")))?;
-            let id = p
-                .attach(fd, mode)
-                .map_err(|e| perr(format!("attach: {e:?}")))?;
-            p.take_link(id)
-                .map_err(|e| perr(e.to_string()))?
-                .try_into()
-                .map_err(|e| perr(format!("{e}")))?
-        }
+        (Program::CgroupSockAddr(p), Attach::Cgroup) => cgroup_link!(p, fd, mode),
+        (Program::SockOps(p), Attach::Cgroup) => cgroup_link!(p, fd, mode),
+        (Program::CgroupSock(p), Attach::Cgroup) => cgroup_link!(p, fd, mode),
         (Program::CgroupSkb(p), Attach::CgroupSkbEgress) => {
-            p.load().map_err(|e| perr(format!("load: {e:?}")))?;
-            let id = p
-                .attach(fd, CgroupSkbAttachType::Egress, mode)
-                .map_err(|e| perr(format!("attach: {e:?}")))?;
-            p.take_link(id)
-                .map_err(|e| perr(e.to_string()))?
-                .try_into()
-                .map_err(|e| perr(format!("{e}")))?
+            cgroup_link!(p, fd, CgroupSkbAttachType::Egress, mode)
         }
         (Program::Lsm(p), Attach::Lsm(hook)) => {
             p.load(hook, btf).map_err(|e| {

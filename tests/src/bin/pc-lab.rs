@@ -268,20 +268,29 @@ fn program_stats() -> Vec<(String, u64, u64)> {
         .filter_map(Result::ok)
         .filter_map(|p| {
             let name = p.name_as_str()?.to_string();
-            name.starts_with("pc_").then(|| (name, p.run_time().as_nanos() as u64, p.run_count()))
+            name.starts_with("pc_")
+                .then(|| (name, p.run_time().as_nanos() as u64, p.run_count()))
         })
         .collect()
 }
 
 /// Per-connect time and runs of each program between two snapshots.
-fn program_delta(before: &[(String, u64, u64)], after: &[(String, u64, u64)], connects: u32) -> Vec<(String, f64, f64)> {
+fn program_delta(
+    before: &[(String, u64, u64)],
+    after: &[(String, u64, u64)],
+    connects: u32,
+) -> Vec<(String, f64, f64)> {
     let mut out: Vec<(String, f64, f64)> = after
         .iter()
         .filter_map(|(name, ns, runs)| {
             let (_, ns0, runs0) = before.iter().find(|(n, _, _)| n == name)?;
             let runs = runs.saturating_sub(*runs0);
             (runs > 0).then(|| {
-                (name.clone(), ns.saturating_sub(*ns0) as f64 / connects as f64, runs as f64 / connects as f64)
+                (
+                    name.clone(),
+                    ns.saturating_sub(*ns0) as f64 / connects as f64,
+                    runs as f64 / connects as f64,
+                )
             })
         })
         .collect();
