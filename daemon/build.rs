@@ -7,7 +7,10 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(embedded_bpf)");
     println!("cargo::rerun-if-env-changed=PORTCULLIS_BPF_OBJECT");
-    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let manifest = PathBuf::from(
+        std::env::var("CARGO_MANIFEST_DIR")
+            .expect("cargo sets CARGO_MANIFEST_DIR for build scripts"),
+    );
     let candidate = std::env::var_os("PORTCULLIS_BPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join("../target/bpf/portcullis.bpf.o"));
@@ -16,7 +19,10 @@ fn main() {
         println!("cargo::rustc-cfg=embedded_bpf");
         println!(
             "cargo::rustc-env=PORTCULLIS_BPF_OBJECT_PATH={}",
-            candidate.canonicalize().unwrap().display()
+            candidate
+                .canonicalize()
+                .unwrap_or_else(|e| panic!("resolving {}: {e}", candidate.display()))
+                .display()
         );
     }
 }

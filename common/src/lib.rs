@@ -27,13 +27,18 @@ pub mod maps {
     pub const SETTINGS: &str = "PC_SETTINGS";
     /// Socket cookie -> [`super::ConnRecord`], written at connect time.
     pub const CONN_BY_COOKIE: &str = "PC_CONN_BY_COOKIE";
-    /// Agent's local address -> [`super::ConnRecord`], written once the port is known.
+    /// Agent's local address -> socket cookie (the key into `CONN_BY_COOKIE`), written
+    /// once the port is known.
     pub const CONN_BY_CLIENT: &str = "PC_CONN_BY_CLIENT";
     /// Processes that were ever seen inside an agent cgroup: tgid -> [`super::StickyAgent`].
     pub const STICKY_TASKS: &str = "PC_STICKY_TASKS";
     /// Ring buffer of [`super::Event`].
     pub const EVENTS: &str = "PC_EVENTS";
 }
+
+/// Layout version of the pinned maps. Pins made by a build with another layout cannot
+/// be reused; the daemon refuses to start on them and says what to do.
+pub const MAPS_LAYOUT: u32 = 2;
 
 /// Size of the event ring buffer in bytes (power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 4 << 20;

@@ -304,13 +304,13 @@ kernel:
 
     #[test]
     fn parses_the_documented_shape() {
-        let c = parse(GOOD).unwrap();
+        let c = parse(GOOD).expect("the documented shape parses");
         assert_eq!(c.kernel.protected_endpoints.len(), 4);
         assert_eq!(c.kernel.protected_endpoints[2].port, None);
         // v4-mapped spelling is unwrapped to IPv4.
         assert_eq!(
             c.kernel.protected_endpoints[3].ip,
-            "10.0.0.9".parse::<IpAddr>().unwrap()
+            IpAddr::from([10, 0, 0, 9])
         );
         assert_eq!(c.kernel.bpffs_dir, PathBuf::from("/sys/fs/bpf/portcullis"));
     }
@@ -318,7 +318,9 @@ kernel:
     #[test]
     fn the_shipped_example_parses() {
         let text = include_str!("../../deploy/portcullis.yaml");
-        parse(text).unwrap();
+        if let Err(e) = parse(text) {
+            panic!("deploy/portcullis.yaml does not parse: {e}");
+        }
     }
 
     fn err(s: &str) -> String {

@@ -9,6 +9,9 @@ use crate::{
 struct Check {
     name: &'static str,
     ok: bool,
+    /// An advisory check fails as WARN: the daemon works without it, with a weaker
+    /// guarantee the detail names.
+    advisory: bool,
     detail: String,
     fix: String,
 }
@@ -51,6 +54,7 @@ pub fn run(cfg: Option<&Config>) -> bool {
 
     let release = kernel_release();
     checks.push(Check {
+        advisory: false,
         name: "kernel version",
         ok: version_at_least(&release, 5, 10),
         detail: format!("running {release}"),
@@ -70,6 +74,7 @@ pub fn run(cfg: Option<&Config>) -> bool {
     .map(|(_, n)| *n)
     .collect();
     checks.push(Check {
+        advisory: false,
         name: "capabilities",
         ok: missing.is_empty(),
         detail: if missing.is_empty() {
@@ -81,6 +86,7 @@ pub fn run(cfg: Option<&Config>) -> bool {
     });
 
     checks.push(Check {
+        advisory: false,
         name: "kernel BTF",
         ok: Path::new(VMLINUX_BTF).exists(),
         detail: VMLINUX_BTF.into(),
@@ -90,6 +96,7 @@ pub fn run(cfg: Option<&Config>) -> bool {
 
     let cg2 = cgroup::cgroup2_mounts();
     checks.push(Check {
+        advisory: false,
         name: "cgroup v2",
         ok: !cg2.is_empty(),
         detail: if cg2.is_empty() {
@@ -108,6 +115,7 @@ pub fn run(cfg: Option<&Config>) -> bool {
 
     let lsms = active_lsms();
     checks.push(Check {
+        advisory: true,
         name: "BPF LSM",
         ok: lsms
             .as_deref()
@@ -117,8 +125,10 @@ pub fn run(cfg: Option<&Config>) -> bool {
             None => "/sys/kernel/security/lsm unreadable (securityfs not mounted?)".into(),
         },
         fix: "mount securityfs (`mount -t securityfs securityfs /sys/kernel/security`) to check; \
-              enable with CONFIG_BPF_LSM=y and `lsm=...,bpf` on the kernel command line \
-              (needed to refuse AF_PACKET sockets)"
+              enable with CONFIG_BPF_LSM=y and `lsm=...,bpf` on the kernel command line. \
+              Without it an agent opening an AF_PACKET socket is killed instead of refused. \
+              Listed is not always loadable: `portcullis run` records the guard it could \
+              attach (see `packet-socket guard`)"
             .into(),
     });
 
@@ -127,6 +137,7 @@ pub fn run(cfg: Option<&Config>) -> bool {
         .unwrap_or_else(|| "/sys/fs/bpf/portcullis".into());
     let parent = bpffs_dir.parent().unwrap_or(&bpffs_dir).to_owned();
     checks.push(Check {
+        advisory: false,
         name: "bpffs",
         ok: bpffs::is_bpffs(&parent),
         detail: format!("{} (pins for {})", parent.display(), bpffs_dir.display()),
@@ -139,6 +150,7 @@ pub fn run(cfg: Option<&Config>) -> bool {
     if let Some(cfg) = cfg {
         let p = &cfg.kernel.attach_cgroup;
         checks.push(Check {
+            advisory: false,
             name: "attach cgroup",
             ok: p.is_dir() && cgroup::is_cgroup2(p),
             detail: p.display().to_string(),
@@ -147,17 +159,49 @@ pub fn run(cfg: Option<&Config>) -> bool {
         });
     }
 
+    if let Some(cfg) = cfg {
+        let state = std::fs::read(cfg.state_dir.join("kernel-state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::kernel::AttachState>(&b).ok());
+        let (ok, detail) = match state.as_ref().map(|s| s.packet_guard.as_str()) {
+            Some("pc_lsm_socket_create") => {
+                (true, "BPF LSM socket_create: refuses the call".to_string())
+            }
+            Some("pc_sys_enter_socket") => (
+                false,
+                "sys_enter fallback: BPF LSM programs did not load, the caller is killed"
+                    .to_string(),
+            ),
+            Some(other) => (false, format!("unknown guard `{other}`")),
+            None => (
+                false,
+                "not attached yet (start `portcullis run`)".to_string(),
+            ),
+        };
+        checks.push(Check {
+            advisory: true,
+            name: "packet guard",
+            ok,
+            detail,
+            fix: "see the BPF LSM check".into(),
+        });
+    }
+
     let mut all = true;
     for c in &checks {
-        all &= c.ok;
-        let mark = if c.ok { "ok  " } else { "FAIL" };
+        all &= c.ok || c.advisory;
+        let mark = match (c.ok, c.advisory) {
+            (true, _) => "ok  ",
+            (false, true) => "WARN",
+            (false, false) => "FAIL",
+        };
         println!("[{mark}] {:<16} {}", c.name, c.detail);
         if !c.ok {
             println!("       fix: {}", c.fix);
         }
     }
     if all {
-        println!("all prerequisites met");
+        println!("all required prerequisites met");
     }
     all
 }

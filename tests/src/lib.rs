@@ -118,6 +118,11 @@ impl Lab {
     pub fn cluster_ip(&self) -> SocketAddr {
         format!("10.{}.3.1:443", self.s).parse().unwrap()
     }
+    /// Another port on the API server's host, not protected by the lab's config (for
+    /// run-time `protect` / `unprotect`).
+    pub fn api_alt(&self) -> SocketAddr {
+        format!("10.{}.2.2:8443", self.s).parse().unwrap()
+    }
     pub fn api_v6(&self) -> SocketAddr {
         format!("[fd00:0:{}:2::2]:6443", self.s).parse().unwrap()
     }
@@ -255,7 +260,7 @@ impl Lab {
         self.standin = Some(self.serve(
             &b,
             "standin.jsonl",
-            &[self.api(), self.cluster_ip(), self.api_v6()],
+            &[self.api(), self.cluster_ip(), self.api_v6(), self.api_alt()],
         )?);
         Ok(())
     }
@@ -431,6 +436,24 @@ impl Lab {
         out.read_line(&mut line)?;
         let v = serde_json::from_str(&line).with_context(|| format!("hold printed {line:?}"))?;
         Ok((child, stdin, out, v))
+    }
+
+    /// Runs the portcullis CLI with this lab's config; returns (success, stdout+stderr).
+    pub fn portcullis_status(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = Command::new(bin("portcullis"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_BACKTRACE", "0")
+            .output()?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
     }
 
     /// Runs the portcullis CLI with this lab's config.

@@ -140,6 +140,27 @@ fn bypass_udp_and_quic_are_refused() {
 }
 
 #[test]
+fn bypass_connected_udp_is_refused_and_logged() {
+    let lab = lab("udpconnect");
+    let p = run(&lab, &["udp-connect", &lab.api().to_string()]);
+    assert!(!p.ok(), "connected UDP socket to the API: {}", p.json);
+    assert_eq!(p.errno(), Some(EPERM));
+    let ev = event_for(&lab, "connect_refused", p.pid());
+    assert_eq!(ev["hook"], "cgroup/connect4");
+    // The program's own diagnostic arrives through aya-log in the daemon's log.
+    let logged = wait_for(5, || {
+        lab.daemon_log()
+            .contains("refused connect to a protected endpoint: socket type 2")
+            .then_some(())
+    });
+    assert!(
+        logged.is_some(),
+        "no aya-log line in the daemon log:\n{}",
+        lab.daemon_log()
+    );
+}
+
+#[test]
 fn bypass_tcp_fast_open_goes_through_the_connect_hook() {
     let lab = lab("tfo");
     let p = run(&lab, &["tfo", &lab.api().to_string()]);
@@ -399,4 +420,175 @@ fn cli_refuses_bad_config_naming_field_and_value() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The stand-in API server accepted a connection from the agent network on `listen`.
+fn standin_accepted(lab: &Lab, listen: SocketAddr, from_pid_probe: &Probe) -> bool {
+    let local = from_pid_probe.json["local"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    wait_for(5, || {
+        lab.standin_log().into_iter().find(|e| {
+            e["event"] == "accept" && e["listen"] == listen.to_string() && e["peer"] == local
+        })
+    })
+    .is_some()
+}
+
+#[test]
+fn protect_and_unprotect_at_run_time() {
+    let lab = lab("protect");
+    let alt = lab.api_alt().to_string();
+    // Not protected by the config: the agent reaches it directly.
+    let p = run(&lab, &["tcp", &alt]);
+    assert!(p.ok(), "{}", p.json);
+    assert!(
+        standin_accepted(&lab, lab.api_alt(), &p),
+        "direct connection to {alt}"
+    );
+
+    lab.portcullis(&["protect", &alt]).unwrap();
+    let status = lab.portcullis(&["status"]).unwrap();
+    assert!(
+        status.contains(&alt),
+        "status does not list {alt}: {status}"
+    );
+    let p = run(&lab, &["tcp", &alt]);
+    assert_redirected(&lab, &p, lab.api_alt());
+
+    lab.portcullis(&["unprotect", &alt]).unwrap();
+    let status = lab.portcullis(&["status"]).unwrap();
+    assert!(!status.contains(&alt), "status still lists {alt}: {status}");
+    let p = run(&lab, &["tcp", &alt]);
+    assert!(p.ok(), "{}", p.json);
+    assert!(
+        standin_accepted(&lab, lab.api_alt(), &p),
+        "direct again after unprotect"
+    );
+
+    // The CLI writes the pinned maps: it works while the daemon is down, and the
+    // restarted daemon keeps what was set.
+    lab.kill_daemon();
+    lab.portcullis(&["protect", &alt]).unwrap();
+    let ready = lab.start_daemon().unwrap();
+    assert_eq!(ready["mode"], "adopted");
+    let p = run(&lab, &["tcp", &alt]);
+    assert_redirected(&lab, &p, lab.api_alt());
+}
+
+#[test]
+fn a_new_object_replaces_the_pinned_programs_without_gap() {
+    let lab = lab("replace");
+    let state_path = lab.state_dir().join("kernel-state.json");
+    let before: Value = serde_json::from_slice(&std::fs::read(&state_path).unwrap()).unwrap();
+    lab.kill_daemon();
+    // Pretend the pinned programs came from another build.
+    let mut other = before.clone();
+    other["object_sha256"] = Value::from("0".repeat(64));
+    std::fs::write(&state_path, serde_json::to_vec(&other).unwrap()).unwrap();
+
+    let (ready, outcomes) = std::thread::scope(|scope| {
+        let lab_ref = &lab;
+        let h = scope.spawn(move || {
+            let mut outcomes = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            for _ in 0..200 {
+                if std::time::Instant::now() > deadline {
+                    break;
+                }
+                let p = lab_ref.agent(&["tcp", &lab_ref.api().to_string()]).unwrap();
+                let ok = p.ok();
+                outcomes.push((ok, p.errno()));
+                if ok {
+                    break;
+                }
+            }
+            outcomes
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let ready = lab.start_daemon().expect("restart");
+        (ready, h.join().unwrap())
+    });
+    assert_eq!(ready["mode"], "replaced", "{ready}");
+    for (ok, errno) in &outcomes {
+        assert!(*ok || *errno == Some(ECONNREFUSED), "{outcomes:?}");
+    }
+    assert_standin_untouched(&lab);
+    // New programs are in place and the old ones are gone from the kernel.
+    let old_ids: Vec<u64> = before["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_u64().unwrap())
+        .collect();
+    let new_ids: Vec<u64> = ready["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_u64().unwrap())
+        .collect();
+    assert!(
+        new_ids.iter().all(|id| !old_ids.contains(id)),
+        "{old_ids:?} {new_ids:?}"
+    );
+    let loaded: Vec<u64> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id() as u64)
+        .collect();
+    let lingering: Vec<&u64> = old_ids.iter().filter(|id| loaded.contains(id)).collect();
+    assert!(
+        lingering.is_empty(),
+        "old programs still loaded: {lingering:?}"
+    );
+    let p = run(&lab, &["tcp", &lab.api().to_string()]);
+    assert_redirected(&lab, &p, lab.api());
+}
+
+#[test]
+fn doctor_passes_and_names_the_packet_guard() {
+    let lab = lab("doctor");
+    let (ok, out) = lab.portcullis_status(&["doctor"]).unwrap();
+    eprintln!("{out}");
+    assert!(ok, "doctor failed:\n{out}");
+    assert!(out.contains("[ok  ] bpffs"), "{out}");
+    assert!(out.contains("[ok  ] attach cgroup"), "{out}");
+    assert!(out.contains("packet guard"), "{out}");
+    assert!(out.contains("all required prerequisites met"), "{out}");
+}
+
+#[test]
+fn a_lab_leaves_nothing_behind() {
+    let (ns, cg, bpffs) = {
+        let lab = lab("cleanup");
+        let p = run(&lab, &["tcp", &lab.api().to_string()]);
+        assert!(p.ok());
+        (
+            [
+                lab.ns_node().to_string(),
+                lab.ns_agent().to_string(),
+                lab.ns_api().to_string(),
+            ],
+            lab.cg_root.clone(),
+            lab.bpffs_dir.clone(),
+        )
+    };
+    let netns = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    for n in &ns {
+        assert!(
+            !netns
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(n)),
+            "netns {n} left: {netns}"
+        );
+    }
+    assert!(!cg.exists(), "cgroup {} left", cg.display());
+    assert!(!bpffs.exists(), "pins {} left", bpffs.display());
 }

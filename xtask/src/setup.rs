@@ -106,20 +106,23 @@ pub fn rustc_info() -> Result<Rustc> {
     })
 }
 
+/// A bpf-linker can be built against this rustc's LLVM only if it has a feature for it.
+fn check_llvm_major(release: &str, major: u32) -> Result<()> {
+    if !BPF_LINKER_LLVM_MAJORS.contains(&major) {
+        bail!(
+            "rustc {release} uses LLVM {major}, but bpf-linker {BPF_LINKER_VERSION} can only be \
+             built against LLVM {BPF_LINKER_LLVM_MAJORS:?}. Bump BPF_LINKER_VERSION in \
+             xtask/src/setup.rs to a release with an `llvm-{major}` feature, or use the Rust \
+             toolchain this repository pins."
+        );
+    }
+    Ok(())
+}
+
 /// Path to a bpf-linker whose LLVM matches rustc's, installing it when needed.
 pub fn bpf_linker() -> Result<PathBuf> {
     let rustc = rustc_info()?;
-    if !BPF_LINKER_LLVM_MAJORS.contains(&rustc.llvm_major) {
-        bail!(
-            "rustc {} uses LLVM {}, but bpf-linker {BPF_LINKER_VERSION} can only be built \
-             against LLVM {:?}. Bump BPF_LINKER_VERSION in xtask/src/setup.rs to a release \
-             with an `llvm-{}` feature, or use the Rust toolchain this repository pins.",
-            rustc.release,
-            rustc.llvm_major,
-            BPF_LINKER_LLVM_MAJORS,
-            rustc.llvm_major
-        );
-    }
+    check_llvm_major(&rustc.release, rustc.llvm_major)?;
     let key = format!(
         "bpf-linker-{BPF_LINKER_VERSION}-rustc-{}-llvm{}",
         rustc.release, rustc.llvm_major
@@ -191,4 +194,19 @@ pub fn bpf_linker() -> Result<PathBuf> {
         bail!("cargo install finished but {} is missing", bin.display());
     }
     Ok(bin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_llvm_major;
+
+    #[test]
+    fn a_new_llvm_major_is_caught_with_what_to_do() {
+        check_llvm_major("1.95.0", 22).expect("LLVM 22 is supported");
+        let e = check_llvm_major("1.99.0", 23).unwrap_err().to_string();
+        assert!(
+            e.contains("LLVM 23") && e.contains("llvm-23") && e.contains("BPF_LINKER_VERSION"),
+            "{e}"
+        );
+    }
 }

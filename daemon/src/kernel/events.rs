@@ -120,29 +120,10 @@ impl BootClock {
     }
 }
 
-/// RFC 3339 with microseconds, UTC, without pulling in a date crate.
+/// RFC 3339 with microseconds, UTC: the timestamp format of every record the daemon
+/// writes.
 pub fn humantime_rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = if month <= 2 { y + 1 } else { y };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    humantime::format_rfc3339_micros(t).to_string()
 }
 
 /// Longest a lone event waits in the ring buffer before the daemon reads it.
@@ -234,7 +215,7 @@ mod tests {
         let bytes = unsafe {
             std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
         };
-        let k = decode(bytes, &BootClock::now()).unwrap();
+        let k = decode(bytes, &BootClock::now()).expect("a well-formed redirect record decodes");
         assert_eq!(k.kind, "redirected");
         assert_eq!(k.hook, "cgroup/connect4");
         assert_eq!(k.dst, "10.96.0.1:443");

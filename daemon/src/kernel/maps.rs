@@ -13,7 +13,8 @@ pub struct PinnedMaps {
     pub agent_cgroups: HashMap<MapData, u64, Enrollment>,
     pub protected: HashMap<MapData, SockKey, Protection>,
     pub settings: Array<MapData, Settings>,
-    pub conn_by_client: HashMap<MapData, SockKey, ConnRecord>,
+    pub conn_by_client: HashMap<MapData, SockKey, u64>,
+    pub conn_by_cookie: HashMap<MapData, u64, ConnRecord>,
     pub sticky: HashMap<MapData, u32, StickyAgent>,
 }
 
@@ -50,6 +51,8 @@ impl PinnedMaps {
                 .map_err(merr(names::SETTINGS))?,
             conn_by_client: HashMap::try_from(open(dir, names::CONN_BY_CLIENT)?)
                 .map_err(merr(names::CONN_BY_CLIENT))?,
+            conn_by_cookie: HashMap::try_from(open(dir, names::CONN_BY_COOKIE)?)
+                .map_err(merr(names::CONN_BY_COOKIE))?,
             sticky: HashMap::try_from(open(dir, names::STICKY_TASKS)?)
                 .map_err(merr(names::STICKY_TASKS))?,
         })
@@ -117,16 +120,21 @@ impl PinnedMaps {
         self.protected.keys().filter_map(Result::ok).collect()
     }
 
-    /// The kernel's record for a connection accepted from `peer`, removed once read.
+    /// The kernel's record for a connection accepted from `peer`. The client entry is
+    /// removed once read; the record stays until the socket closes (the agent's
+    /// getpeername needs it).
     pub fn take_conn(&mut self, peer: SocketAddr) -> Result<Option<ConnRecord>, KernelError> {
         let key = SockKey::from(peer);
-        match self.conn_by_client.get(&key, 0) {
-            Ok(rec) => {
-                let _ = self.conn_by_client.remove(&key);
-                Ok(Some(rec))
-            }
+        let cookie = match self.conn_by_client.get(&key, 0) {
+            Ok(c) => c,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(merr(names::CONN_BY_CLIENT)(e)),
+        };
+        let _ = self.conn_by_client.remove(&key);
+        match self.conn_by_cookie.get(&cookie, 0) {
+            Ok(rec) => Ok(Some(rec)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(merr(names::CONN_BY_CLIENT)(e)),
+            Err(e) => Err(merr(names::CONN_BY_COOKIE)(e)),
         }
     }
 }

@@ -14,6 +14,7 @@ use aya::{
         links::{FdLink, LinkInfo, PinnedLink},
     },
 };
+use portcullis_common::MAPS_LAYOUT;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
@@ -104,6 +105,9 @@ pub struct AttachState {
     /// Which packet-socket guard is attached (`pc_lsm_socket_create` or
     /// `pc_sys_enter_socket`).
     pub packet_guard: String,
+    /// [`portcullis_common::MAPS_LAYOUT`] of the pinned maps.
+    #[serde(default)]
+    pub maps_layout: u32,
     /// (pin name, kernel program id, kernel link id)
     pub programs: Vec<(String, u32, u32)>,
 }
@@ -127,8 +131,9 @@ impl Paths {
     fn link(&self, program: &str) -> PathBuf {
         self.links().join(program)
     }
+    /// bpffs refuses names with a dot ("reserved"), hence the prefix.
     fn staged_link(&self, program: &str) -> PathBuf {
-        self.links().join(format!("{program}.new"))
+        self.links().join(format!("new-{program}"))
     }
 }
 
@@ -167,6 +172,7 @@ pub fn start(
     let previous: Option<AttachState> = std::fs::read(state_file)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
+    check_maps_layout(paths, previous.as_ref())?;
     let pinned: Vec<bool> = pin_names().map(|name| paths.link(name).exists()).collect();
 
     let all_pinned = pinned.iter().all(|&p| p);
@@ -178,6 +184,7 @@ pub fn start(
         prepare(&mut maps)?;
         let state = AttachState {
             mode: "adopted".into(),
+            maps_layout: MAPS_LAYOUT,
             object_sha256: sha,
             attach_cgroup: attach_cgroup.to_owned(),
             packet_guard: previous.map(|p| p.packet_guard).unwrap_or_default(),
@@ -267,6 +274,7 @@ pub fn start(
     }
     let state = AttachState {
         mode: if replacing { "replaced" } else { "attached" }.into(),
+        maps_layout: MAPS_LAYOUT,
         object_sha256: sha,
         attach_cgroup: attach_cgroup.to_owned(),
         packet_guard,
@@ -275,6 +283,28 @@ pub fn start(
     info!(mode = %state.mode, cgroup = %attach_cgroup.display(), "programs attached and pinned");
     write_state(state_file, &state)?;
     Ok(state)
+}
+
+/// Pinned maps are reused across restarts and upgrades; maps pinned by a build with
+/// another layout would be misread by these programs, so refuse them with the way out.
+fn check_maps_layout(paths: &Paths, previous: Option<&AttachState>) -> Result<(), KernelError> {
+    let has_maps = std::fs::read_dir(paths.maps())
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    // No state file: a first start, or one of this build that failed before writing it.
+    let Some(layout) = previous.map(|p| p.maps_layout) else {
+        return Ok(());
+    };
+    if has_maps && layout != MAPS_LAYOUT {
+        return Err(KernelError::State {
+            path: paths.maps(),
+            message: format!(
+                "pinned maps have layout {layout} (0: a build from before layouts were recorded), this build needs {MAPS_LAYOUT}; \
+                 run `portcullis unload` (enforcement stops until the next start) and start again"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn attach_one(

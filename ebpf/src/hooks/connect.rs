@@ -137,6 +137,12 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         _ => None,
     };
     let Some(target) = target else {
+        // Rare and worth a line in the daemon's log (aya-log), beside the event.
+        aya_log_ebpf::warn!(
+            ctx,
+            "refused connect to a protected endpoint: socket type {} or no daemon address for this family",
+            sock_type
+        );
         emit(&report, &origin);
         return REFUSE;
     };
@@ -229,15 +235,16 @@ fn client_key(ctx: &SockOpsContext) -> Option<SockKey> {
 fn index_by_client(ctx: &SockOpsContext) {
     // SAFETY: plain helper call on the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: the record is copied before the insert below.
-    let Some(rec) = (unsafe { PC_CONN_BY_COOKIE.get(&cookie) }) else {
+    // Only redirected sockets have a record; the record itself stays in the cookie map
+    // (getpeername needs it) and the client map only points at it.
+    // SAFETY: presence test only.
+    if unsafe { PC_CONN_BY_COOKIE.get(&cookie) }.is_none() {
         return;
-    };
-    let rec = *rec;
+    }
     let Some(key) = client_key(ctx) else {
         return;
     };
-    let _ = PC_CONN_BY_CLIENT.insert(&key, &rec, 0);
+    let _ = PC_CONN_BY_CLIENT.insert(&key, &cookie, 0);
     // Ask for state callbacks so the records go when the socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }

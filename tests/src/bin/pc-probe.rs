@@ -28,6 +28,8 @@ enum Cmd {
     TcpMapped { addr: SocketAddr },
     /// Unconnected UDP sendto (QUIC's first flight looks like this).
     Udp { addr: SocketAddr },
+    /// connect() a UDP socket (a connected QUIC client does this).
+    UdpConnect { addr: SocketAddr },
     /// TCP Fast Open: sendto with MSG_FASTOPEN and data, no connect().
     Tfo { addr: SocketAddr },
     /// connect() submitted through io_uring.
@@ -142,6 +144,12 @@ fn udp(addr: SocketAddr) -> std::io::Result<Value> {
     let s = UdpSocket::bind(bind)?;
     let n = s.send_to(b"\xc0quic-initial-stand-in", addr)?;
     Ok(json!({"sent": n}))
+}
+
+fn udp_connect(addr: SocketAddr) -> std::io::Result<Value> {
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.connect(&addr.into())?;
+    Ok(names(&s))
 }
 
 fn tfo(addr: SocketAddr) -> std::io::Result<Value> {
@@ -365,6 +373,7 @@ fn main() -> Result<()> {
         Cmd::Tcp { addr } => finish(base("tcp"), tcp(addr)),
         Cmd::TcpMapped { addr } => finish(base("tcp-mapped"), tcp_mapped(addr)),
         Cmd::Udp { addr } => finish(base("udp"), udp(addr)),
+        Cmd::UdpConnect { addr } => finish(base("udp-connect"), udp_connect(addr)),
         Cmd::Tfo { addr } => finish(base("tfo"), tfo(addr)),
         Cmd::Uring { addr } => finish(base("uring"), uring(addr)),
         Cmd::Raw { addr } => finish(base("raw"), raw(addr)),
