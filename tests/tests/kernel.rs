@@ -267,6 +267,33 @@ fn bypass_leaving_the_cgroup_does_not_escape() {
     assert_standin_untouched(&lab);
 }
 
+/// Starts the daemon again while an agent keeps connecting to the API server (bounded:
+/// at most 200 attempts / 20 s, stopping at the first success). Returns the ready
+/// record and each attempt's (ok, errno).
+fn restart_while_an_agent_retries(lab: &Lab) -> (Value, Vec<(bool, Option<i64>)>) {
+    std::thread::scope(|scope| {
+        let h = scope.spawn(|| {
+            let mut outcomes = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            for _ in 0..200 {
+                if std::time::Instant::now() > deadline {
+                    break;
+                }
+                let p = lab.agent(&["tcp", &lab.api().to_string()]).unwrap();
+                let ok = p.ok();
+                outcomes.push((ok, p.errno()));
+                if ok {
+                    break;
+                }
+            }
+            outcomes
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let ready = lab.start_daemon().expect("restart");
+        (ready, h.join().unwrap())
+    })
+}
+
 #[test]
 fn daemon_down_fails_closed_and_restart_adopts_without_gap() {
     let lab = lab("restart");
@@ -282,29 +309,7 @@ fn daemon_down_fails_closed_and_restart_adopts_without_gap() {
     let down_pid = p.pid();
     assert_standin_untouched(&lab);
 
-    // Restart while an agent keeps trying (bounded: at most 200 attempts / 20 s).
-    let (ready, outcomes) = std::thread::scope(|scope| {
-        let lab_ref = &lab;
-        let h = scope.spawn(move || {
-            let mut outcomes = Vec::new();
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            for _ in 0..200 {
-                if std::time::Instant::now() > deadline {
-                    break;
-                }
-                let p = lab_ref.agent(&["tcp", &lab_ref.api().to_string()]).unwrap();
-                let ok = p.ok();
-                outcomes.push((ok, p.errno()));
-                if ok {
-                    break;
-                }
-            }
-            outcomes
-        });
-        std::thread::sleep(Duration::from_millis(200));
-        let ready = lab.start_daemon().expect("restart");
-        (ready, h.join().unwrap())
-    });
+    let (ready, outcomes) = restart_while_an_agent_retries(&lab);
     assert_eq!(ready["mode"], "adopted", "{ready}");
     // Same kernel programs and links as before the restart: adopted, not reloaded.
     assert_eq!(ready["programs"], before["programs"]);
@@ -488,28 +493,7 @@ fn a_new_object_replaces_the_pinned_programs_without_gap() {
     other["object_sha256"] = Value::from("0".repeat(64));
     std::fs::write(&state_path, serde_json::to_vec(&other).unwrap()).unwrap();
 
-    let (ready, outcomes) = std::thread::scope(|scope| {
-        let lab_ref = &lab;
-        let h = scope.spawn(move || {
-            let mut outcomes = Vec::new();
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            for _ in 0..200 {
-                if std::time::Instant::now() > deadline {
-                    break;
-                }
-                let p = lab_ref.agent(&["tcp", &lab_ref.api().to_string()]).unwrap();
-                let ok = p.ok();
-                outcomes.push((ok, p.errno()));
-                if ok {
-                    break;
-                }
-            }
-            outcomes
-        });
-        std::thread::sleep(Duration::from_millis(200));
-        let ready = lab.start_daemon().expect("restart");
-        (ready, h.join().unwrap())
-    });
+    let (ready, outcomes) = restart_while_an_agent_retries(&lab);
     assert_eq!(ready["mode"], "replaced", "{ready}");
     for (ok, errno) in &outcomes {
         assert!(*ok || *errno == Some(ECONNREFUSED), "{outcomes:?}");
