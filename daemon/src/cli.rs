@@ -89,3 +89,22 @@ pub fn unload(cfg: &Config) -> Result<()> {
     );
     Ok(())
 }
+
+/// `portcullis ca init`: the CA agents must trust (distribute ca.crt, never ca.key).
+pub fn ca_init(cfg: &Config) -> Result<()> {
+    let paths = crate::ca::CaPaths::new(&cfg.state_dir);
+    let out = crate::ca::init(&paths)?;
+    if out.created {
+        println!("created interception CA {}", out.cert_path.display());
+    } else {
+        println!(
+            "interception CA already exists: {} (kept)",
+            out.cert_path.display()
+        );
+    }
+    println!(
+        "agents must trust this certificate; the key stays in {}",
+        paths.dir.display()
+    );
+    Ok(())
+}

@@ -34,6 +34,9 @@ pub struct Config {
     /// to these addresses, so they must be concrete (not 0.0.0.0 / ::).
     pub listen: Listen,
     pub kernel: Kernel,
+    /// The TLS-terminating API proxy. Without it the daemon only enforces: redirected
+    /// connections are recorded and closed, so agents fail closed.
+    pub proxy: Option<Proxy>,
     /// Daemon state: CA, event logs, kernel attach state.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -69,6 +72,122 @@ pub struct Kernel {
     pub protected_endpoints: Vec<Endpoint>,
     /// An eBPF object to load instead of the one built into the binary.
     pub bpf_object: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proxy {
+    pub upstream: Upstream,
+    /// The scoped identity the daemon impersonates for every agent request.
+    pub impersonate: Impersonate,
+    /// Names for the leaf certificates besides kubernetes, kubernetes.default,
+    /// kubernetes.default.svc, kubernetes.default.svc.cluster.local, the SNI the agent
+    /// sent and the address it dialled (e.g. the API server's public DNS name).
+    #[serde(default)]
+    pub tls_names: Vec<String>,
+    /// Serve connections the kernel did not redirect (no origin record). Off: such a
+    /// connection could come from any pod that dials the daemon's address, and would be
+    /// forwarded with the daemon's credential.
+    #[serde(default)]
+    pub accept_unredirected: bool,
+    /// Limit on a request's header block; larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// A client must finish sending headers (and the TLS handshake) within this.
+    #[serde(default = "default_header_timeout", with = "humantime_serde_compat")]
+    pub header_timeout: std::time::Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// `https://HOST:PORT` of the API server. Defaults, with `in_cluster`, to
+    /// KUBERNETES_SERVICE_HOST/PORT.
+    pub url: Option<String>,
+    /// CA bundle that signs the API server's certificate (PEM). Defaults, with
+    /// `in_cluster`, to the service account's ca.crt.
+    pub ca_file: Option<PathBuf>,
+    pub credential: Credential,
+}
+
+/// How the daemon authenticates to the API server: exactly one of
+/// `bearer_token_file`, `client_cert_file` + `client_key_file`, or `in_cluster: true`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "CredentialSpec")]
+pub enum Credential {
+    /// A bearer token file, re-read when it changes (projected tokens rotate).
+    BearerTokenFile(PathBuf),
+    /// A client certificate and key (PEM).
+    ClientCertificate {
+        cert_file: PathBuf,
+        key_file: PathBuf,
+    },
+    /// The pod's service account (/var/run/secrets/kubernetes.io/serviceaccount).
+    InCluster,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialSpec {
+    bearer_token_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+    #[serde(default)]
+    in_cluster: bool,
+}
+
+impl TryFrom<CredentialSpec> for Credential {
+    type Error = String;
+
+    fn try_from(s: CredentialSpec) -> Result<Self, String> {
+        match (
+            s.bearer_token_file,
+            s.client_cert_file,
+            s.client_key_file,
+            s.in_cluster,
+        ) {
+            (Some(t), None, None, false) => Ok(Credential::BearerTokenFile(t)),
+            (None, Some(c), Some(k), false) => Ok(Credential::ClientCertificate {
+                cert_file: c,
+                key_file: k,
+            }),
+            (None, None, None, true) => Ok(Credential::InCluster),
+            (None, Some(_), None, false) | (None, None, Some(_), false) => {
+                Err("give both client_cert_file and client_key_file".into())
+            }
+            _ => Err(
+                "give exactly one of bearer_token_file, client_cert_file + client_key_file, \
+                 or in_cluster: true"
+                    .into(),
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Impersonate {
+    pub user: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_header_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+
+/// `10s`, `1m30s`, ... via humantime.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer, de};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| de::Error::custom(format!("`{s}` is not a duration like 10s: {e}")))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -280,6 +399,57 @@ impl Config {
                 ));
             }
         }
+        if let Some(p) = &self.proxy {
+            let up = &p.upstream;
+            let in_cluster = matches!(up.credential, Credential::InCluster);
+            match &up.url {
+                None if !in_cluster => {
+                    return Err(invalid(
+                        "proxy.upstream.url",
+                        "give the API server's https:// URL (only `credential: in_cluster` may omit it)"
+                            .into(),
+                    ));
+                }
+                Some(u) => {
+                    let ok = u
+                        .parse::<http::Uri>()
+                        .ok()
+                        .filter(|uri| uri.scheme_str() == Some("https") && uri.host().is_some())
+                        .filter(|uri| uri.path_and_query().is_none_or(|pq| pq.as_str() == "/"));
+                    if ok.is_none() {
+                        return Err(invalid(
+                            "proxy.upstream.url",
+                            format!("`{u}` is not an https://HOST[:PORT] URL without a path"),
+                        ));
+                    }
+                }
+                None => {}
+            }
+            if p.impersonate.user.trim().is_empty() {
+                return Err(invalid(
+                    "proxy.impersonate.user",
+                    "give the scoped user the daemon impersonates".into(),
+                ));
+            }
+            if let Some(i) = p.impersonate.groups.iter().position(|g| g.contains(',')) {
+                return Err(invalid(
+                    &format!("proxy.impersonate.groups[{i}]"),
+                    format!(
+                        "`{}`: a group name cannot contain a comma",
+                        p.impersonate.groups[i]
+                    ),
+                ));
+            }
+            if p.max_header_bytes < 8 * 1024 {
+                return Err(invalid(
+                    "proxy.max_header_bytes",
+                    format!(
+                        "{} is too small for kubectl's headers; use at least 8192",
+                        p.max_header_bytes
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -357,6 +527,55 @@ kernel:
     fn protecting_the_daemon_itself_is_refused() {
         let e = err(&GOOD.replace("\"192.168.1.10:*\"", "\"10.0.0.1:*\""));
         assert!(e.contains("kernel.protected_endpoints[2]"), "{e}");
+    }
+
+    const PROXY: &str = r#"
+proxy:
+  upstream:
+    url: https://192.168.10.5:6443
+    ca_file: /etc/portcullis/apiserver-ca.crt
+    credential:
+      bearer_token_file: /etc/portcullis/token
+  impersonate:
+    user: portcullis:agent
+    groups: [portcullis:agents]
+"#;
+
+    #[test]
+    fn proxy_section_parses_and_is_checked() {
+        let c = parse(&format!("{GOOD}{PROXY}")).expect("proxy parses");
+        let p = c.proxy.expect("proxy present");
+        assert!(matches!(
+            p.upstream.credential,
+            Credential::BearerTokenFile(_)
+        ));
+        assert_eq!(p.header_timeout, std::time::Duration::from_secs(10));
+        let e = err(&format!("{GOOD}{}", PROXY.replace("https://", "http://")));
+        assert!(
+            e.contains("proxy.upstream.url") && e.contains("http://192"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}{}",
+            PROXY.replace("bearer_token_file", "bearer_tokn_file")
+        ));
+        assert!(
+            e.contains("proxy.upstream.credential") && e.contains("bearer_tokn_file"),
+            "{e}"
+        );
+        let both = PROXY.replace(
+            "bearer_token_file: /etc/portcullis/token",
+            "bearer_token_file: /t\n      in_cluster: true",
+        );
+        let e = err(&format!("{GOOD}{both}"));
+        assert!(e.contains("exactly one of"), "{e}");
+        let e = err(&format!(
+            "{GOOD}{}",
+            PROXY.replace("[portcullis:agents]", "[\"a,b\"]")
+        ));
+        assert!(e.contains("proxy.impersonate.groups[0]"), "{e}");
+        let in_cluster = "proxy:\n  upstream:\n    credential: {in_cluster: true}\n  impersonate:\n    user: u\n";
+        parse(&format!("{GOOD}{in_cluster}")).expect("in_cluster needs no url");
     }
 
     #[test]

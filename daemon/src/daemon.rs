@@ -12,12 +12,15 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tracing::{info, warn};
 
 use crate::{
+    ca::{CaPaths, LeafMinter},
     cli::endpoint_key,
     config::{Config, Log, LogFormat},
     jsonl::JsonlWriter,
     kernel::{self, PinnedMaps, bpffs, cgroup, events},
     listener,
     origin::BpfOriginLookup,
+    proxy::Proxy,
+    upstream::Upstream,
 };
 
 pub fn init_tracing(log: &Log) {
@@ -109,6 +112,21 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     });
 
+    let proxy = match &cfg.proxy {
+        Some(pcfg) => {
+            let minter = LeafMinter::load(&CaPaths::new(&cfg.state_dir), pcfg.tls_names.clone())?;
+            let upstream = Upstream::new(pcfg).context("setting up the API server connection")?;
+            info!(upstream = %upstream.base(), user = %pcfg.impersonate.user, "proxying agents to the API server");
+            Some(Arc::new(Proxy::new(minter, upstream, pcfg)))
+        }
+        None => {
+            warn!(
+                "no `proxy` section: redirected connections are recorded and closed (enforcement only)"
+            );
+            None
+        }
+    };
+
     let (acc_tx, mut acc_rx) = mpsc::channel(4096);
     let mut listening = Vec::new();
     for addr in [cfg.listen.ipv4, cfg.listen.ipv6].into_iter().flatten() {
@@ -117,7 +135,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             .with_context(|| format!("binding listen address {}", addr.0))?;
         info!(addr = %addr.0, "listening for redirected agent connections");
         listening.push(addr.0);
-        tokio::spawn(listener::serve(l, lookup.clone(), acc_tx.clone()));
+        tokio::spawn(listener::serve(
+            l,
+            lookup.clone(),
+            acc_tx.clone(),
+            proxy.clone(),
+        ));
     }
     drop(acc_tx);
 

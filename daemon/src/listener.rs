@@ -1,13 +1,16 @@
-//! The daemon's listener for redirected agent connections. Until the TLS proxy lands
-//! (next issue), each connection is accepted, its kernel origin looked up and recorded,
-//! and closed.
+//! The daemon's listener for redirected agent connections. Each connection is
+//! accepted, its kernel origin looked up and recorded, then handed to the proxy; without
+//! a configured proxy it is closed (the agent fails closed).
 use std::{net::SocketAddr, sync::Arc};
 
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::mpsc};
 use tracing::{info, warn};
 
-use crate::origin::{ConnOrigin, OriginLookup};
+use crate::{
+    origin::{ConnOrigin, OriginLookup},
+    proxy::Proxy,
+};
 
 /// One accepted connection, as written to `connections.jsonl`.
 #[derive(Debug, Clone, Serialize)]
@@ -24,6 +27,7 @@ pub async fn serve(
     listener: TcpListener,
     lookup: Arc<dyn OriginLookup>,
     tx: mpsc::Sender<Accepted>,
+    proxy: Option<Arc<Proxy>>,
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     loop {
@@ -58,9 +62,14 @@ pub async fn serve(
             time: crate::kernel::events::humantime_rfc3339(std::time::SystemTime::now()),
             listen: local,
             peer,
-            kernel,
+            kernel: kernel.clone(),
         };
-        drop(stream);
+        match &proxy {
+            Some(p) => {
+                tokio::spawn(p.clone().serve(stream, peer, kernel));
+            }
+            None => drop(stream),
+        }
         if tx.send(rec).await.is_err() {
             return Ok(());
         }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod ca;
 mod cli;
 mod config;
 mod daemon;
@@ -12,6 +13,10 @@ mod jsonl;
 mod kernel;
 mod listener;
 mod origin;
+mod proxy;
+mod request_info;
+mod status;
+mod upstream;
 
 #[derive(Parser)]
 #[command(
@@ -72,9 +77,23 @@ enum Cmd {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// The interception CA agents trust for the API server's names.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
     /// Detach every program and remove the pins (uninstall). Agents then reach the API
     /// server directly: this is the only way enforcement ends.
     Unload {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create the CA in the state directory (kept if it exists) and print its path.
+    Init {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -107,6 +126,9 @@ fn main() -> Result<()> {
         Cmd::Unprotect { config, endpoints } => {
             cli::unprotect(&config::Config::load(&config)?, &endpoints)
         }
+        Cmd::Ca {
+            cmd: CaCmd::Init { config },
+        } => cli::ca_init(&config::Config::load(&config)?),
         Cmd::Status { config } => cli::status(&config::Config::load(&config)?),
         Cmd::Unload { config } => cli::unload(&config::Config::load(&config)?),
     }

@@ -14,6 +14,7 @@ mod paths;
 mod run;
 mod setup;
 mod test;
+mod upstream;
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what the build and tests need (apt packages, bpf-linker), idempotently.
+    /// Install what the build and every test tier need (apt packages, bpf-linker, the real
+    /// kube-apiserver, kubectl, the Python client), idempotently.
     Setup,
     /// Build the eBPF object, the daemon and the test helpers (release).
     Build,
@@ -65,7 +67,10 @@ fn main() -> Result<()> {
 
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Setup => setup::all(),
+        Cmd::Setup => {
+            setup::all()?;
+            upstream::ensure().map(|_| ())
+        }
         Cmd::Build => {
             setup::build_tools()?;
             ebpf::build_all().map(|_| ())

@@ -1,0 +1,343 @@
+//! The data path for one redirected agent connection:
+//! accept → TLS (leaf for what the agent asked for) → HTTP/2 or HTTP/1.1 →
+//! request attributes → [identity, decision: later stages] → upstream → client.
+//!
+//! Bodies are streamed frame by frame in both directions (watches, `logs -f` and
+//! chunked lists are never buffered), long-running requests have no idle timeout, and
+//! upgrades (exec/attach/port-forward over WebSocket or SPDY) become byte pipes once
+//! both sides agreed to switch protocols.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, combinators::BoxBody};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::LazyConfigAcceptor;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    ca::LeafMinter,
+    config,
+    origin::ConnOrigin,
+    request_info, status,
+    upstream::{self, Upstream},
+};
+
+/// Every body that crosses the proxy, in either direction.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Most concurrent HTTP/2 streams one agent connection may open (client-go multiplexes
+/// every request of a process, watches included, over one connection).
+const MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+pub struct Proxy {
+    minter: LeafMinter,
+    upstream: Upstream,
+    accept_unredirected: bool,
+    header_timeout: Duration,
+    max_header_bytes: usize,
+    next_conn: AtomicU64,
+}
+
+/// What is known about a connection before its first request.
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    peer: SocketAddr,
+    origin: Option<ConnOrigin>,
+    sni: Option<String>,
+}
+
+impl Proxy {
+    pub fn new(minter: LeafMinter, upstream: Upstream, cfg: &config::Proxy) -> Self {
+        Proxy {
+            minter,
+            upstream,
+            accept_unredirected: cfg.accept_unredirected,
+            header_timeout: cfg.header_timeout,
+            max_header_bytes: cfg.max_header_bytes,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// Serves one accepted connection until the agent or the API server ends it.
+    pub async fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        origin: Option<ConnOrigin>,
+    ) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("conn", id, %peer, pid = origin.as_ref().map(|o| o.origin.pid));
+        self.serve_inner(id, stream, peer, origin)
+            .instrument(span)
+            .await
+    }
+
+    async fn serve_inner(
+        self: Arc<Self>,
+        id: u64,
+        stream: TcpStream,
+        peer: SocketAddr,
+        origin: Option<ConnOrigin>,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let dst_ip = origin.as_ref().map(|o| o.original_dst.ip());
+        // A slow or silent client must not hold a task forever before TLS is done.
+        let handshake = async {
+            let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
+                .await
+                .map_err(|e| format!("reading the TLS client hello: {e}"))?;
+            let sni = start.client_hello().server_name().map(str::to_owned);
+            let cfg = self
+                .minter
+                .server_config(sni.as_deref(), dst_ip)
+                .map_err(|e| e.to_string())?;
+            let tls = start
+                .into_stream(cfg)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            Ok::<_, String>((tls, sni))
+        };
+        let (tls, sni) = match tokio::time::timeout(self.header_timeout, handshake).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                debug!(error = %e, "TLS failed");
+                return;
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                return;
+            }
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let conn = Arc::new(Conn {
+            id,
+            peer,
+            origin,
+            sni,
+        });
+        debug!(h2, sni = ?conn.sni, "TLS established");
+        let proxy = self.clone();
+        let svc = service_fn(move |req| {
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
+        });
+        let io = TokioIo::new(tls);
+        let result = if h2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(self.max_header_bytes as u32)
+                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+                .serve_connection(io, svc)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.header_timeout)
+                .max_buf_size(self.max_header_bytes.max(8192))
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "connection ended with an error");
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        if conn.origin.is_none() && !self.accept_unredirected {
+            warn!(peer = %conn.peer, %method, %path, "refused: connection was not redirected by the kernel");
+            return status::response(
+                StatusCode::FORBIDDEN,
+                "Portcullis serves only connections the kernel redirected from an enrolled \
+                 agent; this one was made to the daemon's address directly",
+            );
+        }
+        let info = match request_info::resolve(method.as_str(), &path, req.uri().query()) {
+            Ok(i) => i,
+            Err(e) => return status::response(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        let upgrade = is_upgrade(&req);
+        let resp = if upgrade {
+            self.forward_upgrade(req, conn).await
+        } else {
+            self.forward(req).await
+        };
+        info!(
+            conn = conn.id,
+            verb = %info.verb,
+            api_group = %info.api_group,
+            resource = %info.resource,
+            subresource = %info.subresource,
+            namespace = %info.namespace,
+            name = %info.name,
+            path = %info.path,
+            upgrade,
+            code = resp.status().as_u16(),
+            // Time to the response head; streamed bodies continue after this.
+            head_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        resp
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        if let Err(e) = self.upstream.rewrite(&mut parts, false) {
+            warn!(error = %e, "daemon credential unavailable");
+            return status::response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("Portcullis cannot present its credential to the API server: {e}"),
+            );
+        }
+        let up_req = Request::from_parts(parts, body.boxed());
+        match self.upstream.send(up_req, false).await {
+            Ok(resp) => relay_response(resp),
+            Err(e) => self.upstream_error(e),
+        }
+    }
+
+    async fn forward_upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &Conn,
+    ) -> Response<ProxyBody> {
+        let downstream = hyper::upgrade::on(&mut req);
+        let (mut parts, _body) = req.into_parts();
+        if let Err(e) = self.upstream.rewrite(&mut parts, true) {
+            return status::response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("Portcullis cannot present its credential to the API server: {e}"),
+            );
+        }
+        // Upgrade requests carry no body (SPDY's POST included).
+        let up_req = Request::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
+        let mut resp = match self.upstream.send(up_req, true).await {
+            Ok(r) => r,
+            Err(e) => return self.upstream_error(e),
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The API server refused (e.g. no such pod): relay its answer as is.
+            return relay_response(resp);
+        }
+        let upstream = hyper::upgrade::on(&mut resp);
+        let conn_id = conn.id;
+        tokio::spawn(
+            async move {
+                let (d, u) = match tokio::try_join!(downstream, upstream) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "upgrade did not complete");
+                        return;
+                    }
+                };
+                let mut d = TokioIo::new(d);
+                let mut u = TokioIo::new(u);
+                match tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                    Ok((to_up, to_agent)) => {
+                        debug!(to_up, to_agent, "upgraded stream closed")
+                    }
+                    Err(e) => debug!(error = %e, "upgraded stream ended with an error"),
+                }
+            }
+            .instrument(info_span!("upgrade", conn = conn_id)),
+        );
+        let (mut p, _) = resp.into_parts();
+        // Keep the switch headers; drop other hop-by-hop ones.
+        let upgrade_to = p.headers.get(header::UPGRADE).cloned();
+        upstream::strip_hop_by_hop(&mut p.headers);
+        p.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if let Some(u) = upgrade_to {
+            p.headers.insert(header::UPGRADE, u);
+        }
+        Response::from_parts(p, Empty::new().map_err(|n| match n {}).boxed())
+    }
+
+    fn upstream_error(&self, e: hyper_util::client::legacy::Error) -> Response<ProxyBody> {
+        let base = self.upstream.base();
+        if e.is_connect() {
+            warn!(error = ?e, %base, "API server unreachable");
+            status::response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "Portcullis cannot reach the Kubernetes API server at {base}: {}",
+                    source_chain(&e)
+                ),
+            )
+        } else {
+            warn!(error = ?e, %base, "API server request failed");
+            status::response(
+                StatusCode::BAD_GATEWAY,
+                &format!(
+                    "the request to the Kubernetes API server at {base} failed: {}",
+                    source_chain(&e)
+                ),
+            )
+        }
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn relay_response(resp: Response<Incoming>) -> Response<ProxyBody> {
+    let (mut p, body) = resp.into_parts();
+    upstream::strip_hop_by_hop(&mut p.headers);
+    Response::from_parts(p, body.boxed())
+}
+
+/// An HTTP/1.1 upgrade request: `Connection: upgrade` plus an `Upgrade` protocol.
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_is_recognised_case_insensitively_among_tokens() {
+        let req = |conn: &str, up: Option<&str>| {
+            let mut b = Request::builder().header("connection", conn);
+            if let Some(u) = up {
+                b = b.header("upgrade", u);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(is_upgrade(&req("Upgrade", Some("websocket"))));
+        assert!(is_upgrade(&req("keep-alive, UPGRADE", Some("SPDY/3.1"))));
+        assert!(!is_upgrade(&req("keep-alive", Some("websocket"))));
+        assert!(!is_upgrade(&req("upgrade", None)));
+    }
+}
