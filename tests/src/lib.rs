@@ -143,6 +143,15 @@ impl Lab {
     /// Builds namespaces, veths, cgroups and the config, and starts the stand-in API
     /// server. The daemon is not started.
     pub fn new(tag: &str) -> Result<Lab> {
+        Self::build_with(tag, true)
+    }
+
+    /// As `new`, but the API namespace is left empty for a real API server (e2e tier).
+    pub fn without_standin(tag: &str) -> Result<Lab> {
+        Self::build_with(tag, false)
+    }
+
+    fn build_with(tag: &str, standin: bool) -> Result<Lab> {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let s = 100 + (std::process::id() + n * 7) % 150;
         let base = format!("pc{s}");
@@ -168,12 +177,12 @@ impl Lab {
             standin: None,
             extra: std::sync::Mutex::new(Vec::new()),
         };
-        lab.build(&base)
+        lab.build(&base, standin)
             .with_context(|| format!("building lab {base}"))?;
         Ok(lab)
     }
 
-    fn build(&mut self, base: &str) -> Result<()> {
+    fn build(&mut self, base: &str, standin: bool) -> Result<()> {
         let s = self.s;
         for ns in &self.ns {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
@@ -256,6 +265,9 @@ impl Lab {
         );
         std::fs::write(&self.config, config)?;
 
+        if !standin {
+            return Ok(());
+        }
         // The stand-in API server, and the node's plain sink for benchmarks.
         self.standin = Some(self.serve(
             &b,
@@ -369,15 +381,42 @@ impl Lab {
     /// pc-probe as an agent process: a shell moves itself into the cgroup, then execs
     /// into the agent netns, as a container runtime does (cgroup first, then exec).
     fn probe_command(&self, cg: &Path, args: &[&str]) -> Command {
+        let mut cmd = self.command_in_cgroup(cg, &bin("pc-probe"));
+        cmd.args(args);
+        cmd
+    }
+
+    /// Any program as a process of cgroup `cg` in the agent network namespace.
+    pub fn command_in_cgroup(&self, cg: &Path, program: &Path) -> Command {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg("cg=$1; ns=$2; shift 2; echo $$ > \"$cg/cgroup.procs\" && exec nsenter --net=\"$ns\" \"$@\"")
             .arg("pc-agent")
             .arg(cg)
             .arg(format!("/run/netns/{}", self.ns_agent()))
-            .arg(bin("pc-probe"))
-            .args(args);
+            .arg(program);
         cmd
+    }
+
+    /// Any program as an enrolled agent process.
+    pub fn agent_command(&self, program: &Path) -> Command {
+        self.command_in_cgroup(&self.agent_cg, program)
+    }
+
+    /// Any program in network namespace `ns` (not in an agent cgroup).
+    pub fn command_in_ns(&self, ns: &str, program: &Path) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}")).arg(program);
+        cmd
+    }
+
+    /// Adds a section to the daemon's config (before it starts).
+    pub fn append_config(&self, yaml: &str) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)?;
+        f.write_all(yaml.as_bytes())?;
+        Ok(())
     }
 
     pub fn probe_in(&self, cg: &Path, args: &[&str]) -> Result<Probe> {
@@ -504,6 +543,8 @@ impl Lab {
         Ok(())
     }
 }
+
+pub mod cluster;
 
 pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + Duration::from_secs(secs);

@@ -6,10 +6,10 @@ use anyhow::{Result, bail};
 use crate::{
     ebpf, paths,
     run::{self, step},
-    setup,
+    setup, upstream,
 };
 
-const TIERS: &[&str] = &["unit", "kernel"];
+const TIERS: &[&str] = &["unit", "kernel", "e2e"];
 
 fn require_root(what: &str) -> Result<()> {
     if !run::is_root() {
@@ -33,6 +33,12 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
         tiers.iter().map(String::as_str).collect()
     };
     setup::all()?;
+    // Installed before anything runs, so a missing part fails the run up front.
+    let upstream = if tiers.contains(&"e2e") {
+        Some(upstream::ensure()?)
+    } else {
+        None
+    };
     let obj = ebpf::build_all()?;
 
     if tiers.contains(&"unit") {
@@ -65,6 +71,29 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
                 .arg("--test-threads=1")
                 .args(args),
         )?;
+    }
+    if let Some(up) = upstream {
+        require_root("the e2e tier")?;
+        step(&format!(
+            "tier e2e: kubectl and the Python client through the gate to a real kube-apiserver {}",
+            upstream::K8S_VERSION
+        ));
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(paths::root())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "portcullis-tests",
+                "--test",
+                "e2e",
+            ])
+            .env("PORTCULLIS_BPF_OBJECT", &obj)
+            .env("PORTCULLIS_BIN_DIR", paths::target().join("release"))
+            .arg("--")
+            .args(args);
+        upstream::export(&up, &mut cmd);
+        run::status(&mut cmd)?;
     }
     Ok(())
 }

@@ -27,9 +27,17 @@ const PY_KUBERNETES: &str = "31.0.0";
 
 /// Where the e2e harness finds each real part.
 pub struct Upstream {
+    /// kube-apiserver, kube-controller-manager and the test-only pc-fake-kubelet.
     pub kube_bin_dir: PathBuf,
     pub kubectl: PathBuf,
     pub pythonpath: PathBuf,
+}
+
+/// Tells the e2e harness (tests/src/cluster.rs) where each part is.
+pub fn export(up: &Upstream, cmd: &mut Command) {
+    cmd.env("PORTCULLIS_KUBE_BIN_DIR", &up.kube_bin_dir)
+        .env("PORTCULLIS_KUBECTL", &up.kubectl)
+        .env("PORTCULLIS_PYTHONPATH", &up.pythonpath);
 }
 
 pub fn ensure() -> Result<Upstream> {
@@ -102,7 +110,7 @@ fn built_ok(bin: &Path) -> bool {
 fn kube_binaries() -> Result<PathBuf> {
     let bin_dir = kube_dir().join("bin");
     let wanted = ["kube-apiserver", "kube-controller-manager"];
-    if wanted.iter().all(|b| built_ok(&bin_dir.join(b))) {
+    if wanted.iter().all(|b| built_ok(&bin_dir.join(b))) && fake_kubelet_current(&bin_dir) {
         step(&format!(
             "kube-apiserver {K8S_VERSION}: cached in {}",
             bin_dir.display()
@@ -120,6 +128,42 @@ fn kube_binaries() -> Result<PathBuf> {
             "building {what} v{K8S_VERSION} from Debian's source ({minutes} min on 2 cores, once)"
         ));
         note("why: the e2e tier talks to a real apiserver; no registry ships its binary");
+        make(&tree, what)?;
+        install_built(&tree, what, &dest)?;
+        if !built_ok(&dest) {
+            bail!(
+                "{} does not report v{K8S_VERSION} from --version",
+                dest.display()
+            );
+        }
+    }
+    if !fake_kubelet_current(&bin_dir) {
+        step("building pc-fake-kubelet (test-only) in the same tree (~1 min)");
+        note(
+            "why: exec and logs need a kubelet; this one uses the real kubelet streaming code \
+             for SPDY and answers WebSocket v5 itself",
+        );
+        let source = paths::root().join("tests/fake-kubelet/main.go");
+        let dir = tree.join("cmd/pc-fake-kubelet");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(&source, dir.join("main.go"))
+            .with_context(|| format!("copying {}", source.display()))?;
+        make(&tree, "pc-fake-kubelet")?;
+        install_built(&tree, "pc-fake-kubelet", &bin_dir.join("pc-fake-kubelet"))?;
+        std::fs::copy(&source, bin_dir.join("pc-fake-kubelet.go"))?;
+    }
+    Ok(bin_dir)
+}
+
+/// The cached fake kubelet was built from the repository's current source.
+fn fake_kubelet_current(bin_dir: &Path) -> bool {
+    let source = std::fs::read(paths::root().join("tests/fake-kubelet/main.go")).ok();
+    let built_from = std::fs::read(bin_dir.join("pc-fake-kubelet.go")).ok();
+    source.is_some() && source == built_from && bin_dir.join("pc-fake-kubelet").exists()
+}
+
+fn make(tree: &Path, what: &str) -> Result<()> {
+    {
         let go_bin = Path::new(GO).parent().expect("GO has a parent");
         let path = format!(
             "{}:{}",
@@ -139,29 +183,27 @@ fn kube_binaries() -> Result<PathBuf> {
                 .env("KUBE_GIT_MINOR", "20")
                 // A parent cargo's flags mean nothing to go.
                 .env_remove("RUSTFLAGS"),
-        )?;
-        let built = tree.join("_output/local/bin/linux/amd64").join(what);
-        let len = std::fs::metadata(&built)
-            .with_context(|| format!("make finished but {} is missing", built.display()))?
-            .len();
-        if len < 1_000_000 {
-            bail!(
-                "{} is only {len} bytes: the kubernetes build copies with rsync; is it installed?",
-                built.display()
-            );
-        }
-        let tmp = dest.with_extension("tmp");
-        std::fs::copy(&built, &tmp)
-            .with_context(|| format!("copying {} into the cache", built.display()))?;
-        std::fs::rename(&tmp, &dest)?;
-        if !built_ok(&dest) {
-            bail!(
-                "{} does not report v{K8S_VERSION} from --version",
-                dest.display()
-            );
-        }
+        )
     }
-    Ok(bin_dir)
+}
+
+/// Copies a binary out of the build tree into the cache, refusing empty results.
+fn install_built(tree: &Path, what: &str, dest: &Path) -> Result<()> {
+    let built = tree.join("_output/local/bin/linux/amd64").join(what);
+    let len = std::fs::metadata(&built)
+        .with_context(|| format!("make finished but {} is missing", built.display()))?
+        .len();
+    if len < 1_000_000 {
+        bail!(
+            "{} is only {len} bytes: the kubernetes build copies with rsync; is it installed?",
+            built.display()
+        );
+    }
+    let tmp = dest.with_extension("tmp");
+    std::fs::copy(&built, &tmp)
+        .with_context(|| format!("copying {} into the cache", built.display()))?;
+    std::fs::rename(&tmp, dest)?;
+    Ok(())
 }
 
 /// Fetches and unpacks Debian's `kubernetes` source package without touching the

@@ -1,0 +1,566 @@
+//! A real Kubernetes control plane inside a lab's API namespace: Debian's etcd, the
+//! kube-apiserver and kube-controller-manager built by `cargo xtask setup` (see
+//! xtask/src/upstream.rs), and the test-only pc-fake-kubelet for exec and logs. PKI,
+//! tokens and RBAC are generated per run; every process is stopped on drop.
+//!
+//! ```text
+//!  netns B (API): etcd 127.0.0.1:2379, kube-apiserver 10.S.2.2:6443,
+//!                 kube-controller-manager, pc-fake-kubelet 127.0.0.1:10250
+//! ```
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::Lab;
+
+/// Where `cargo xtask setup` put the real parts (passed in by xtask).
+pub struct Parts {
+    pub kube_bin_dir: PathBuf,
+    pub kubectl: PathBuf,
+    pub pythonpath: PathBuf,
+}
+
+impl Parts {
+    pub fn from_env() -> Result<Parts> {
+        let var = |n: &str| {
+            std::env::var_os(n).map(PathBuf::from).with_context(|| {
+                format!("{n} is not set: run the e2e tier through `cargo xtask test`, which builds and installs the real API server and clients")
+            })
+        };
+        let p = Parts {
+            kube_bin_dir: var("PORTCULLIS_KUBE_BIN_DIR")?,
+            kubectl: var("PORTCULLIS_KUBECTL")?,
+            pythonpath: var("PORTCULLIS_PYTHONPATH")?,
+        };
+        for b in [
+            "kube-apiserver",
+            "kube-controller-manager",
+            "pc-fake-kubelet",
+        ] {
+            if !p.kube_bin_dir.join(b).exists() {
+                bail!(
+                    "{} missing: run `cargo xtask setup`",
+                    p.kube_bin_dir.join(b).display()
+                );
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// Names and secrets of the generated cluster.
+pub const ADMIN_TOKEN_USER: &str = "pc-e2e-admin";
+pub const DAEMON_USER: &str = "portcullis-daemon";
+pub const AGENT_USER: &str = "portcullis:agent";
+pub const AGENT_GROUP: &str = "portcullis:agents";
+pub const NAMESPACE: &str = "e2e";
+pub const NODE: &str = "pc-node";
+pub const POD: &str = "work";
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub ns: String,
+    pub api_ip: IpAddr,
+    pub parts: Parts,
+    pub ca_pem: PathBuf,
+    pub admin_token: String,
+    pub daemon_token_file: PathBuf,
+    pub audit_log: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+struct Pki {
+    ca_cert: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Result<Pki> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "pc-e2e cluster CA");
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::CrlSign,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(2);
+        let cert = p.self_signed(&key)?;
+        Ok(Pki {
+            ca_cert: cert.pem(),
+            issuer: Issuer::new(p, key),
+        })
+    }
+
+    /// (cert PEM, key PEM) for a server or client.
+    fn leaf(&self, cn: &str, names: &[&str], server: bool) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.subject_alt_names = names
+            .iter()
+            .map(|n| match n.parse::<IpAddr>() {
+                Ok(ip) => Ok(SanType::IpAddress(ip)),
+                Err(_) => Ok(SanType::DnsName((*n).try_into()?)),
+            })
+            .collect::<Result<_, rcgen::Error>>()?;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(2);
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n";
+
+impl Cluster {
+    /// Starts etcd, the apiserver, the controller manager and the fake kubelet in the
+    /// lab's API namespace, then creates the e2e namespace, RBAC, a Node and a Pod.
+    pub fn start(lab: &Lab, parts: Parts) -> Result<Cluster> {
+        let dir = lab.dir.join("cluster");
+        std::fs::create_dir_all(&dir)?;
+        let api_ip = lab.api().ip();
+        let pki = Pki::new()?;
+        let ca_pem = dir.join("ca.crt");
+        write(&ca_pem, &pki.ca_cert)?;
+        let api_ip_s = api_ip.to_string();
+        let (c, k) = pki.leaf(
+            "kube-apiserver",
+            &[
+                &api_ip_s,
+                "127.0.0.1",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
+            true,
+        )?;
+        write(&dir.join("apiserver.crt"), &c)?;
+        write(&dir.join("apiserver.key"), &k)?;
+        let (c, k) = pki.leaf(NODE, &["127.0.0.1"], true)?;
+        write(&dir.join("kubelet.crt"), &c)?;
+        write(&dir.join("kubelet.key"), &k)?;
+        let sa = KeyPair::generate()?;
+        write(&dir.join("sa.key"), &sa.serialize_pem())?;
+        write(&dir.join("sa.pub"), &sa.public_key_pem())?;
+
+        let admin_token = random_token();
+        let daemon_token = random_token();
+        write(
+            &dir.join("tokens.csv"),
+            &format!(
+                "{admin_token},{ADMIN_TOKEN_USER},uid-admin,\"system:masters\"\n{daemon_token},{DAEMON_USER},uid-daemon\n"
+            ),
+        )?;
+        let daemon_token_file = dir.join("daemon.token");
+        write(&daemon_token_file, &daemon_token)?;
+        write(&dir.join("audit-policy.yaml"), AUDIT_POLICY)?;
+        let audit_log = dir.join("audit.log");
+
+        let mut cl = Cluster {
+            dir: dir.clone(),
+            ns: lab.ns_api().to_string(),
+            api_ip,
+            parts,
+            ca_pem,
+            admin_token,
+            daemon_token_file,
+            audit_log,
+            children: Vec::new(),
+        };
+        cl.spawn(
+            "etcd",
+            Command::new("etcd").args([
+                "--name=pc-e2e",
+                &format!("--data-dir={}", dir.join("etcd").display()),
+                "--listen-client-urls=http://127.0.0.1:2379",
+                "--advertise-client-urls=http://127.0.0.1:2379",
+                "--listen-peer-urls=http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+                "--initial-cluster=pc-e2e=http://127.0.0.1:2380",
+                "--log-level=warn",
+            ]),
+        )?;
+        let d = |f: &str| dir.join(f).display().to_string();
+        let apiserver = cl.parts.kube_bin_dir.join("kube-apiserver");
+        cl.spawn(
+            "kube-apiserver",
+            Command::new(apiserver).args([
+                "--etcd-servers=http://127.0.0.1:2379".to_string(),
+                format!("--bind-address={api_ip}"),
+                "--secure-port=6443".into(),
+                "--insecure-port=0".into(),
+                format!("--advertise-address={api_ip}"),
+                "--endpoint-reconciler-type=none".into(),
+                format!("--cert-dir={}", d("certs")),
+                format!("--tls-cert-file={}", d("apiserver.crt")),
+                format!("--tls-private-key-file={}", d("apiserver.key")),
+                format!("--client-ca-file={}", d("ca.crt")),
+                format!("--token-auth-file={}", d("tokens.csv")),
+                "--authorization-mode=RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", d("sa.pub")),
+                format!("--service-account-signing-key-file={}", d("sa.key")),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                format!("--audit-policy-file={}", d("audit-policy.yaml")),
+                format!("--audit-log-path={}", d("audit.log")),
+                "--profiling=false".into(),
+                "--v=1".into(),
+            ]),
+        )?;
+        cl.wait_ready()?;
+        // The controller manager talks to the apiserver with the admin token.
+        let kcm_kubeconfig = dir.join("kcm.kubeconfig");
+        write(
+            &kcm_kubeconfig,
+            &kubeconfig(
+                &format!("https://{api_ip}:6443"),
+                &cl.ca_pem,
+                &cl.admin_token,
+                None,
+            ),
+        )?;
+        let kcm = cl.parts.kube_bin_dir.join("kube-controller-manager");
+        cl.spawn(
+            "kube-controller-manager",
+            Command::new(kcm).args([
+                format!("--kubeconfig={}", kcm_kubeconfig.display()),
+                format!("--service-account-private-key-file={}", d("sa.key")),
+                format!("--root-ca-file={}", d("ca.crt")),
+                "--controllers=namespace,garbagecollector,serviceaccount,serviceaccount-token,deployment,replicaset,clusterrole-aggregation".into(),
+                "--leader-elect=false".into(),
+                "--port=0".into(),
+                format!("--cert-dir={}", d("kcm-certs")),
+                "--v=1".into(),
+            ]),
+        )?;
+        let kubelet = cl.parts.kube_bin_dir.join("pc-fake-kubelet");
+        cl.spawn(
+            "pc-fake-kubelet",
+            Command::new(kubelet).args([
+                "--listen=127.0.0.1:10250".to_string(),
+                format!("--cert={}", d("kubelet.crt")),
+                format!("--key={}", d("kubelet.key")),
+            ]),
+        )?;
+        cl.seed()?;
+        Ok(cl)
+    }
+
+    fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let program = cmd.get_program().to_owned();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    pub fn log_tail(&self, name: &str) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            for (name, c) in &mut self.children {
+                if let Some(st) = c.try_wait()? {
+                    bail!("{name} exited ({st}):\n{}", {
+                        let t = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
+                            .unwrap_or_default();
+                        t.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+                    });
+                }
+            }
+            if let Ok(o) = self.kubectl_admin(&["get", "--raw", "/readyz"])
+                && o.status.success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after 60 s:\n{}",
+                    self.log_tail("kube-apiserver")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The cluster's real address, as dialled from the node.
+    pub fn url(&self) -> String {
+        format!("https://{}:6443", self.api_ip)
+    }
+
+    /// Writes a kubeconfig for `server` with `ca` and `token` (and `impersonate`).
+    pub fn write_kubeconfig(
+        &self,
+        name: &str,
+        server: &str,
+        ca: &Path,
+        token: &str,
+        impersonate: Option<(&str, &str)>,
+    ) -> Result<PathBuf> {
+        let p = self.dir.join(format!("{name}.kubeconfig"));
+        write(&p, &kubeconfig(server, ca, token, impersonate))?;
+        Ok(p)
+    }
+
+    /// kubectl with the admin token straight at the apiserver, from the API namespace.
+    pub fn kubectl_admin(&self, args: &[&str]) -> Result<Output> {
+        let kc = self.dir.join("admin.kubeconfig");
+        if !kc.exists() {
+            write(
+                &kc,
+                &kubeconfig(&self.url(), &self.ca_pem, &self.admin_token, None),
+            )?;
+        }
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(&self.parts.kubectl)
+            .arg(format!("--kubeconfig={}", kc.display()))
+            .args(args)
+            .env("HOME", self.dir.join("home-admin"))
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(out)
+    }
+
+    fn admin_ok(&self, args: &[&str]) -> Result<String> {
+        let o = self.kubectl_admin(args)?;
+        if !o.status.success() {
+            bail!(
+                "kubectl {args:?} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    fn apply(&self, yaml: &str, name: &str) -> Result<()> {
+        let f = self.dir.join(format!("{name}.yaml"));
+        write(&f, yaml)?;
+        self.admin_ok(&["apply", "-f", &f.display().to_string()])
+            .map(drop)
+    }
+
+    /// Namespace, RBAC for the daemon (impersonate) and the scoped agent identity, a
+    /// Node pointing at the fake kubelet, and a Pod on it.
+    fn seed(&self) -> Result<()> {
+        self.apply(&seed_yaml(), "seed")?;
+        // Admission needs the namespace's default service account (controller made).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self
+            .admin_ok(&["-n", NAMESPACE, "get", "serviceaccount", "default"])
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "no default service account in {NAMESPACE} after 60 s:\n{}",
+                    self.log_tail("kube-controller-manager")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        self.apply(&pod_yaml(), "pod")
+    }
+
+    /// A real projected service-account token for the agent (TokenRequest API).
+    pub fn agent_token(&self) -> Result<String> {
+        let out = self.admin_ok(&[
+            "-n",
+            NAMESPACE,
+            "create",
+            "--raw",
+            "/api/v1/namespaces/e2e/serviceaccounts/agent/token",
+            "-f",
+            &{
+                let f = self.dir.join("tokenrequest.json");
+                write(
+                    &f,
+                    r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"expirationSeconds":3600}}"#,
+                )?;
+                f.display().to_string()
+            },
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v["status"]["token"]
+            .as_str()
+            .map(str::to_owned)
+            .context("TokenRequest returned no token")
+    }
+
+    pub fn stop(&mut self, name: &str) {
+        for (n, c) in &mut self.children {
+            if n == name {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, c) in self.children.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 24];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn kubeconfig(
+    server: &str,
+    ca: &Path,
+    token: &str,
+    impersonate: Option<(&str, &str)>,
+) -> String {
+    let imp = match impersonate {
+        Some((u, g)) => format!("    as: \"{u}\"\n    as-groups: [\"{g}\"]\n"),
+        None => String::new(),
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: u\n  user:\n    token: {token}\n{imp}contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n    namespace: {NAMESPACE}\ncurrent-context: x\n",
+        ca.display()
+    )
+}
+
+fn seed_yaml() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: {NAMESPACE}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: portcullis-impersonator
+rules:
+- apiGroups: [""]
+  resources: ["users", "groups"]
+  verbs: ["impersonate"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: portcullis-impersonator
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-impersonator}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {DAEMON_USER}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: agents-edit
+  namespace: {NAMESPACE}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "{AGENT_GROUP}"}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: agents-discovery
+rules:
+- apiGroups: [""]
+  resources: ["namespaces", "nodes"]
+  verbs: ["get", "list", "watch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: agents-discovery
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: agents-discovery}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "{AGENT_GROUP}"}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: agent
+  namespace: {NAMESPACE}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: {NODE}
+status:
+  addresses:
+  - {{type: InternalIP, address: 127.0.0.1}}
+  daemonEndpoints:
+    kubeletEndpoint: {{Port: 10250}}
+  conditions:
+  - {{type: Ready, status: "True", reason: KubeletReady, message: "pc-fake-kubelet (test-only)"}}
+"#
+    )
+}
+
+fn pod_yaml() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {POD}
+  namespace: {NAMESPACE}
+spec:
+  nodeName: {NODE}
+  automountServiceAccountToken: false
+  containers:
+  - name: main
+    image: example.invalid/none:1
+"#
+    )
+}
