@@ -49,6 +49,43 @@ pub struct Proxy {
     next_conn: AtomicU64,
 }
 
+/// Per-connection budgets against HTTP/2 "rapid reset" (CVE-2023-44487), where each
+/// stream opened and cancelled at once becomes work upstream, on the API server
+/// connection every agent shares. h2's own limit only counts streams reset before the
+/// server accepted them, and we accept at once. kubectl's busiest moment (discovery
+/// against a 1.20 server) is about 40 requests.
+const CANCEL_BUDGET: u32 = 100;
+const CANCEL_WINDOW: Duration = Duration::from_secs(10);
+const REQUEST_BUDGET: u32 = 500;
+const REQUEST_WINDOW: Duration = Duration::from_secs(1);
+
+/// A count of events in a fixed window.
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    count: u32,
+}
+
+impl Window {
+    fn new() -> std::sync::Mutex<Window> {
+        std::sync::Mutex::new(Window {
+            start: Instant::now(),
+            count: 0,
+        })
+    }
+}
+
+/// Adds one to `w`; true exactly when the count first exceeds `budget`.
+fn over_budget(w: &std::sync::Mutex<Window>, window: Duration, budget: u32) -> bool {
+    let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+    if w.start.elapsed() > window {
+        w.start = Instant::now();
+        w.count = 0;
+    }
+    w.count += 1;
+    w.count == budget + 1
+}
+
 /// What is known about a connection before its first request.
 #[derive(Debug)]
 struct Conn {
@@ -56,6 +93,51 @@ struct Conn {
     peer: SocketAddr,
     origin: Option<ConnOrigin>,
     sni: Option<String>,
+    cancels: std::sync::Mutex<Window>,
+    requests: std::sync::Mutex<Window>,
+    /// Set when a budget is exceeded; the connection is then closed.
+    abuse: tokio::sync::Notify,
+}
+
+impl Conn {
+    fn note_cancel(&self) {
+        if over_budget(&self.cancels, CANCEL_WINDOW, CANCEL_BUDGET) {
+            warn!(
+                budget = CANCEL_BUDGET,
+                window_s = CANCEL_WINDOW.as_secs(),
+                "too many cancelled requests on one connection (HTTP/2 rapid reset?)"
+            );
+            self.abuse.notify_one();
+        }
+    }
+
+    /// False when the request rate is over budget (the connection is being closed).
+    fn note_request(&self) -> bool {
+        if over_budget(&self.requests, REQUEST_WINDOW, REQUEST_BUDGET) {
+            warn!(
+                budget = REQUEST_BUDGET,
+                window_s = REQUEST_WINDOW.as_secs(),
+                "too many requests on one connection (HTTP/2 rapid reset?)"
+            );
+            self.abuse.notify_one();
+        }
+        let w = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        w.count <= REQUEST_BUDGET
+    }
+}
+
+/// Counts a request as cancelled if its handler is dropped before it finishes.
+struct CancelGuard<'a> {
+    conn: &'a Conn,
+    done: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.note_cancel();
+        }
+    }
 }
 
 impl Proxy {
@@ -126,22 +208,44 @@ impl Proxy {
             peer,
             origin,
             sni,
+            cancels: Window::new(),
+            requests: Window::new(),
+            abuse: tokio::sync::Notify::new(),
         });
         debug!(h2, sni = ?conn.sni, "TLS established");
         let proxy = self.clone();
+        let svc_conn = conn.clone();
         let svc = service_fn(move |req| {
             let proxy = proxy.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
+            let conn = svc_conn.clone();
+            async move {
+                let mut guard = CancelGuard {
+                    conn: &conn,
+                    done: false,
+                };
+                let resp = proxy.handle(req, &conn).await;
+                guard.done = true;
+                Ok::<_, Infallible>(resp)
+            }
         });
         let io = TokioIo::new(tls);
         let result = if h2 {
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let serving = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(self.max_header_bytes as u32)
                 .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-                .serve_connection(io, svc)
-                .await
+                .serve_connection(io, svc);
+            tokio::pin!(serving);
+            tokio::select! {
+                r = serving.as_mut() => r,
+                _ = conn.abuse.notified() => {
+                    warn!("closing the connection (GOAWAY)");
+                    serving.as_mut().graceful_shutdown();
+                    tokio::time::timeout(Duration::from_secs(1), serving)
+                        .await
+                        .unwrap_or(Ok(()))
+                }
+            }
         } else {
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -160,6 +264,12 @@ impl Proxy {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        if !conn.note_request() {
+            return status::response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests on one connection; it is being closed",
+            );
+        }
         if conn.origin.is_none() && !self.accept_unredirected {
             warn!(peer = %conn.peer, %method, %path, "refused: connection was not redirected by the kernel");
             return status::response(
@@ -167,6 +277,20 @@ impl Proxy {
                 "Portcullis serves only connections the kernel redirected from an enrolled \
                  agent; this one was made to the daemon's address directly",
             );
+        }
+        // Both framings at once is the request-smuggling pattern (RFC 9112 6.3): refuse
+        // it and close, rather than guess which framing the agent meant.
+        if req.headers().contains_key(header::TRANSFER_ENCODING)
+            && req.headers().contains_key(header::CONTENT_LENGTH)
+        {
+            warn!(peer = %conn.peer, %method, %path, "refused: both Content-Length and Transfer-Encoding");
+            let mut r = status::response(
+                StatusCode::BAD_REQUEST,
+                "a request may not carry both Content-Length and Transfer-Encoding",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
         }
         let info = match request_info::resolve(method.as_str(), &path, req.uri().query()) {
             Ok(i) => i,

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use portcullis_tests::{
-    Lab,
+    Lab, bin,
     cluster::{self, AGENT_GROUP, AGENT_USER, Cluster, NAMESPACE, POD, Parts},
 };
 
@@ -46,6 +46,12 @@ const CASES: &[Case] = &[
         identity_replaced,
     ),
     ("unredirected_connection_is_refused", unredirected_refused),
+    ("malformed_requests_get_clear_errors", malformed_requests),
+    (
+        "slow_header_sender_is_cut_off_while_others_are_served",
+        slow_headers,
+    ),
+    ("http2_rapid_reset_closes_only_that_connection", rapid_reset),
     // Last: stops the apiserver.
     ("apiserver_down_is_a_503_status", apiserver_down),
 ];
@@ -112,7 +118,7 @@ fn setup() -> Result<Env> {
     let lab = Lab::without_standin("e2e").context("building the lab (needs root)")?;
     let cluster = Cluster::start(&lab, parts).context("starting the control plane")?;
     lab.append_config(&format!(
-        "proxy:\n  upstream:\n    url: {}\n    ca_file: {}\n    credential:\n      bearer_token_file: {}\n  impersonate:\n    user: \"{AGENT_USER}\"\n    groups: [\"{AGENT_GROUP}\"]\n",
+        "proxy:\n  upstream:\n    url: {}\n    ca_file: {}\n    credential:\n      bearer_token_file: {}\n  impersonate:\n    user: \"{AGENT_USER}\"\n    groups: [\"{AGENT_GROUP}\"]\n  header_timeout: 3s\n",
         cluster.url(),
         cluster.ca_pem.display(),
         cluster.daemon_token_file.display()
@@ -702,7 +708,8 @@ fn unredirected_refused(env: &mut Env) -> Result<()> {
     c.arg(format!("--kubeconfig={}", env.agent_kubeconfig.display()))
         .arg(format!("--server=https://{}", env.lab.daemon_v4()))
         .arg("--tls-server-name=kubernetes.default.svc")
-        .args(["get", "configmaps"])
+        // --raw skips discovery, whose errors kubectl reports only as "unknown".
+        .args(["get", "--raw", "/api/v1/namespaces/e2e/configmaps"])
         .env("HOME", env.lab.dir.join("home-node"));
     let o = run_bounded(c, None)?;
     let e = stderr(&o);
@@ -723,6 +730,147 @@ fn apiserver_down(env: &mut Env) -> Result<()> {
     ensure!(
         e.contains("cannot reach the Kubernetes API server"),
         "kubectl said: {e}"
+    );
+    Ok(())
+}
+
+/// pc-abuse as an agent: a hostile client, redirected to the daemon like any other.
+fn abuse(env: &Env, args: &[&str]) -> Result<serde_json::Value> {
+    let mut c = env.lab.agent_command(&bin("pc-abuse"));
+    c.arg("--ca")
+        .arg(env.lab.state_dir().join("ca/ca.crt"))
+        .args(args);
+    let o = run_bounded(c, None)?;
+    ensure!(
+        o.status.success(),
+        "pc-abuse {args:?} failed: {}",
+        stderr(&o)
+    );
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+fn first_status(v: &serde_json::Value) -> String {
+    v["statuses"][0].as_str().unwrap_or("").to_string()
+}
+
+fn malformed_requests(env: &mut Env) -> Result<()> {
+    let api = env.lab.cluster_ip().to_string();
+    for (kind, want) in [
+        ("garbage", "HTTP/1.1 400"),
+        ("duplicate-length", "HTTP/1.1 400"),
+        ("huge-header", "HTTP/1.1 431"),
+    ] {
+        let v = abuse(env, &["h1", kind, &api])?;
+        ensure!(first_status(&v).starts_with(want), "{kind}: {v}");
+        ensure!(v["closed"] == true, "{kind}: connection left open: {v}");
+    }
+    // Smuggling: refused with a Status, the connection closed, and the request hidden
+    // in the body never reaches the API server.
+    let v = abuse(env, &["h1", "smuggle", &api])?;
+    ensure!(first_status(&v).starts_with("HTTP/1.1 400"), "smuggle: {v}");
+    ensure!(
+        v["statuses"].as_array().map(Vec::len) == Some(1),
+        "second request answered: {v}"
+    );
+    ensure!(
+        v["body"]
+            .as_str()
+            .unwrap_or("")
+            .contains("\"kind\":\"Status\""),
+        "no Status body: {v}"
+    );
+    ensure!(v["closed"] == true, "smuggle: connection left open: {v}");
+    let hidden = audit_entries(env).into_iter().any(|e| {
+        e["verb"] == "delete"
+            && e["objectRef"]["resource"] == "configmaps"
+            && e["objectRef"]["name"] == "x"
+    });
+    ensure!(!hidden, "the smuggled DELETE reached the API server");
+    // And the gate still serves.
+    env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    Ok(())
+}
+
+fn slow_headers(env: &mut Env) -> Result<()> {
+    let api = env.lab.cluster_ip().to_string();
+    let mut c = env.lab.agent_command(&bin("pc-abuse"));
+    c.arg("--ca")
+        .arg(env.lab.state_dir().join("ca/ca.crt"))
+        .args(["h1", "slow-headers", &api])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let slow = c.spawn()?;
+    // While it trickles, everyone else is served normally.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    ensure!(
+        t.elapsed() < Duration::from_secs(5),
+        "served slowly: {:?}",
+        t.elapsed()
+    );
+    let o = slow.wait_with_output()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .with_context(|| format!("pc-abuse said {}", String::from_utf8_lossy(&o.stdout)))?;
+    // header_timeout is 3 s in this lab; the trickle would take 30 s.
+    let ms = v["elapsed_ms"].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        v["closed"] == true || !v["write_error"].is_null(),
+        "slow sender not cut off: {v}"
+    );
+    ensure!((2500..10_000).contains(&ms), "cut off after {ms} ms: {v}");
+    Ok(())
+}
+
+fn rapid_reset(env: &mut Env) -> Result<()> {
+    let api = env.lab.cluster_ip().to_string();
+    let lists = |env: &Env| {
+        audit_entries(env)
+            .iter()
+            .filter(|e| e["verb"] == "list" && e["objectRef"]["resource"] == "configmaps")
+            .count()
+    };
+    // A burst: h2's limit on streams reset before they were accepted answers it.
+    // Paced: each stream is accepted and forwarded before its reset, so the daemon's
+    // own cancel budget has to close the connection.
+    for (pace, max_reached) in [("0", 1500), ("300", 400)] {
+        let before = lists(env);
+        let v = abuse(
+            env,
+            &["rapid-reset", &api, "--count", "5000", "--pace-us", pace],
+        )?;
+        let verdict = format!("{} {}", v["connection"], v["send_error"]);
+        ensure!(
+            [
+                "ENHANCE_YOUR_CALM",
+                "GOAWAY",
+                "closed",
+                "broken pipe",
+                "reset"
+            ]
+            .iter()
+            .any(|w| verdict.contains(w)),
+            "pace {pace}: connection not closed: {v}"
+        );
+        // Audit is written asynchronously: give it a moment.
+        std::thread::sleep(Duration::from_secs(2));
+        let reached = lists(env) - before;
+        ensure!(
+            reached < max_reached,
+            "pace {pace}: {reached} of the cancelled streams reached the API server"
+        );
+        println!("    rapid reset, pace {pace} µs: {v}; {reached} reached the API server");
+    }
+    ensure!(
+        env.lab.daemon_log().contains("too many cancelled requests"),
+        "the daemon's cancel budget did not close the paced attack"
+    );
+    let t = Instant::now();
+    env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    ensure!(
+        t.elapsed() < Duration::from_secs(5),
+        "gate slow after the attack: {:?}",
+        t.elapsed()
     );
     Ok(())
 }
