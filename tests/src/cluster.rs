@@ -20,7 +20,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
-use crate::Lab;
+use crate::{Lab, bin};
 
 /// Where `cargo xtask setup` put the real parts (passed in by xtask).
 pub struct Parts {
@@ -563,4 +563,83 @@ spec:
     image: example.invalid/none:1
 "#
     )
+}
+
+/// A lab with a real control plane and the daemon proxying to it: what the e2e tier,
+/// the demo and the proxy benchmark share.
+pub struct Gate {
+    // Field order is drop order: the cluster's processes stop before the lab's
+    // namespaces go away.
+    pub cluster: Cluster,
+    pub lab: Lab,
+    /// The agent's kubeconfig: the Service address, its own service-account token, and
+    /// Portcullis' CA.
+    pub agent_kubeconfig: PathBuf,
+    /// Straight at the apiserver, as the same scoped identity the daemon impersonates.
+    pub direct_kubeconfig: PathBuf,
+}
+
+impl Gate {
+    pub fn start(tag: &str, proxy_extra: &str) -> Result<Gate> {
+        let parts = Parts::from_env()?;
+        let lab = Lab::without_standin(tag).context("building the lab (needs root)")?;
+        let cluster = Cluster::start(&lab, parts).context("starting the control plane")?;
+        lab.append_config(&format!(
+            "proxy:\n  upstream:\n    url: {}\n    ca_file: {}\n    credential:\n      bearer_token_file: {}\n  impersonate:\n    user: \"{AGENT_USER}\"\n    groups: [\"{AGENT_GROUP}\"]\n{proxy_extra}",
+            cluster.url(),
+            cluster.ca_pem.display(),
+            cluster.daemon_token_file.display()
+        ))?;
+        let out = lab.portcullis(&["ca", "init"])?;
+        if !out.contains("created interception CA") {
+            bail!("portcullis ca init said: {out}");
+        }
+        lab.start_daemon()?;
+        let agent_token = cluster.agent_token()?;
+        let agent_kubeconfig = cluster.write_kubeconfig(
+            "agent",
+            &format!("https://{}", lab.cluster_ip()),
+            &lab.state_dir().join("ca/ca.crt"),
+            &agent_token,
+            None,
+        )?;
+        let direct_kubeconfig = cluster.write_kubeconfig(
+            "direct",
+            &cluster.url(),
+            &cluster.ca_pem,
+            &cluster.admin_token,
+            Some((AGENT_USER, AGENT_GROUP)),
+        )?;
+        Ok(Gate {
+            cluster,
+            lab,
+            agent_kubeconfig,
+            direct_kubeconfig,
+        })
+    }
+
+    /// kubectl as the agent: in the agent cgroup and netns, through the gate.
+    pub fn gate_cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.lab.agent_command(&self.cluster.parts.kubectl);
+        c.arg(format!("--kubeconfig={}", self.agent_kubeconfig.display()))
+            .args(args)
+            .env("HOME", self.lab.dir.join("home-agent"));
+        c
+    }
+
+    /// kubectl straight at the apiserver from the node, as the same scoped identity.
+    pub fn direct_cmd(&self, args: &[&str]) -> Command {
+        let mut c = self
+            .lab
+            .command_in_ns(self.lab.ns_node(), &self.cluster.parts.kubectl);
+        c.arg(format!("--kubeconfig={}", self.direct_kubeconfig.display()))
+            .args(args)
+            .env("HOME", self.lab.dir.join("home-direct"));
+        c
+    }
+
+    /// A test-only helper binary run as the agent.
+    pub fn agent_bin(&self, name: &str) -> Command {
+        self.lab.agent_command(&bin(name))
+    }
 }

@@ -6,7 +6,7 @@ use crate::test;
 
 pub fn run(what: &str, args: &[String]) -> Result<()> {
     match what {
-        "kernel" => test::lab(&["bench-kernel"], args),
+        "kernel" => test::lab(&["bench-kernel"], args, false),
         other => bail!("unknown benchmark `{other}`; available: kernel"),
     }
 }

@@ -98,19 +98,27 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Runs the lab binary (tests/src/bin/pc-lab.rs) as root with `sub` and `args`.
-pub fn lab(sub: &[&str], args: &[String]) -> Result<()> {
+/// Runs the lab binary (tests/src/bin/pc-lab.rs) as root with `sub` and `args`;
+/// `real_upstream`: it also needs the real kube-apiserver and clients.
+pub fn lab(sub: &[&str], args: &[String], real_upstream: bool) -> Result<()> {
     require_root("the lab")?;
     setup::all()?;
+    let up = if real_upstream {
+        Some(upstream::ensure()?)
+    } else {
+        None
+    };
     ebpf::build_all()?;
-    run::status(
-        Command::new(paths::release_bin("pc-lab"))
-            .args(sub)
-            .args(args)
-            .env("PORTCULLIS_BIN_DIR", paths::target().join("release")),
-    )
+    let mut cmd = Command::new(paths::release_bin("pc-lab"));
+    cmd.args(sub)
+        .args(args)
+        .env("PORTCULLIS_BIN_DIR", paths::target().join("release"));
+    if let Some(up) = &up {
+        upstream::export(up, &mut cmd);
+    }
+    run::status(&mut cmd)
 }
 
 pub fn demo() -> Result<()> {
-    lab(&["demo"], &[])
+    lab(&["demo"], &[], true)
 }
