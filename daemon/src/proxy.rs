@@ -52,12 +52,11 @@ pub struct Proxy {
 /// Per-connection budgets against HTTP/2 "rapid reset" (CVE-2023-44487), where each
 /// stream opened and cancelled at once becomes work upstream, on the API server
 /// connection every agent shares. h2's own limit only counts streams reset before the
-/// server accepted them, and we accept at once. kubectl's busiest moment (discovery
-/// against a 1.20 server) is about 40 requests.
+/// server accepted them, and we accept at once. A busy but honest client cancels
+/// rarely (a watch it no longer needs, a timed-out request); request volume alone is
+/// not limited here (that is policy's job), only cancellation.
 const CANCEL_BUDGET: u32 = 100;
 const CANCEL_WINDOW: Duration = Duration::from_secs(10);
-const REQUEST_BUDGET: u32 = 500;
-const REQUEST_WINDOW: Duration = Duration::from_secs(1);
 
 /// A count of events in a fixed window.
 #[derive(Debug)]
@@ -94,7 +93,6 @@ struct Conn {
     origin: Option<ConnOrigin>,
     sni: Option<String>,
     cancels: std::sync::Mutex<Window>,
-    requests: std::sync::Mutex<Window>,
     /// Set when a budget is exceeded; the connection is then closed.
     abuse: tokio::sync::Notify,
 }
@@ -109,20 +107,6 @@ impl Conn {
             );
             self.abuse.notify_one();
         }
-    }
-
-    /// False when the request rate is over budget (the connection is being closed).
-    fn note_request(&self) -> bool {
-        if over_budget(&self.requests, REQUEST_WINDOW, REQUEST_BUDGET) {
-            warn!(
-                budget = REQUEST_BUDGET,
-                window_s = REQUEST_WINDOW.as_secs(),
-                "too many requests on one connection (HTTP/2 rapid reset?)"
-            );
-            self.abuse.notify_one();
-        }
-        let w = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        w.count <= REQUEST_BUDGET
     }
 }
 
@@ -209,7 +193,6 @@ impl Proxy {
             origin,
             sni,
             cancels: Window::new(),
-            requests: Window::new(),
             abuse: tokio::sync::Notify::new(),
         });
         debug!(h2, sni = ?conn.sni, "TLS established");
@@ -264,12 +247,6 @@ impl Proxy {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        if !conn.note_request() {
-            return status::response(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many requests on one connection; it is being closed",
-            );
-        }
         if conn.origin.is_none() && !self.accept_unredirected {
             warn!(peer = %conn.peer, %method, %path, "refused: connection was not redirected by the kernel");
             return status::response(

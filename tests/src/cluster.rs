@@ -75,6 +75,7 @@ pub struct Cluster {
     pub admin_token: String,
     pub daemon_token_file: PathBuf,
     pub audit_log: PathBuf,
+    pki: Pki,
     children: Vec<(String, Child)>,
 }
 
@@ -197,6 +198,7 @@ impl Cluster {
             admin_token,
             daemon_token_file,
             audit_log,
+            pki,
             children: Vec::new(),
         };
         cl.spawn(
@@ -328,6 +330,24 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// A server certificate from the cluster CA (for the benchmark's nginx); returns
+    /// (cert, key) paths.
+    pub fn issue_server_cert(&self, name: &str, names: &[&str]) -> Result<(PathBuf, PathBuf)> {
+        let (c, k) = self.pki.leaf(name, names, true)?;
+        let (cp, kp) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        write(&cp, &c)?;
+        write(&kp, &k)?;
+        Ok((cp, kp))
+    }
+
+    /// Applies a manifest as the admin.
+    pub fn apply_admin(&self, yaml: &str, name: &str) -> Result<()> {
+        self.apply(yaml, name)
     }
 
     /// The cluster's real address, as dialled from the node.

@@ -101,6 +101,15 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
 /// Runs the lab binary (tests/src/bin/pc-lab.rs) as root with `sub` and `args`;
 /// `real_upstream`: it also needs the real kube-apiserver and clients.
 pub fn lab(sub: &[&str], args: &[String], real_upstream: bool) -> Result<()> {
+    lab_with_env(sub, args, real_upstream, &[])
+}
+
+pub fn lab_with_env(
+    sub: &[&str],
+    args: &[String],
+    real_upstream: bool,
+    env: &[(&str, std::path::PathBuf)],
+) -> Result<()> {
     require_root("the lab")?;
     setup::all()?;
     let up = if real_upstream {
@@ -115,6 +124,9 @@ pub fn lab(sub: &[&str], args: &[String], real_upstream: bool) -> Result<()> {
         .env("PORTCULLIS_BIN_DIR", paths::target().join("release"));
     if let Some(up) = &up {
         upstream::export(up, &mut cmd);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     run::status(&mut cmd)
 }

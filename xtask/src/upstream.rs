@@ -293,6 +293,19 @@ fn deb822_to_src(text: &str) -> String {
         + "\n"
 }
 
+/// Debian's nginx, the benchmark's reference reverse proxy (not needed by the tests).
+pub fn nginx() -> Result<PathBuf> {
+    let p = PathBuf::from("/usr/sbin/nginx");
+    if !p.exists() {
+        step("installing Debian's nginx (the proxy benchmark's reference reverse proxy)");
+        setup::apt_install(&["nginx"])?;
+    }
+    if !p.exists() {
+        bail!("apt installed nginx but {} is missing", p.display());
+    }
+    Ok(p)
+}
+
 /// kubectl: 1.32 from the image's Google Cloud SDK, else Debian's kubectl 1.20.
 fn kubectl() -> Result<PathBuf> {
     let candidates = [

@@ -12,8 +12,17 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod bench_proxy;
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Direct vs nginx vs Portcullis in front of the real apiserver: small GET, 1 MB
+    /// list, watch fan-out; latency and throughput as ratios.
+    BenchProxy {
+        /// Rounds; each runs every target once, in turn. Medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// An agent redirected through the gate, its bypass attempts blocked, kernel events.
     Demo,
     /// connect() latency with and without the programs, and ring-buffer events/s.
@@ -33,6 +42,7 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Demo => demo(),
+        Cmd::BenchProxy { rounds } => bench_proxy::run(rounds),
         Cmd::BenchKernel {
             count,
             events,

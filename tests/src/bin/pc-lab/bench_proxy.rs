@@ -1,0 +1,285 @@
+//! `cargo xtask bench proxy`: the same load against the real apiserver directly, through
+//! Debian's nginx as a plain TLS-terminating reverse proxy, and through Portcullis, in
+//! one run, alternating targets each round. Every client runs in the agent network
+//! namespace: direct and nginx from a cgroup that is not enrolled, Portcullis from the
+//! agent cgroup (redirected by the kernel), so all three cross the same veth hops.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use portcullis_tests::{
+    bin,
+    cluster::{AGENT_GROUP, AGENT_USER, Gate, NAMESPACE},
+};
+use serde_json::{Value, json};
+
+const TARGETS: [&str; 3] = ["direct", "nginx", "portcullis"];
+
+struct Workload {
+    name: &'static str,
+    args: Vec<String>,
+}
+
+fn workloads() -> Vec<Workload> {
+    let cms = format!("/api/v1/namespaces/{NAMESPACE}/configmaps");
+    let w = |name, v: &[&str]| Workload {
+        name,
+        args: v.iter().map(|s| s.to_string()).collect(),
+    };
+    vec![
+        w(
+            "small GET",
+            &["--mode", "get", "--path", &format!("{cms}/small"), "--count", "3000", "--concurrency", "16"],
+        ),
+        w(
+            "1 MB list",
+            &["--mode", "get", "--path", &cms, "--count", "150", "--concurrency", "4"],
+        ),
+        w(
+            "watch fan-out (50 watchers)",
+            &["--mode", "watch", "--path", &cms, "--count", "40", "--watchers", "50"],
+        ),
+    ]
+}
+
+pub fn run(rounds: u32) -> Result<()> {
+    let nginx_bin = std::env::var("PORTCULLIS_NGINX")
+        .context("PORTCULLIS_NGINX is not set: run through `cargo xtask bench proxy`")?;
+    println!("starting the lab, a real kube-apiserver and the daemon ...");
+    let gate = Gate::start("bench-proxy", "")?;
+    seed(&gate)?;
+    let nginx = Nginx::start(&gate, Path::new(&nginx_bin))?;
+    let wl = workloads();
+    // results[workload][target] = per-round JSON
+    let mut results: Vec<Vec<Vec<Value>>> = vec![vec![Vec::new(); 3]; wl.len()];
+    for round in 0..rounds {
+        for (wi, w) in wl.iter().enumerate() {
+            for (ti, target) in TARGETS.iter().enumerate() {
+                let tag = format!("{}{round}{wi}", &target[..1]);
+                let v = load(&gate, &nginx, target, &w.args, &tag)?;
+                println!("  round {round} {:<28} {:<10} {v}", w.name, target);
+                results[wi][ti].push(v);
+            }
+        }
+    }
+    drop(nginx);
+    report(&wl, &results, rounds)
+}
+
+fn seed(gate: &Gate) -> Result<()> {
+    // ~1 MB of ConfigMaps for the list, and one small object.
+    let big = "x".repeat(10 * 1024);
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: small, namespace: {NAMESPACE}}}\ndata: {{k: v}}\n"
+    );
+    for i in 0..100 {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: big-{i}, namespace: {NAMESPACE}}}\ndata: {{d: {big}}}\n"
+        ));
+    }
+    gate.cluster.apply_admin(&yaml, "bench-seed")
+}
+
+struct Nginx {
+    child: Child,
+    addr: String,
+    ca: PathBuf,
+}
+
+impl Nginx {
+    fn start(gate: &Gate, nginx: &Path) -> Result<Nginx> {
+        let lab = &gate.lab;
+        let dir = lab.dir.join("nginx");
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        let ip = lab.daemon_v4().ip().to_string();
+        let addr = format!("{ip}:17443");
+        let (cert, key) = gate.cluster.issue_server_cert("nginx", &[&ip])?;
+        let token = std::fs::read_to_string(&gate.cluster.daemon_token_file)?;
+        let api = lab.api();
+        let conf = format!(
+            r#"daemon off;
+user root;
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  upstream api {{ server {api}; keepalive 64; }}
+  server {{
+    listen {addr} ssl http2;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    client_max_body_size 10m;
+    location / {{
+      proxy_pass https://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {token}";
+      proxy_set_header Impersonate-User "{AGENT_USER}";
+      proxy_set_header Impersonate-Group "{AGENT_GROUP}";
+      proxy_ssl_trusted_certificate {ca};
+      proxy_ssl_verify on;
+      proxy_ssl_name kubernetes;
+      proxy_ssl_server_name on;
+      proxy_ssl_session_reuse on;
+      proxy_buffering off;
+      proxy_read_timeout 1h;
+    }}
+  }}
+}}
+"#,
+            d = dir.display(),
+            cert = cert.display(),
+            key = key.display(),
+            token = token.trim(),
+            ca = gate.cluster.ca_pem.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = lab
+            .command_in_ns(lab.ns_node(), nginx)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting nginx")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let mut n = Nginx {
+            child,
+            addr,
+            ca: gate.cluster.ca_pem.clone(),
+        };
+        if let Some(st) = n.child.try_wait()? {
+            bail!(
+                "nginx exited ({st}): {}",
+                std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+            );
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM to the master stops its workers too (SIGKILL would orphan them).
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn load(gate: &Gate, nginx: &Nginx, target: &str, args: &[String], tag: &str) -> Result<Value> {
+    let lab = &gate.lab;
+    let mut cmd = match target {
+        "portcullis" => {
+            let token = std::fs::read_to_string(&gate.agent_kubeconfig)?
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("token: ").map(str::to_owned))
+                .context("agent token")?;
+            let mut c = lab.agent_command(&bin("pc-load"));
+            c.arg(format!("--url=https://{}", lab.cluster_ip()))
+                .arg(format!("--ca={}", lab.state_dir().join("ca/ca.crt").display()))
+                .arg(format!("--token={token}"));
+            c
+        }
+        "nginx" => {
+            let mut c = lab.command_in_cgroup(&lab.bystander_cg, &bin("pc-load"));
+            c.arg(format!("--url=https://{}", nginx.addr))
+                .arg(format!("--ca={}", nginx.ca.display()));
+            c
+        }
+        _ => {
+            let mut c = lab.command_in_cgroup(&lab.bystander_cg, &bin("pc-load"));
+            c.arg(format!("--url={}", gate.cluster.url()))
+                .arg(format!("--ca={}", gate.cluster.ca_pem.display()))
+                .arg(format!("--token={}", gate.cluster.admin_token))
+                .arg(format!("--header=Impersonate-User:{AGENT_USER}"))
+                .arg(format!("--header=Impersonate-Group:{AGENT_GROUP}"));
+            c
+        }
+    };
+    let out = cmd
+        .args(args)
+        .arg(format!("--tag={tag}"))
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "pc-load against {target} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let errors = v["errors"].as_u64().unwrap_or(0) + v["missing"].as_u64().unwrap_or(0);
+    if errors > 0 {
+        bail!("{target}: {errors} failed requests or missing events: {v}");
+    }
+    Ok(v)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn report(wl: &[Workload], results: &[Vec<Vec<Value>>], rounds: u32) -> Result<()> {
+    println!(
+        "\n{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} | {:>16} {:>14}",
+        "workload (median of rounds)", "direct p50", "nginx p50", "pc p50", "direct p99", "nginx p99", "pc p99",
+        "added p50 pc/ngx", "rps pc/nginx"
+    );
+    let mut rows = Vec::new();
+    for (wi, w) in wl.iter().enumerate() {
+        let m = |ti: usize, k: &str| median(results[wi][ti].iter().map(|v| v[k].as_f64().unwrap_or(0.0)).collect());
+        let (d50, n50, p50) = (m(0, "p50_us"), m(1, "p50_us"), m(2, "p50_us"));
+        let (d99, n99, p99) = (m(0, "p99_us"), m(1, "p99_us"), m(2, "p99_us"));
+        let (drps, nrps, prps) = (m(0, "rps"), m(1, "rps"), m(2, "rps"));
+        let added_ratio = (p50 - d50) / (n50 - d50);
+        let rps_ratio = prps / nrps;
+        println!(
+            "{:<28} {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>8.0}µs {:>8.0}µs | {:>16.2} {:>14.2}",
+            w.name, d50, n50, p50, d99, n99, p99, added_ratio, rps_ratio
+        );
+        rows.push(json!({
+            "workload": w.name,
+            "p50_us": {"direct": d50, "nginx": n50, "portcullis": p50},
+            "p99_us": {"direct": d99, "nginx": n99, "portcullis": p99},
+            "rps": {"direct": drps, "nginx": nrps, "portcullis": prps},
+            "added_p50_ratio_portcullis_over_nginx": added_ratio,
+            "rps_ratio_portcullis_over_nginx": rps_ratio,
+            "goal_added_p50_ratio_le_1_3": added_ratio <= 1.3,
+            "goal_rps_ratio_ge_1": rps_ratio >= 1.0,
+        }));
+    }
+    println!("\ngoals: added p50 (Portcullis - direct) <= 1.3 x (nginx - direct); Portcullis rps >= nginx rps");
+    let out = PathBuf::from(std::env::var("PORTCULLIS_BIN_DIR").unwrap_or_else(|_| "target/release".into()))
+        .join("../bench/proxy.json");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_vec_pretty(&json!({"rounds": rounds, "results": rows}))?)?;
+    println!("written to {}", out.display());
+    Ok(())
+}
