@@ -173,14 +173,19 @@ async fn watch(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(cli.max_secs);
     let watch_path = format!("{}?watch=true&labelSelector=bench%3D{}", cli.path, cli.tag);
     let mut watchers = Vec::new();
+    // Each watcher awaits its own response head: a proxy may hold the head back until
+    // the first event (nginx over HTTP/2 does), so waiting for every head before the
+    // first create would deadlock.
     for _ in 0..cli.watchers {
         let req = request(&cli, "GET", &watch_path, None)?;
-        let resp = c.request(req).await?;
-        if !resp.status().is_success() {
-            bail!("watch answered {}", resp.status());
-        }
-        let (created, want) = (created.clone(), cli.count as usize);
+        let (created, want, c) = (created.clone(), cli.count as usize, c.clone());
         watchers.push(tokio::spawn(async move {
+            let resp = match tokio::time::timeout_at(deadline.into(), c.request(req)).await {
+                Ok(Ok(r)) if r.status().is_success() => r,
+                Ok(Ok(r)) => return Err(format!("watch answered {}", r.status())),
+                Ok(Err(e)) => return Err(format!("watch: {e}")),
+                Err(_) => return Err("watch: no response head before the deadline".into()),
+            };
             let mut body = resp.into_body();
             let mut buf = Vec::new();
             let mut lat = Vec::new();
@@ -204,11 +209,11 @@ async fn watch(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
                     }
                 }
             }
-            lat
+            Ok(lat)
         }));
     }
     // Let every watch be established upstream before the first event.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let t0 = Instant::now();
     for i in 0..cli.count {
         if Instant::now() > deadline {
@@ -227,8 +232,15 @@ async fn watch(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut lat = Vec::new();
+    let mut watch_errors = Vec::new();
     for w in watchers {
-        lat.extend(w.await?);
+        match w.await? {
+            Ok(l) => lat.extend(l),
+            Err(e) => watch_errors.push(e),
+        }
+    }
+    if let Some(e) = watch_errors.first() {
+        bail!("{} of {} watches failed, first: {e}", watch_errors.len(), cli.watchers);
     }
     let secs = t0.elapsed().as_secs_f64();
     let expected = cli.count as usize * cli.watchers as usize;
