@@ -78,8 +78,21 @@ pub struct Kernel {
 #[serde(deny_unknown_fields)]
 pub struct Proxy {
     pub upstream: Upstream,
-    /// The scoped identity the daemon impersonates for every agent request.
-    pub impersonate: Impersonate,
+    /// Pass-through mode only (no `identity`/`policy_file`): one scoped identity the
+    /// daemon impersonates for every request of every enrolled agent. With a policy,
+    /// each subject's identity comes from the policy's `identities`.
+    #[serde(default)]
+    pub impersonate: Option<Impersonate>,
+    /// Who the agent is: trusted token issuers.
+    #[serde(default)]
+    pub identity: Option<Identity>,
+    /// The policy document (hot-reloaded on change).
+    #[serde(default)]
+    pub policy_file: Option<PathBuf>,
+    #[serde(default)]
+    pub approvals: Approvals,
+    #[serde(default)]
+    pub admin: Admin,
     /// Names for the leaf certificates besides kubernetes, kubernetes.default,
     /// kubernetes.default.svc, kubernetes.default.svc.cluster.local, the SNI the agent
     /// sent and the address it dialled (e.g. the API server's public DNS name).
@@ -162,6 +175,131 @@ impl TryFrom<CredentialSpec> for Credential {
             ),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// Clock skew tolerated on exp/nbf.
+    #[serde(default = "default_leeway", with = "humantime_serde_compat")]
+    pub leeway: std::time::Duration,
+    pub issuers: Vec<IssuerConfig>,
+}
+
+fn default_leeway() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+/// One trusted token issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// The exact `iss` claim.
+    pub issuer: String,
+    /// The cluster's service-account issuer: keys come from the API server's
+    /// /openid/v1/jwks (with the daemon's credential); identities are
+    /// `system:serviceaccount:NS:NAME` and projected tokens are bound to their pod.
+    #[serde(default)]
+    pub kubernetes: bool,
+    /// OIDC: the JWKS URL (default: from `<issuer>/.well-known/openid-configuration`).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// OIDC: CA bundle for the IdP (default: public web roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Accepted `aud` values (at least one).
+    pub audiences: Vec<String>,
+    /// Accepted signature algorithms; asymmetric only.
+    #[serde(default = "default_algorithms", deserialize_with = "de_algorithms")]
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// OIDC: the claim holding the user name.
+    #[serde(default = "default_username_claim")]
+    pub username_claim: String,
+    /// OIDC: prepended to user names, so an IdP user cannot pose as a service account.
+    #[serde(default = "default_oidc_prefix")]
+    pub username_prefix: String,
+    /// OIDC: the claim holding the group list.
+    #[serde(default)]
+    pub groups_claim: Option<String>,
+    #[serde(default = "default_oidc_prefix")]
+    pub groups_prefix: String,
+}
+
+fn default_algorithms() -> Vec<jsonwebtoken::Algorithm> {
+    vec![jsonwebtoken::Algorithm::RS256]
+}
+fn default_username_claim() -> String {
+    "sub".into()
+}
+fn default_oidc_prefix() -> String {
+    "oidc:".into()
+}
+fn de_algorithms<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<jsonwebtoken::Algorithm>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| crate::identity::parse_algorithm(s).map_err(de::Error::custom))
+        .collect()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approvals {
+    /// An undecided approval expires after this.
+    #[serde(default = "default_pending_ttl", with = "humantime_serde_compat")]
+    pub pending_ttl: std::time::Duration,
+    #[serde(default)]
+    pub webhook: Option<Webhook>,
+}
+
+impl Default for Approvals {
+    fn default() -> Self {
+        Approvals {
+            pending_ttl: default_pending_ttl(),
+            webhook: None,
+        }
+    }
+}
+
+fn default_pending_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(3600)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Webhook {
+    pub url: String,
+    #[serde(default)]
+    pub format: WebhookFormat,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    #[default]
+    Generic,
+    Slack,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Default: `<state_dir>/admin.sock`.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    #[serde(default)]
+    pub https: Option<AdminHttps>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminHttps {
+    pub listen: SocketAddr,
+    /// Callers must present a token from a configured issuer and be in one of these.
+    pub approver_groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -425,20 +563,113 @@ impl Config {
                 }
                 None => {}
             }
-            if p.impersonate.user.trim().is_empty() {
-                return Err(invalid(
-                    "proxy.impersonate.user",
-                    "give the scoped user the daemon impersonates".into(),
-                ));
+            match (&p.impersonate, &p.identity, &p.policy_file) {
+                (Some(imp), None, None) => {
+                    if imp.user.trim().is_empty() {
+                        return Err(invalid(
+                            "proxy.impersonate.user",
+                            "give the scoped user the daemon impersonates".into(),
+                        ));
+                    }
+                    if let Some(i) = imp.groups.iter().position(|g| g.contains(',')) {
+                        return Err(invalid(
+                            &format!("proxy.impersonate.groups[{i}]"),
+                            format!("`{}`: a group name cannot contain a comma", imp.groups[i]),
+                        ));
+                    }
+                }
+                (None, Some(id), Some(_)) => {
+                    if id.issuers.is_empty() {
+                        return Err(invalid(
+                            "proxy.identity.issuers",
+                            "trust at least one issuer".into(),
+                        ));
+                    }
+                    let mut seen = std::collections::HashSet::new();
+                    for (i, iss) in id.issuers.iter().enumerate() {
+                        let at = |f: &str| format!("proxy.identity.issuers[{i}].{f}");
+                        if !seen.insert(iss.issuer.clone()) {
+                            return Err(invalid(
+                                &at("issuer"),
+                                format!("`{}` is listed twice", iss.issuer),
+                            ));
+                        }
+                        if iss.audiences.is_empty() {
+                            return Err(invalid(
+                                &at("audiences"),
+                                "accept at least one audience".into(),
+                            ));
+                        }
+                        if iss.algorithms.is_empty() {
+                            return Err(invalid(
+                                &at("algorithms"),
+                                "allow at least one algorithm".into(),
+                            ));
+                        }
+                        if iss.kubernetes {
+                            if iss.jwks_url.is_some() || iss.ca_file.is_some() {
+                                return Err(invalid(
+                                    &at("jwks_url"),
+                                    "a kubernetes issuer's keys come from the upstream API server"
+                                        .into(),
+                                ));
+                            }
+                        } else {
+                            if !iss.issuer.starts_with("https://") {
+                                return Err(invalid(
+                                    &at("issuer"),
+                                    format!("`{}`: an OIDC issuer is an https:// URL", iss.issuer),
+                                ));
+                            }
+                            if iss.username_prefix.starts_with("system:")
+                                || iss.groups_prefix.starts_with("system:")
+                            {
+                                return Err(invalid(&at("username_prefix"), "OIDC names may not be prefixed into the reserved `system:` space".into()));
+                            }
+                            if iss.username_prefix.is_empty() {
+                                return Err(invalid(&at("username_prefix"), "give a prefix (e.g. `oidc:`) so IdP users cannot pose as cluster identities".into()));
+                            }
+                        }
+                    }
+                }
+                (Some(_), _, _) => {
+                    return Err(invalid(
+                        "proxy.impersonate",
+                        "with identity and policy_file, each subject's upstream identity comes from the policy's `identities`; remove `impersonate`".into(),
+                    ));
+                }
+                (None, Some(_), None) => {
+                    return Err(invalid(
+                        "proxy.policy_file",
+                        "identity needs a policy".into(),
+                    ));
+                }
+                (None, None, Some(_)) => {
+                    return Err(invalid(
+                        "proxy.identity",
+                        "a policy needs identity (trusted issuers)".into(),
+                    ));
+                }
+                (None, None, None) => {
+                    return Err(invalid(
+                        "proxy",
+                        "give identity + policy_file (gated), or impersonate (pass-through: every enrolled agent acts as one scoped identity)".into(),
+                    ));
+                }
             }
-            if let Some(i) = p.impersonate.groups.iter().position(|g| g.contains(',')) {
-                return Err(invalid(
-                    &format!("proxy.impersonate.groups[{i}]"),
-                    format!(
-                        "`{}`: a group name cannot contain a comma",
-                        p.impersonate.groups[i]
-                    ),
-                ));
+            if let Some(h) = &p.admin.https {
+                if p.identity.is_none() {
+                    return Err(invalid(
+                        "proxy.admin.https",
+                        "remote approvers authenticate with a token: configure identity".into(),
+                    ));
+                }
+                if h.approver_groups.is_empty() {
+                    return Err(invalid(
+                        "proxy.admin.https.approver_groups",
+                        "name at least one approver group".into(),
+                    ));
+                }
             }
             if p.max_header_bytes < 8 * 1024 {
                 return Err(invalid(
@@ -576,6 +807,37 @@ proxy:
         assert!(e.contains("proxy.impersonate.groups[0]"), "{e}");
         let in_cluster = "proxy:\n  upstream:\n    credential: {in_cluster: true}\n  impersonate:\n    user: u\n";
         parse(&format!("{GOOD}{in_cluster}")).expect("in_cluster needs no url");
+    }
+
+    const GATED: &str = "proxy:\n  upstream:\n    credential: {in_cluster: true}\n  policy_file: /p.yaml\n  identity:\n    issuers:\n    - issuer: https://kubernetes.default.svc\n      kubernetes: true\n      audiences: [api]\n    - issuer: https://idp.example.com\n      audiences: [portcullis]\n      algorithms: [RS256, ES256]\n      username_claim: email\n      groups_claim: groups\n";
+
+    #[test]
+    fn gated_mode_parses_and_is_checked() {
+        let c = parse(&format!("{GOOD}{GATED}")).expect("gated parses");
+        let id = c.proxy.unwrap().identity.unwrap();
+        assert_eq!(id.issuers.len(), 2);
+        assert_eq!(id.issuers[1].algorithms.len(), 2);
+        assert_eq!(id.leeway, std::time::Duration::from_secs(30));
+        let e = err(&format!(
+            "{GOOD}{}",
+            GATED.replace("[RS256, ES256]", "[HS256]")
+        ));
+        assert!(
+            e.contains("algorithms") && e.contains("shared-secret"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{GOOD}{}",
+            GATED.replace("  policy_file: /p.yaml\n", "")
+        ));
+        assert!(e.contains("proxy.policy_file"), "{e}");
+        let e = err(&format!("{GOOD}{GATED}  impersonate: {{user: u}}\n"));
+        assert!(e.contains("proxy.impersonate"), "{e}");
+        let e = err(&format!(
+            "{GOOD}{}",
+            GATED.replace("https://idp", "http://idp")
+        ));
+        assert!(e.contains("issuers[1].issuer"), "{e}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ use crate::{
     kernel::{self, PinnedMaps, bpffs, cgroup, events},
     listener,
     origin::BpfOriginLookup,
-    proxy::Proxy,
-    upstream::Upstream,
+    proxy::{Gate, Proxy},
+    upstream::{Impersonation, Upstream},
 };
 
 pub fn init_tracing(log: &Log) {
@@ -114,10 +114,15 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let proxy = match &cfg.proxy {
         Some(pcfg) => {
-            let minter = LeafMinter::load(&CaPaths::new(&cfg.state_dir), pcfg.tls_names.clone())?;
-            let upstream = Upstream::new(pcfg).context("setting up the API server connection")?;
-            info!(upstream = %upstream.base(), user = %pcfg.impersonate.user, "proxying agents to the API server");
-            Some(Arc::new(Proxy::new(minter, upstream, pcfg)))
+            let minter = Arc::new(LeafMinter::load(
+                &CaPaths::new(&cfg.state_dir),
+                pcfg.tls_names.clone(),
+            )?);
+            let upstream =
+                Arc::new(Upstream::new(pcfg).context("setting up the API server connection")?);
+            let gate = gate(&cfg, pcfg, &upstream, &minter).await?;
+            info!(upstream = %upstream.base(), "proxying agents to the API server");
+            Some(Arc::new(Proxy::new(minter, upstream, gate, pcfg)))
         }
         None => {
             warn!(
@@ -186,6 +191,111 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = std::fs::remove_file(&ready_file);
     info!("stopping; kernel enforcement stays in place (pinned)");
     Ok(())
+}
+
+/// Identity, policy, approvals and the admin API, or pass-through.
+async fn gate(
+    cfg: &Config,
+    pcfg: &crate::config::Proxy,
+    upstream: &Arc<Upstream>,
+    minter: &Arc<LeafMinter>,
+) -> Result<Gate> {
+    use crate::{
+        admin::{self, Admin},
+        approvals::Approvals,
+        identity::Authenticator,
+        jwks::{JwksCache, Source},
+        notify::Notifier,
+        pod::PodResolver,
+        policy::PolicyHandle,
+        store::RedbStore,
+    };
+    let (Some(idc), Some(policy_file)) = (&pcfg.identity, &pcfg.policy_file) else {
+        let imp = pcfg
+            .impersonate
+            .as_ref()
+            .context("proxy.impersonate is required without identity and policy")?;
+        warn!(user = %imp.user, "pass-through mode: no token checks and no policy; every enrolled agent acts as this identity");
+        return Ok(Gate::PassThrough(Impersonation::new(
+            &imp.user,
+            &imp.groups,
+        )));
+    };
+    let mut keys = Vec::new();
+    for i in &idc.issuers {
+        let source = if i.kubernetes {
+            Source::ApiServer(upstream.clone())
+        } else {
+            Source::Oidc {
+                client: crate::http_client::client(i.ca_file.as_deref(), false)
+                    .with_context(|| format!("issuer {}", i.issuer))?,
+                issuer: i.issuer.clone(),
+                jwks_url: i.jwks_url.clone(),
+            }
+        };
+        let k = Arc::new(JwksCache::new(&i.issuer, source));
+        // Warm the key cache; a failure is retried on first use.
+        let warm = k.clone();
+        tokio::spawn(async move {
+            warm.refresh().await;
+        });
+        keys.push(k);
+    }
+    let authn = Arc::new(Authenticator::new(idc, keys));
+    let policy = PolicyHandle::load(policy_file)?;
+    tokio::spawn(policy.clone().watch(std::time::Duration::from_secs(1)));
+    let store = Arc::new(RedbStore::open(&cfg.state_dir.join("approvals.redb"))?);
+    let notifier = pcfg
+        .approvals
+        .webhook
+        .as_ref()
+        .map(Notifier::new)
+        .transpose()
+        .context("proxy.approvals.webhook")?;
+    let approvals = Arc::new(Approvals::open(
+        store,
+        &cfg.state_dir.join("approvals.jsonl"),
+        notifier,
+        pcfg.approvals.pending_ttl,
+    )?);
+    tokio::spawn(approvals.clone().sweep(std::time::Duration::from_secs(2)));
+    let admin = Arc::new(Admin {
+        approvals: approvals.clone(),
+        policy: policy.clone(),
+        authenticator: authn.clone(),
+        approver_groups: pcfg
+            .admin
+            .https
+            .as_ref()
+            .map(|h| h.approver_groups.clone())
+            .unwrap_or_default(),
+    });
+    let socket = pcfg
+        .admin
+        .socket
+        .clone()
+        .unwrap_or_else(|| cfg.state_dir.join("admin.sock"));
+    {
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve_unix(admin, &socket).await {
+                warn!(error = %e, socket = %socket.display(), "admin socket unavailable");
+            }
+        });
+    }
+    if let Some(h) = &pcfg.admin.https {
+        let l = TcpListener::bind(h.listen)
+            .await
+            .with_context(|| format!("binding proxy.admin.https.listen {}", h.listen))?;
+        info!(addr = %h.listen, "admin API listening (HTTPS)");
+        tokio::spawn(admin::serve_https(admin, l, minter.clone()));
+    }
+    Ok(Gate::Gated {
+        authn,
+        policy,
+        approvals,
+        pods: Arc::new(PodResolver::new(&cfg.kernel.attach_cgroup)),
+    })
 }
 
 fn flush(w: &mut JsonlWriter) {

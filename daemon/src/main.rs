@@ -4,18 +4,29 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod admin;
+mod admin_client;
+mod approvals;
 mod ca;
 mod cli;
 mod config;
 mod daemon;
 mod doctor;
+mod http_client;
+mod identity;
 mod jsonl;
+mod jwks;
 mod kernel;
 mod listener;
+mod notify;
 mod origin;
+mod pod;
+mod policy;
+mod policy_cases;
 mod proxy;
 mod request_info;
 mod status;
+mod store;
 mod upstream;
 
 #[derive(Parser)]
@@ -29,7 +40,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-const DEFAULT_CONFIG: &str = "/etc/portcullis/portcullis.yaml";
+pub const DEFAULT_CONFIG: &str = "/etc/portcullis/portcullis.yaml";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -82,6 +93,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
+    /// Check a policy document against a table of expected decisions.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+    /// Requests waiting for a human (through the admin API).
+    Approvals {
+        #[command(flatten)]
+        conn: admin_client::Conn,
+        #[command(subcommand)]
+        cmd: ApprovalsCmd,
+    },
+    /// Just-in-time grants created by approvals.
+    Grants {
+        #[command(flatten)]
+        conn: admin_client::Conn,
+        #[command(subcommand)]
+        cmd: GrantsCmd,
+    },
     /// Detach every program and remove the pins (uninstall). Agents then reach the API
     /// server directly: this is the only way enforcement ends.
     Unload {
@@ -96,6 +126,58 @@ enum CaCmd {
     Init {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Run table-driven decision cases; exits non-zero on any mismatch.
+    Test {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        cases: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCmd {
+    /// All approvals (pending first is up to you: `-o json | jq`).
+    List {
+        #[arg(short, long, default_value = "table")]
+        output: admin_client::Output,
+    },
+    Show {
+        id: String,
+    },
+    Approve {
+        id: String,
+        /// Why (recorded).
+        #[arg(long)]
+        justification: Option<String>,
+        /// On the node socket: the human root acts for (recorded; no self-approval).
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
+    Deny {
+        id: String,
+        #[arg(long, required = true)]
+        reason: String,
+        #[arg(long = "as")]
+        as_name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantsCmd {
+    List {
+        #[arg(short, long, default_value = "table")]
+        output: admin_client::Output,
+    },
+    Revoke {
+        id: String,
+        #[arg(long = "as")]
+        as_name: Option<String>,
     },
 }
 
@@ -129,6 +211,49 @@ fn main() -> Result<()> {
         Cmd::Ca {
             cmd: CaCmd::Init { config },
         } => cli::ca_init(&config::Config::load(&config)?),
+        Cmd::Policy {
+            cmd: PolicyCmd::Test { policy, cases },
+        } => {
+            let (_, failed) = policy_cases::run(&policy, &cases, &mut std::io::stdout())?;
+            std::process::exit(if failed == 0 { 0 } else { 1 });
+        }
+        Cmd::Approvals { conn, cmd } => {
+            use serde_json::json;
+            let call = match cmd {
+                ApprovalsCmd::List { output } => {
+                    return admin_client::list(&conn, "/v1/approvals", output);
+                }
+                ApprovalsCmd::Show { id } => ("GET", format!("/v1/approvals/{id}"), None),
+                ApprovalsCmd::Approve {
+                    id,
+                    justification,
+                    as_name,
+                } => (
+                    "POST",
+                    format!("/v1/approvals/{id}/approve"),
+                    Some(json!({"justification": justification, "as": as_name})),
+                ),
+                ApprovalsCmd::Deny {
+                    id,
+                    reason,
+                    as_name,
+                } => (
+                    "POST",
+                    format!("/v1/approvals/{id}/deny"),
+                    Some(json!({"reason": reason, "as": as_name})),
+                ),
+            };
+            admin_client::print_call(&conn, call.0, &call.1, call.2)
+        }
+        Cmd::Grants { conn, cmd } => match cmd {
+            GrantsCmd::List { output } => admin_client::list(&conn, "/v1/grants", output),
+            GrantsCmd::Revoke { id, as_name } => admin_client::print_call(
+                &conn,
+                "POST",
+                &format!("/v1/grants/{id}/revoke"),
+                Some(serde_json::json!({"as": as_name})),
+            ),
+        },
         Cmd::Status { config } => cli::status(&config::Config::load(&config)?),
         Cmd::Unload { config } => cli::unload(&config::Config::load(&config)?),
     }

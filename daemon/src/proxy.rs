@@ -26,12 +26,41 @@ use tokio_rustls::LazyConfigAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    approvals::{Approvals, Attributes, Held},
     ca::LeafMinter,
     config,
+    identity::Authenticator,
     origin::ConnOrigin,
-    request_info, status,
-    upstream::{self, Upstream},
+    pod::{PodRef, PodResolver},
+    policy::{Action, PolicyHandle},
+    request_info::{self, RequestInfo},
+    status,
+    upstream::{self, Impersonation, Upstream},
 };
+
+/// How requests are authorised.
+pub enum Gate {
+    /// Every enrolled agent acts as one scoped identity (no token checks, no policy).
+    PassThrough(Impersonation),
+    /// Each request: the agent's token, bound to its pod; the policy's decision; the
+    /// subject's scoped identity upstream.
+    Gated {
+        authn: Arc<Authenticator>,
+        policy: Arc<PolicyHandle>,
+        approvals: Arc<Approvals>,
+        pods: Arc<PodResolver>,
+    },
+}
+
+/// What the gate concluded about one request (for the request log).
+#[derive(Default)]
+struct Verdict {
+    subject: String,
+    decision: &'static str,
+    rule: String,
+    approval: String,
+    grant: String,
+}
 
 /// Every body that crosses the proxy, in either direction.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -41,8 +70,9 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 pub struct Proxy {
-    minter: LeafMinter,
-    upstream: Upstream,
+    minter: Arc<LeafMinter>,
+    upstream: Arc<Upstream>,
+    gate: Gate,
     accept_unredirected: bool,
     header_timeout: Duration,
     max_header_bytes: usize,
@@ -91,6 +121,8 @@ struct Conn {
     id: u64,
     peer: SocketAddr,
     origin: Option<ConnOrigin>,
+    /// The pod whose cgroup opened the connection (gated mode).
+    kernel_pod: Option<PodRef>,
     sni: Option<String>,
     cancels: std::sync::Mutex<Window>,
     /// Set when a budget is exceeded; the connection is then closed.
@@ -125,10 +157,16 @@ impl Drop for CancelGuard<'_> {
 }
 
 impl Proxy {
-    pub fn new(minter: LeafMinter, upstream: Upstream, cfg: &config::Proxy) -> Self {
+    pub fn new(
+        minter: Arc<LeafMinter>,
+        upstream: Arc<Upstream>,
+        gate: Gate,
+        cfg: &config::Proxy,
+    ) -> Self {
         Proxy {
             minter,
             upstream,
+            gate,
             accept_unredirected: cfg.accept_unredirected,
             header_timeout: cfg.header_timeout,
             max_header_bytes: cfg.max_header_bytes,
@@ -187,10 +225,15 @@ impl Proxy {
             }
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let kernel_pod = match (&self.gate, &origin) {
+            (Gate::Gated { pods, .. }, Some(o)) => pods.resolve(o.origin.cgroup_id),
+            _ => None,
+        };
         let conn = Arc::new(Conn {
             id,
             peer,
             origin,
+            kernel_pod,
             sni,
             cancels: Window::new(),
             abuse: tokio::sync::Notify::new(),
@@ -274,13 +317,19 @@ impl Proxy {
             Err(e) => return status::response(StatusCode::BAD_REQUEST, &e.to_string()),
         };
         let upgrade = is_upgrade(&req);
-        let resp = if upgrade {
-            self.forward_upgrade(req, conn).await
-        } else {
-            self.forward(req).await
+        let mut verdict = Verdict::default();
+        let resp = match self.authorize(&req, conn, &info, &mut verdict).await {
+            Err(refusal) => refusal,
+            Ok(imp) if upgrade => self.forward_upgrade(req, conn, &imp).await,
+            Ok(imp) => self.forward(req, &imp).await,
         };
         info!(
             conn = conn.id,
+            subject = %verdict.subject,
+            decision = verdict.decision,
+            rule = %verdict.rule,
+            approval = %verdict.approval,
+            grant = %verdict.grant,
             verb = %info.verb,
             api_group = %info.api_group,
             resource = %info.resource,
@@ -297,9 +346,125 @@ impl Proxy {
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// Identity, then decision: the upstream identity to impersonate, or the refusal.
+    async fn authorize(
+        &self,
+        req: &Request<Incoming>,
+        conn: &Conn,
+        info: &RequestInfo,
+        v: &mut Verdict,
+    ) -> Result<Impersonation, Response<ProxyBody>> {
+        let (authn, policy, approvals) = match &self.gate {
+            Gate::PassThrough(imp) => {
+                v.decision = "pass-through";
+                return Ok(imp.clone());
+            }
+            Gate::Gated {
+                authn,
+                policy,
+                approvals,
+                ..
+            } => (authn, policy, approvals),
+        };
+        let unauthorized = |v: &mut Verdict, why: String| {
+            v.decision = "unauthenticated";
+            warn!(conn = conn.id, reason = %why, "refused: agent identity");
+            status::response(StatusCode::UNAUTHORIZED, &format!("Portcullis: {why}"))
+        };
+        let token = match bearer(req) {
+            Some(t) => t,
+            None => return Err(unauthorized(v, "no bearer token in the request".into())),
+        };
+        let id = match authn.authenticate(token, conn.kernel_pod.as_ref()).await {
+            Ok(id) => id,
+            Err(e) => return Err(unauthorized(v, e.to_string())),
+        };
+        v.subject = id.username.clone();
+        let policy = policy.get();
+        let d = policy.decide(&id, info);
+        v.rule = d.rule.clone().unwrap_or_default();
+        let forbidden = |msg: String| status::response(StatusCode::FORBIDDEN, &msg);
+        match d.action {
+            Action::Deny => {
+                v.decision = "deny";
+                return Err(forbidden(format!(
+                    "Portcullis policy denies {} for {}: {}",
+                    Attributes::from(info),
+                    id.username,
+                    d.message
+                )));
+            }
+            Action::Allow => v.decision = "allow",
+            Action::Approve => {
+                let spec = d
+                    .approval
+                    .clone()
+                    .unwrap_or_else(|| crate::policy::ApprovalSpec {
+                        approvers: Vec::new(),
+                        hold: Duration::ZERO,
+                        grant_ttl: Duration::from_secs(60),
+                    });
+                let attrs = Attributes::from(info);
+                let held = approvals
+                    .hold(&id, &attrs, &v.rule, &d.message, &spec)
+                    .await;
+                match held {
+                    Ok(Held::Granted { grant_id }) => {
+                        v.decision = "approved";
+                        v.grant = grant_id;
+                    }
+                    Ok(Held::Pending { approval_id }) => {
+                        v.decision = "held";
+                        v.approval = approval_id.clone();
+                        return Err(forbidden(format!(
+                            "Portcullis: {attrs} needs approval ({}); approval {approval_id} is pending. \
+                             An approver runs `portcullis approvals approve {approval_id}`; retry after that.",
+                            d.message
+                        )));
+                    }
+                    Ok(Held::Denied {
+                        approval_id,
+                        by,
+                        reason,
+                    }) => {
+                        v.decision = "denied";
+                        v.approval = approval_id.clone();
+                        return Err(forbidden(format!(
+                            "Portcullis: approval {approval_id} for {attrs} was denied by {by}: {reason}"
+                        )));
+                    }
+                    Ok(Held::Expired { approval_id }) => {
+                        v.decision = "expired";
+                        v.approval = approval_id.clone();
+                        return Err(forbidden(format!(
+                            "Portcullis: approval {approval_id} for {attrs} expired undecided; retry to request a new one"
+                        )));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "approval store unavailable");
+                        return Err(status::response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!("Portcullis cannot record the approval request: {e}"),
+                        ));
+                    }
+                }
+            }
+        }
+        match policy.scoped_identity(&id) {
+            Some(s) => Ok(Impersonation::new(&s.user, &s.groups)),
+            None => {
+                v.decision = "unmapped";
+                Err(forbidden(format!(
+                    "Portcullis policy {} maps no upstream identity for {}",
+                    policy.name, id.username
+                )))
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request<Incoming>, imp: &Impersonation) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
-        if let Err(e) = self.upstream.rewrite(&mut parts, false) {
+        if let Err(e) = self.upstream.rewrite(&mut parts, false, imp) {
             warn!(error = %e, "daemon credential unavailable");
             return status::response(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -317,10 +482,11 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         conn: &Conn,
+        imp: &Impersonation,
     ) -> Response<ProxyBody> {
         let downstream = hyper::upgrade::on(&mut req);
         let (mut parts, _body) = req.into_parts();
-        if let Err(e) = self.upstream.rewrite(&mut parts, true) {
+        if let Err(e) = self.upstream.rewrite(&mut parts, true, imp) {
             return status::response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("Portcullis cannot present its credential to the API server: {e}"),
@@ -394,7 +560,17 @@ impl Proxy {
     }
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
+/// The agent's bearer token (`Authorization: Bearer ...`).
+fn bearer<B>(req: &Request<B>) -> Option<&str> {
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

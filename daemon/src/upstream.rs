@@ -65,8 +65,22 @@ pub struct Upstream {
     client: HttpsClient,
     upgrade_client: HttpsClient,
     token: Option<TokenFile>,
-    impersonate_user: HeaderValue,
-    impersonate_groups: Vec<HeaderValue>,
+}
+
+/// The upstream identity a request is impersonated as, as header values.
+#[derive(Debug, Clone)]
+pub struct Impersonation {
+    user: HeaderValue,
+    groups: Vec<HeaderValue>,
+}
+
+impl Impersonation {
+    pub fn new(user: &str, groups: &[String]) -> Impersonation {
+        Impersonation {
+            user: header_value(user),
+            groups: groups.iter().map(|g| header_value(g)).collect(),
+        }
+    }
 }
 
 impl Upstream {
@@ -144,20 +158,11 @@ impl Upstream {
 
         let client = build_client(tls.clone(), true);
         let upgrade_client = build_client(tls, false);
-        let impersonate_user = header_value(&cfg.impersonate.user);
-        let impersonate_groups = cfg
-            .impersonate
-            .groups
-            .iter()
-            .map(|g| header_value(g))
-            .collect();
         Ok(Upstream {
             base,
             client,
             upgrade_client,
             token,
-            impersonate_user,
-            impersonate_groups,
         })
     }
 
@@ -167,7 +172,12 @@ impl Upstream {
 
     /// Rewrites an agent's request head for the API server: the target, the hop-by-hop
     /// headers, and the identity (agent credentials and impersonation out, ours in).
-    pub fn rewrite(&self, parts: &mut request::Parts, upgrade: bool) -> Result<(), UpstreamError> {
+    pub fn rewrite(
+        &self,
+        parts: &mut request::Parts,
+        upgrade: bool,
+        imp: &Impersonation,
+    ) -> Result<(), UpstreamError> {
         let pq = parts
             .uri
             .path_and_query()
@@ -198,14 +208,52 @@ impl Upstream {
         if let Some(t) = &self.token {
             parts.headers.insert(header::AUTHORIZATION, t.bearer()?);
         }
-        parts
-            .headers
-            .insert("impersonate-user", self.impersonate_user.clone());
+        parts.headers.insert("impersonate-user", imp.user.clone());
         // Repeated headers: a comma-joined value would be read as ONE group.
-        for g in &self.impersonate_groups {
+        for g in &imp.groups {
             parts.headers.append("impersonate-group", g.clone());
         }
         Ok(())
+    }
+
+    /// GET `path` from the API server with the daemon's own credential (no
+    /// impersonation): the service-account issuer's keys.
+    pub async fn get_raw(&self, path: &str, limit: usize) -> Result<bytes::Bytes, String> {
+        use http_body_util::BodyExt;
+        let uri = format!("{}{}", self.base.to_string().trim_end_matches('/'), path);
+        let mut b = http::Request::get(&uri).header(header::ACCEPT, "application/json");
+        if let Some(t) = &self.token {
+            b = b.header(
+                header::AUTHORIZATION,
+                t.bearer().map_err(|e| e.to_string())?,
+            );
+        }
+        let req = b
+            .body(http_body_util::Empty::new().map_err(|n| match n {}).boxed())
+            .map_err(|e| e.to_string())?;
+        let call = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| crate::proxy::source_chain(&e))?;
+            let code = resp.status();
+            let body = http_body_util::Limited::new(resp.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|e| format!("reading {uri}: {e}"))?
+                .to_bytes();
+            if !code.is_success() {
+                return Err(format!(
+                    "{uri} answered {code}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(300)])
+                ));
+            }
+            Ok(body)
+        };
+        tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .map_err(|_| format!("{uri}: no answer within 10 s"))?
     }
 
     pub async fn send(

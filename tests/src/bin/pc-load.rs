@@ -84,7 +84,12 @@ fn client(ca: &PathBuf) -> Result<C> {
         .build(conn))
 }
 
-fn request(cli: &Cli, method: &str, path: &str, body: Option<String>) -> Result<http::Request<Body>> {
+fn request(
+    cli: &Cli,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> Result<http::Request<Body>> {
     let mut b = http::Request::builder()
         .method(method)
         .uri(format!("{}{path}", cli.url))
@@ -141,7 +146,13 @@ async fn get(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
                         errors += 1;
                         let st = resp.status();
                         let b = resp.into_body().collect().await?.to_bytes();
-                        why.push(format!("{st}: {}", String::from_utf8_lossy(&b).chars().take(200).collect::<String>()));
+                        why.push(format!(
+                            "{st}: {}",
+                            String::from_utf8_lossy(&b)
+                                .chars()
+                                .take(200)
+                                .collect::<String>()
+                        ));
                     }
                     Err(e) => {
                         errors += 1;
@@ -164,8 +175,10 @@ async fn get(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
     let secs = t0.elapsed().as_secs_f64();
     let n = lat.len();
     let (p50, p99) = percentiles(lat);
-    Ok(json!({"requests": n, "errors": errors, "first_errors": whys, "p50_us": p50, "p99_us": p99,
-              "rps": n as f64 / secs, "bytes_per_response": if n > 0 { bytes / n as u64 } else { 0 }}))
+    Ok(
+        json!({"requests": n, "errors": errors, "first_errors": whys, "p50_us": p50, "p99_us": p99,
+              "rps": n as f64 / secs, "bytes_per_response": if n > 0 { bytes / n as u64 } else { 0 }}),
+    )
 }
 
 async fn watch(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
@@ -223,7 +236,9 @@ async fn watch(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
         let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": name, "labels": {"bench": cli.tag}}, "data": {"i": i.to_string()}});
         created.lock().unwrap().insert(name.clone(), Instant::now());
-        let resp = c.request(request(&cli, "POST", &cli.path, Some(body.to_string()))?).await?;
+        let resp = c
+            .request(request(&cli, "POST", &cli.path, Some(body.to_string()))?)
+            .await?;
         let st = resp.status();
         resp.into_body().collect().await?;
         if !st.is_success() {
@@ -240,14 +255,20 @@ async fn watch(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
         }
     }
     if let Some(e) = watch_errors.first() {
-        bail!("{} of {} watches failed, first: {e}", watch_errors.len(), cli.watchers);
+        bail!(
+            "{} of {} watches failed, first: {e}",
+            watch_errors.len(),
+            cli.watchers
+        );
     }
     let secs = t0.elapsed().as_secs_f64();
     let expected = cli.count as usize * cli.watchers as usize;
     let n = lat.len();
     let (p50, p99) = percentiles(lat);
-    Ok(json!({"events": n, "expected": expected, "missing": expected - n.min(expected),
-              "p50_us": p50, "p99_us": p99, "rps": n as f64 / secs}))
+    Ok(
+        json!({"events": n, "expected": expected, "missing": expected - n.min(expected),
+              "p50_us": p50, "p99_us": p99, "rps": n as f64 / secs}),
+    )
 }
 
 fn main() -> Result<()> {

@@ -32,15 +32,42 @@ fn workloads() -> Vec<Workload> {
     vec![
         w(
             "small GET",
-            &["--mode", "get", "--path", &format!("{cms}/small"), "--count", "3000", "--concurrency", "16"],
+            &[
+                "--mode",
+                "get",
+                "--path",
+                &format!("{cms}/small"),
+                "--count",
+                "3000",
+                "--concurrency",
+                "16",
+            ],
         ),
         w(
             "1 MB list",
-            &["--mode", "get", "--path", &cms, "--count", "150", "--concurrency", "4"],
+            &[
+                "--mode",
+                "get",
+                "--path",
+                &cms,
+                "--count",
+                "150",
+                "--concurrency",
+                "4",
+            ],
         ),
         w(
             "watch fan-out (50 watchers)",
-            &["--mode", "watch", "--path", &cms, "--count", "40", "--watchers", "50"],
+            &[
+                "--mode",
+                "watch",
+                "--path",
+                &cms,
+                "--count",
+                "40",
+                "--watchers",
+                "50",
+            ],
         ),
     ]
 }
@@ -200,7 +227,10 @@ fn load(gate: &Gate, nginx: &Nginx, target: &str, args: &[String], tag: &str) ->
                 .context("agent token")?;
             let mut c = lab.agent_command(&bin("pc-load"));
             c.arg(format!("--url=https://{}", lab.cluster_ip()))
-                .arg(format!("--ca={}", lab.state_dir().join("ca/ca.crt").display()))
+                .arg(format!(
+                    "--ca={}",
+                    lab.state_dir().join("ca/ca.crt").display()
+                ))
                 .arg(format!("--token={token}"));
             c
         }
@@ -247,12 +277,26 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn report(wl: &[Workload], results: &[Vec<Vec<Value>>], rounds: u32) -> Result<()> {
     println!(
         "\n{:<28} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} | {:>16} {:>14}",
-        "workload (median of rounds)", "direct p50", "nginx p50", "pc p50", "direct p99", "nginx p99", "pc p99",
-        "added p50 pc/ngx", "rps pc/nginx"
+        "workload (median of rounds)",
+        "direct p50",
+        "nginx p50",
+        "pc p50",
+        "direct p99",
+        "nginx p99",
+        "pc p99",
+        "added p50 pc/ngx",
+        "rps pc/nginx"
     );
     let mut rows = Vec::new();
     for (wi, w) in wl.iter().enumerate() {
-        let m = |ti: usize, k: &str| median(results[wi][ti].iter().map(|v| v[k].as_f64().unwrap_or(0.0)).collect());
+        let m = |ti: usize, k: &str| {
+            median(
+                results[wi][ti]
+                    .iter()
+                    .map(|v| v[k].as_f64().unwrap_or(0.0))
+                    .collect(),
+            )
+        };
         let (d50, n50, p50) = (m(0, "p50_us"), m(1, "p50_us"), m(2, "p50_us"));
         let (d99, n99, p99) = (m(0, "p99_us"), m(1, "p99_us"), m(2, "p99_us"));
         let (drps, nrps, prps) = (m(0, "rps"), m(1, "rps"), m(2, "rps"));
@@ -273,13 +317,20 @@ fn report(wl: &[Workload], results: &[Vec<Vec<Value>>], rounds: u32) -> Result<(
             "goal_rps_ratio_ge_1": rps_ratio >= 1.0,
         }));
     }
-    println!("\ngoals: added p50 (Portcullis - direct) <= 1.3 x (nginx - direct); Portcullis rps >= nginx rps");
-    let out = PathBuf::from(std::env::var("PORTCULLIS_BIN_DIR").unwrap_or_else(|_| "target/release".into()))
-        .join("../bench/proxy.json");
+    println!(
+        "\ngoals: added p50 (Portcullis - direct) <= 1.3 x (nginx - direct); Portcullis rps >= nginx rps"
+    );
+    let out = PathBuf::from(
+        std::env::var("PORTCULLIS_BIN_DIR").unwrap_or_else(|_| "target/release".into()),
+    )
+    .join("../bench/proxy.json");
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&out, serde_json::to_vec_pretty(&json!({"rounds": rounds, "results": rows}))?)?;
+    std::fs::write(
+        &out,
+        serde_json::to_vec_pretty(&json!({"rounds": rounds, "results": rows}))?,
+    )?;
     println!("written to {}", out.display());
     Ok(())
 }

@@ -1,0 +1,881 @@
+//! Just-in-time approvals. A request a rule marks `approve` is held (up to the rule's
+//! hold time) while approvers are notified; approved in time, it proceeds. Either way
+//! an approval creates a grant scoped to the subject and the request's attributes,
+//! valid for the rule's TTL, so the agent's retry passes; grants expire by themselves
+//! and can be revoked. Approvals and grants live in a durable store and survive a
+//! restart; every state change is written to the approvals audit log.
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    identity::Identity,
+    jsonl::JsonlWriter,
+    notify::Notifier,
+    pod::PodRef,
+    policy::{ApprovalSpec, Policy, SubjectSpec},
+    request_info::RequestInfo,
+    store::{Store, StoreError},
+};
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        // The clock is a poor but unique-enough fallback; ids are not secrets.
+        b = (SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0))
+        .to_be_bytes();
+    }
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+/// What a grant is scoped to: the request's Kubernetes attributes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct Attributes {
+    pub verb: String,
+    #[serde(default)]
+    pub api_group: String,
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub subresource: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub name: String,
+    /// Non-resource requests only.
+    #[serde(default)]
+    pub path: String,
+}
+
+impl From<&RequestInfo> for Attributes {
+    fn from(r: &RequestInfo) -> Self {
+        Attributes {
+            verb: r.verb.clone(),
+            api_group: r.api_group.clone(),
+            resource: r.resource.clone(),
+            subresource: r.subresource.clone(),
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+            path: if r.is_resource_request {
+                String::new()
+            } else {
+                r.path.clone()
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Attributes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.path.is_empty() {
+            return write!(f, "{} {}", self.verb, self.path);
+        }
+        let mut res = self.resource.clone();
+        if !self.api_group.is_empty() {
+            res = format!("{res}.{}", self.api_group);
+        }
+        if !self.subresource.is_empty() {
+            res = format!("{res}/{}", self.subresource);
+        }
+        write!(f, "{} {res}", self.verb)?;
+        if !self.name.is_empty() {
+            write!(f, " {}", self.name)?;
+        }
+        if !self.namespace.is_empty() {
+            write!(f, " in {}", self.namespace)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SubjectRecord {
+    pub username: String,
+    pub groups: Vec<String>,
+    pub issuer: String,
+    pub token_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+impl From<&Identity> for SubjectRecord {
+    fn from(id: &Identity) -> Self {
+        SubjectRecord {
+            username: id.username.clone(),
+            groups: id.groups.clone(),
+            issuer: id.issuer.clone(),
+            token_id: id.token_id.clone(),
+            pod: id.kernel_pod.clone().or_else(|| id.token_pod.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Approved {
+        by: String,
+        at: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        justification: Option<String>,
+    },
+    Denied {
+        by: String,
+        at: u64,
+        reason: String,
+    },
+    Expired {
+        at: u64,
+    },
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Approved { .. } => "approved",
+            State::Denied { .. } => "denied",
+            State::Expired { .. } => "expired",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Approval {
+    pub id: String,
+    pub created_at: u64,
+    /// A pending approval expires (nobody decided) at this time.
+    pub expires_at: u64,
+    pub subject: SubjectRecord,
+    pub request: Attributes,
+    pub rule: String,
+    pub message: String,
+    pub approvers: Vec<SubjectSpec>,
+    pub grant_ttl_secs: u64,
+    #[serde(flatten)]
+    pub state: State,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Grant {
+    pub id: String,
+    pub approval_id: String,
+    pub username: String,
+    pub request: Attributes,
+    pub approved_by: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<Revocation>,
+    /// Set once the expiry has been written to the audit log.
+    #[serde(default)]
+    pub expiry_recorded: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Revocation {
+    pub by: String,
+    pub at: u64,
+}
+
+impl Grant {
+    pub fn active(&self, t: u64) -> bool {
+        self.revoked.is_none() && t < self.expires_at
+    }
+    pub fn status(&self, t: u64) -> &'static str {
+        match (&self.revoked, t < self.expires_at) {
+            (Some(_), _) => "revoked",
+            (None, true) => "active",
+            (None, false) => "expired",
+        }
+    }
+}
+
+/// Who is deciding, as the admin API authenticated them.
+#[derive(Debug, Clone)]
+pub struct Approver {
+    pub username: String,
+    pub groups: Vec<String>,
+    /// Root on the node, through the admin socket: may decide any approval (still
+    /// not one requested under the same name).
+    pub node_admin: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    #[error("no approval or grant {0}")]
+    NotFound(String),
+    #[error("approval {id} is already {state}")]
+    NotPending { id: String, state: &'static str },
+    #[error("{who} requested {id} and cannot approve or deny it (no self-approval)")]
+    SelfApproval { who: String, id: String },
+    #[error("{who} is not an approver for rule {rule}")]
+    NotApprover { who: String, rule: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How a held request ends.
+#[derive(Debug)]
+pub enum Held {
+    /// Proceed: an active grant (just created or from an earlier approval).
+    Granted {
+        grant_id: String,
+    },
+    Denied {
+        approval_id: String,
+        by: String,
+        reason: String,
+    },
+    /// Nobody decided within the hold time; the approval stays pending.
+    Pending {
+        approval_id: String,
+    },
+    Expired {
+        approval_id: String,
+    },
+}
+
+#[derive(Serialize)]
+struct AuditEvent<'a> {
+    time: u64,
+    event: &'a str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval: Option<&'a Approval>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant: Option<&'a Grant>,
+}
+
+struct Inner {
+    approvals: HashMap<String, Approval>,
+    grants: HashMap<String, Grant>,
+    waiters: HashMap<String, watch::Sender<State>>,
+}
+
+pub struct Approvals {
+    store: Arc<dyn Store>,
+    inner: Mutex<Inner>,
+    audit: Mutex<JsonlWriter>,
+    notifier: Option<Notifier>,
+    pending_ttl: Duration,
+}
+
+impl Approvals {
+    pub fn open(
+        store: Arc<dyn Store>,
+        audit_path: &Path,
+        notifier: Option<Notifier>,
+        pending_ttl: Duration,
+    ) -> Result<Approvals, StoreError> {
+        let approvals = store
+            .approvals()?
+            .into_iter()
+            .map(|a| (a.id.clone(), a))
+            .collect::<HashMap<_, _>>();
+        let grants = store
+            .grants()?
+            .into_iter()
+            .map(|g| (g.id.clone(), g))
+            .collect::<HashMap<_, _>>();
+        info!(
+            approvals = approvals.len(),
+            pending = approvals
+                .values()
+                .filter(|a| a.state == State::Pending)
+                .count(),
+            grants = grants.len(),
+            "approval store loaded"
+        );
+        let audit = JsonlWriter::open(audit_path)
+            .map_err(|e| StoreError(format!("{}: {e}", audit_path.display())))?;
+        Ok(Approvals {
+            store,
+            inner: Mutex::new(Inner {
+                approvals,
+                grants,
+                waiters: HashMap::new(),
+            }),
+            audit: Mutex::new(audit),
+            notifier,
+            pending_ttl,
+        })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(
+        &self,
+        event: &str,
+        id: &str,
+        by: Option<&str>,
+        a: Option<&Approval>,
+        g: Option<&Grant>,
+    ) {
+        let mut w = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let ev = AuditEvent {
+            time: now(),
+            event,
+            id,
+            by,
+            approval: a,
+            grant: g,
+        };
+        if let Err(e) = w.append(&ev).and_then(|_| w.flush()) {
+            warn!(error = %e, path = %w.path().display(), "writing the approvals audit log");
+        }
+    }
+
+    /// An active grant for this subject and these attributes.
+    pub fn active_grant(&self, username: &str, attrs: &Attributes) -> Option<String> {
+        let t = now();
+        self.inner()
+            .grants
+            .values()
+            .find(|g| g.username == username && &g.request == attrs && g.active(t))
+            .map(|g| g.id.clone())
+    }
+
+    /// Holds a request that needs approval: reuses a pending approval for the same
+    /// subject and attributes (an agent's retry does not page anyone again), or opens
+    /// and announces a new one, then waits up to the rule's hold time.
+    pub async fn hold(
+        &self,
+        id: &Identity,
+        attrs: &Attributes,
+        rule: &str,
+        message: &str,
+        spec: &ApprovalSpec,
+    ) -> Result<Held, StoreError> {
+        if let Some(grant_id) = self.active_grant(&id.username, attrs) {
+            return Ok(Held::Granted { grant_id });
+        }
+        let (approval_id, mut rx) = {
+            let mut inner = self.inner();
+            let existing = inner
+                .approvals
+                .values()
+                .find(|a| {
+                    a.state == State::Pending
+                        && a.subject.username == id.username
+                        && &a.request == attrs
+                        && a.expires_at > now()
+                })
+                .map(|a| a.id.clone());
+            let (aid, created) = match existing {
+                Some(aid) => (aid, None),
+                None => {
+                    let t = now();
+                    let a = Approval {
+                        id: new_id("apr"),
+                        created_at: t,
+                        expires_at: t + self.pending_ttl.as_secs(),
+                        subject: id.into(),
+                        request: attrs.clone(),
+                        rule: rule.into(),
+                        message: message.into(),
+                        approvers: spec.approvers.clone(),
+                        grant_ttl_secs: spec.grant_ttl.as_secs(),
+                        state: State::Pending,
+                        grant_id: None,
+                    };
+                    self.store.put_approval(&a)?;
+                    inner.approvals.insert(a.id.clone(), a.clone());
+                    (a.id.clone(), Some(a))
+                }
+            };
+            let rx = inner
+                .waiters
+                .entry(aid.clone())
+                .or_insert_with(|| watch::channel(State::Pending).0)
+                .subscribe();
+            drop(inner);
+            if let Some(a) = created {
+                info!(approval = %a.id, subject = %a.subject.username, request = %a.request, rule, "approval requested");
+                self.record("approval.requested", &a.id, None, Some(&a), None);
+                if let Some(n) = &self.notifier {
+                    n.announce(&a);
+                }
+            }
+            (aid, rx)
+        };
+        let decided = tokio::time::timeout(spec.hold, rx.wait_for(|s| *s != State::Pending)).await;
+        let state = match decided {
+            Ok(Ok(s)) => s.clone(),
+            _ => {
+                // Timed out (or the waiter went away): look at the record itself.
+                match self.inner().approvals.get(&approval_id) {
+                    Some(a) => a.state.clone(),
+                    None => State::Pending,
+                }
+            }
+        };
+        Ok(match state {
+            State::Pending => Held::Pending { approval_id },
+            State::Approved { .. } => match self.active_grant(&id.username, attrs) {
+                Some(grant_id) => Held::Granted { grant_id },
+                // Approved but the grant is already gone (revoked at once).
+                None => Held::Pending { approval_id },
+            },
+            State::Denied { by, reason, .. } => Held::Denied {
+                approval_id,
+                by,
+                reason,
+            },
+            State::Expired { .. } => Held::Expired { approval_id },
+        })
+    }
+
+    pub fn list(&self) -> Vec<Approval> {
+        self.expire_due();
+        let mut v: Vec<Approval> = self.inner().approvals.values().cloned().collect();
+        v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<Approval> {
+        self.expire_due();
+        self.inner().approvals.get(id).cloned()
+    }
+
+    pub fn grants(&self) -> Vec<Grant> {
+        let mut v: Vec<Grant> = self.inner().grants.values().cloned().collect();
+        v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        v
+    }
+
+    fn check_decider(&self, a: &Approval, who: &Approver) -> Result<(), DecideError> {
+        if a.subject.username == who.username {
+            return Err(DecideError::SelfApproval {
+                who: who.username.clone(),
+                id: a.id.clone(),
+            });
+        }
+        if !who.node_admin {
+            let as_identity = Identity {
+                issuer: String::new(),
+                username: who.username.clone(),
+                groups: who.groups.clone(),
+                token_id: String::new(),
+                expires_at: 0,
+                token_pod: None,
+                kernel_pod: None,
+            };
+            if !Policy::is_listed_approver(&a.approvers, &as_identity) {
+                return Err(DecideError::NotApprover {
+                    who: who.username.clone(),
+                    rule: a.rule.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn pending(&self, id: &str) -> Result<Approval, DecideError> {
+        self.expire_due();
+        let a = self
+            .inner()
+            .approvals
+            .get(id)
+            .cloned()
+            .ok_or_else(|| DecideError::NotFound(id.into()))?;
+        if a.state != State::Pending {
+            return Err(DecideError::NotPending {
+                id: id.into(),
+                state: a.state.name(),
+            });
+        }
+        Ok(a)
+    }
+
+    pub fn approve(
+        &self,
+        id: &str,
+        who: &Approver,
+        justification: Option<String>,
+    ) -> Result<(Approval, Grant), DecideError> {
+        let mut a = self.pending(id)?;
+        self.check_decider(&a, who)?;
+        let t = now();
+        let g = Grant {
+            id: new_id("grt"),
+            approval_id: a.id.clone(),
+            username: a.subject.username.clone(),
+            request: a.request.clone(),
+            approved_by: who.username.clone(),
+            created_at: t,
+            expires_at: t + a.grant_ttl_secs,
+            revoked: None,
+            expiry_recorded: false,
+        };
+        a.state = State::Approved {
+            by: who.username.clone(),
+            at: t,
+            justification,
+        };
+        a.grant_id = Some(g.id.clone());
+        self.store.put_both(&a, &g)?;
+        {
+            let mut inner = self.inner();
+            inner.approvals.insert(a.id.clone(), a.clone());
+            inner.grants.insert(g.id.clone(), g.clone());
+            if let Some(tx) = inner.waiters.remove(&a.id) {
+                let _ = tx.send(a.state.clone());
+            }
+        }
+        info!(approval = %a.id, grant = %g.id, by = %who.username, ttl_s = a.grant_ttl_secs, "approved");
+        self.record(
+            "approval.approved",
+            &a.id,
+            Some(&who.username),
+            Some(&a),
+            Some(&g),
+        );
+        Ok((a, g))
+    }
+
+    pub fn deny(&self, id: &str, who: &Approver, reason: String) -> Result<Approval, DecideError> {
+        let mut a = self.pending(id)?;
+        self.check_decider(&a, who)?;
+        a.state = State::Denied {
+            by: who.username.clone(),
+            at: now(),
+            reason,
+        };
+        self.store.put_approval(&a)?;
+        {
+            let mut inner = self.inner();
+            inner.approvals.insert(a.id.clone(), a.clone());
+            if let Some(tx) = inner.waiters.remove(&a.id) {
+                let _ = tx.send(a.state.clone());
+            }
+        }
+        info!(approval = %a.id, by = %who.username, "denied");
+        self.record(
+            "approval.denied",
+            &a.id,
+            Some(&who.username),
+            Some(&a),
+            None,
+        );
+        Ok(a)
+    }
+
+    pub fn revoke(&self, grant_id: &str, who: &Approver) -> Result<Grant, DecideError> {
+        let mut g = self
+            .inner()
+            .grants
+            .get(grant_id)
+            .cloned()
+            .ok_or_else(|| DecideError::NotFound(grant_id.into()))?;
+        if g.revoked.is_some() {
+            return Err(DecideError::NotPending {
+                id: grant_id.into(),
+                state: "revoked",
+            });
+        }
+        g.revoked = Some(Revocation {
+            by: who.username.clone(),
+            at: now(),
+        });
+        self.store.put_grant(&g)?;
+        self.inner().grants.insert(g.id.clone(), g.clone());
+        info!(grant = %g.id, by = %who.username, "grant revoked");
+        self.record("grant.revoked", &g.id, Some(&who.username), None, Some(&g));
+        Ok(g)
+    }
+
+    /// Marks pending approvals past their expiry as expired and records grant expiries.
+    pub fn expire_due(&self) {
+        let t = now();
+        let (approvals, grants) = {
+            let inner = self.inner();
+            (
+                inner
+                    .approvals
+                    .values()
+                    .filter(|a| a.state == State::Pending && t >= a.expires_at)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                inner
+                    .grants
+                    .values()
+                    .filter(|g| g.revoked.is_none() && t >= g.expires_at && !g.expiry_recorded)
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
+        };
+        for mut a in approvals {
+            a.state = State::Expired { at: t };
+            if let Err(e) = self.store.put_approval(&a) {
+                warn!(error = %e, approval = %a.id, "recording an expiry");
+                continue;
+            }
+            {
+                let mut inner = self.inner();
+                inner.approvals.insert(a.id.clone(), a.clone());
+                if let Some(tx) = inner.waiters.remove(&a.id) {
+                    let _ = tx.send(a.state.clone());
+                }
+            }
+            info!(approval = %a.id, "approval expired undecided");
+            self.record("approval.expired", &a.id, None, Some(&a), None);
+        }
+        for mut g in grants {
+            g.expiry_recorded = true;
+            if let Err(e) = self.store.put_grant(&g) {
+                warn!(error = %e, grant = %g.id, "recording an expiry");
+                continue;
+            }
+            self.inner().grants.insert(g.id.clone(), g.clone());
+            info!(grant = %g.id, "grant expired");
+            self.record("grant.expired", &g.id, None, None, Some(&g));
+        }
+    }
+
+    pub async fn sweep(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            self.expire_due();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RedbStore;
+
+    fn tmp(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("pc-approvals-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn agent() -> Identity {
+        Identity {
+            issuer: "k8s".into(),
+            username: "system:serviceaccount:e2e:agent".into(),
+            groups: vec![],
+            token_id: "t".into(),
+            expires_at: u64::MAX,
+            token_pod: None,
+            kernel_pod: None,
+        }
+    }
+
+    fn attrs(name: &str) -> Attributes {
+        Attributes {
+            verb: "delete".into(),
+            api_group: String::new(),
+            resource: "configmaps".into(),
+            subresource: String::new(),
+            namespace: "e2e".into(),
+            name: name.into(),
+            path: String::new(),
+        }
+    }
+
+    fn spec(hold_ms: u64, ttl_s: u64) -> ApprovalSpec {
+        ApprovalSpec {
+            approvers: vec![SubjectSpec {
+                kind: crate::policy::SubjectKind::Group,
+                name: "oncall".into(),
+                namespace: None,
+            }],
+            hold: Duration::from_millis(hold_ms),
+            grant_ttl: Duration::from_secs(ttl_s),
+        }
+    }
+
+    fn open(d: &Path) -> Arc<Approvals> {
+        let store = Arc::new(RedbStore::open(&d.join("approvals.redb")).unwrap());
+        Arc::new(
+            Approvals::open(
+                store,
+                &d.join("approvals.jsonl"),
+                None,
+                Duration::from_secs(3600),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn root() -> Approver {
+        Approver {
+            username: "alice".into(),
+            groups: vec![],
+            node_admin: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn approved_while_held_proceeds_and_the_grant_is_scoped() {
+        let d = tmp("held");
+        let ap = open(&d);
+        let ap2 = ap.clone();
+        let approver = tokio::spawn(async move {
+            loop {
+                if let Some(a) = ap2.list().into_iter().find(|a| a.state == State::Pending) {
+                    return ap2.approve(&a.id, &root(), Some("ok".into())).unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let held = ap
+            .hold(&agent(), &attrs("a"), "r", "m", &spec(5000, 60))
+            .await
+            .unwrap();
+        let (_, g) = approver.await.unwrap();
+        assert!(
+            matches!(held, Held::Granted { ref grant_id } if *grant_id == g.id),
+            "{held:?}"
+        );
+        // Scoped: the same subject and attributes only.
+        assert!(ap.active_grant(&agent().username, &attrs("a")).is_some());
+        assert!(ap.active_grant(&agent().username, &attrs("b")).is_none());
+        assert!(ap.active_grant("someone-else", &attrs("a")).is_none());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn undecided_stays_pending_survives_a_restart_and_retries_reuse_it() {
+        let d = tmp("restart");
+        let ap = open(&d);
+        let h = ap
+            .hold(&agent(), &attrs("a"), "r", "m", &spec(50, 60))
+            .await
+            .unwrap();
+        let Held::Pending { approval_id } = h else {
+            panic!("{h:?}")
+        };
+        let h2 = ap
+            .hold(&agent(), &attrs("a"), "r", "m", &spec(50, 60))
+            .await
+            .unwrap();
+        assert!(matches!(h2, Held::Pending { approval_id: ref b } if *b == approval_id));
+        drop(ap);
+        let ap = open(&d);
+        assert_eq!(ap.get(&approval_id).unwrap().state, State::Pending);
+        ap.approve(&approval_id, &root(), None).unwrap();
+        drop(ap);
+        let ap = open(&d);
+        let h3 = ap
+            .hold(&agent(), &attrs("a"), "r", "m", &spec(50, 60))
+            .await
+            .unwrap();
+        assert!(matches!(h3, Held::Granted { .. }), "{h3:?}");
+        let log = std::fs::read_to_string(d.join("approvals.jsonl")).unwrap();
+        assert_eq!(log.matches("approval.requested").count(), 1);
+        assert_eq!(log.matches("approval.approved").count(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn self_approval_non_approvers_and_double_decisions_are_refused() {
+        let d = tmp("rules");
+        let ap = open(&d);
+        let Held::Pending { approval_id } = ap
+            .hold(&agent(), &attrs("a"), "r", "m", &spec(10, 60))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let me = Approver {
+            username: agent().username,
+            groups: vec!["oncall".into()],
+            node_admin: true,
+        };
+        assert!(matches!(
+            ap.approve(&approval_id, &me, None),
+            Err(DecideError::SelfApproval { .. })
+        ));
+        let outsider = Approver {
+            username: "bob".into(),
+            groups: vec!["devs".into()],
+            node_admin: false,
+        };
+        assert!(matches!(
+            ap.approve(&approval_id, &outsider, None),
+            Err(DecideError::NotApprover { .. })
+        ));
+        let oncall = Approver {
+            username: "carol".into(),
+            groups: vec!["oncall".into()],
+            node_admin: false,
+        };
+        ap.deny(&approval_id, &oncall, "no".into()).unwrap();
+        assert!(matches!(
+            ap.approve(&approval_id, &oncall, None),
+            Err(DecideError::NotPending { .. })
+        ));
+        let h = ap
+            .hold(&agent(), &attrs("a"), "r", "m", &spec(10, 60))
+            .await
+            .unwrap();
+        // A denial is final for that approval; a new request opens a new one.
+        assert!(
+            matches!(h, Held::Pending { approval_id: ref n } if *n != approval_id),
+            "{h:?}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn grants_expire_and_can_be_revoked() {
+        let d = tmp("ttl");
+        let ap = open(&d);
+        let Held::Pending { approval_id } = ap
+            .hold(&agent(), &attrs("a"), "r", "m", &spec(10, 1))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        let (_, g) = ap.approve(&approval_id, &root(), None).unwrap();
+        assert!(ap.active_grant(&agent().username, &attrs("a")).is_some());
+        ap.revoke(&g.id, &root()).unwrap();
+        assert!(ap.active_grant(&agent().username, &attrs("a")).is_none());
+        let Held::Pending { approval_id } = ap
+            .hold(&agent(), &attrs("b"), "r", "m", &spec(10, 1))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        ap.approve(&approval_id, &root(), None).unwrap();
+        assert!(ap.active_grant(&agent().username, &attrs("b")).is_some());
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(ap.active_grant(&agent().username, &attrs("b")).is_none());
+        ap.expire_due();
+        let log = std::fs::read_to_string(d.join("approvals.jsonl")).unwrap();
+        assert!(log.contains("grant.expired") && log.contains("grant.revoked"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,75 @@
+//! Telling approvers that a request waits for them: a webhook, as generic JSON or as a
+//! Slack-compatible `{"text": ...}` message. Delivery runs in the background with
+//! retries, so a slow or down webhook never delays the held request's own timer.
+use std::time::Duration;
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::{
+    approvals::Approval,
+    config::{Webhook, WebhookFormat},
+    http_client::{self, HttpClient},
+};
+
+const ATTEMPTS: u32 = 3;
+
+#[derive(Clone)]
+pub struct Notifier {
+    url: String,
+    format: WebhookFormat,
+    client: HttpClient,
+}
+
+impl Notifier {
+    pub fn new(cfg: &Webhook) -> Result<Notifier, http_client::HttpError> {
+        Ok(Notifier {
+            url: cfg.url.clone(),
+            format: cfg.format,
+            client: http_client::client(cfg.ca_file.as_deref(), true)?,
+        })
+    }
+
+    pub fn body(&self, a: &Approval) -> serde_json::Value {
+        let approve = format!("portcullis approvals approve {}", a.id);
+        let deny = format!("portcullis approvals deny {} --reason '...'", a.id);
+        match self.format {
+            WebhookFormat::Generic => json!({
+                "kind": "ApprovalRequested",
+                "approval": a,
+                "approveCommand": approve,
+                "denyCommand": deny,
+            }),
+            WebhookFormat::Slack => json!({
+                "text": format!(
+                    ":lock: Portcullis approval {id}: {who} wants to {req} (rule {rule}: {msg}). \
+                     Approve: `{approve}` · Deny: `{deny}` · expires <t:{exp}>",
+                    id = a.id, who = a.subject.username, req = a.request, rule = a.rule,
+                    msg = a.message, exp = a.expires_at,
+                ),
+            }),
+        }
+    }
+
+    /// Sends in the background; logs the outcome.
+    pub fn announce(&self, a: &Approval) {
+        let this = self.clone();
+        let body = serde_json::to_vec(&self.body(a)).unwrap_or_default();
+        let id = a.id.clone();
+        tokio::spawn(async move {
+            for attempt in 1..=ATTEMPTS {
+                match http_client::post_json(&this.client, &this.url, body.clone()).await {
+                    Ok(_) => {
+                        info!(approval = %id, url = %this.url, "approvers notified");
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(approval = %id, attempt, error = %e, "approval webhook failed");
+                        tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                    }
+                }
+            }
+            warn!(approval = %id, "approvers were not notified; the approval is listed by `portcullis approvals list`");
+        });
+    }
+}
