@@ -283,13 +283,15 @@ pub async fn serve_https(admin: Arc<Admin>, listener: TcpListener, minter: Arc<L
             }
         };
         let (admin, minter) = (admin.clone(), minter.clone());
+        // The leaf names the address dialled too (approvers may use an IP).
+        let local_ip = stream.local_addr().ok().map(|a| a.ip());
         tokio::spawn(async move {
             let tls = async {
                 let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream)
                     .await
                     .ok()?;
                 let sni = start.client_hello().server_name().map(str::to_owned);
-                let cfg = minter.server_config(sni.as_deref(), None).ok()?;
+                let cfg = minter.server_config(sni.as_deref(), local_ip).ok()?;
                 start.into_stream(cfg).await.ok()
             };
             let Ok(Some(tls)) = tokio::time::timeout(std::time::Duration::from_secs(10), tls).await

@@ -326,6 +326,7 @@ impl Proxy {
         info!(
             conn = conn.id,
             subject = %verdict.subject,
+            pod_uid = conn.kernel_pod.as_ref().map(|p| p.uid.as_str()).unwrap_or(""),
             decision = verdict.decision,
             rule = %verdict.rule,
             approval = %verdict.approval,

@@ -221,7 +221,9 @@ impl Upstream {
     pub async fn get_raw(&self, path: &str, limit: usize) -> Result<bytes::Bytes, String> {
         use http_body_util::BodyExt;
         let uri = format!("{}{}", self.base.to_string().trim_end_matches('/'), path);
-        let mut b = http::Request::get(&uri).header(header::ACCEPT, "application/json");
+        // The apiserver serves its JWKS only as application/jwk-set+json (406 otherwise).
+        let mut b = http::Request::get(&uri)
+            .header(header::ACCEPT, "application/jwk-set+json, application/json");
         if let Some(t) = &self.token {
             b = b.header(
                 header::AUTHORIZATION,

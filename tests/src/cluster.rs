@@ -428,8 +428,29 @@ impl Cluster {
         self.apply(&pod_yaml(), "pod")
     }
 
-    /// A real projected service-account token for the agent (TokenRequest API).
-    pub fn agent_token(&self) -> Result<String> {
+    /// A real projected service-account token for the agent (TokenRequest API), for
+    /// `audiences` (default: the API's) and bound to `pod` (name, uid) if given.
+    pub fn agent_token_for(
+        &self,
+        audiences: Option<&[&str]>,
+        pod: Option<(&str, &str)>,
+    ) -> Result<String> {
+        let mut spec = serde_json::json!({"expirationSeconds": 3600});
+        if let Some(a) = audiences {
+            spec["audiences"] = serde_json::json!(a);
+        }
+        if let Some((name, uid)) = pod {
+            spec["boundObjectRef"] =
+                serde_json::json!({"kind": "Pod", "apiVersion": "v1", "name": name, "uid": uid});
+        }
+        let f = self
+            .dir
+            .join(format!("tokenrequest-{}.json", random_token()));
+        write(
+            &f,
+            &serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+                .to_string(),
+        )?;
         let out = self.admin_ok(&[
             "-n",
             NAMESPACE,
@@ -437,20 +458,37 @@ impl Cluster {
             "--raw",
             "/api/v1/namespaces/e2e/serviceaccounts/agent/token",
             "-f",
-            &{
-                let f = self.dir.join("tokenrequest.json");
-                write(
-                    &f,
-                    r#"{"apiVersion":"authentication.k8s.io/v1","kind":"TokenRequest","spec":{"expirationSeconds":3600}}"#,
-                )?;
-                f.display().to_string()
-            },
+            &f.display().to_string(),
         ])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
         v["status"]["token"]
             .as_str()
             .map(str::to_owned)
             .context("TokenRequest returned no token")
+    }
+
+    /// A pod's UID.
+    pub fn pod_uid(&self, name: &str) -> Result<String> {
+        let out = self.admin_ok(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pod",
+            name,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])?;
+        anyhow::ensure!(out.len() == 36, "pod {name} uid `{out}`");
+        Ok(out)
+    }
+
+    /// Creates another Pod on the fake node.
+    pub fn create_pod(&self, name: &str) -> Result<String> {
+        self.apply(
+            &pod_yaml().replace(&format!("name: {POD}\n"), &format!("name: {name}\n")),
+            &format!("pod-{name}"),
+        )?;
+        self.pod_uid(name)
     }
 
     pub fn stop(&mut self, name: &str) {
@@ -521,6 +559,23 @@ roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcul
 subjects:
 - {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {DAEMON_USER}}}
 ---
+# The daemon reads the service-account issuer's keys.
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: portcullis-issuer-keys
+rules:
+- nonResourceURLs: ["/.well-known/openid-configuration", "/openid/v1/jwks"]
+  verbs: ["get"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: portcullis-issuer-keys
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-issuer-keys}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {DAEMON_USER}}}
+---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding
 metadata:
@@ -577,6 +632,7 @@ metadata:
   namespace: {NAMESPACE}
 spec:
   nodeName: {NODE}
+  serviceAccountName: agent
   automountServiceAccountToken: false
   containers:
   - name: main
@@ -585,6 +641,16 @@ spec:
     )
 }
 
+/// The service-account issuer and API audience of the generated cluster.
+pub const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// The test-only IdP, served in the node namespace (where the daemon runs).
+pub const IDP_ADDR: &str = "127.0.0.1:18443";
+pub const IDP_AUDIENCE: &str = "portcullis";
+/// Remote approvers' HTTPS admin API, in the node namespace.
+pub const ADMIN_ADDR: &str = "127.0.0.1:18444";
+/// A second pod, for the stolen-token case.
+pub const OTHER_POD: &str = "other";
+
 /// A lab with a real control plane and the daemon proxying to it: what the e2e tier,
 /// the demo and the proxy benchmark share.
 pub struct Gate {
@@ -592,30 +658,92 @@ pub struct Gate {
     // namespaces go away.
     pub cluster: Cluster,
     pub lab: Lab,
-    /// The agent's kubeconfig: the Service address, its own service-account token, and
-    /// Portcullis' CA.
+    /// The agent's kubeconfig: the Service address, its own projected service-account
+    /// token (bound to pod `work`), and Portcullis' CA.
     pub agent_kubeconfig: PathBuf,
     /// Straight at the apiserver, as the same scoped identity the daemon impersonates.
     pub direct_kubeconfig: PathBuf,
+    /// The cgroup of pod `work` (named by its UID, as the kubelet does), enrolled.
+    pub pod_cg: PathBuf,
+    /// The cgroup of pod `other`.
+    pub other_cg: PathBuf,
+    pub work_uid: String,
+    pub other_uid: String,
+    pub agent_token: String,
+    /// Gated mode: the test IdP.
+    pub idp: Option<crate::idp::Idp>,
+    base_config: String,
+    pass_through: String,
+    gated: Option<String>,
+}
+
+fn pod_cgroup(parent: &Path, uid: &str) -> Result<PathBuf> {
+    let cg = parent.join(format!("kubepods-pod{}.slice", uid.replace('-', "_")));
+    std::fs::create_dir_all(&cg).with_context(|| format!("creating {}", cg.display()))?;
+    Ok(cg)
 }
 
 impl Gate {
-    pub fn start(tag: &str, proxy_extra: &str) -> Result<Gate> {
+    /// With `policy`, the daemon starts gated (tokens from the cluster issuer and the
+    /// test IdP, this policy, approvals); without, in pass-through mode (every agent
+    /// acts as the scoped identity, no token checks: the benchmark's baseline).
+    pub fn start(tag: &str, policy: Option<&str>, proxy_extra: &str) -> Result<Gate> {
         let parts = Parts::from_env()?;
         let lab = Lab::without_standin(tag).context("building the lab (needs root)")?;
         let cluster = Cluster::start(&lab, parts).context("starting the control plane")?;
-        lab.append_config(&format!(
-            "proxy:\n  upstream:\n    url: {}\n    ca_file: {}\n    credential:\n      bearer_token_file: {}\n  impersonate:\n    user: \"{AGENT_USER}\"\n    groups: [\"{AGENT_GROUP}\"]\n{proxy_extra}",
+        let work_uid = cluster.pod_uid(POD)?;
+        let other_uid = cluster.create_pod(OTHER_POD)?;
+        let pod_cg = pod_cgroup(&lab.agent_cg, &work_uid)?;
+        let other_cg = pod_cgroup(&lab.agent_cg, &other_uid)?;
+        let upstream = format!(
+            "proxy:\n  upstream:\n    url: {}\n    ca_file: {}\n    credential:\n      bearer_token_file: {}\n",
             cluster.url(),
             cluster.ca_pem.display(),
             cluster.daemon_token_file.display()
-        ))?;
+        );
+        let mut idp = None;
+        let pass_through = format!(
+            "{upstream}  impersonate:\n    user: \"{AGENT_USER}\"\n    groups: [\"{AGENT_GROUP}\"]\n{proxy_extra}"
+        );
+        let gated = match policy {
+            None => None,
+            Some(policy) => {
+                let policy_file = lab.dir.join("policy.yaml");
+                write(&policy_file, policy)?;
+                let i = crate::idp::Idp::new(&lab.dir.join("idp"), &format!("https://{IDP_ADDR}"))?;
+                i.keygen("k1")?;
+                i.publish(&["k1"])?;
+                let (cert, key) = cluster.issue_server_cert("idp", &["127.0.0.1"])?;
+                let child = lab
+                    .command_in_ns(lab.ns_node(), &bin("pc-idp"))
+                    .arg(format!("--dir={}", i.dir.display()))
+                    .arg(format!("--listen={IDP_ADDR}"))
+                    .arg(format!("--cert={}", cert.display()))
+                    .arg(format!("--key={}", key.display()))
+                    .arg(format!("--issuer={}", i.issuer))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("starting pc-idp")?;
+                lab.adopt(child);
+                let ca = cluster.ca_pem.display();
+                let s = format!(
+                    "{upstream}  policy_file: {pf}\n  identity:\n    leeway: 5s\n    issuers:\n    - issuer: {SA_ISSUER}\n      kubernetes: true\n      audiences: [\"{SA_ISSUER}\"]\n      algorithms: [RS256, ES256]\n    - issuer: {iss}\n      ca_file: {ca}\n      audiences: [{IDP_AUDIENCE}]\n      algorithms: [ES256]\n      username_claim: email\n      groups_claim: groups\n  approvals:\n    pending_ttl: 10s\n    webhook:\n      url: {iss}/webhook\n      ca_file: {ca}\n  admin:\n    https:\n      listen: {ADMIN_ADDR}\n      approver_groups: [\"oidc:oncall\", \"oidc:devs\"]\n",
+                    pf = policy_file.display(),
+                    iss = i.issuer,
+                );
+                idp = Some(i);
+                Some(format!("{s}{proxy_extra}"))
+            }
+        };
+        let base_config = std::fs::read_to_string(&lab.config)?;
+        lab.append_config(gated.as_ref().unwrap_or(&pass_through))?;
         let out = lab.portcullis(&["ca", "init"])?;
         if !out.contains("created interception CA") {
             bail!("portcullis ca init said: {out}");
         }
         lab.start_daemon()?;
-        let agent_token = cluster.agent_token()?;
+        let agent_token = cluster.agent_token_for(None, Some((POD, &work_uid)))?;
         let agent_kubeconfig = cluster.write_kubeconfig(
             "agent",
             &format!("https://{}", lab.cluster_ip()),
@@ -635,12 +763,39 @@ impl Gate {
             lab,
             agent_kubeconfig,
             direct_kubeconfig,
+            pod_cg,
+            other_cg,
+            work_uid,
+            other_uid,
+            agent_token,
+            idp,
+            base_config,
+            pass_through,
+            gated,
         })
     }
 
-    /// kubectl as the agent: in the agent cgroup and netns, through the gate.
+    /// Restarts the daemon gated or in pass-through mode (pinned programs are adopted,
+    /// so enforcement never lapses).
+    pub fn switch(&self, gated: bool) -> Result<()> {
+        let section = if gated {
+            self.gated
+                .as_ref()
+                .context("no policy was given to Gate::start")?
+        } else {
+            &self.pass_through
+        };
+        self.lab.kill_daemon();
+        write(&self.lab.config, &format!("{}{section}", self.base_config))?;
+        self.lab.start_daemon()?;
+        Ok(())
+    }
+
+    /// kubectl as the agent: in pod `work`'s cgroup and the agent netns, through the gate.
     pub fn gate_cmd(&self, args: &[&str]) -> Command {
-        let mut c = self.lab.agent_command(&self.cluster.parts.kubectl);
+        let mut c = self
+            .lab
+            .command_in_cgroup(&self.pod_cg, &self.cluster.parts.kubectl);
         c.arg(format!("--kubeconfig={}", self.agent_kubeconfig.display()))
             .args(args)
             .env("HOME", self.lab.dir.join("home-agent"));
@@ -658,8 +813,21 @@ impl Gate {
         c
     }
 
-    /// A test-only helper binary run as the agent.
+    /// A test-only helper binary run as the agent (pod `work`).
     pub fn agent_bin(&self, name: &str) -> Command {
-        self.lab.agent_command(&bin(name))
+        self.lab.command_in_cgroup(&self.pod_cg, &bin(name))
+    }
+
+    /// `portcullis` CLI on the node (admin socket), e.g. `approvals list`.
+    pub fn portcullis(&self, args: &[&str]) -> Result<Output> {
+        let (first, rest) = args.split_first().context("no subcommand")?;
+        Ok(self
+            .lab
+            .command_in_ns(self.lab.ns_node(), &bin("portcullis"))
+            .arg(first)
+            .arg(format!("--config={}", self.lab.config.display()))
+            .args(rest)
+            .stdin(Stdio::null())
+            .output()?)
     }
 }

@@ -301,6 +301,11 @@ impl Lab {
         Ok(child)
     }
 
+    /// Keeps a helper process for the lab's lifetime (killed on drop).
+    pub fn adopt(&self, child: Child) {
+        self.extra.lock().unwrap().push(child);
+    }
+
     /// Starts a plain listener on the node (benchmarks' baseline target).
     pub fn start_sink(&self) -> Result<()> {
         let c = self.serve(self.ns_node(), "sink.jsonl", &[self.sink()])?;
@@ -545,6 +550,7 @@ impl Lab {
 }
 
 pub mod cluster;
+pub mod idp;
 
 pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + Duration::from_secs(secs);

@@ -19,7 +19,9 @@ use anyhow::{Context, Result, bail, ensure};
 use portcullis_tests::{
     bin,
     cluster::{self, AGENT_USER, Gate, NAMESPACE, POD},
+    idp::Sign,
 };
+use serde_json::json;
 
 /// Shared by every case.
 type Env = Gate;
@@ -48,6 +50,30 @@ const CASES: &[Case] = &[
         slow_headers,
     ),
     ("http2_rapid_reset_closes_only_that_connection", rapid_reset),
+    ("projected_token_is_bound_to_its_pod", projected_tokens),
+    ("oidc_tokens_are_verified_and_keys_rotate", oidc_tokens),
+    (
+        "policy_decides_and_rbac_stays_second_line",
+        policy_decisions,
+    ),
+    (
+        "approval_within_hold_lets_the_request_proceed",
+        approval_within_hold,
+    ),
+    (
+        "approval_after_hold_grants_a_retry_until_ttl",
+        approval_after_hold,
+    ),
+    ("denied_and_expired_approvals", denied_and_expired),
+    ("no_self_approval_and_remote_approvers", self_approval),
+    (
+        "pending_approval_survives_a_daemon_restart",
+        approval_restart,
+    ),
+    (
+        "policy_hot_reload_keeps_the_last_good_policy",
+        policy_reload,
+    ),
     // Last: stops the apiserver.
     ("apiserver_down_is_a_503_status", apiserver_down),
 ];
@@ -109,9 +135,70 @@ fn tail(s: &str, n: usize) -> String {
     l[l.len().saturating_sub(n)..].join("\n")
 }
 
+/// The e2e policy. The transparent-proxy cases run as the pod-bound service account
+/// e2e/agent, which may do anything RBAC lets its scoped identity do; the identity,
+/// policy and approval cases use it and OIDC users from the test IdP.
+const POLICY: &str = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: e2e}
+spec:
+  identities:
+  - subjects: [{kind: ServiceAccount, namespace: e2e, name: agent}, {kind: Group, name: "oidc:devs"}]
+    impersonate: {user: "portcullis:agent", groups: ["portcullis:agents"]}
+  rules:
+  - name: agent-everything
+    subjects: [{kind: ServiceAccount, namespace: e2e, name: agent}]
+    verbs: ["*"]
+    apiGroups: ["*"]
+    resources: ["*"]
+    action: allow
+  - name: agent-non-resource
+    subjects: [{kind: ServiceAccount, namespace: e2e, name: agent}]
+    verbs: ["*"]
+    nonResourceURLs: ["*"]
+    action: allow
+  - name: devs-discovery
+    subjects: [{kind: Group, name: "oidc:devs"}]
+    verbs: [get]
+    nonResourceURLs: ["/api", "/api/*", "/apis", "/apis/*", "/version"]
+    action: allow
+  - name: devs-read
+    subjects: [{kind: Group, name: "oidc:devs"}]
+    verbs: [get, list, watch]
+    apiGroups: ["*"]
+    resources: ["*"]
+    action: allow
+  - name: devs-write-configmaps
+    subjects: [{kind: Group, name: "oidc:devs"}]
+    verbs: [create, delete]
+    apiGroups: [""]
+    resources: [configmaps]
+    action: allow
+  - name: devs-no-exec
+    subjects: [{kind: Group, name: "oidc:devs"}]
+    verbs: ["*"]
+    apiGroups: [""]
+    resources: ["pods/exec", "pods/attach", "pods/portforward"]
+    action: deny
+    message: interactive access is not for agents
+  - name: held-deletes
+    subjects: [{kind: ServiceAccount, namespace: e2e, name: agent}, {kind: Group, name: "oidc:devs"}]
+    verbs: [delete]
+    apiGroups: [""]
+    resources: [configmaps]
+    resourceNames: ["held-*"]
+    action: approve
+    message: deleting held-* needs a human
+    approval:
+      approvers: [{kind: Group, name: "oidc:oncall"}]
+      holdTime: 4s
+      grantTTL: 8s
+"#;
+
 fn setup() -> Result<Env> {
     // A short header timeout keeps the slow-sender case quick.
-    Gate::start("e2e", "  header_timeout: 3s\n")
+    Gate::start("e2e", Some(POLICY), "  header_timeout: 3s\n")
 }
 
 trait Clients {
@@ -569,7 +656,9 @@ print(json.dumps({"listed": names, "read": got, "seen": seen}))
 
 fn python_client(env: &mut Env) -> Result<()> {
     let script = env.file("client.py", PYTHON)?;
-    let mut c = env.lab.agent_command(Path::new("/usr/bin/env"));
+    let mut c = env
+        .lab
+        .command_in_cgroup(&env.pod_cg, Path::new("/usr/bin/env"));
     c.arg("python3")
         .arg(&script)
         .arg(&env.agent_kubeconfig)
@@ -687,9 +776,10 @@ fn apiserver_down(env: &mut Env) -> Result<()> {
 
 /// pc-abuse as an agent: a hostile client, redirected to the daemon like any other.
 fn abuse(env: &Env, args: &[&str]) -> Result<serde_json::Value> {
-    let mut c = env.lab.agent_command(&bin("pc-abuse"));
+    let mut c = env.agent_bin("pc-abuse");
     c.arg("--ca")
         .arg(env.lab.state_dir().join("ca/ca.crt"))
+        .arg(format!("--token={}", env.agent_token))
         .args(args);
     let o = run_bounded(c, None)?;
     ensure!(
@@ -744,7 +834,7 @@ fn malformed_requests(env: &mut Env) -> Result<()> {
 
 fn slow_headers(env: &mut Env) -> Result<()> {
     let api = env.lab.cluster_ip().to_string();
-    let mut c = env.lab.agent_command(&bin("pc-abuse"));
+    let mut c = env.agent_bin("pc-abuse");
     c.arg("--ca")
         .arg(env.lab.state_dir().join("ca/ca.crt"))
         .args(["h1", "slow-headers", &api])
@@ -823,5 +913,607 @@ fn rapid_reset(env: &mut Env) -> Result<()> {
         "gate slow after the attack: {:?}",
         t.elapsed()
     );
+    Ok(())
+}
+
+// ---- identity, policy, approvals ----
+
+/// One HTTPS GET from cgroup `cg` (agent netns) to the Service address with `token`,
+/// by Python's urllib (stdlib only): (status code, body).
+fn agent_get(env: &Env, cg: &Path, token: Option<&str>, path: &str) -> Result<(u16, String)> {
+    const PY: &str = r#"
+import json, ssl, sys, urllib.request, urllib.error
+url, ca, token = sys.argv[1], sys.argv[2], sys.argv[3]
+req = urllib.request.Request(url)
+if token:
+    req.add_header("Authorization", "Bearer " + token)
+ctx = ssl.create_default_context(cafile=ca)
+try:
+    r = urllib.request.urlopen(req, context=ctx, timeout=20)
+    print(json.dumps({"code": r.status, "body": r.read().decode()}))
+except urllib.error.HTTPError as e:
+    print(json.dumps({"code": e.code, "body": e.read().decode()}))
+"#;
+    let mut c = env.lab.command_in_cgroup(cg, Path::new("/usr/bin/env"));
+    c.args(["python3", "-c", PY])
+        .arg(format!("https://{}{path}", env.lab.cluster_ip()))
+        .arg(env.lab.state_dir().join("ca/ca.crt"))
+        .arg(token.unwrap_or(""));
+    let o = run_bounded(c, None)?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| {
+        format!(
+            "python said: {} {}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(&o)
+        )
+    })?;
+    Ok((
+        v["code"].as_u64().unwrap_or(0) as u16,
+        v["body"].as_str().unwrap_or("").to_owned(),
+    ))
+}
+
+const PODS: &str = "/api/v1/namespaces/e2e/pods";
+
+fn expect_401(env: &Env, cg: &Path, token: Option<&str>, needle: &str, what: &str) -> Result<()> {
+    let (code, body) = agent_get(env, cg, token, PODS)?;
+    ensure!(code == 401, "{what}: expected 401, got {code}: {body}");
+    let v: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("{what}: {body}"))?;
+    ensure!(
+        v["kind"] == "Status" && v["reason"] == "Unauthorized",
+        "{what}: not a Status: {body}"
+    );
+    let msg = v["message"].as_str().unwrap_or("");
+    ensure!(
+        msg.contains(needle),
+        "{what}: message `{msg}` lacks `{needle}`"
+    );
+    Ok(())
+}
+
+fn projected_tokens(env: &mut Env) -> Result<()> {
+    let (code, body) = agent_get(env, &env.pod_cg, Some(&env.agent_token), PODS)?;
+    ensure!(code == 200, "own pod: {code} {body}");
+    // The same token from another pod's cgroup: stolen.
+    expect_401(
+        env,
+        &env.other_cg,
+        Some(&env.agent_token),
+        "bound to pod e2e/work",
+        "stolen token",
+    )?;
+    expect_401(env, &env.pod_cg, None, "no bearer token", "no token")?;
+    let wrong_aud = env
+        .cluster
+        .agent_token_for(Some(&["not-the-api"]), Some((POD, &env.work_uid)))?;
+    expect_401(
+        env,
+        &env.pod_cg,
+        Some(&wrong_aud),
+        "audience",
+        "wrong audience",
+    )?;
+    // A token that names no pod works from any enrolled pod; the kernel's pod is recorded.
+    let unbound = env.cluster.agent_token_for(None, None)?;
+    let (code, body) = agent_get(env, &env.other_cg, Some(&unbound), PODS)?;
+    ensure!(code == 200, "unbound token: {code} {body}");
+    let log = env.lab.daemon_log();
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("system:serviceaccount:e2e:agent") && l.contains(&env.other_uid)),
+        "no request record with the kernel's pod {}",
+        env.other_uid
+    );
+    ensure!(
+        !log.contains(&env.agent_token),
+        "a token reached the daemon log"
+    );
+    Ok(())
+}
+
+fn idp(env: &Env) -> &portcullis_tests::idp::Idp {
+    env.idp.as_ref().expect("gated e2e has an IdP")
+}
+
+fn oidc(env: &Env, user: &str, groups: &[&str]) -> Result<String> {
+    let i = idp(env);
+    i.mint(
+        &i.claims(
+            user,
+            cluster::IDP_AUDIENCE,
+            600,
+            serde_json::json!({"groups": groups}),
+        ),
+        Sign::Key("k1"),
+    )
+}
+
+fn oidc_tokens(env: &mut Env) -> Result<()> {
+    let i = idp(env);
+    let cg = env.pod_cg.clone();
+    let good = oidc(env, "alice", &["devs"])?;
+    let (code, body) = agent_get(env, &cg, Some(&good), PODS)?;
+    ensure!(code == 200, "valid OIDC token: {code} {body}");
+    let c =
+        |ttl: i64, extra: serde_json::Value| i.claims("alice", cluster::IDP_AUDIENCE, ttl, extra);
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            i.mint(&c(-120, json!({})), Sign::Key("k1"))?,
+            "expired",
+            "expired",
+        ),
+        (
+            i.mint(
+                &c(600, json!({"nbf": portcullis_tests::idp::now() + 300})),
+                Sign::Key("k1"),
+            )?,
+            "not valid yet",
+            "not yet valid",
+        ),
+        (
+            i.mint(&c(600, json!({"aud": "someone-else"})), Sign::Key("k1"))?,
+            "audience",
+            "wrong audience",
+        ),
+        (
+            i.mint(
+                &c(600, json!({"iss": "https://evil.example"})),
+                Sign::Key("k1"),
+            )?,
+            "not trusted",
+            "wrong issuer",
+        ),
+        (
+            i.tampered(&c(600, json!({})), "k1", &json!({"email": "admin"}))?,
+            "signature",
+            "bad signature",
+        ),
+        (
+            i.mint(&c(600, json!({})), Sign::HmacWithPublicKey("k1"))?,
+            "HS256 is not allowed",
+            "alg confusion",
+        ),
+        (
+            i.mint(&c(600, json!({})), Sign::None)?,
+            "not a well-formed JWT",
+            "alg none",
+        ),
+    ];
+    for (token, needle, what) in &cases {
+        expect_401(env, &cg, Some(token), needle, what)?;
+    }
+    // A key the IdP has not published yet: unknown kid, until it is published (rotation
+    // without a restart; the refetch is rate-limited to one per 10 s).
+    i.keygen("k2")?;
+    let rotated = i.mint(&c(600, json!({"groups": ["devs"]})), Sign::Key("k2"))?;
+    expect_401(env, &cg, Some(&rotated), "key id `k2`", "unknown kid")?;
+    i.publish(&["k1", "k2"])?;
+    let t = Instant::now();
+    loop {
+        let (code, body) = agent_get(env, &cg, Some(&rotated), PODS)?;
+        if code == 200 {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(25),
+            "rotated key still refused after 25 s: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    println!(
+        "    rotated key accepted {:.1} s after publishing",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// kubectl as the agent in pod `work`, but with `token`.
+fn gate_as(env: &Env, token: &str, args: &[&str]) -> Result<Output> {
+    let mut full = vec![format!("--token={token}")];
+    full.extend(args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    run_bounded(env.gate_cmd(&refs), None)
+}
+
+fn policy_decisions(env: &mut Env) -> Result<()> {
+    let alice = oidc(env, "alice", &["devs"])?;
+    let o = gate_as(env, &alice, &["get", "pods"])?;
+    ensure!(o.status.success(), "alice get pods: {}", stderr(&o));
+    let o = gate_as(env, &alice, &["exec", POD, "--", "echo", "hi"])?;
+    ensure!(
+        !o.status.success()
+            && stderr(&o).contains("Portcullis policy denies")
+            && stderr(&o).contains("interactive access"),
+        "exec should be denied by policy: {}",
+        stderr(&o)
+    );
+    ensure!(
+        !kubelet_saw(env, "echo hi"),
+        "denied exec reached the kubelet"
+    );
+    let o = gate_as(
+        env,
+        &alice,
+        &["create", "secret", "generic", "nope", "--from-literal=a=b"],
+    )?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("no policy rule allows"),
+        "create secret: {}",
+        stderr(&o)
+    );
+    // Policy allows reads everywhere; RBAC for the impersonated identity does not.
+    let o = gate_as(env, &alice, &["get", "pods", "--all-namespaces"])?;
+    let e = stderr(&o);
+    ensure!(
+        !o.status.success() && e.contains("portcullis:agent") && e.contains("at the cluster scope"),
+        "cluster-wide list should be refused by the real apiserver's RBAC: {e}"
+    );
+    // An OIDC user outside every mapped group gets no upstream identity.
+    let mallory = oidc(env, "mallory", &["visitors"])?;
+    let o = gate_as(env, &mallory, &["get", "pods"])?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("Forbidden"),
+        "unmapped user: {}",
+        stderr(&o)
+    );
+    Ok(())
+}
+
+fn pc(env: &Env, args: &[&str]) -> Result<serde_json::Value> {
+    let o = env.portcullis(args)?;
+    ensure!(o.status.success(), "portcullis {args:?}: {}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(&out).with_context(|| format!("portcullis {args:?} printed {out}"))
+}
+
+fn pc_err(env: &Env, args: &[&str]) -> Result<String> {
+    let o = env.portcullis(args)?;
+    ensure!(
+        !o.status.success(),
+        "portcullis {args:?} should fail: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    Ok(stderr(&o))
+}
+
+/// The pending approval for configmap `name`, waiting up to `secs`.
+fn pending_for(env: &Env, name: &str, secs: u64) -> Result<String> {
+    let t = Instant::now();
+    loop {
+        let v = pc(env, &["approvals", "list", "-o", "json"])?;
+        if let Some(a) = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["request"]["name"] == name && a["state"] == "pending")
+        {
+            return Ok(a["id"].as_str().unwrap_or_default().to_owned());
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(secs),
+            "no pending approval for {name}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn cm_exists(env: &Env, name: &str) -> Result<bool> {
+    Ok(env
+        .cluster
+        .kubectl_admin(&["-n", NAMESPACE, "get", "configmap", name])?
+        .status
+        .success())
+}
+
+fn approval_id_in(msg: &str) -> Option<String> {
+    let at = msg.find("approval apr-")? + "approval ".len();
+    Some(
+        msg[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect(),
+    )
+}
+
+fn approval_within_hold(env: &mut Env) -> Result<()> {
+    env.admin_ok(&["create", "configmap", "held-a"])?;
+    let child = env
+        .gate_cmd(&["delete", "configmap", "held-a"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let id = pending_for(env, "held-a", 4)?;
+    ensure!(cm_exists(env, "held-a")?, "deleted before approval");
+    let v = pc(
+        env,
+        &[
+            "approvals",
+            "approve",
+            &id,
+            "--as",
+            "oncall-human",
+            "--justification",
+            "e2e",
+        ],
+    )?;
+    ensure!(v["approval"]["state"] == "approved", "{v}");
+    let o = child.wait_with_output()?;
+    ensure!(
+        o.status.success(),
+        "held delete after approval: {}",
+        stderr(&o)
+    );
+    ensure!(!cm_exists(env, "held-a")?, "configmap still there");
+    let hooks = idp(env).webhook_calls();
+    ensure!(
+        hooks.iter().any(|h| h["approval"]["id"] == id.as_str()
+            && h["approveCommand"]
+                .as_str()
+                .is_some_and(|c| c.contains(&id))),
+        "webhook not called for {id}: {hooks:?}"
+    );
+    let log = std::fs::read_to_string(env.lab.state_dir().join("approvals.jsonl"))?;
+    ensure!(
+        log.contains("approval.requested") && log.contains("approval.approved"),
+        "approvals audit: {log}"
+    );
+    Ok(())
+}
+
+fn approval_after_hold(env: &mut Env) -> Result<()> {
+    env.admin_ok(&["create", "configmap", "held-b"])?;
+    let t = Instant::now();
+    let o = env.gate(&["delete", "configmap", "held-b"])?;
+    let e = stderr(&o);
+    ensure!(
+        !o.status.success() && e.contains("is pending"),
+        "expected a pending 403: {e}"
+    );
+    ensure!(
+        t.elapsed() >= Duration::from_secs(3),
+        "not held: {:?}",
+        t.elapsed()
+    );
+    let id = approval_id_in(&e).context("no approval id in the message")?;
+    ensure!(
+        e.contains(&format!("portcullis approvals approve {id}")),
+        "no approve command: {e}"
+    );
+    pc(env, &["approvals", "approve", &id, "--as", "oncall-human"])?;
+    let granted = Instant::now();
+    env.gate_ok(&["delete", "configmap", "held-b"])?;
+    // Within the TTL the same request passes again at once.
+    env.admin_ok(&["create", "configmap", "held-b"])?;
+    let t = Instant::now();
+    env.gate_ok(&["delete", "configmap", "held-b"])?;
+    ensure!(
+        t.elapsed() < Duration::from_secs(3),
+        "grant did not apply: {:?}",
+        t.elapsed()
+    );
+    let grants = pc(env, &["grants", "list", "-o", "json"])?;
+    ensure!(
+        grants
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|g| g["approval_id"] == id.as_str() && g["status"] == "active"),
+        "{grants}"
+    );
+    // After the TTL (8 s) it is held again.
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(granted.elapsed()));
+    env.admin_ok(&["create", "configmap", "held-b"])?;
+    let o = env.gate(&["delete", "configmap", "held-b"])?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("is pending"),
+        "after the TTL: {}",
+        stderr(&o)
+    );
+    Ok(())
+}
+
+fn denied_and_expired(env: &mut Env) -> Result<()> {
+    env.admin_ok(&["create", "configmap", "held-c"])?;
+    let child = env
+        .gate_cmd(&["delete", "configmap", "held-c"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let id = pending_for(env, "held-c", 4)?;
+    let e = pc_err(
+        env,
+        &[
+            "approvals",
+            "deny",
+            &id,
+            "--as",
+            "oncall-human",
+            "--reason",
+            "",
+        ],
+    )?;
+    ensure!(e.contains("needs a reason"), "{e}");
+    pc(
+        env,
+        &[
+            "approvals",
+            "deny",
+            &id,
+            "--as",
+            "oncall-human",
+            "--reason",
+            "not today",
+        ],
+    )?;
+    let o = child.wait_with_output()?;
+    let e = stderr(&o);
+    ensure!(
+        !o.status.success() && e.contains("denied by oncall-human: not today"),
+        "{e}"
+    );
+    ensure!(cm_exists(env, "held-c")?, "denied delete happened");
+    let e = pc_err(env, &["approvals", "approve", &id, "--as", "oncall-human"])?;
+    ensure!(e.contains("already denied"), "{e}");
+    // Expiry: nobody decides within pending_ttl (10 s).
+    let o = env.gate(&["delete", "configmap", "held-c"])?;
+    let id2 = approval_id_in(&stderr(&o)).context("no approval id")?;
+    let t = Instant::now();
+    loop {
+        let a = pc(env, &["approvals", "show", &id2])?;
+        if a["state"] == "expired" {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(15),
+            "approval {id2} never expired: {a}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let e = pc_err(env, &["approvals", "approve", &id2, "--as", "oncall-human"])?;
+    ensure!(e.contains("already expired"), "{e}");
+    ensure!(cm_exists(env, "held-c")?, "expired delete happened");
+    Ok(())
+}
+
+fn admin_https(env: &Env, token: &str, args: &[&str]) -> Result<Output> {
+    let f = env
+        .lab
+        .dir
+        .join(format!("approver-{}.token", portcullis_tests::idp::now()));
+    std::fs::write(&f, token)?;
+    let (first, rest) = args.split_first().context("args")?;
+    Ok(env
+        .lab
+        .command_in_ns(env.lab.ns_node(), &bin("portcullis"))
+        .arg(first)
+        .arg(format!("--server=https://{}", cluster::ADMIN_ADDR))
+        .arg(format!("--token-file={}", f.display()))
+        .arg(format!(
+            "--ca-file={}",
+            env.lab.state_dir().join("ca/ca.crt").display()
+        ))
+        .args(rest)
+        .stdin(Stdio::null())
+        .output()?)
+}
+
+fn self_approval(env: &mut Env) -> Result<()> {
+    let alice = oidc(env, "alice", &["devs", "oncall"])?;
+    env.admin_ok(&["create", "configmap", "held-e"])?;
+    let o = gate_as(env, &alice, &["delete", "configmap", "held-e"])?;
+    let id =
+        approval_id_in(&stderr(&o)).with_context(|| format!("no approval id: {}", stderr(&o)))?;
+    let o = admin_https(env, &alice, &["approvals", "approve", &id])?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("no self-approval"),
+        "alice approving herself: {}",
+        stderr(&o)
+    );
+    let e = pc_err(env, &["approvals", "approve", &id, "--as", "oidc:alice"])?;
+    ensure!(e.contains("no self-approval"), "root acting as alice: {e}");
+    let bob = oidc(env, "bob", &["devs"])?;
+    let o = admin_https(env, &bob, &["approvals", "approve", &id])?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("not an approver"),
+        "bob: {}",
+        stderr(&o)
+    );
+    let o = admin_https(env, "not-a-token", &["approvals", "list"])?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("401"),
+        "bad token: {}",
+        stderr(&o)
+    );
+    let carol = oidc(env, "carol", &["oncall"])?;
+    let o = admin_https(
+        env,
+        &carol,
+        &["approvals", "approve", &id, "--justification", "reviewed"],
+    )?;
+    ensure!(o.status.success(), "carol: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    ensure!(
+        v["approval"]["state"] == "approved" && v["approval"]["by"] == "oidc:carol",
+        "{v}"
+    );
+    let o = gate_as(env, &alice, &["delete", "configmap", "held-e"])?;
+    ensure!(o.status.success(), "alice's retry: {}", stderr(&o));
+    Ok(())
+}
+
+fn approval_restart(env: &mut Env) -> Result<()> {
+    env.admin_ok(&["create", "configmap", "held-f"])?;
+    let o = env.gate(&["delete", "configmap", "held-f"])?;
+    let id = approval_id_in(&stderr(&o)).context("no approval id")?;
+    env.switch(true)?;
+    let a = pc(env, &["approvals", "show", &id])?;
+    ensure!(a["state"] == "pending", "after restart: {a}");
+    pc(env, &["approvals", "approve", &id, "--as", "oncall-human"])?;
+    env.gate_ok(&["delete", "configmap", "held-f"])?;
+    ensure!(!cm_exists(env, "held-f")?, "still there");
+    Ok(())
+}
+
+fn policy_reload(env: &mut Env) -> Result<()> {
+    let path = env.lab.dir.join("policy.yaml");
+    let alice = oidc(env, "alice", &["devs"])?;
+    let before = env.lab.daemon_log().len();
+    std::fs::write(&path, POLICY.replace("action: deny", "action: forbid"))?;
+    let t = Instant::now();
+    loop {
+        let log = env.lab.daemon_log();
+        if log[before..].contains("policy change refused") {
+            let line = log[before..]
+                .lines()
+                .find(|l| l.contains("policy change refused"))
+                .unwrap_or("");
+            ensure!(
+                line.contains("spec.rules[5].action") && line.contains("line "),
+                "error lacks field/line: {line}"
+            );
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "invalid policy not reported"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = gate_as(env, &alice, &["get", "pods"])?;
+    ensure!(
+        o.status.success(),
+        "previous policy should stay: {}",
+        stderr(&o)
+    );
+    // A valid change takes effect without a restart: devs lose reads.
+    std::fs::write(
+        &path,
+        POLICY.replace(
+            "name: devs-read\n    subjects: [{kind: Group, name: \"oidc:devs\"}]",
+            "name: devs-read\n    subjects: [{kind: Group, name: \"oidc:nobody\"}]",
+        ),
+    )?;
+    let t = Instant::now();
+    loop {
+        let o = gate_as(env, &alice, &["get", "pods"])?;
+        if !o.status.success() && stderr(&o).contains("no policy rule allows") {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "policy change not applied"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::fs::write(&path, POLICY)?;
+    let t = Instant::now();
+    while !gate_as(env, &alice, &["get", "pods"])?.status.success() {
+        ensure!(
+            t.elapsed() < Duration::from_secs(10),
+            "policy restore not applied"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     Ok(())
 }

@@ -23,6 +23,9 @@ struct Cli {
     /// TLS server name to ask for.
     #[arg(long, default_value = "kubernetes.default.svc")]
     sni: String,
+    /// Bearer token sent with the requests (the gate authenticates before forwarding).
+    #[arg(long)]
+    token: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -80,17 +83,22 @@ fn h1(cli: &Cli, kind: H1, addr: SocketAddr) -> Result<serde_json::Value> {
     let mut s = StreamOwned::new(conn, tcp);
     let t0 = Instant::now();
     let path = "/api/v1/namespaces/e2e/configmaps";
+    let auth = cli
+        .token
+        .as_ref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let mut write_error = None;
     match kind {
         H1::Garbage => s.write_all(b"HELLO THERE\r\n\r\n")?,
         H1::Smuggle => s.write_all(
             format!(
-                "POST {path} HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE {path}/x HTTP/1.1\r\nHost: k\r\n\r\n"
+                "POST {path} HTTP/1.1\r\nHost: k\r\n{auth}Content-Type: application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE {path}/x HTTP/1.1\r\nHost: k\r\n{auth}\r\n"
             )
             .as_bytes(),
         )?,
         H1::DuplicateLength => s.write_all(
-            format!("POST {path} HTTP/1.1\r\nHost: k\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}")
+            format!("POST {path} HTTP/1.1\r\nHost: k\r\n{auth}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}")
                 .as_bytes(),
         )?,
         H1::HugeHeader => s.write_all(
@@ -177,10 +185,12 @@ async fn rapid_reset(
             }
         };
         client = ready;
-        let req =
-            http::Request::get("https://kubernetes.default.svc/api/v1/namespaces/e2e/configmaps")
-                .body(())
-                .context("request")?;
+        let mut b =
+            http::Request::get("https://kubernetes.default.svc/api/v1/namespaces/e2e/configmaps");
+        if let Some(t) = &cli.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let req = b.body(()).context("request")?;
         match client.send_request(req, true) {
             Ok((_resp, mut stream)) => {
                 if pace_us > 0 {

@@ -76,7 +76,7 @@ pub fn run(rounds: u32) -> Result<()> {
     let nginx_bin = std::env::var("PORTCULLIS_NGINX")
         .context("PORTCULLIS_NGINX is not set: run through `cargo xtask bench proxy`")?;
     println!("starting the lab, a real kube-apiserver and the daemon ...");
-    let gate = Gate::start("bench-proxy", "")?;
+    let gate = Gate::start("bench-proxy", None, "")?;
     seed(&gate)?;
     let nginx = Nginx::start(&gate, Path::new(&nginx_bin))?;
     let wl = workloads();
@@ -225,7 +225,7 @@ fn load(gate: &Gate, nginx: &Nginx, target: &str, args: &[String], tag: &str) ->
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("token: ").map(str::to_owned))
                 .context("agent token")?;
-            let mut c = lab.agent_command(&bin("pc-load"));
+            let mut c = gate.agent_bin("pc-load");
             c.arg(format!("--url=https://{}", lab.cluster_ip()))
                 .arg(format!(
                     "--ca={}",

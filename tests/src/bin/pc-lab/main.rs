@@ -204,7 +204,7 @@ fn demo() -> Result<()> {
 /// Part two: unmodified kubectl, as an agent, against a real kube-apiserver.
 fn demo_kubectl() -> Result<()> {
     say("5. A real kube-apiserver 1.20.2 (etcd, controller manager, test-only fake kubelet)");
-    let gate = Gate::start("demo-kubectl", "")?;
+    let gate = Gate::start("demo-kubectl", None, "")?;
     println!(
         "  agent kubeconfig: server https://{} (the Service), the agent's own service-account token, Portcullis' CA",
         gate.lab.cluster_ip()
