@@ -227,8 +227,10 @@ async fn gate(
             Source::ApiServer(upstream.clone())
         } else {
             Source::Oidc {
-                client: crate::http_client::client(i.ca_file.as_deref(), false)
-                    .with_context(|| format!("issuer {}", i.issuer))?,
+                client: Box::new(
+                    crate::http_client::client(i.ca_file.as_deref(), false)
+                        .with_context(|| format!("issuer {}", i.issuer))?,
+                ),
                 issuer: i.issuer.clone(),
                 jwks_url: i.jwks_url.clone(),
             }

@@ -28,7 +28,7 @@ pub enum Source {
     ApiServer(Arc<Upstream>),
     /// An OIDC provider: `jwks_url`, or discovery at `<issuer>/.well-known/openid-configuration`.
     Oidc {
-        client: HttpClient,
+        client: Box<HttpClient>,
         issuer: String,
         jwks_url: Option<String>,
     },
@@ -169,7 +169,7 @@ impl JwksCache {
                             "{}/.well-known/openid-configuration",
                             issuer.trim_end_matches('/')
                         );
-                        let doc = crate::http_client::get(client, &disc, MAX_JWKS_BYTES)
+                        let doc = crate::http_client::get(client.as_ref(), &disc, MAX_JWKS_BYTES)
                             .await
                             .map_err(|e| format!("OIDC discovery: {e}"))?;
                         let v: serde_json::Value = serde_json::from_slice(&doc)
@@ -186,7 +186,7 @@ impl JwksCache {
                             .to_owned()
                     }
                 };
-                crate::http_client::get(client, &url, MAX_JWKS_BYTES)
+                crate::http_client::get(client.as_ref(), &url, MAX_JWKS_BYTES)
                     .await
                     .map_err(|e| format!("JWKS: {e}"))?
             }

@@ -102,14 +102,12 @@ pub fn resolve(
         .to_string();
     }
 
-    if parts[0] == "namespaces" {
-        if parts.len() > 1 {
-            info.namespace = parts[1].to_string();
-            // namespaces/NS/pods/... : drop the namespace prefix; but
-            // namespaces/NS/status is the namespace's own subresource.
-            if parts.len() > 2 && !NAMESPACE_SUBRESOURCES.contains(&parts[2]) {
-                parts = &parts[2..];
-            }
+    if parts[0] == "namespaces" && parts.len() > 1 {
+        info.namespace = parts[1].to_string();
+        // namespaces/NS/pods/... : drop the namespace prefix; but
+        // namespaces/NS/status is the namespace's own subresource.
+        if parts.len() > 2 && !NAMESPACE_SUBRESOURCES.contains(&parts[2]) {
+            parts = &parts[2..];
         }
     }
 

@@ -25,6 +25,8 @@ pub trait Store: Send + Sync {
     fn grants(&self) -> Result<Vec<Grant>, StoreError>;
 }
 
+type Table = TableDefinition<'static, &'static str, &'static [u8]>;
+
 const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
 const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
 
@@ -43,10 +45,7 @@ impl RedbStore {
         Ok(RedbStore { db })
     }
 
-    fn write(
-        &self,
-        items: &[(TableDefinition<&str, &[u8]>, &str, Vec<u8>)],
-    ) -> Result<(), StoreError> {
+    fn write(&self, items: &[(Table, &str, Vec<u8>)]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(err)?;
         for (table, key, value) in items {
             let mut t = tx.open_table(*table).map_err(err)?;
@@ -55,10 +54,7 @@ impl RedbStore {
         tx.commit().map_err(err)
     }
 
-    fn all<T: serde::de::DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-    ) -> Result<Vec<T>, StoreError> {
+    fn all<T: serde::de::DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, StoreError> {
         let tx = self.db.begin_read().map_err(err)?;
         let t = tx.open_table(table).map_err(err)?;
         let mut out = Vec::new();

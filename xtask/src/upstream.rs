@@ -172,7 +172,7 @@ fn make(tree: &Path, what: &str) -> Result<()> {
         );
         run::status(
             Command::new("make")
-                .current_dir(&tree)
+                .current_dir(tree)
                 .arg(format!("WHAT=cmd/{what}"))
                 .env("PATH", path)
                 .env("CGO_ENABLED", "0")

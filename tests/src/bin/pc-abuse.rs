@@ -169,7 +169,7 @@ async fn rapid_reset(
         .connect(ServerName::try_from(cli.sni.clone())?, tcp)
         .await?;
     let (mut client, conn) = h2::client::handshake(tls).await?;
-    let driver = tokio::spawn(async move { conn.await });
+    let driver = tokio::spawn(conn);
     let t0 = Instant::now();
     let mut sent = 0u32;
     let mut error = None;
