@@ -327,7 +327,7 @@ impl Proxy {
             conn = conn.id,
             subject = %verdict.subject,
             pod_uid = conn.kernel_pod.as_ref().map(|p| p.uid.as_str()).unwrap_or(""),
-            decision = verdict.decision,
+            decision = %verdict.decision,
             rule = %verdict.rule,
             approval = %verdict.approval,
             grant = %verdict.grant,

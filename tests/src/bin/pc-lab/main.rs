@@ -201,10 +201,13 @@ fn demo() -> Result<()> {
     Ok(())
 }
 
+/// The shipped default policy for coding agents.
+const DEFAULT_POLICY: &str = include_str!("../../../../deploy/policy/coding-agents.yaml");
+
 /// Part two: unmodified kubectl, as an agent, against a real kube-apiserver.
 fn demo_kubectl() -> Result<()> {
     say("5. A real kube-apiserver 1.20.2 (etcd, controller manager, test-only fake kubelet)");
-    let gate = Gate::start("demo-kubectl", None, "")?;
+    let gate = Gate::start("demo-kubectl", Some(DEFAULT_POLICY), "")?;
     println!(
         "  agent kubeconfig: server https://{} (the Service), the agent's own service-account token, Portcullis' CA",
         gate.lab.cluster_ip()
@@ -224,17 +227,7 @@ fn demo_kubectl() -> Result<()> {
         ),
         ("kubectl get configmaps", &["get", "configmaps"]),
         (
-            "kubectl create secret generic (protobuf body)",
-            &[
-                "create",
-                "secret",
-                "generic",
-                "db",
-                "--from-literal=password=s3cret",
-            ],
-        ),
-        (
-            "kubectl exec (WebSocket)",
+            "kubectl exec (WebSocket): denied by policy",
             &["exec", "work", "--", "echo", "hello from the pod"],
         ),
         ("kubectl logs", &["logs", "work"]),
@@ -257,8 +250,14 @@ fn demo_kubectl() -> Result<()> {
         {
             println!("    {l}");
         }
+        if label.contains("denied by policy")
+            && !String::from_utf8_lossy(&out.stderr).contains("Portcullis policy denies")
+        {
+            bail!("{label}: expected a policy denial");
+        }
     }
-    say("7. What the daemon saw: each request resolved into Kubernetes attributes");
+    demo_approval(&gate)?;
+    say("8. What the daemon saw: each request, its identity, attributes and decision");
     let log = gate.lab.daemon_log();
     let mut shown = 0;
     for line in log.lines().filter(|l| l.contains(" request ")) {
@@ -277,7 +276,8 @@ fn demo_kubectl() -> Result<()> {
         }
         let sub = field("subresource");
         println!(
-            "  {:<7} {:<24} ns={:<12} name={:<10} -> {}",
+            "  {:<36} {:<7} {:<24} ns={:<12} name={:<10} {:<9} -> {}",
+            field("subject"),
             verb,
             if sub.is_empty() {
                 resource
@@ -286,6 +286,7 @@ fn demo_kubectl() -> Result<()> {
             },
             field("namespace"),
             field("name"),
+            field("decision"),
             field("code")
         );
         shown += 1;
@@ -293,6 +294,75 @@ fn demo_kubectl() -> Result<()> {
     if shown == 0 {
         bail!("the daemon logged no resource requests:\n{log}");
     }
+    Ok(())
+}
+
+/// A workload delete waits for a human, who approves it from the node's CLI.
+fn demo_approval(gate: &Gate) -> Result<()> {
+    say("7. Deleting a workload needs a human: the request is held, an approver runs the CLI");
+    println!("\n  \x1b[36m$ kubectl delete pod work\x1b[0m   (in the background, as the agent)");
+    let child = gate
+        .gate_cmd(&["delete", "pod", "work", "--wait=false"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let t = std::time::Instant::now();
+    let id = loop {
+        let out = gate.portcullis(&["approvals", "list", "-o", "json"])?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(id) = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["state"] == "pending")
+            .and_then(|a| a["id"].as_str())
+        {
+            break id.to_owned();
+        }
+        if t.elapsed() > std::time::Duration::from_secs(20) {
+            bail!("no pending approval appeared:\n{}", gate.lab.daemon_log());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let show = |args: &[&str]| -> Result<String> {
+        let o = gate.portcullis(args)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        println!("\n  \x1b[36m$ portcullis {}\x1b[0m", args.join(" "));
+        for l in text.lines() {
+            println!("    {l}");
+        }
+        if !o.status.success() {
+            bail!("portcullis {args:?} failed");
+        }
+        Ok(text)
+    };
+    show(&["approvals", "list"])?;
+    show(&[
+        "approvals",
+        "approve",
+        &id,
+        "--as",
+        "demo-approver",
+        "--justification",
+        "agent cleanup, reviewed",
+    ])?;
+    let out = child.wait_with_output()?;
+    println!("\n  the held kubectl delete, after approval:");
+    for l in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
+        println!("    {l}");
+    }
+    if !out.status.success() {
+        bail!("the approved delete failed");
+    }
+    show(&["grants", "list"])?;
     Ok(())
 }
 
