@@ -16,7 +16,12 @@ use portcullis_tests::{
 };
 use serde_json::{Value, json};
 
-const TARGETS: [&str; 3] = ["direct", "nginx", "portcullis"];
+/// `portcullis`: the daemon in pass-through mode (TLS, attributes, forwarding);
+/// `gated`: the same daemon with identity (pod-bound projected token) + the shipped
+/// coding-agents policy, restarted between phases.
+const TARGETS: [&str; 4] = ["direct", "nginx", "portcullis", "gated"];
+
+const POLICY: &str = include_str!("../../../../deploy/policy/coding-agents.yaml");
 
 struct Workload {
     name: &'static str,
@@ -76,19 +81,23 @@ pub fn run(rounds: u32) -> Result<()> {
     let nginx_bin = std::env::var("PORTCULLIS_NGINX")
         .context("PORTCULLIS_NGINX is not set: run through `cargo xtask bench proxy`")?;
     println!("starting the lab, a real kube-apiserver and the daemon ...");
-    let gate = Gate::start("bench-proxy", None, "")?;
+    let gate = Gate::start("bench-proxy", Some(POLICY), "")?;
     seed(&gate)?;
     let nginx = Nginx::start(&gate, Path::new(&nginx_bin))?;
     let wl = workloads();
     // results[workload][target] = per-round JSON
-    let mut results: Vec<Vec<Vec<Value>>> = vec![vec![Vec::new(); 3]; wl.len()];
+    let mut results: Vec<Vec<Vec<Value>>> = vec![vec![Vec::new(); TARGETS.len()]; wl.len()];
     for round in 0..rounds {
-        for (wi, w) in wl.iter().enumerate() {
-            for (ti, target) in TARGETS.iter().enumerate() {
-                let tag = format!("{}{round}{wi}", &target[..1]);
-                let v = load(&gate, &nginx, target, &w.args, &tag)?;
-                println!("  round {round} {:<28} {:<10} {v}", w.name, target);
-                results[wi][ti].push(v);
+        for (gated, targets) in [(false, &[0usize, 1, 2][..]), (true, &[3usize][..])] {
+            gate.switch(gated)?;
+            for (wi, w) in wl.iter().enumerate() {
+                for &ti in targets {
+                    let target = TARGETS[ti];
+                    let tag = format!("{}{round}{wi}", &target[..1]);
+                    let v = load(&gate, &nginx, target, &w.args, &tag)?;
+                    println!("  round {round} {:<28} {:<10} {v}", w.name, target);
+                    results[wi][ti].push(v);
+                }
             }
         }
     }
@@ -220,7 +229,7 @@ impl Drop for Nginx {
 fn load(gate: &Gate, nginx: &Nginx, target: &str, args: &[String], tag: &str) -> Result<Value> {
     let lab = &gate.lab;
     let mut cmd = match target {
-        "portcullis" => {
+        "portcullis" | "gated" => {
             let token = std::fs::read_to_string(&gate.agent_kubeconfig)?
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("token: ").map(str::to_owned))
@@ -300,6 +309,7 @@ fn report(wl: &[Workload], results: &[Vec<Vec<Value>>], rounds: u32) -> Result<(
         let (d50, n50, p50) = (m(0, "p50_us"), m(1, "p50_us"), m(2, "p50_us"));
         let (d99, n99, p99) = (m(0, "p99_us"), m(1, "p99_us"), m(2, "p99_us"));
         let (drps, nrps, prps) = (m(0, "rps"), m(1, "rps"), m(2, "rps"));
+        let (g50, g99, grps) = (m(3, "p50_us"), m(3, "p99_us"), m(3, "rps"));
         let added_ratio = (p50 - d50) / (n50 - d50);
         let rps_ratio = prps / nrps;
         println!(
@@ -308,14 +318,37 @@ fn report(wl: &[Workload], results: &[Vec<Vec<Value>>], rounds: u32) -> Result<(
         );
         rows.push(json!({
             "workload": w.name,
-            "p50_us": {"direct": d50, "nginx": n50, "portcullis": p50},
-            "p99_us": {"direct": d99, "nginx": n99, "portcullis": p99},
-            "rps": {"direct": drps, "nginx": nrps, "portcullis": prps},
+            "p50_us": {"direct": d50, "nginx": n50, "portcullis": p50, "portcullis_identity_policy": g50},
+            "p99_us": {"direct": d99, "nginx": n99, "portcullis": p99, "portcullis_identity_policy": g99},
+            "rps": {"direct": drps, "nginx": nrps, "portcullis": prps, "portcullis_identity_policy": grps},
+            "identity_policy_added_p50_us": g50 - p50,
+            "identity_policy_rps_ratio": grps / prps,
             "added_p50_ratio_portcullis_over_nginx": added_ratio,
             "rps_ratio_portcullis_over_nginx": rps_ratio,
             "goal_added_p50_ratio_le_1_3": added_ratio <= 1.3,
             "goal_rps_ratio_ge_1": rps_ratio >= 1.0,
         }));
+    }
+    println!(
+        "\nidentity + policy (pod-bound token verified, shipped policy decided), against pass-through:"
+    );
+    for (wi, w) in wl.iter().enumerate() {
+        let m = |ti: usize, k: &str| {
+            median(
+                results[wi][ti]
+                    .iter()
+                    .map(|v| v[k].as_f64().unwrap_or(0.0))
+                    .collect(),
+            )
+        };
+        println!(
+            "{:<28} p50 {:>8.0}µs -> {:>8.0}µs ({:+.0}µs), rps ratio {:.2}",
+            w.name,
+            m(2, "p50_us"),
+            m(3, "p50_us"),
+            m(3, "p50_us") - m(2, "p50_us"),
+            m(3, "rps") / m(2, "rps")
+        );
     }
     println!(
         "\ngoals: added p50 (Portcullis - direct) <= 1.3 x (nginx - direct); Portcullis rps >= nginx rps"
