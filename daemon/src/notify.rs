@@ -73,3 +73,67 @@ impl Notifier {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::approvals::{Approval, Attributes, State, SubjectRecord};
+
+    fn approval() -> Approval {
+        Approval {
+            id: "apr-1".into(),
+            created_at: 1,
+            expires_at: 2,
+            subject: SubjectRecord {
+                username: "system:serviceaccount:e2e:agent".into(),
+                groups: vec![],
+                issuer: "k8s".into(),
+                token_id: "t".into(),
+                pod: None,
+            },
+            request: Attributes {
+                verb: "delete".into(),
+                api_group: "apps".into(),
+                resource: "deployments".into(),
+                subresource: String::new(),
+                namespace: "prod".into(),
+                name: "web".into(),
+                path: String::new(),
+            },
+            rule: "workload-deletes".into(),
+            message: "needs a human".into(),
+            approvers: vec![],
+            grant_ttl_secs: 60,
+            state: State::Pending,
+            grant_id: None,
+        }
+    }
+
+    fn notifier(format: WebhookFormat) -> Notifier {
+        Notifier::new(&Webhook {
+            url: "http://127.0.0.1:9/hook".into(),
+            format,
+            ca_file: None,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn generic_and_slack_bodies_carry_the_approval_and_the_command() {
+        let g = notifier(WebhookFormat::Generic).body(&approval());
+        assert_eq!(g["kind"], "ApprovalRequested");
+        assert_eq!(g["approval"]["id"], "apr-1");
+        assert_eq!(g["approval"]["state"], "pending");
+        assert_eq!(g["approveCommand"], "portcullis approvals approve apr-1");
+        let s = notifier(WebhookFormat::Slack).body(&approval());
+        let text = s["text"].as_str().unwrap();
+        assert!(
+            text.contains("apr-1") && text.contains("delete deployments.apps web in prod"),
+            "{text}"
+        );
+        assert!(
+            text.contains("portcullis approvals approve apr-1"),
+            "{text}"
+        );
+    }
+}

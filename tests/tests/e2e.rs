@@ -1216,13 +1216,18 @@ fn approval_id_in(msg: &str) -> Option<String> {
     )
 }
 
-fn approval_within_hold(env: &mut Env) -> Result<()> {
-    env.admin_ok(&["create", "configmap", "held-a"])?;
-    let child = env
-        .gate_cmd(&["delete", "configmap", "held-a"])
+/// Creates configmap `name` and starts the agent's delete of it in the background.
+fn start_held_delete(env: &Env, name: &str) -> Result<std::process::Child> {
+    env.admin_ok(&["create", "configmap", name])?;
+    Ok(env
+        .gate_cmd(&["delete", "configmap", name])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()?;
+        .spawn()?)
+}
+
+fn approval_within_hold(env: &mut Env) -> Result<()> {
+    let child = start_held_delete(env, "held-a")?;
     let id = pending_for(env, "held-a", 4)?;
     ensure!(cm_exists(env, "held-a")?, "deleted before approval");
     let v = pc(
@@ -1314,12 +1319,7 @@ fn approval_after_hold(env: &mut Env) -> Result<()> {
 }
 
 fn denied_and_expired(env: &mut Env) -> Result<()> {
-    env.admin_ok(&["create", "configmap", "held-c"])?;
-    let child = env
-        .gate_cmd(&["delete", "configmap", "held-c"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let child = start_held_delete(env, "held-c")?;
     let id = pending_for(env, "held-c", 4)?;
     let e = pc_err(
         env,

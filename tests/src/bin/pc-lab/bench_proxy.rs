@@ -278,6 +278,16 @@ fn load(gate: &Gate, nginx: &Nginx, target: &str, args: &[String], tag: &str) ->
     Ok(v)
 }
 
+/// The median over rounds of field `k`.
+fn stat(rounds: &[Value], k: &str) -> f64 {
+    median(
+        rounds
+            .iter()
+            .map(|v| v[k].as_f64().unwrap_or(0.0))
+            .collect(),
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -298,14 +308,7 @@ fn report(wl: &[Workload], results: &[Vec<Vec<Value>>], rounds: u32) -> Result<(
     );
     let mut rows = Vec::new();
     for (wi, w) in wl.iter().enumerate() {
-        let m = |ti: usize, k: &str| {
-            median(
-                results[wi][ti]
-                    .iter()
-                    .map(|v| v[k].as_f64().unwrap_or(0.0))
-                    .collect(),
-            )
-        };
+        let m = |ti: usize, k: &str| stat(&results[wi][ti], k);
         let (d50, n50, p50) = (m(0, "p50_us"), m(1, "p50_us"), m(2, "p50_us"));
         let (d99, n99, p99) = (m(0, "p99_us"), m(1, "p99_us"), m(2, "p99_us"));
         let (drps, nrps, prps) = (m(0, "rps"), m(1, "rps"), m(2, "rps"));
@@ -333,14 +336,7 @@ fn report(wl: &[Workload], results: &[Vec<Vec<Value>>], rounds: u32) -> Result<(
         "\nidentity + policy (pod-bound token verified, shipped policy decided), against pass-through:"
     );
     for (wi, w) in wl.iter().enumerate() {
-        let m = |ti: usize, k: &str| {
-            median(
-                results[wi][ti]
-                    .iter()
-                    .map(|v| v[k].as_f64().unwrap_or(0.0))
-                    .collect(),
-            )
-        };
+        let m = |ti: usize, k: &str| stat(&results[wi][ti], k);
         println!(
             "{:<28} p50 {:>8.0}µs -> {:>8.0}µs ({:+.0}µs), rps ratio {:.2}",
             w.name,
