@@ -150,6 +150,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     drop(acc_tx);
 
     let mut kernel_log = JsonlWriter::open(&cfg.state_dir.join("kernel-events.jsonl"))?;
+    // Tamper-evident evidence (hash chain, signed segment heads): kernel events for now;
+    // request records join in the audit issue.
+    let audit_key = crate::audit::load_or_create_key(&cfg.state_dir.join("audit.key"))?;
+    let mut audit =
+        crate::audit::AuditWriter::open(&cfg.state_dir.join("audit"), audit_key, 64 << 20)?;
     let mut conn_log = JsonlWriter::open(&cfg.state_dir.join("connections.jsonl"))?;
     let ready = Ready {
         pid: std::process::id(),
@@ -169,8 +174,15 @@ pub async fn run(cfg: Config) -> Result<()> {
                 if let Err(e) = kernel_log.append(&ev) {
                     warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
                 }
+                if let Err(e) = audit.append("kernel-event", &ev) {
+                    warn!(error = %e, "writing the audit record of a kernel event");
+                }
                 if ev_rx.is_empty() {
                     flush(&mut kernel_log);
+                    // Group commit: one fsync per burst.
+                    if let Err(e) = audit.commit() {
+                        warn!(error = %e, "committing audit records");
+                    }
                 }
             }
             Some(acc) = acc_rx.recv() => {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod admin_client;
 mod approvals;
+mod audit;
 mod ca;
 mod cli;
 mod config;
@@ -112,6 +113,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: GrantsCmd,
     },
+    /// Tamper-evident audit evidence.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Detach every program and remove the pins (uninstall). Agents then reach the API
     /// server directly: this is the only way enforcement ends.
     Unload {
@@ -126,6 +132,18 @@ enum CaCmd {
     Init {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check every segment's hash chain and signed head; non-zero exit on any problem.
+    Verify {
+        /// The audit directory (segments and heads).
+        dir: PathBuf,
+        /// The daemon's audit public key (hex); default: DIR/../audit.pub.
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
 }
 
@@ -211,6 +229,30 @@ fn main() -> Result<()> {
         Cmd::Ca {
             cmd: CaCmd::Init { config },
         } => cli::ca_init(&config::Config::load(&config)?),
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { dir, key },
+        } => {
+            let key_path = key.unwrap_or_else(|| dir.join("../audit.pub"));
+            let hexkey = std::fs::read_to_string(&key_path)
+                .with_context(|| format!("reading the audit public key {}", key_path.display()))?;
+            let public = hex::decode(hexkey.trim())
+                .with_context(|| format!("{} is not a hex public key", key_path.display()))?;
+            let r = audit::verify(&dir, &public)?;
+            for p in &r.problems {
+                println!("FAIL  {p}");
+            }
+            println!(
+                "{} segments, {} records: {}",
+                r.segments,
+                r.records,
+                if r.problems.is_empty() {
+                    "intact".to_string()
+                } else {
+                    format!("{} problems", r.problems.len())
+                }
+            );
+            std::process::exit(if r.problems.is_empty() { 0 } else { 1 });
+        }
         Cmd::Policy {
             cmd: PolicyCmd::Test { policy, cases },
         } => {

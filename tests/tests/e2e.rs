@@ -74,6 +74,10 @@ const CASES: &[Case] = &[
         "policy_hot_reload_keeps_the_last_good_policy",
         policy_reload,
     ),
+    (
+        "audit_chain_of_kernel_events_verifies_then_detects_a_tamper",
+        audit_chain,
+    ),
     // Last: stops the apiserver.
     ("apiserver_down_is_a_503_status", apiserver_down),
 ];
@@ -1515,5 +1519,44 @@ fn policy_reload(env: &mut Env) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    Ok(())
+}
+
+/// Groundwork of the audit issue: kernel events (every redirect) are hash-chained with
+/// signed segment heads; `portcullis audit verify` passes, then fails after one byte of
+/// a record is changed.
+fn audit_chain(env: &mut Env) -> Result<()> {
+    env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    let dir = env.lab.state_dir().join("audit");
+    let dir_s = dir.display().to_string();
+    let run = || -> Result<Output> {
+        Ok(env
+            .lab
+            .command_in_ns(env.lab.ns_node(), &bin("portcullis"))
+            .args(["audit", "verify", &dir_s])
+            .stdin(Stdio::null())
+            .output()?)
+    };
+    let o = run()?;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        o.status.success() && out.contains("intact"),
+        "verify: {out}{}",
+        stderr(&o)
+    );
+    let seg = dir.join("seg-000001.jsonl");
+    let text = std::fs::read_to_string(&seg)?;
+    ensure!(
+        text.contains("kernel-event"),
+        "no kernel events in the audit chain"
+    );
+    let tampered = text.replacen("\"kind\":\"kernel-event\"", "\"kind\":\"kernel-evenT\"", 1);
+    std::fs::write(&seg, tampered)?;
+    let o = run()?;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        !o.status.success() && out.contains("FAIL  seg-000001"),
+        "tamper not detected: {out}"
+    );
     Ok(())
 }

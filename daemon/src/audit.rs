@@ -1,0 +1,543 @@
+//! Tamper-evident audit evidence: append-only segments of JSON lines, each record
+//! carrying the SHA-256 of the previous record's line (across segments), and a signed
+//! head per segment (ed25519, the daemon's audit key) naming its first and last record
+//! and the chain value it continues from. `verify` detects an edited, deleted,
+//! reordered or appended record, a truncated or missing segment and swapped segments,
+//! and says where.
+//!
+//! Layout of an audit directory:
+//! ```text
+//! seg-000001.jsonl       {"seq":1,"prev":"00…","time":…,"kind":"…","record":{…}}
+//! seg-000001.head.json   {"segment":1,"first_seq":1,"last_seq":…,"chain_in":"…","last_hash":"…","sig":"…"}
+//! ```
+use std::{
+    fs::{File, OpenOptions},
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("audit key {path}: {why}")]
+    Key { path: PathBuf, why: String },
+    #[error("encoding an audit record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    seq: u64,
+    prev: String,
+    time: u64,
+    kind: String,
+    record: &'a serde_json::value::RawValue,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Head {
+    pub segment: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The chain value the segment's first record continues from.
+    pub chain_in: String,
+    pub last_hash: String,
+    /// ed25519 over the canonical JSON of the fields above, hex.
+    #[serde(default)]
+    pub sig: String,
+}
+
+impl Head {
+    fn signed_bytes(&self) -> Vec<u8> {
+        let unsigned = Head {
+            sig: String::new(),
+            ..self.clone()
+        };
+        serde_json::to_vec(&unsigned).unwrap_or_default()
+    }
+}
+
+fn seg_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("seg-{n:06}.jsonl"))
+}
+fn head_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("seg-{n:06}.head.json"))
+}
+
+fn hash_line(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+/// The daemon's audit signing key (PKCS#8, 0600), created on first use; the public key
+/// is written beside it for verifiers.
+pub fn load_or_create_key(path: &Path) -> Result<Ed25519KeyPair, AuditError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key_err = |why: String| AuditError::Key {
+        path: path.to_owned(),
+        why,
+    };
+    let pkcs8 = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let rng = ring::rand::SystemRandom::new();
+            let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| key_err(e.to_string()))?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io(path))?;
+            f.write_all(doc.as_ref()).map_err(io(path))?;
+            f.sync_all().map_err(io(path))?;
+            doc.as_ref().to_vec()
+        }
+        Err(e) => return Err(io(path)(e)),
+    };
+    let kp = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| key_err(e.to_string()))?;
+    let pub_path = path.with_extension("pub");
+    std::fs::write(&pub_path, hex::encode(kp.public_key().as_ref())).map_err(io(&pub_path))?;
+    Ok(kp)
+}
+
+/// Appends records; `commit` makes everything appended so far durable (fsync) and
+/// re-signs the open segment's head. Callers batch appends before one commit (group
+/// commit).
+pub struct AuditWriter {
+    dir: PathBuf,
+    key: Ed25519KeyPair,
+    segment: u64,
+    file: File,
+    first_seq: u64,
+    chain_in: String,
+    seq: u64,
+    last_hash: String,
+    bytes: u64,
+    max_segment_bytes: u64,
+}
+
+impl AuditWriter {
+    /// Opens `dir`, continuing the chain of its last segment (a torn last line from a
+    /// crash is cut back to the last complete record first).
+    pub fn open(
+        dir: &Path,
+        key: Ed25519KeyPair,
+        max_segment_bytes: u64,
+    ) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let segments = list_segments(dir).map_err(io(dir))?;
+        let (segment, first_seq, chain_in, seq, last_hash, bytes) = match segments.last() {
+            None => (1, 1, GENESIS.to_string(), 0, GENESIS.to_string(), 0),
+            Some(&n) => {
+                let p = seg_path(dir, n);
+                let text = std::fs::read(&p).map_err(io(&p))?;
+                let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                if complete < text.len() {
+                    let f = OpenOptions::new().write(true).open(&p).map_err(io(&p))?;
+                    f.set_len(complete as u64).map_err(io(&p))?;
+                }
+                let head: Option<Head> = std::fs::read(head_path(dir, n))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                let mut seq = head.as_ref().map_or(0, |h| h.first_seq - 1);
+                let mut last = head
+                    .as_ref()
+                    .map_or(GENESIS.to_string(), |h| h.chain_in.clone());
+                let first_seq = seq + 1;
+                let chain_in = last.clone();
+                for l in text[..complete]
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) {
+                        seq = v["seq"].as_u64().unwrap_or(seq + 1);
+                    }
+                    last = hash_line(l);
+                }
+                (n, first_seq, chain_in, seq, last, complete as u64)
+            }
+        };
+        let p = seg_path(dir, segment);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(io(&p))?;
+        let mut w = AuditWriter {
+            dir: dir.to_owned(),
+            key,
+            segment,
+            file,
+            first_seq,
+            chain_in,
+            seq,
+            last_hash,
+            bytes,
+            max_segment_bytes,
+        };
+        w.write_head()?;
+        Ok(w)
+    }
+
+    /// Appends one record (not yet durable); returns its sequence number.
+    pub fn append<T: Serialize>(&mut self, kind: &str, record: &T) -> Result<u64, AuditError> {
+        if self.bytes >= self.max_segment_bytes && self.seq >= self.first_seq {
+            self.rotate()?;
+        }
+        let raw = serde_json::value::to_raw_value(record)?;
+        let line = Line {
+            seq: self.seq + 1,
+            prev: self.last_hash.clone(),
+            time: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            kind: kind.to_owned(),
+            record: &raw,
+        };
+        let mut bytes = serde_json::to_vec(&line)?;
+        let h = hash_line(&bytes);
+        bytes.push(b'\n');
+        let p = seg_path(&self.dir, self.segment);
+        self.file.write_all(&bytes).map_err(io(&p))?;
+        self.seq += 1;
+        self.last_hash = h;
+        self.bytes += bytes.len() as u64;
+        Ok(self.seq)
+    }
+
+    /// Makes every appended record durable and signs the head over them.
+    pub fn commit(&mut self) -> Result<(), AuditError> {
+        let p = seg_path(&self.dir, self.segment);
+        self.file.sync_data().map_err(io(&p))?;
+        self.write_head()
+    }
+
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.commit()?;
+        self.segment += 1;
+        self.first_seq = self.seq + 1;
+        self.chain_in = self.last_hash.clone();
+        self.bytes = 0;
+        let p = seg_path(&self.dir, self.segment);
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(io(&p))?;
+        self.write_head()
+    }
+
+    fn write_head(&mut self) -> Result<(), AuditError> {
+        let mut head = Head {
+            segment: self.segment,
+            first_seq: self.first_seq,
+            last_seq: self.seq,
+            chain_in: self.chain_in.clone(),
+            last_hash: self.last_hash.clone(),
+            sig: String::new(),
+        };
+        head.sig = hex::encode(self.key.sign(&head.signed_bytes()).as_ref());
+        let p = head_path(&self.dir, self.segment);
+        let tmp = p.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&serde_json::to_vec(&head)?).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io(&p))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        Ok(())
+    }
+}
+
+fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.to_owned();
+            n.strip_prefix("seg-")?.strip_suffix(".jsonl")?.parse().ok()
+        })
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// What `verify` found.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub segments: u64,
+    pub records: u64,
+    /// Each problem with its location; empty means the evidence is intact.
+    pub problems: Vec<String>,
+}
+
+/// Checks every segment of `dir` against `public_key` (32 bytes).
+pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
+    let key = UnparsedPublicKey::new(&ED25519, public_key);
+    let segments = list_segments(dir).map_err(io(dir))?;
+    let mut r = Report::default();
+    let mut chain = GENESIS.to_string();
+    let mut next_seq = 1u64;
+    for (i, &n) in segments.iter().enumerate() {
+        r.segments += 1;
+        let name = format!("seg-{n:06}");
+        if n != i as u64 + 1 {
+            r.problems.push(format!(
+                "{name}: expected segment {} here: a segment is missing or renamed",
+                i + 1
+            ));
+        }
+        let head: Option<Head> = match std::fs::read(head_path(dir, n)) {
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    r.problems
+                        .push(format!("{name}.head.json: unreadable: {e}"));
+                    None
+                }
+            },
+            Err(_) => {
+                r.problems.push(format!("{name}.head.json: missing"));
+                None
+            }
+        };
+        if let Some(h) = &head {
+            let sig_ok = hex::decode(&h.sig)
+                .ok()
+                .is_some_and(|s| key.verify(&h.signed_bytes(), &s).is_ok());
+            if !sig_ok {
+                r.problems
+                    .push(format!("{name}.head.json: signature does not verify"));
+            }
+            if h.segment != n {
+                r.problems
+                    .push(format!("{name}.head.json: names segment {}", h.segment));
+            }
+            if h.chain_in != chain || h.first_seq != next_seq {
+                r.problems.push(format!(
+                    "{name}: does not continue the previous segment (starts at seq {} after {}): segments swapped, removed or replaced",
+                    h.first_seq,
+                    next_seq - 1
+                ));
+            }
+        }
+        let p = seg_path(dir, n);
+        let f = File::open(&p).map_err(io(&p))?;
+        let mut last_seq = next_seq - 1;
+        for (ln, line) in BufReader::new(f).split(b'\n').enumerate() {
+            let line = line.map_err(io(&p))?;
+            if line.is_empty() {
+                continue;
+            }
+            let at = format!("{name}.jsonl line {}", ln + 1);
+            let v: serde_json::Value = match serde_json::from_slice(&line) {
+                Ok(v) => v,
+                Err(e) => {
+                    r.problems.push(format!("{at}: not a JSON record: {e}"));
+                    chain = hash_line(&line);
+                    continue;
+                }
+            };
+            r.records += 1;
+            let seq = v["seq"].as_u64().unwrap_or(0);
+            if seq != next_seq {
+                r.problems.push(format!(
+                    "{at}: seq {seq} where {next_seq} was expected: records deleted or reordered"
+                ));
+            }
+            if v["prev"].as_str() != Some(chain.as_str()) {
+                r.problems.push(format!(
+                    "{at} (seq {seq}): previous-record hash does not match: the record before it was edited, removed or moved"
+                ));
+            }
+            chain = hash_line(&line);
+            last_seq = seq;
+            next_seq = seq + 1;
+        }
+        if let Some(h) = &head {
+            if h.last_seq != last_seq || h.last_hash != chain {
+                r.problems.push(format!(
+                    "{name}: the signed head ends at seq {} but the file ends at seq {last_seq}: records truncated, appended or the last one edited",
+                    h.last_seq
+                ));
+            }
+            // Continue from what the head vouches for, so one bad segment is not
+            // reported again for every later one.
+            chain = h.last_hash.clone();
+            next_seq = h.last_seq + 1;
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pc-audit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Three segments of records, committed; returns (audit dir, public key).
+    fn fixture(tag: &str) -> (PathBuf, Vec<u8>) {
+        let d = tmp(tag);
+        let key = load_or_create_key(&d.join("audit.key")).unwrap();
+        let public = key.public_key().as_ref().to_vec();
+        let dir = d.join("audit");
+        let mut w = AuditWriter::open(&dir, key, 400).unwrap();
+        for i in 0..12 {
+            w.append("request", &serde_json::json!({"i": i, "verb": "get"}))
+                .unwrap();
+            if i % 3 == 2 {
+                w.commit().unwrap();
+            }
+        }
+        w.commit().unwrap();
+        (dir, public)
+    }
+
+    fn problems(dir: &Path, key: &[u8]) -> Vec<String> {
+        verify(dir, key).unwrap().problems
+    }
+
+    fn lines(p: &Path) -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn write_lines(p: &Path, l: &[String]) {
+        std::fs::write(p, l.iter().map(|s| format!("{s}\n")).collect::<String>()).unwrap();
+    }
+
+    #[test]
+    fn intact_evidence_verifies_across_segments_and_reopen() {
+        let (dir, key) = fixture("intact");
+        let r = verify(&dir, &key).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.records, 12);
+        assert!(r.segments >= 3, "{}", r.segments);
+        // Reopening continues the chain.
+        let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
+        let mut w = AuditWriter::open(&dir, k, 400).unwrap();
+        w.append("request", &serde_json::json!({"after": "restart"}))
+            .unwrap();
+        w.commit().unwrap();
+        assert!(problems(&dir, &key).is_empty());
+    }
+
+    #[test]
+    fn a_flipped_byte_is_found() {
+        let (dir, key) = fixture("flip");
+        let p = seg_path(&dir, 1);
+        let mut l = lines(&p);
+        l[1] = l[1].replace("\"get\"", "\"gex\"");
+        write_lines(&p, &l);
+        let pr = problems(&dir, &key);
+        assert!(
+            pr.iter().any(|p| p.contains("seg-000001.jsonl line 3")),
+            "{pr:?}"
+        );
+    }
+
+    #[test]
+    fn deletion_reordering_and_truncation_are_found() {
+        let (dir, key) = fixture("del");
+        let p = seg_path(&dir, 1);
+        let mut l = lines(&p);
+        l.remove(1);
+        write_lines(&p, &l);
+        assert!(
+            problems(&dir, &key)
+                .iter()
+                .any(|p| p.contains("deleted or reordered"))
+        );
+
+        let (dir, key) = fixture("reorder");
+        let p = seg_path(&dir, 2);
+        let mut l = lines(&p);
+        l.swap(0, 1);
+        write_lines(&p, &l);
+        assert!(
+            problems(&dir, &key)
+                .iter()
+                .any(|p| p.contains("seg-000002"))
+        );
+
+        let (dir, key) = fixture("trunc");
+        let p = seg_path(&dir, 3);
+        let mut l = lines(&p);
+        l.pop();
+        write_lines(&p, &l);
+        assert!(problems(&dir, &key).iter().any(|p| p.contains("truncated")));
+    }
+
+    #[test]
+    fn swapped_or_missing_segments_and_forged_heads_are_found() {
+        let (dir, key) = fixture("swap");
+        for ext in ["jsonl", "head.json"] {
+            let a = dir.join(format!("seg-000001.{ext}"));
+            let b = dir.join(format!("seg-000002.{ext}"));
+            let t = dir.join("t");
+            std::fs::rename(&a, &t).unwrap();
+            std::fs::rename(&b, &a).unwrap();
+            std::fs::rename(&t, &b).unwrap();
+        }
+        assert!(!problems(&dir, &key).is_empty());
+
+        let (dir, key) = fixture("missing");
+        std::fs::remove_file(seg_path(&dir, 2)).unwrap();
+        std::fs::remove_file(head_path(&dir, 2)).unwrap();
+        assert!(problems(&dir, &key).iter().any(|p| p.contains("missing")));
+
+        // Rewriting a head to cover an edit needs the key.
+        let (dir, key) = fixture("forge");
+        let hp = head_path(&dir, 1);
+        let mut h: Head = serde_json::from_slice(&std::fs::read(&hp).unwrap()).unwrap();
+        h.last_seq += 1;
+        std::fs::write(&hp, serde_json::to_vec(&h).unwrap()).unwrap();
+        assert!(problems(&dir, &key).iter().any(|p| p.contains("signature")));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_back_on_open() {
+        let (dir, key) = fixture("torn");
+        let last = *list_segments(&dir).unwrap().last().unwrap();
+        let p = seg_path(&dir, last);
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"seq\":99,\"prev\":\"ab").unwrap();
+        drop(f);
+        let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
+        let mut w = AuditWriter::open(&dir, k, 1 << 20).unwrap();
+        w.append("request", &serde_json::json!({"x": 1})).unwrap();
+        w.commit().unwrap();
+        assert!(
+            problems(&dir, &key).is_empty(),
+            "{:?}",
+            problems(&dir, &key)
+        );
+    }
+}
