@@ -153,8 +153,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     // Tamper-evident evidence (hash chain, signed segment heads): kernel events for now;
     // request records join in the audit issue.
     let audit_key = crate::audit::load_or_create_key(&cfg.state_dir.join("audit.key"))?;
-    let mut audit =
-        crate::audit::AuditWriter::open(&cfg.state_dir.join("audit"), audit_key, 64 << 20)?;
+    let audit = crate::audit::AuditWriter::open(&cfg.state_dir.join("audit"), audit_key, 64 << 20)?;
+    let audit_tx = spawn_audit_thread(audit)?;
     let mut conn_log = JsonlWriter::open(&cfg.state_dir.join("connections.jsonl"))?;
     let ready = Ready {
         pid: std::process::id(),
@@ -174,15 +174,11 @@ pub async fn run(cfg: Config) -> Result<()> {
                 if let Err(e) = kernel_log.append(&ev) {
                     warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
                 }
-                if let Err(e) = audit.append("kernel-event", &ev) {
-                    warn!(error = %e, "writing the audit record of a kernel event");
+                if let Err(e) = audit_tx.try_send(ev) {
+                    warn!(error = %e, "audit queue full or stopped: a kernel event is not in the audit chain");
                 }
                 if ev_rx.is_empty() {
                     flush(&mut kernel_log);
-                    // Group commit: one fsync per burst.
-                    if let Err(e) = audit.commit() {
-                        warn!(error = %e, "committing audit records");
-                    }
                 }
             }
             Some(acc) = acc_rx.recv() => {
@@ -310,6 +306,36 @@ async fn gate(
         approvals,
         pods: Arc::new(PodResolver::new(&cfg.kernel.attach_cgroup)),
     })
+}
+
+/// The audit writer runs on its own thread: fsync never blocks the async runtime, and
+/// each burst of records costs one fsync (group commit).
+fn spawn_audit_thread(
+    mut audit: crate::audit::AuditWriter,
+) -> Result<std::sync::mpsc::SyncSender<events::KernelEvent>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<events::KernelEvent>(8192);
+    std::thread::Builder::new()
+        .name("audit".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < 1024
+                    && let Ok(ev) = rx.try_recv()
+                {
+                    batch.push(ev);
+                }
+                for ev in &batch {
+                    if let Err(e) = audit.append("kernel-event", ev) {
+                        warn!(error = %e, "writing the audit record of a kernel event");
+                    }
+                }
+                if let Err(e) = audit.commit() {
+                    warn!(error = %e, "committing audit records");
+                }
+            }
+        })
+        .context("spawning the audit thread")?;
+    Ok(tx)
 }
 
 fn flush(w: &mut JsonlWriter) {

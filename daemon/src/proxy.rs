@@ -298,6 +298,27 @@ impl Proxy {
                  agent; this one was made to the daemon's address directly",
             );
         }
+        // hyper's HTTP/1.1 buffer limit is not a strict bound on the head (a head that
+        // arrives in one read can exceed it), so the configured limit is checked here.
+        let head_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            + req.uri().to_string().len();
+        if head_bytes > self.max_header_bytes {
+            warn!(peer = %conn.peer, %method, head_bytes, "refused: request head too large");
+            let mut r = status::response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                &format!(
+                    "the request head is {head_bytes} bytes; the limit is {}",
+                    self.max_header_bytes
+                ),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
         // Both framings at once is the request-smuggling pattern (RFC 9112 6.3): refuse
         // it and close, rather than guess which framing the agent meant.
         if req.headers().contains_key(header::TRANSFER_ENCODING)
