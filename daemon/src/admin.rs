@@ -262,6 +262,7 @@ pub async fn serve_unix(admin: Arc<Admin>, path: &Path) -> std::io::Result<()> {
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
@@ -305,6 +306,7 @@ pub async fn serve_https(admin: Arc<Admin>, listener: TcpListener, minter: Arc<L
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tls), svc)
                 .await
             {

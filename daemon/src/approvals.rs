@@ -254,7 +254,16 @@ pub enum Held {
     Expired {
         approval_id: String,
     },
+    /// The subject already has MAX_PENDING_PER_SUBJECT approvals waiting; no new one
+    /// is opened (nor announced) until some are decided or expire.
+    TooMany {
+        pending: usize,
+    },
 }
+
+/// Open approvals one subject may have at once: an agent that varies names cannot
+/// page approvers or grow the store without bound.
+pub const MAX_PENDING_PER_SUBJECT: usize = 20;
 
 #[derive(Serialize)]
 struct AuditEvent<'a> {
@@ -390,10 +399,22 @@ impl Approvals {
                 Some(aid) => (aid, None),
                 None => {
                     let t = now();
+                    let pending = inner
+                        .approvals
+                        .values()
+                        .filter(|a| {
+                            a.state == State::Pending
+                                && a.subject.username == id.username
+                                && a.expires_at > t
+                        })
+                        .count();
+                    if pending >= MAX_PENDING_PER_SUBJECT {
+                        return Ok(Held::TooMany { pending });
+                    }
                     let a = Approval {
                         id: new_id("apr"),
                         created_at: t,
-                        expires_at: t + self.pending_ttl.as_secs(),
+                        expires_at: t.saturating_add(self.pending_ttl.as_secs()),
                         subject: id.into(),
                         request: attrs.clone(),
                         rule: rule.into(),
@@ -528,7 +549,7 @@ impl Approvals {
             request: a.request.clone(),
             approved_by: who.username.clone(),
             created_at: t,
-            expires_at: t + a.grant_ttl_secs,
+            expires_at: t.saturating_add(a.grant_ttl_secs),
             revoked: None,
             expiry_recorded: false,
         };
@@ -844,6 +865,35 @@ mod tests {
             matches!(h, Held::Pending { approval_id: ref n } if *n != approval_id),
             "{h:?}"
         );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_subject_cannot_open_unbounded_approvals() {
+        let d = tmp("cap");
+        let ap = open(&d);
+        for i in 0..MAX_PENDING_PER_SUBJECT {
+            let h = ap
+                .hold(&agent(), &attrs(&format!("n{i}")), "r", "m", &spec(1, 60))
+                .await
+                .unwrap();
+            assert!(matches!(h, Held::Pending { .. }), "{h:?}");
+        }
+        let h = ap
+            .hold(&agent(), &attrs("one-more"), "r", "m", &spec(1, 60))
+            .await
+            .unwrap();
+        assert!(
+            matches!(h, Held::TooMany { pending } if pending == MAX_PENDING_PER_SUBJECT),
+            "{h:?}"
+        );
+        assert_eq!(ap.list().len(), MAX_PENDING_PER_SUBJECT);
+        // A retry of an existing one still reuses it.
+        let h = ap
+            .hold(&agent(), &attrs("n0"), "r", "m", &spec(1, 60))
+            .await
+            .unwrap();
+        assert!(matches!(h, Held::Pending { .. }), "{h:?}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

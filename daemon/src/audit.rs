@@ -156,18 +156,18 @@ impl AuditWriter {
                 let head: Option<Head> = std::fs::read(head_path(dir, n))
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok());
-                let mut seq = head.as_ref().map_or(0, |h| h.first_seq - 1);
+                let mut seq = head.as_ref().map_or(0, |h| h.first_seq.saturating_sub(1));
                 let mut last = head
                     .as_ref()
                     .map_or(GENESIS.to_string(), |h| h.chain_in.clone());
-                let first_seq = seq + 1;
+                let first_seq = seq.saturating_add(1);
                 let chain_in = last.clone();
                 for l in text[..complete]
                     .split(|b| *b == b'\n')
                     .filter(|l| !l.is_empty())
                 {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) {
-                        seq = v["seq"].as_u64().unwrap_or(seq + 1);
+                        seq = v["seq"].as_u64().unwrap_or(seq.saturating_add(1));
                     }
                     last = hash_line(l);
                 }
@@ -335,13 +335,13 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
                 r.problems.push(format!(
                     "{name}: does not continue the previous segment (starts at seq {} after {}): segments swapped, removed or replaced",
                     h.first_seq,
-                    next_seq - 1
+                    next_seq.saturating_sub(1)
                 ));
             }
         }
         let p = seg_path(dir, n);
         let f = File::open(&p).map_err(io(&p))?;
-        let mut last_seq = next_seq - 1;
+        let mut last_seq = next_seq.saturating_sub(1);
         for (ln, line) in BufReader::new(f).split(b'\n').enumerate() {
             let line = line.map_err(io(&p))?;
             if line.is_empty() {
@@ -370,7 +370,7 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
             }
             chain = hash_line(&line);
             last_seq = seq;
-            next_seq = seq + 1;
+            next_seq = seq.saturating_add(1);
         }
         if let Some(h) = &head {
             if h.last_seq != last_seq || h.last_hash != chain {
@@ -382,7 +382,7 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
             // Continue from what the head vouches for, so one bad segment is not
             // reported again for every later one.
             chain = h.last_hash.clone();
-            next_seq = h.last_seq + 1;
+            next_seq = h.last_seq.saturating_add(1);
         }
     }
     Ok(r)
@@ -520,6 +520,21 @@ mod tests {
         h.last_seq += 1;
         std::fs::write(&hp, serde_json::to_vec(&h).unwrap()).unwrap();
         assert!(problems(&dir, &key).iter().any(|p| p.contains("signature")));
+    }
+
+    #[test]
+    fn hostile_sequence_numbers_are_reported_not_panicked_on() {
+        let (dir, key) = fixture("hostile");
+        let p = seg_path(&dir, 1);
+        let mut l = lines(&p);
+        l[0] = l[0].replacen("\"seq\":1", &format!("\"seq\":{}", u64::MAX), 1);
+        write_lines(&p, &l);
+        let hp = head_path(&dir, 2);
+        let mut h: Head = serde_json::from_slice(&std::fs::read(&hp).unwrap()).unwrap();
+        h.first_seq = 0;
+        h.last_seq = u64::MAX;
+        std::fs::write(&hp, serde_json::to_vec(&h).unwrap()).unwrap();
+        assert!(!problems(&dir, &key).is_empty());
     }
 
     #[test]

@@ -144,7 +144,7 @@ impl Authenticator {
             .cloned();
         let mut identity = match cached {
             Some(c) => {
-                if now() > c.identity.expires_at + self.leeway.as_secs() {
+                if now() > c.identity.expires_at.saturating_add(self.leeway.as_secs()) {
                     self.cache
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

@@ -305,7 +305,7 @@ impl Proxy {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum::<usize>()
-            + req.uri().to_string().len();
+            + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
         if head_bytes > self.max_header_bytes {
             warn!(peer = %conn.peer, %method, head_bytes, "refused: request head too large");
             let mut r = status::response(
@@ -403,9 +403,18 @@ impl Proxy {
         };
         v.subject = id.username.clone();
         let policy = policy.get();
+        let forbidden = |msg: String| status::response(StatusCode::FORBIDDEN, &msg);
+        // Before any decision: a subject with no upstream identity can never proceed,
+        // so nobody is asked to approve its requests.
+        let Some(scoped) = policy.scoped_identity(&id) else {
+            v.decision = "unmapped";
+            return Err(forbidden(format!(
+                "Portcullis policy {} maps no upstream identity for {}",
+                policy.name, id.username
+            )));
+        };
         let d = policy.decide(&id, info);
         v.rule = d.rule.clone().unwrap_or_default();
-        let forbidden = |msg: String| status::response(StatusCode::FORBIDDEN, &msg);
         match d.action {
             Action::Deny => {
                 v.decision = "deny";
@@ -455,6 +464,17 @@ impl Proxy {
                             "Portcullis: approval {approval_id} for {attrs} was denied by {by}: {reason}"
                         )));
                     }
+                    Ok(Held::TooMany { pending }) => {
+                        v.decision = "too-many-pending";
+                        return Err(status::response(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            &format!(
+                                "Portcullis: {} already has {pending} approvals waiting; \
+                                 no new one is opened until some are decided or expire",
+                                id.username
+                            ),
+                        ));
+                    }
                     Ok(Held::Expired { approval_id }) => {
                         v.decision = "expired";
                         v.approval = approval_id.clone();
@@ -472,16 +492,7 @@ impl Proxy {
                 }
             }
         }
-        match policy.scoped_identity(&id) {
-            Some(s) => Ok(Impersonation::new(&s.user, &s.groups)),
-            None => {
-                v.decision = "unmapped";
-                Err(forbidden(format!(
-                    "Portcullis policy {} maps no upstream identity for {}",
-                    policy.name, id.username
-                )))
-            }
-        }
+        Ok(Impersonation::new(&scoped.user, &scoped.groups))
     }
 
     async fn forward(&self, req: Request<Incoming>, imp: &Impersonation) -> Response<ProxyBody> {

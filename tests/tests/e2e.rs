@@ -75,6 +75,10 @@ const CASES: &[Case] = &[
         policy_reload,
     ),
     (
+        "admin_socket_is_root_only_and_policy_test_exits_nonzero",
+        admin_socket_and_policy_cli,
+    ),
+    (
         "audit_chain_of_kernel_events_verifies_then_detects_a_tamper",
         audit_chain,
     ),
@@ -1453,9 +1457,68 @@ fn approval_restart(env: &mut Env) -> Result<()> {
     env.switch(true)?;
     let a = pc(env, &["approvals", "show", &id])?;
     ensure!(a["state"] == "pending", "after restart: {a}");
-    pc(env, &["approvals", "approve", &id, "--as", "oncall-human"])?;
+    let v = pc(env, &["approvals", "approve", &id, "--as", "oncall-human"])?;
     env.gate_ok(&["delete", "configmap", "held-f"])?;
     ensure!(!cm_exists(env, "held-f")?, "still there");
+    // A revoked grant stops applying at once.
+    let grant = v["grant"]["id"].as_str().context("no grant id")?.to_owned();
+    let r = pc(env, &["grants", "revoke", &grant, "--as", "oncall-human"])?;
+    ensure!(r["grant"]["revoked"]["by"] == "oncall-human", "{r}");
+    env.admin_ok(&["create", "configmap", "held-f"])?;
+    let o = env.gate(&["delete", "configmap", "held-f"])?;
+    ensure!(
+        !o.status.success() && stderr(&o).contains("is pending"),
+        "after revoking the grant: {}",
+        stderr(&o)
+    );
+    Ok(())
+}
+
+/// The admin socket answers root only; `portcullis policy test` exits non-zero on a
+/// mismatch.
+fn admin_socket_and_policy_cli(env: &mut Env) -> Result<()> {
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin("portcullis"))
+        .args(["approvals", "--socket"])
+        .arg(env.lab.state_dir().join("admin.sock"))
+        .args(["list"])
+        .stdin(Stdio::null())
+        .output()
+        .context("setpriv (util-linux) runs the CLI as nobody")?;
+    ensure!(
+        !o.status.success(),
+        "a non-root caller listed approvals: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/policy");
+    let policy = root.join("coding-agents.yaml");
+    let run = |cases: &Path| -> Result<Output> {
+        Ok(Command::new(bin("portcullis"))
+            .args(["policy", "test", "--policy"])
+            .arg(&policy)
+            .arg("--cases")
+            .arg(cases)
+            .stdin(Stdio::null())
+            .output()?)
+    };
+    let o = run(&root.join("coding-agents.cases.yaml"))?;
+    ensure!(
+        o.status.success(),
+        "shipped cases: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let wrong = env.file(
+        "wrong-cases.yaml",
+        "cases:\n- name: exec allowed (wrong)\n  subject: {serviceAccount: e2e/agent}\n  request: {method: POST, path: /api/v1/namespaces/e2e/pods/w/exec}\n  expect: allow\n",
+    )?;
+    let o = run(Path::new(&wrong))?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    ensure!(
+        o.status.code() == Some(1) && out.contains("FAIL  exec allowed (wrong)"),
+        "a mismatch must exit 1: {:?} {out}",
+        o.status
+    );
     Ok(())
 }
 
