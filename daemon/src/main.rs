@@ -19,6 +19,7 @@ mod jsonl;
 mod jwks;
 mod kernel;
 mod listener;
+mod mask;
 mod notify;
 mod origin;
 mod pod;

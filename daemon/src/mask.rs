@@ -1,0 +1,1014 @@
+//! Masking of everything the API server sends an agent, before the agent sees it.
+//!
+//! JSON bodies are rewritten by a streaming scanner ([`JsonMasker`]) fed chunk by chunk,
+//! so a watch stream is masked event by event and a large list without holding it whole:
+//! memory is the current string plus the container stack, whatever the body size.
+//! Numbers, keys and structure pass through byte for byte; string values are rewritten
+//! when
+//! - a path rule covers them (built in: Secret `data` and `stringData`; configurable per
+//!   resource), anchored at every place an object appears in a response (the document,
+//!   `items[*]` of a list, a watch event's `object`, a Table row's `object`, a watched
+//!   Table's rows), replaced by a placeholder that keeps the document valid (valid
+//!   base64 where the field is base64);
+//! - they are the `kubectl.kubernetes.io/last-applied-configuration` annotation, which
+//!   holds a whole applied object: it is parsed and masked with the same rules;
+//! - their key names a credential (`password`, `clientSecret`, `token`, ...) or they are
+//!   the `value` beside such a `name` (container env), or
+//! - a pattern detector finds a credential inside them (PEM private keys, JWTs, cloud
+//!   access keys, `password=`/`token:` pairs, card numbers passing the Luhn check).
+//!
+//! Text bodies (pod logs, `logs -f`) are masked line by line by [`TextMasker`], with a
+//! PEM private key spanning lines removed whole.
+//!
+//! Placeholders never contain or derive from the value, unless a fingerprint key is
+//! configured: then they carry a keyed HMAC-SHA256 fingerprint (8 bytes), so equal
+//! values can be recognised without being revealed.
+use std::borrow::Cow;
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use base64::Engine;
+use regex::bytes::Regex;
+
+/// The placeholder text; base64-encoded where the field is base64.
+pub const PLACEHOLDER: &str = "portcullis-masked";
+/// The annotation `kubectl apply` stores the whole applied object in.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Deepest JSON nesting accepted; the API server's own decoder stops well before this.
+const MAX_DEPTH: usize = 512;
+/// Longest string value held while deciding how to mask it.
+const MAX_STRING: usize = 64 << 20;
+/// Longest log line held before it is masked and passed on without its end.
+const MAX_LINE: usize = 256 << 10;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MaskError {
+    #[error("response body is not valid JSON at byte {offset}: {why}")]
+    Syntax { offset: u64, why: &'static str },
+    #[error("response body nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("a string in the response body is longer than {MAX_STRING} bytes")]
+    TooLong,
+    #[error("path rule {rule:?}: {why}")]
+    Rule { rule: String, why: &'static str },
+}
+
+/// How a masked value is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// The field holds base64 (Secret `data`): the placeholder is valid base64.
+    Base64,
+    /// Plain text.
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(Vec<u8>),
+    Any,
+}
+
+/// A path below an object, e.g. `data.*` or `metadata.annotations[example.com/key]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path(Vec<Seg>);
+
+impl std::str::FromStr for Path {
+    type Err = MaskError;
+    fn from_str(s: &str) -> Result<Self, MaskError> {
+        let bad = |why| MaskError::Rule {
+            rule: s.to_owned(),
+            why,
+        };
+        let mut segs = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            if let Some(r) = rest.strip_prefix('[') {
+                let end = r.find(']').ok_or_else(|| bad("unclosed ["))?;
+                segs.push(Seg::Key(r[..end].as_bytes().to_vec()));
+                rest = r[end + 1..].strip_prefix('.').unwrap_or(&r[end + 1..]);
+                continue;
+            }
+            let end = rest.find(['.', '[']).unwrap_or(rest.len());
+            let seg = &rest[..end];
+            if seg.is_empty() {
+                return Err(bad("empty segment"));
+            }
+            segs.push(if seg == "*" {
+                Seg::Any
+            } else {
+                Seg::Key(seg.as_bytes().to_vec())
+            });
+            rest = rest[end..].strip_prefix('.').unwrap_or(&rest[end..]);
+        }
+        if segs.is_empty() {
+            return Err(bad("empty path"));
+        }
+        Ok(Path(segs))
+    }
+}
+
+/// Where objects sit in the responses the API server sends: the document itself, a
+/// list's items, a watch event's object, a Table row's object, a watched Table's rows.
+const ROOTS: &[&[Option<&str>]] = &[
+    &[],
+    &[Some("items"), None],
+    &[Some("object")],
+    &[Some("object"), Some("items"), None],
+    &[Some("rows"), None, Some("object")],
+    &[Some("object"), Some("rows"), None, Some("object")],
+];
+
+/// What the masker applies to one response.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    paths: Vec<(Path, Encoding)>,
+    detectors: Option<std::sync::Arc<Detectors>>,
+    fingerprint: Option<ring::hmac::Key>,
+}
+
+impl Plan {
+    pub fn new(
+        paths: Vec<(Path, Encoding)>,
+        detectors: Option<std::sync::Arc<Detectors>>,
+        fingerprint: Option<ring::hmac::Key>,
+    ) -> Self {
+        Plan {
+            paths,
+            detectors,
+            fingerprint,
+        }
+    }
+
+    /// The built-in rule for core/v1 Secrets.
+    pub fn secret_paths() -> Vec<(Path, Encoding)> {
+        vec![
+            (Path(vec![Seg::Key(b"data".to_vec())]), Encoding::Base64),
+            (Path(vec![Seg::Key(b"stringData".to_vec())]), Encoding::Text),
+        ]
+    }
+
+    fn placeholder(&self, enc: Encoding, value: &[u8], out: &mut Vec<u8>) {
+        let text: Cow<str> = match &self.fingerprint {
+            None => Cow::Borrowed(PLACEHOLDER),
+            Some(k) => {
+                let tag = ring::hmac::sign(k, value);
+                Cow::Owned(format!(
+                    "{PLACEHOLDER}:{}",
+                    hex::encode(&tag.as_ref()[..8])
+                ))
+            }
+        };
+        out.push(b'"');
+        match enc {
+            Encoding::Text => out.extend_from_slice(text.as_bytes()),
+            Encoding::Base64 => out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(text.as_bytes())
+                    .as_bytes(),
+            ),
+        }
+        out.push(b'"');
+    }
+}
+
+/// Pattern detectors for credentials inside strings and text.
+#[derive(Debug)]
+pub struct Detectors {
+    /// Cheap first pass: a string without any trigger (and with too few digits for a
+    /// card number) is left as is without running the patterns.
+    triggers: AhoCorasick,
+    patterns: Vec<(Regex, &'static str)>,
+    pairs: Regex,
+    card: Regex,
+    pem_begin: Regex,
+    pem_end: Regex,
+}
+
+/// Key names whose string values are credentials (compared case-insensitively, as the
+/// whole key or its ending: `clientSecret`, `DB_PASSWORD`, `api-key`).
+const SECRET_KEY_ENDINGS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "apikey",
+    "api_key",
+    "api-key",
+    "accesskey",
+    "access_key",
+    "secretkey",
+    "secret_key",
+    "privatekey",
+    "private_key",
+    "credentials",
+    "credential",
+];
+
+/// Keys whose values are opaque identifiers clients depend on, never credentials.
+const EXEMPT_KEYS: &[&[u8]] = &[
+    b"resourceVersion",
+    b"uid",
+    b"continue",
+    b"selfLink",
+    b"creationTimestamp",
+    b"generateName",
+];
+
+/// A key that names a credential: `password`, `clientSecret`, `DB_PASSWORD`, but not
+/// `secretName` (a reference, not a value).
+pub fn is_secret_name(key: &[u8]) -> bool {
+    SECRET_KEY_ENDINGS.iter().any(|e| {
+        key.len() >= e.len() && key[key.len() - e.len()..].eq_ignore_ascii_case(e.as_bytes())
+    })
+}
+
+impl Detectors {
+    pub fn new() -> Self {
+        let triggers = AhoCorasickBuilder::new()
+            .ascii_case_insensitive(true)
+            .match_kind(MatchKind::LeftmostFirst)
+            .build([
+                "-----BEGIN",
+                "eyJ",
+                "AKIA",
+                "ASIA",
+                "AIza",
+                "ghp_",
+                "gho_",
+                "ghs_",
+                "ghu_",
+                "ghr_",
+                "github_pat_",
+                "xox",
+                "sk_live_",
+                "password",
+                "passwd",
+                "pwd",
+                "secret",
+                "token",
+                "api_key",
+                "apikey",
+                "api-key",
+                "access_key",
+                "accesskey",
+                "private_key",
+                "credential",
+            ])
+            .expect("static trigger set");
+        let re = |s: &str| Regex::new(s).expect("static pattern");
+        Detectors {
+            triggers,
+            patterns: vec![
+                (
+                    re(r"(?s)-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)"),
+                    "[masked:private-key]",
+                ),
+                (
+                    re(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}"),
+                    "[masked:jwt]",
+                ),
+                (re(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "[masked:aws-key]"),
+                (re(r"\bAIza[0-9A-Za-z_-]{35}"), "[masked:gcp-key]"),
+                (
+                    re(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
+                    "[masked:github-token]",
+                ),
+                (
+                    re(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+                    "[masked:slack-token]",
+                ),
+                (re(r"\bsk_live_[A-Za-z0-9]{16,}"), "[masked:stripe-key]"),
+            ],
+            // key, separator (optionally quoted, also JSON-escaped quotes), value.
+            // The value stops before a backslash so an escape sequence is never cut.
+            pairs: re(
+                r#"(?i)([A-Za-z0-9_.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?)([^\s"'\\,;&}\]]+)"#,
+            ),
+            card: re(
+                r"\b(?:\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{4}(?:\d{3})?|\d{4}[ -]\d{6}[ -]\d{5}|\d{13,19})\b",
+            ),
+            pem_begin: re(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----"),
+            pem_end: re(r"-----END[A-Z0-9 ]*PRIVATE KEY-----"),
+        }
+    }
+
+    /// `s` with every credential found replaced by a `[masked:...]` marker.
+    pub fn apply<'a>(&self, s: &'a [u8]) -> Cow<'a, [u8]> {
+        let digits = s.iter().filter(|b| b.is_ascii_digit()).count();
+        let triggered = self.triggers.is_match(s);
+        if !triggered && digits < 13 {
+            return Cow::Borrowed(s);
+        }
+        let mut cur: Cow<[u8]> = Cow::Borrowed(s);
+        if triggered {
+            for (re, marker) in &self.patterns {
+                if re.is_match(&cur) {
+                    cur = Cow::Owned(re.replace_all(&cur, marker.as_bytes()).into_owned());
+                }
+            }
+            if self.pairs.is_match(&cur) {
+                cur = Cow::Owned(
+                    self.pairs
+                        .replace_all(&cur, &b"${1}[masked]"[..])
+                        .into_owned(),
+                );
+            }
+        }
+        if digits >= 13 && self.card.is_match(&cur) {
+            let replaced = self.card.replace_all(&cur, |c: &regex::bytes::Captures| {
+                if luhn(&c[0]) {
+                    b"[masked:card]".to_vec()
+                } else {
+                    c[0].to_vec()
+                }
+            });
+            if let Cow::Owned(o) = replaced {
+                cur = Cow::Owned(o);
+            }
+        }
+        cur
+    }
+}
+
+impl Default for Detectors {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The Luhn checksum over the digits of `s` (separators ignored), for 13-19 digits.
+pub fn luhn(s: &[u8]) -> bool {
+    let digits: Vec<u32> = s
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .map(|b| u32::from(b - b'0'))
+        .collect();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+/// How the value now starting is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Detectors run over it.
+    Plain,
+    /// Replaced (the whole subtree for a container).
+    Mask(Encoding),
+    /// The last-applied annotation: parsed and masked as an object.
+    LastApplied,
+    /// An identifier clients depend on: passed as is.
+    Exempt,
+}
+
+#[derive(Debug)]
+struct Frame {
+    array: bool,
+    /// The current key (objects), as it appears in the body (escaped).
+    key: Vec<u8>,
+    /// Set when the whole container is masked.
+    masked: Option<Encoding>,
+    expect_key: bool,
+    /// A `name` field in this object named a credential: its `value` is masked.
+    secret_name: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    Between,
+    Str { key: bool, mode: Mode, esc: bool },
+    Lit { masked: bool },
+}
+
+/// Streaming JSON masker; feed it the body chunk by chunk. Several top-level values in
+/// a row (a watch stream's events) are handled like one.
+pub struct JsonMasker<'p> {
+    plan: &'p Plan,
+    frames: Vec<Frame>,
+    lex: Lex,
+    sbuf: Vec<u8>,
+    offset: u64,
+    out: Vec<u8>,
+}
+
+impl<'p> JsonMasker<'p> {
+    pub fn new(plan: &'p Plan) -> Self {
+        JsonMasker {
+            plan,
+            frames: Vec::new(),
+            lex: Lex::Between,
+            sbuf: Vec::new(),
+            offset: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Masks `input`, returning what can be sent now.
+    pub fn feed(&mut self, input: &[u8]) -> Result<Vec<u8>, MaskError> {
+        self.out.reserve(input.len() + 64);
+        let mut i = 0;
+        while i < input.len() {
+            match self.lex {
+                Lex::Between => {
+                    let b = input[i];
+                    match b {
+                        b' ' | b'\t' | b'\r' | b'\n' => self.out.push(b),
+                        b'{' | b'[' => {
+                            let mode = self.value_mode(true);
+                            if self.frames.len() >= MAX_DEPTH {
+                                return Err(MaskError::TooDeep);
+                            }
+                            let masked = match mode {
+                                Mode::Mask(e) => Some(e),
+                                _ => None,
+                            };
+                            self.frames.push(Frame {
+                                array: b == b'[',
+                                key: Vec::new(),
+                                masked,
+                                expect_key: b == b'{',
+                                secret_name: false,
+                            });
+                            self.out.push(b);
+                        }
+                        b'}' | b']' => {
+                            match self.frames.pop() {
+                                Some(f) if f.array == (b == b']') => {}
+                                _ => return Err(self.syntax(i, "unbalanced bracket")),
+                            }
+                            self.out.push(b);
+                        }
+                        b':' => self.out.push(b),
+                        b',' => {
+                            if let Some(f) = self.frames.last_mut()
+                                && !f.array
+                            {
+                                f.expect_key = true;
+                            }
+                            self.out.push(b);
+                        }
+                        b'"' => {
+                            let is_key = self
+                                .frames
+                                .last()
+                                .is_some_and(|f| !f.array && f.expect_key);
+                            let mode = if is_key {
+                                Mode::Exempt
+                            } else {
+                                self.value_mode(false)
+                            };
+                            if mode == Mode::Exempt && !is_key {
+                                self.out.push(b'"');
+                            }
+                            self.sbuf.clear();
+                            self.lex = Lex::Str {
+                                key: is_key,
+                                mode,
+                                esc: false,
+                            };
+                        }
+                        b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
+                            let masked = matches!(self.value_mode(false), Mode::Mask(_))
+                                && (b == b'-' || b.is_ascii_digit());
+                            self.out.push(if masked { b'0' } else { b });
+                            self.lex = Lex::Lit { masked };
+                        }
+                        _ => return Err(self.syntax(i, "unexpected character")),
+                    }
+                    i += 1;
+                }
+                Lex::Lit { masked } => {
+                    let b = input[i];
+                    if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n') {
+                        self.lex = Lex::Between;
+                        continue;
+                    }
+                    if !masked {
+                        self.out.push(b);
+                    }
+                    i += 1;
+                }
+                Lex::Str { key, mode, esc } => {
+                    let mut start = i;
+                    if esc {
+                        // The byte after a backslash is part of the escape.
+                        self.take(mode, key, &input[i..i + 1])?;
+                        i += 1;
+                        start = i;
+                    }
+                    match memchr::memchr2(b'"', b'\\', &input[i..]) {
+                        None => {
+                            self.take(mode, key, &input[start..])?;
+                            self.lex = Lex::Str {
+                                key,
+                                mode,
+                                esc: false,
+                            };
+                            i = input.len();
+                        }
+                        Some(j) => {
+                            let at = i + j;
+                            self.take(mode, key, &input[start..at])?;
+                            if input[at] == b'\\' {
+                                self.take(mode, key, b"\\")?;
+                                if at + 1 < input.len() {
+                                    self.take(mode, key, &input[at + 1..at + 2])?;
+                                    i = at + 2;
+                                    self.lex = Lex::Str {
+                                        key,
+                                        mode,
+                                        esc: false,
+                                    };
+                                } else {
+                                    i = at + 1;
+                                    self.lex = Lex::Str {
+                                        key,
+                                        mode,
+                                        esc: true,
+                                    };
+                                }
+                            } else {
+                                self.end_string(key, mode)?;
+                                self.lex = Lex::Between;
+                                i = at + 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.offset += input.len() as u64;
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// The end of the body: what remains, or an error if it ended inside a value.
+    pub fn finish(mut self) -> Result<Vec<u8>, MaskError> {
+        match self.lex {
+            Lex::Str { .. } => Err(self.syntax(0, "the body ends inside a string")),
+            _ if !self.frames.is_empty() => {
+                Err(self.syntax(0, "the body ends inside an object or array"))
+            }
+            _ => Ok(std::mem::take(&mut self.out)),
+        }
+    }
+
+    fn syntax(&self, at: usize, why: &'static str) -> MaskError {
+        MaskError::Syntax {
+            offset: self.offset + at as u64,
+            why,
+        }
+    }
+
+    /// String content: passed on at once (keys are kept for paths; exempt values go
+    /// straight out), held (to decide on the whole string) or dropped (masked).
+    fn take(&mut self, mode: Mode, key: bool, bytes: &[u8]) -> Result<(), MaskError> {
+        if mode == Mode::Exempt && !key {
+            self.out.extend_from_slice(bytes);
+            return Ok(());
+        }
+        if matches!(mode, Mode::Mask(_)) && self.plan.fingerprint.is_none() {
+            return Ok(());
+        }
+        if self.sbuf.len() + bytes.len() > MAX_STRING {
+            return Err(MaskError::TooLong);
+        }
+        self.sbuf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn end_string(&mut self, key: bool, mode: Mode) -> Result<(), MaskError> {
+        if key {
+            let f = self.frames.last_mut().expect("a key is inside an object");
+            f.key.clear();
+            f.key.extend_from_slice(&self.sbuf);
+            f.expect_key = false;
+            self.out.push(b'"');
+            self.out.extend_from_slice(&self.sbuf);
+            self.out.push(b'"');
+            return Ok(());
+        }
+        match mode {
+            Mode::Exempt => self.out.push(b'"'),
+            Mode::Mask(enc) => {
+                let sbuf = std::mem::take(&mut self.sbuf);
+                self.plan.placeholder(enc, &sbuf, &mut self.out);
+                self.sbuf = sbuf;
+            }
+            Mode::LastApplied => {
+                let masked = self.mask_embedded();
+                self.out.extend_from_slice(&masked);
+            }
+            Mode::Plain => {
+                if let Some(f) = self.frames.last_mut()
+                    && !f.array
+                    && f.key == b"name"
+                    && is_secret_name(&self.sbuf)
+                {
+                    f.secret_name = true;
+                }
+                self.out.push(b'"');
+                match &self.plan.detectors {
+                    Some(d) => {
+                        let masked = d.apply(&self.sbuf);
+                        self.out.extend_from_slice(&masked);
+                    }
+                    None => self.out.extend_from_slice(&self.sbuf),
+                }
+                self.out.push(b'"');
+            }
+        }
+        Ok(())
+    }
+
+    /// The last-applied annotation (in `sbuf`, escaped): the object inside masked with
+    /// the same plan, re-encoded as a JSON string. If it is not JSON, detectors only.
+    fn mask_embedded(&self) -> Vec<u8> {
+        let mut quoted = Vec::with_capacity(self.sbuf.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(&self.sbuf);
+        quoted.push(b'"');
+        let inner: Option<String> = serde_json::from_slice(&quoted).ok();
+        let masked = inner.and_then(|doc| {
+            let mut m = JsonMasker::new(self.plan);
+            let mut out = m.feed(doc.as_bytes()).ok()?;
+            out.extend(m.finish().ok()?);
+            String::from_utf8(out).ok()
+        });
+        match masked {
+            Some(s) => serde_json::to_vec(&s).unwrap_or_else(|_| b"\"\"".to_vec()),
+            None => {
+                // Not JSON: treat it as text. Without detectors, hide it whole.
+                let mut out = vec![b'"'];
+                match &self.plan.detectors {
+                    Some(d) => out.extend_from_slice(&d.apply(&self.sbuf)),
+                    None => out.extend_from_slice(PLACEHOLDER.as_bytes()),
+                }
+                out.push(b'"');
+                out
+            }
+        }
+    }
+
+    /// The treatment of the value that starts now (an object or array if `container`),
+    /// from its path.
+    fn value_mode(&self, container: bool) -> Mode {
+        let Some(top) = self.frames.last() else {
+            return Mode::Plain;
+        };
+        if let Some(e) = top.masked {
+            return Mode::Mask(e);
+        }
+        if !top.array && !container {
+            if top.key == b"value" && top.secret_name {
+                return Mode::Mask(Encoding::Text);
+            }
+            if EXEMPT_KEYS.contains(&top.key.as_slice()) {
+                return Mode::Exempt;
+            }
+        }
+        for root in ROOTS {
+            if self.frames.len() < root.len() || !self.matches_root(root) {
+                continue;
+            }
+            let rel = &self.frames[root.len()..];
+            for (path, enc) in &self.plan.paths {
+                if rel.len() == path.0.len()
+                    && rel.iter().zip(&path.0).all(|(f, s)| match s {
+                        Seg::Any => true,
+                        Seg::Key(k) => !f.array && f.key == *k,
+                    })
+                {
+                    return Mode::Mask(*enc);
+                }
+            }
+            if rel.len() == 3
+                && !rel[0].array
+                && rel[0].key == b"metadata"
+                && !rel[1].array
+                && rel[1].key == b"annotations"
+                && !rel[2].array
+                && rel[2].key == LAST_APPLIED.as_bytes()
+            {
+                return Mode::LastApplied;
+            }
+        }
+        // A credential-named field: its scalar value (a nested object keeps its
+        // structure and is checked field by field).
+        if !top.array && !container && is_secret_name(&top.key) {
+            return Mode::Mask(Encoding::Text);
+        }
+        Mode::Plain
+    }
+
+    fn matches_root(&self, root: &[Option<&str>]) -> bool {
+        root.iter().zip(&self.frames).all(|(r, f)| match r {
+            None => f.array,
+            Some(k) => !f.array && f.key == k.as_bytes(),
+        })
+    }
+}
+
+/// Masks a text stream (pod logs) line by line.
+pub struct TextMasker<'d> {
+    detectors: &'d Detectors,
+    line: Vec<u8>,
+    in_pem: bool,
+}
+
+impl<'d> TextMasker<'d> {
+    pub fn new(detectors: &'d Detectors) -> Self {
+        TextMasker {
+            detectors,
+            line: Vec::new(),
+            in_pem: false,
+        }
+    }
+
+    /// Masks every complete line in `input`; a partial last line waits for its end
+    /// (or for [`MAX_LINE`] bytes).
+    pub fn feed(&mut self, input: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(input.len() + 32);
+        let mut rest = input;
+        while let Some(nl) = memchr::memchr(b'\n', rest) {
+            if self.line.is_empty() {
+                self.mask_line(&rest[..=nl], &mut out);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&rest[..=nl]);
+                self.mask_line(&line, &mut out);
+                line.clear();
+                self.line = line;
+            }
+            rest = &rest[nl + 1..];
+        }
+        self.line.extend_from_slice(rest);
+        if self.line.len() >= MAX_LINE {
+            let line = std::mem::take(&mut self.line);
+            self.mask_line(&line, &mut out);
+        }
+        out
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let line = std::mem::take(&mut self.line);
+        if !line.is_empty() {
+            self.mask_line(&line, &mut out);
+        }
+        out
+    }
+
+    fn mask_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        let d = self.detectors;
+        if self.in_pem {
+            // Inside a private key: drop lines up to and including its end.
+            if let Some(m) = d.pem_end.find(line) {
+                self.in_pem = false;
+                let rest = &line[m.end()..];
+                if !rest.iter().all(u8::is_ascii_whitespace) {
+                    out.extend_from_slice(&d.apply(rest));
+                }
+            }
+            return;
+        }
+        if let Some(b) = d.pem_begin.find(line)
+            && !d.pem_end.is_match(&line[b.end()..])
+        {
+            self.in_pem = true;
+            out.extend_from_slice(&d.apply(&line[..b.start()]));
+            out.extend_from_slice(b"[masked:private-key]\n");
+            return;
+        }
+        out.extend_from_slice(&d.apply(line));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn secrets_plan() -> Plan {
+        Plan::new(
+            Plan::secret_paths(),
+            Some(Arc::new(Detectors::new())),
+            None,
+        )
+    }
+
+    fn mask_chunks(plan: &Plan, body: &[u8], chunk: usize) -> Vec<u8> {
+        let mut m = JsonMasker::new(plan);
+        let mut out = Vec::new();
+        for c in body.chunks(chunk.max(1)) {
+            out.extend(m.feed(c).unwrap());
+        }
+        out.extend(m.finish().unwrap());
+        out
+    }
+
+    fn mask(plan: &Plan, body: &str) -> String {
+        let whole = mask_chunks(plan, body.as_bytes(), body.len());
+        // Every chunking gives the same result.
+        for chunk in [1, 2, 3, 7, 64] {
+            assert_eq!(
+                mask_chunks(plan, body.as_bytes(), chunk),
+                whole,
+                "chunk size {chunk}"
+            );
+        }
+        String::from_utf8(whole).unwrap()
+    }
+
+    const B64_PLACEHOLDER: &str = "cG9ydGN1bGxpcy1tYXNrZWQ=";
+
+    #[test]
+    fn secret_get_list_watch_and_table_are_masked() {
+        let p = secrets_plan();
+        let get = r#"{"kind":"Secret","apiVersion":"v1","metadata":{"name":"s","resourceVersion":"1234567890123456"},"data":{"a":"Q0FOQVJZ","b\"x":"Q0FOQVJZMg=="},"stringData":{"c":"CANARY3"},"type":"Opaque"}"#;
+        let out = mask(&p, get);
+        assert!(!out.contains("Q0FOQVJZ") && !out.contains("CANARY3"), "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["data"]["a"], B64_PLACEHOLDER);
+        assert_eq!(v["data"]["b\"x"], B64_PLACEHOLDER);
+        assert_eq!(v["stringData"]["c"], PLACEHOLDER);
+        assert_eq!(v["metadata"]["resourceVersion"], "1234567890123456");
+        // Valid base64 for clients that decode it.
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(B64_PLACEHOLDER)
+                .unwrap(),
+            PLACEHOLDER.as_bytes()
+        );
+
+        let list = r#"{"kind":"SecretList","items":[{"metadata":{"name":"a"},"data":{"k":"Q0FOQVJZ"}},{"metadata":{"name":"b"},"data":{"k":"Q0FOQVJZ"}}]}"#;
+        assert!(!mask(&p, list).contains("Q0FOQVJZ"));
+        let watch = "{\"type\":\"ADDED\",\"object\":{\"data\":{\"k\":\"Q0FOQVJZ\"}}}\n{\"type\":\"MODIFIED\",\"object\":{\"data\":{\"k\":\"Q0FOQVJZ\"}}}\n";
+        let out = mask(&p, watch);
+        assert!(!out.contains("Q0FOQVJZ"));
+        assert_eq!(out.lines().count(), 2);
+        let table = r#"{"kind":"Table","rows":[{"cells":["a","Opaque",1],"object":{"kind":"Secret","data":{"k":"Q0FOQVJZ"}}}]}"#;
+        let out = mask(&p, table);
+        assert!(!out.contains("Q0FOQVJZ") && out.contains(r#"["a","Opaque",1]"#), "{out}");
+        let watched_table = r#"{"type":"ADDED","object":{"kind":"Table","rows":[{"cells":[],"object":{"data":{"k":"Q0FOQVJZ"}}}]}}"#;
+        assert!(!mask(&p, watched_table).contains("Q0FOQVJZ"));
+    }
+
+    #[test]
+    fn last_applied_annotation_is_masked_inside() {
+        let p = secrets_plan();
+        let applied = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "s", "namespace": "e2e"},
+            "data": {"k": "Q0FOQVJZ"}, "stringData": {"p": "CANARY-TEXT"}
+        })
+        .to_string();
+        let body = serde_json::json!({
+            "kind": "Secret",
+            "metadata": {"name": "s", "annotations": {LAST_APPLIED: applied}},
+            "data": {"k": "Q0FOQVJZ"}
+        })
+        .to_string();
+        let out = mask(&p, &body);
+        assert!(
+            !out.contains("Q0FOQVJZ") && !out.contains("CANARY-TEXT"),
+            "{out}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let inner: serde_json::Value =
+            serde_json::from_str(v["metadata"]["annotations"][LAST_APPLIED].as_str().unwrap())
+                .unwrap();
+        assert_eq!(inner["data"]["k"], B64_PLACEHOLDER);
+        assert_eq!(inner["metadata"]["namespace"], "e2e");
+    }
+
+    #[test]
+    fn configmap_and_env_credentials_are_found_by_detectors_and_names() {
+        let p = Plan::new(Vec::new(), Some(Arc::new(Detectors::new())), None);
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlc2lnbmF0dXJl";
+        let body = serde_json::json!({
+            "kind": "ConfigMap",
+            "data": {
+                "app.properties": "db.host=x\ndb.password=hunter2\nmode=fast",
+                "key.pem": "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----\nafter",
+                "jwt": format!("Bearer {jwt}"),
+                "aws": "AKIAIOSFODNN7EXAMPLE",
+                "card": "paid with 4111 1111 1111 1111 today",
+                "notcard": "4111 1111 1111 1112",
+                "clientSecret": "s3cr3t-value",
+                "secretName": "my-secret",
+                "yaml": "token: abc.def\nuser: x",
+            },
+            "spec": {"containers": [{"env": [
+                {"name": "DB_PASSWORD", "value": "hunter3"},
+                {"name": "MODE", "value": "fast"}
+            ]}]}
+        })
+        .to_string();
+        let out = mask(&p, &body);
+        for leaked in [
+            "hunter2", "MIIEabc", jwt, "AKIAIOSFODNN7EXAMPLE", "4111 1111 1111 1111", "s3cr3t",
+            "abc.def", "hunter3",
+        ] {
+            assert!(!out.contains(leaked), "{leaked} leaked: {out}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["data"]["app.properties"], "db.host=x\ndb.password=[masked]\nmode=fast");
+        assert_eq!(v["data"]["key.pem"], "[masked:private-key]\nafter");
+        assert_eq!(v["data"]["notcard"], "4111 1111 1111 1112", "fails Luhn: kept");
+        assert_eq!(v["data"]["secretName"], "my-secret", "a reference, not a value");
+        assert_eq!(v["spec"]["containers"][0]["env"][1]["value"], "fast");
+    }
+
+    #[test]
+    fn configured_paths_and_fingerprints() {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k");
+        let p = Plan::new(
+            vec![
+                ("spec.connection.*".parse().unwrap(), Encoding::Text),
+                (
+                    "metadata.annotations[example.com/dsn]".parse().unwrap(),
+                    Encoding::Text,
+                ),
+            ],
+            None,
+            Some(key),
+        );
+        let body = r#"{"items":[{"metadata":{"annotations":{"example.com/dsn":"pg://u:CANARY@h","other":"x"}},"spec":{"connection":{"host":"CANARY1","port":5432},"keep":"y"}},{"spec":{"connection":{"host":"CANARY1"}}}]}"#;
+        let out = mask(&p, body);
+        assert!(!out.contains("CANARY"), "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let a = v["items"][0]["spec"]["connection"]["host"].as_str().unwrap();
+        let b = v["items"][1]["spec"]["connection"]["host"].as_str().unwrap();
+        assert!(a.starts_with("portcullis-masked:") && a == b, "{a} {b}");
+        assert_eq!(v["items"][0]["spec"]["connection"]["port"], 0);
+        assert_eq!(v["items"][0]["spec"]["keep"], "y");
+        assert_eq!(v["items"][0]["metadata"]["annotations"]["other"], "x");
+    }
+
+    #[test]
+    fn invalid_json_is_an_error_never_passed_through() {
+        let p = secrets_plan();
+        let mut m = JsonMasker::new(&p);
+        assert!(matches!(
+            m.feed(b"{\"data\":{\"k\":\"abc\"}}}"),
+            Err(MaskError::Syntax { .. })
+        ));
+        let mut m = JsonMasker::new(&p);
+        m.feed(b"{\"data\":{\"k\":\"ab").unwrap();
+        assert!(m.finish().is_err());
+        let mut m = JsonMasker::new(&p);
+        assert!(m.feed(b"<html>").is_err());
+        let mut m = JsonMasker::new(&p);
+        assert_eq!(m.feed(&[b'['; MAX_DEPTH + 1]), Err(MaskError::TooDeep));
+    }
+
+    #[test]
+    fn paths_parse_with_brackets_and_report_errors() {
+        let p: Path = "metadata.annotations[a.b/c].x".parse().unwrap();
+        assert_eq!(p.0.len(), 4);
+        assert!("a..b".parse::<Path>().is_err());
+        assert!("a[b".parse::<Path>().is_err());
+        assert!("".parse::<Path>().is_err());
+    }
+
+    #[test]
+    fn log_lines_are_masked_incrementally_and_pem_blocks_dropped() {
+        let d = Detectors::new();
+        let mut m = TextMasker::new(&d);
+        let mut out = Vec::new();
+        let log = "start\nconnecting with password=hunter2 now\n-----BEGIN PRIVATE KEY-----\nMIIEvQ\nABCD\n-----END PRIVATE KEY-----\nafter AKIAIOSFODNN7EXAMPLE\npartial tok";
+        for c in log.as_bytes().chunks(5) {
+            out.extend(m.feed(c));
+        }
+        out.extend(m.finish());
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s,
+            "start\nconnecting with password=[masked] now\n[masked:private-key]\nafter [masked:aws-key]\npartial tok"
+        );
+    }
+
+    #[test]
+    fn luhn_checks() {
+        assert!(luhn(b"4111111111111111"));
+        assert!(luhn(b"4111-1111-1111-1111"));
+        assert!(!luhn(b"4111111111111112"));
+        assert!(!luhn(b"1234"));
+    }
+}
