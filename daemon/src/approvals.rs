@@ -288,6 +288,8 @@ pub struct Approvals {
     store: Arc<dyn Store>,
     inner: Mutex<Inner>,
     audit: Mutex<JsonlWriter>,
+    /// The tamper-evident chain every state change also goes to.
+    chain: Option<Arc<crate::audit_log::AuditLog>>,
     notifier: Option<Notifier>,
     pending_ttl: Duration,
 }
@@ -328,9 +330,16 @@ impl Approvals {
                 waiters: HashMap::new(),
             }),
             audit: Mutex::new(audit),
+            chain: None,
             notifier,
             pending_ttl,
         })
+    }
+
+    /// Also records every state change in the audit chain.
+    pub fn chained(mut self, log: Arc<crate::audit_log::AuditLog>) -> Self {
+        self.chain = Some(log);
+        self
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -356,6 +365,9 @@ impl Approvals {
         };
         if let Err(e) = w.append(&ev).and_then(|_| w.flush()) {
             warn!(error = %e, path = %w.path().display(), "writing the approvals audit log");
+        }
+        if let Some(c) = &self.chain {
+            c.record("approval", &ev);
         }
     }
 

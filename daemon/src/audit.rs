@@ -75,10 +75,10 @@ impl Head {
     }
 }
 
-fn seg_path(dir: &Path, n: u64) -> PathBuf {
+pub(crate) fn seg_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("seg-{n:06}.jsonl"))
 }
-fn head_path(dir: &Path, n: u64) -> PathBuf {
+pub(crate) fn head_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("seg-{n:06}.head.json"))
 }
 
@@ -268,7 +268,7 @@ impl AuditWriter {
     }
 }
 
-fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+pub(crate) fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     let mut v: Vec<u64> = std::fs::read_dir(dir)?
         .flatten()
         .filter_map(|e| {

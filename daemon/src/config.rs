@@ -10,7 +10,7 @@ use std::{
     str::FromStr,
 };
 
-use serde::{Deserialize, Deserializer, de};
+use serde::{Deserialize, Deserializer, Serialize, de};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -93,6 +93,12 @@ pub struct Proxy {
     pub approvals: Approvals,
     #[serde(default)]
     pub admin: Admin,
+    /// What is masked in responses (Secrets always).
+    #[serde(default)]
+    pub masking: Masking,
+    /// Audit evidence of every request.
+    #[serde(default)]
+    pub audit: Audit,
     /// Names for the leaf certificates besides kubernetes, kubernetes.default,
     /// kubernetes.default.svc, kubernetes.default.svc.cluster.local, the SNI the agent
     /// sent and the address it dialled (e.g. the API server's public DNS name).
@@ -292,6 +298,123 @@ pub struct Admin {
     pub socket: Option<PathBuf>,
     #[serde(default)]
     pub https: Option<AdminHttps>,
+}
+
+/// Response masking. Secret `data`/`stringData` are always masked; these settings add
+/// to that.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Masking {
+    /// Pattern detectors (private keys, JWTs, cloud keys, `password=` pairs, card
+    /// numbers) over every string in JSON responses and every log line.
+    #[serde(default = "yes")]
+    pub detectors: bool,
+    /// A key file (any bytes, 32+ recommended): placeholders then carry a keyed
+    /// fingerprint so equal values are recognisable. Without it they are constant.
+    #[serde(default)]
+    pub fingerprint_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub rules: Vec<MaskRule>,
+}
+
+impl Default for Masking {
+    fn default() -> Self {
+        Masking {
+            detectors: true,
+            fingerprint_key_file: None,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Paths masked in the objects of some resources.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaskRule {
+    /// `""` is the core group; `*` any.
+    pub api_groups: Vec<String>,
+    /// Plural resource names; `*` any.
+    pub resources: Vec<String>,
+    /// Paths below each object: `data.*`, `spec.password`,
+    /// `metadata.annotations[example.com/dsn]`; the whole value below a path is masked.
+    pub paths: Vec<String>,
+    /// `text` (default) or `base64` (placeholders stay valid base64).
+    #[serde(default = "text_encoding")]
+    pub encoding: crate::mask::Encoding,
+}
+
+fn text_encoding() -> crate::mask::Encoding {
+    crate::mask::Encoding::Text
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How much of each request goes into the audit evidence (as Kubernetes audit levels).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+pub enum AuditLevel {
+    /// Who, what, decision, outcome; no bodies.
+    #[default]
+    Metadata,
+    /// Plus the (masked) request body.
+    Request,
+    /// Plus the (masked) response body.
+    RequestResponse,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    #[serde(default)]
+    pub level: AuditLevel,
+    /// Bodies longer than this are cut in the record (and marked so).
+    #[serde(default = "default_audit_body")]
+    pub max_body_bytes: usize,
+    /// Refuse reads too while the audit log cannot be written (mutations always are).
+    #[serde(default = "yes")]
+    pub fail_closed_reads: bool,
+    /// Segment size before rotation.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Ship records to an HTTP collector as well.
+    #[serde(default)]
+    pub sink: Option<AuditSink>,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            level: AuditLevel::default(),
+            max_body_bytes: default_audit_body(),
+            fail_closed_reads: true,
+            segment_bytes: default_segment_bytes(),
+            sink: None,
+        }
+    }
+}
+
+fn default_audit_body() -> usize {
+    64 << 10
+}
+fn default_segment_bytes() -> u64 {
+    64 << 20
+}
+
+/// An HTTP collector receiving batches of records (JSON array, POST), with retries;
+/// what it has not acknowledged stays on disk and is sent when it is back.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSink {
+    pub url: String,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_sink_batch")]
+    pub batch: usize,
+}
+
+fn default_sink_batch() -> usize {
+    500
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -112,6 +112,27 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     });
 
+    // Tamper-evident evidence (hash chain, signed segment heads): kernel events, every
+    // request and its outcome, approval state changes.
+    let audit_cfg = cfg
+        .proxy
+        .as_ref()
+        .map(|p| p.audit.clone())
+        .unwrap_or_default();
+    let audit_key = crate::audit::load_or_create_key(&cfg.state_dir.join("audit.key"))?;
+    let audit_writer = crate::audit::AuditWriter::open(
+        &cfg.state_dir.join("audit"),
+        audit_key,
+        audit_cfg.segment_bytes,
+    )?;
+    let audit = crate::audit_log::AuditLog::start(audit_writer, &audit_cfg)
+        .context("starting the audit writer")?;
+    if let Some(sink) = &audit_cfg.sink {
+        let shipper = crate::audit_sink::Shipper::new(sink, &cfg.state_dir.join("audit"))
+            .context("proxy.audit.sink")?;
+        tokio::spawn(shipper.run(audit.committed()));
+    }
+
     let proxy = match &cfg.proxy {
         Some(pcfg) => {
             let minter = Arc::new(LeafMinter::load(
@@ -120,9 +141,17 @@ pub async fn run(cfg: Config) -> Result<()> {
             )?);
             let upstream =
                 Arc::new(Upstream::new(pcfg).context("setting up the API server connection")?);
-            let gate = gate(&cfg, pcfg, &upstream, &minter).await?;
+            let gate = gate(&cfg, pcfg, &upstream, &minter, &audit).await?;
+            let masking = Arc::new(masking(&pcfg.masking)?);
             info!(upstream = %upstream.base(), "proxying agents to the API server");
-            Some(Arc::new(Proxy::new(minter, upstream, gate, pcfg)))
+            Some(Arc::new(Proxy::new(
+                minter,
+                upstream,
+                gate,
+                pcfg,
+                masking,
+                audit.clone(),
+            )))
         }
         None => {
             warn!(
@@ -150,11 +179,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     drop(acc_tx);
 
     let mut kernel_log = JsonlWriter::open(&cfg.state_dir.join("kernel-events.jsonl"))?;
-    // Tamper-evident evidence (hash chain, signed segment heads): kernel events for now;
-    // request records join in the audit issue.
-    let audit_key = crate::audit::load_or_create_key(&cfg.state_dir.join("audit.key"))?;
-    let audit = crate::audit::AuditWriter::open(&cfg.state_dir.join("audit"), audit_key, 64 << 20)?;
-    let audit_tx = spawn_audit_thread(audit)?;
     let mut conn_log = JsonlWriter::open(&cfg.state_dir.join("connections.jsonl"))?;
     let ready = Ready {
         pid: std::process::id(),
@@ -174,9 +198,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 if let Err(e) = kernel_log.append(&ev) {
                     warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
                 }
-                if let Err(e) = audit_tx.try_send(ev) {
-                    warn!(error = %e, "audit queue full or stopped: a kernel event is not in the audit chain");
-                }
+                audit.record("kernel-event", &ev);
                 if ev_rx.is_empty() {
                     flush(&mut kernel_log);
                 }
@@ -207,6 +229,7 @@ async fn gate(
     pcfg: &crate::config::Proxy,
     upstream: &Arc<Upstream>,
     minter: &Arc<LeafMinter>,
+    audit: &Arc<crate::audit_log::AuditLog>,
 ) -> Result<Gate> {
     use crate::{
         admin::{self, Admin},
@@ -267,7 +290,8 @@ async fn gate(
         &cfg.state_dir.join("approvals.jsonl"),
         notifier,
         pcfg.approvals.pending_ttl,
-    )?);
+    )?
+    .chained(audit.clone()));
     tokio::spawn(approvals.clone().sweep(std::time::Duration::from_secs(2)));
     let admin = Arc::new(Admin {
         approvals: approvals.clone(),
@@ -308,34 +332,31 @@ async fn gate(
     })
 }
 
-/// The audit writer runs on its own thread: fsync never blocks the async runtime, and
-/// each burst of records costs one fsync (group commit).
-fn spawn_audit_thread(
-    mut audit: crate::audit::AuditWriter,
-) -> Result<std::sync::mpsc::SyncSender<events::KernelEvent>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<events::KernelEvent>(8192);
-    std::thread::Builder::new()
-        .name("audit".into())
-        .spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                while batch.len() < 1024
-                    && let Ok(ev) = rx.try_recv()
-                {
-                    batch.push(ev);
-                }
-                for ev in &batch {
-                    if let Err(e) = audit.append("kernel-event", ev) {
-                        warn!(error = %e, "writing the audit record of a kernel event");
-                    }
-                }
-                if let Err(e) = audit.commit() {
-                    warn!(error = %e, "committing audit records");
-                }
-            }
-        })
-        .context("spawning the audit thread")?;
-    Ok(tx)
+/// Response masking from `proxy.masking`.
+fn masking(m: &crate::config::Masking) -> Result<crate::mask::Masking> {
+    let fingerprint = match &m.fingerprint_key_file {
+        Some(p) => {
+            let k = std::fs::read(p)
+                .with_context(|| format!("proxy.masking.fingerprint_key_file {}", p.display()))?;
+            Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k))
+        }
+        None => None,
+    };
+    let mut rules = Vec::new();
+    for (i, r) in m.rules.iter().enumerate() {
+        let paths = r
+            .paths
+            .iter()
+            .map(|p| p.parse().map(|p| (p, r.encoding)))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("proxy.masking.rules[{i}]"))?;
+        rules.push(crate::mask::ResourceRule {
+            api_groups: r.api_groups.clone(),
+            resources: r.resources.clone(),
+            paths,
+        });
+    }
+    Ok(crate::mask::Masking::new(m.detectors, fingerprint, rules))
 }
 
 fn flush(w: &mut JsonlWriter) {

@@ -23,11 +23,13 @@
 //! Placeholders never contain or derive from the value, unless a fingerprint key is
 //! configured: then they carry a keyed HMAC-SHA256 fingerprint (8 bytes), so equal
 //! values can be recognised without being revealed.
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use base64::Engine;
 use regex::bytes::Regex;
+
+use crate::request_info::RequestInfo;
 
 /// The placeholder text; base64-encoded where the field is base64.
 pub const PLACEHOLDER: &str = "portcullis-masked";
@@ -397,8 +399,8 @@ enum Lex {
 
 /// Streaming JSON masker; feed it the body chunk by chunk. Several top-level values in
 /// a row (a watch stream's events) are handled like one.
-pub struct JsonMasker<'p> {
-    plan: &'p Plan,
+pub struct JsonMasker {
+    plan: Arc<Plan>,
     frames: Vec<Frame>,
     lex: Lex,
     sbuf: Vec<u8>,
@@ -406,8 +408,8 @@ pub struct JsonMasker<'p> {
     out: Vec<u8>,
 }
 
-impl<'p> JsonMasker<'p> {
-    pub fn new(plan: &'p Plan) -> Self {
+impl JsonMasker {
+    pub fn new(plan: Arc<Plan>) -> Self {
         JsonMasker {
             plan,
             frames: Vec::new(),
@@ -644,7 +646,7 @@ impl<'p> JsonMasker<'p> {
         quoted.push(b'"');
         let inner: Option<String> = serde_json::from_slice(&quoted).ok();
         let masked = inner.and_then(|doc| {
-            let mut m = JsonMasker::new(self.plan);
+            let mut m = JsonMasker::new(self.plan.clone());
             let mut out = m.feed(doc.as_bytes()).ok()?;
             out.extend(m.finish().ok()?);
             String::from_utf8(out).ok()
@@ -724,14 +726,14 @@ impl<'p> JsonMasker<'p> {
 }
 
 /// Masks a text stream (pod logs) line by line.
-pub struct TextMasker<'d> {
-    detectors: &'d Detectors,
+pub struct TextMasker {
+    detectors: Arc<Detectors>,
     line: Vec<u8>,
     in_pem: bool,
 }
 
-impl<'d> TextMasker<'d> {
-    pub fn new(detectors: &'d Detectors) -> Self {
+impl TextMasker {
+    pub fn new(detectors: Arc<Detectors>) -> Self {
         TextMasker {
             detectors,
             line: Vec::new(),
@@ -774,7 +776,7 @@ impl<'d> TextMasker<'d> {
     }
 
     fn mask_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
-        let d = self.detectors;
+        let d = self.detectors.clone();
         if self.in_pem {
             // Inside a private key: drop lines up to and including its end.
             if let Some(m) = d.pem_end.find(line) {
@@ -798,22 +800,225 @@ impl<'d> TextMasker<'d> {
     }
 }
 
+/// What is masked in which responses: built once from `proxy.masking`.
+pub struct Masking {
+    detectors: Option<Arc<Detectors>>,
+    fingerprint: Option<ring::hmac::Key>,
+    rules: Vec<ResourceRule>,
+    /// Shared plans for the common cases (no configured rule applies).
+    secrets: Arc<Plan>,
+    others: Arc<Plan>,
+}
+
+/// Configured paths for some resources.
+#[derive(Debug, Clone)]
+pub struct ResourceRule {
+    pub api_groups: Vec<String>,
+    pub resources: Vec<String>,
+    pub paths: Vec<(Path, Encoding)>,
+}
+
+impl ResourceRule {
+    fn matches(&self, group: &str, resource: &str) -> bool {
+        let any = |v: &[String], x: &str| v.iter().any(|s| s == "*" || s == x);
+        any(&self.api_groups, group) && any(&self.resources, resource)
+    }
+}
+
+/// How a response body is treated.
+pub enum BodyMasker {
+    Json(JsonMasker),
+    Text(TextMasker),
+}
+
+impl BodyMasker {
+    pub fn feed(&mut self, b: &[u8]) -> Result<Vec<u8>, MaskError> {
+        match self {
+            BodyMasker::Json(m) => m.feed(b),
+            BodyMasker::Text(m) => Ok(m.feed(b)),
+        }
+    }
+    pub fn finish(self) -> Result<Vec<u8>, MaskError> {
+        match self {
+            BodyMasker::Json(m) => m.finish(),
+            BodyMasker::Text(m) => Ok(m.finish()),
+        }
+    }
+}
+
+/// The decision for one response.
+pub enum ForResponse {
+    /// Nothing to inspect (no body, or a schema document).
+    Pass,
+    Mask(BodyMasker),
+    /// A body that cannot be inspected: refused, with the reason.
+    Refuse(String),
+}
+
+impl Masking {
+    pub fn new(
+        detectors: bool,
+        fingerprint: Option<ring::hmac::Key>,
+        rules: Vec<ResourceRule>,
+    ) -> Self {
+        let detectors = detectors.then(|| Arc::new(Detectors::new()));
+        Masking {
+            secrets: Arc::new(Plan::new(
+                Plan::secret_paths(),
+                detectors.clone(),
+                fingerprint.clone(),
+            )),
+            others: Arc::new(Plan::new(
+                Vec::new(),
+                detectors.clone(),
+                fingerprint.clone(),
+            )),
+            detectors,
+            fingerprint,
+            rules,
+        }
+    }
+
+    /// The plan for a request's response; `None` for the server's schema documents
+    /// (OpenAPI), which describe types and carry no object data, and are served as the
+    /// client asked (often protobuf).
+    pub fn plan(&self, info: &RequestInfo) -> Option<Arc<Plan>> {
+        if !info.is_resource_request
+            && (info.path == "/openapi/v2" || info.path.starts_with("/openapi/v3"))
+        {
+            return None;
+        }
+        let secret = info.api_group.is_empty() && info.resource == "secrets";
+        let extra: Vec<&ResourceRule> = if info.is_resource_request {
+            self.rules
+                .iter()
+                .filter(|r| r.matches(&info.api_group, &info.resource))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if extra.is_empty() {
+            return Some(if secret {
+                self.secrets.clone()
+            } else {
+                self.others.clone()
+            });
+        }
+        let mut paths = if secret {
+            Plan::secret_paths()
+        } else {
+            Vec::new()
+        };
+        paths.extend(extra.into_iter().flat_map(|r| r.paths.iter().cloned()));
+        Some(Arc::new(Plan::new(
+            paths,
+            self.detectors.clone(),
+            self.fingerprint.clone(),
+        )))
+    }
+
+    /// How to treat a response with these headers under `plan`.
+    pub fn for_response(
+        &self,
+        plan: Option<&Arc<Plan>>,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+        head_request: bool,
+    ) -> ForResponse {
+        let Some(plan) = plan else {
+            return ForResponse::Pass;
+        };
+        let no_body = head_request
+            || status == http::StatusCode::NO_CONTENT
+            || status == http::StatusCode::NOT_MODIFIED
+            || headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() == b"0");
+        if no_body {
+            return ForResponse::Pass;
+        }
+        if let Some(enc) = headers.get(http::header::CONTENT_ENCODING)
+            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            return ForResponse::Refuse(format!(
+                "the API server sent a {} encoded body, which Portcullis cannot inspect for masking",
+                String::from_utf8_lossy(enc.as_bytes())
+            ));
+        }
+        let ctype = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let media = ctype
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if media == "application/json" || media.ends_with("+json") {
+            ForResponse::Mask(BodyMasker::Json(JsonMasker::new(plan.clone())))
+        } else if media == "text/plain" {
+            match &self.detectors {
+                Some(d) => ForResponse::Mask(BodyMasker::Text(TextMasker::new(d.clone()))),
+                None => ForResponse::Pass,
+            }
+        } else {
+            ForResponse::Refuse(format!(
+                "the API server answered with {}, which Portcullis cannot inspect for masking; \
+                 request application/json",
+                if media.is_empty() { "no content type" } else { &media }
+            ))
+        }
+    }
+}
+
+/// The agent's Accept header with every encoding the daemon cannot mask (protobuf,
+/// YAML) asked for as JSON instead, parameters kept (`as=Table;g=meta.k8s.io;v=v1`).
+pub fn json_accept(v: &http::HeaderValue) -> http::HeaderValue {
+    let Ok(s) = v.to_str() else {
+        return http::HeaderValue::from_static("application/json");
+    };
+    let mut out = Vec::new();
+    for entry in s.split(',') {
+        let entry = entry.trim();
+        let (media, params) = entry.split_once(';').unwrap_or((entry, ""));
+        let media = media.trim().to_ascii_lowercase();
+        let json = match media.as_str() {
+            "application/vnd.kubernetes.protobuf" | "application/yaml" => "application/json",
+            _ => {
+                if !out.iter().any(|e| e == entry) {
+                    out.push(entry.to_owned());
+                }
+                continue;
+            }
+        };
+        let e = if params.is_empty() {
+            json.to_owned()
+        } else {
+            format!("{json};{params}")
+        };
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    http::HeaderValue::from_str(&out.join(","))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("application/json"))
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
-    fn secrets_plan() -> Plan {
-        Plan::new(
+    fn secrets_plan() -> Arc<Plan> {
+        Arc::new(Plan::new(
             Plan::secret_paths(),
             Some(Arc::new(Detectors::new())),
             None,
-        )
+        ))
     }
 
-    fn mask_chunks(plan: &Plan, body: &[u8], chunk: usize) -> Vec<u8> {
-        let mut m = JsonMasker::new(plan);
+    fn mask_chunks(plan: &Arc<Plan>, body: &[u8], chunk: usize) -> Vec<u8> {
+        let mut m = JsonMasker::new(plan.clone());
         let mut out = Vec::new();
         for c in body.chunks(chunk.max(1)) {
             out.extend(m.feed(c).unwrap());
@@ -822,7 +1027,7 @@ mod tests {
         out
     }
 
-    fn mask(plan: &Plan, body: &str) -> String {
+    fn mask(plan: &Arc<Plan>, body: &str) -> String {
         let whole = mask_chunks(plan, body.as_bytes(), body.len());
         // Every chunking gives the same result.
         for chunk in [1, 2, 3, 7, 64] {
@@ -899,7 +1104,11 @@ mod tests {
 
     #[test]
     fn configmap_and_env_credentials_are_found_by_detectors_and_names() {
-        let p = Plan::new(Vec::new(), Some(Arc::new(Detectors::new())), None);
+        let p = Arc::new(Plan::new(
+            Vec::new(),
+            Some(Arc::new(Detectors::new())),
+            None,
+        ));
         let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlc2lnbmF0dXJl";
         let body = serde_json::json!({
             "kind": "ConfigMap",
@@ -938,7 +1147,7 @@ mod tests {
     #[test]
     fn configured_paths_and_fingerprints() {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k");
-        let p = Plan::new(
+        let p = Arc::new(Plan::new(
             vec![
                 ("spec.connection.*".parse().unwrap(), Encoding::Text),
                 (
@@ -948,7 +1157,7 @@ mod tests {
             ],
             None,
             Some(key),
-        );
+        ));
         let body = r#"{"items":[{"metadata":{"annotations":{"example.com/dsn":"pg://u:CANARY@h","other":"x"}},"spec":{"connection":{"host":"CANARY1","port":5432},"keep":"y"}},{"spec":{"connection":{"host":"CANARY1"}}}]}"#;
         let out = mask(&p, body);
         assert!(!out.contains("CANARY"), "{out}");
@@ -964,17 +1173,17 @@ mod tests {
     #[test]
     fn invalid_json_is_an_error_never_passed_through() {
         let p = secrets_plan();
-        let mut m = JsonMasker::new(&p);
+        let mut m = JsonMasker::new(p.clone());
         assert!(matches!(
             m.feed(b"{\"data\":{\"k\":\"abc\"}}}"),
             Err(MaskError::Syntax { .. })
         ));
-        let mut m = JsonMasker::new(&p);
+        let mut m = JsonMasker::new(p.clone());
         m.feed(b"{\"data\":{\"k\":\"ab").unwrap();
         assert!(m.finish().is_err());
-        let mut m = JsonMasker::new(&p);
+        let mut m = JsonMasker::new(p.clone());
         assert!(m.feed(b"<html>").is_err());
-        let mut m = JsonMasker::new(&p);
+        let mut m = JsonMasker::new(p.clone());
         assert_eq!(m.feed(&[b'['; MAX_DEPTH + 1]), Err(MaskError::TooDeep));
     }
 
@@ -989,8 +1198,7 @@ mod tests {
 
     #[test]
     fn log_lines_are_masked_incrementally_and_pem_blocks_dropped() {
-        let d = Detectors::new();
-        let mut m = TextMasker::new(&d);
+        let mut m = TextMasker::new(Arc::new(Detectors::new()));
         let mut out = Vec::new();
         let log = "start\nconnecting with password=hunter2 now\n-----BEGIN PRIVATE KEY-----\nMIIEvQ\nABCD\n-----END PRIVATE KEY-----\nafter AKIAIOSFODNN7EXAMPLE\npartial tok";
         for c in log.as_bytes().chunks(5) {
@@ -1002,6 +1210,52 @@ mod tests {
             s,
             "start\nconnecting with password=[masked] now\n[masked:private-key]\nafter [masked:aws-key]\npartial tok"
         );
+    }
+
+    #[test]
+    fn accept_asks_json_instead_of_protobuf_keeping_parameters() {
+        let v = http::HeaderValue::from_static(
+            "application/vnd.kubernetes.protobuf;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+        );
+        assert_eq!(
+            json_accept(&v),
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+        );
+        let v = http::HeaderValue::from_static("application/vnd.kubernetes.protobuf");
+        assert_eq!(json_accept(&v), "application/json");
+    }
+
+    #[test]
+    fn responses_that_cannot_be_inspected_are_refused() {
+        let m = Masking::new(true, None, Vec::new());
+        let plan = m.others.clone();
+        let ok = http::StatusCode::OK;
+        let h = |pairs: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        let kind = |r: ForResponse| match r {
+            ForResponse::Pass => "pass",
+            ForResponse::Mask(BodyMasker::Json(_)) => "json",
+            ForResponse::Mask(BodyMasker::Text(_)) => "text",
+            ForResponse::Refuse(_) => "refuse",
+        };
+        let json = h(&[("content-type", "application/json;stream=watch")]);
+        assert_eq!(kind(m.for_response(Some(&plan), ok, &json, false)), "json");
+        let pb = h(&[("content-type", "application/vnd.kubernetes.protobuf")]);
+        assert_eq!(kind(m.for_response(Some(&plan), ok, &pb, false)), "refuse");
+        let gz = h(&[("content-type", "application/json"), ("content-encoding", "gzip")]);
+        assert_eq!(kind(m.for_response(Some(&plan), ok, &gz, false)), "refuse");
+        let text = h(&[("content-type", "text/plain; charset=utf-8")]);
+        assert_eq!(kind(m.for_response(Some(&plan), ok, &text, false)), "text");
+        assert_eq!(kind(m.for_response(None, ok, &pb, false)), "pass");
+        assert_eq!(kind(m.for_response(Some(&plan), ok, &pb, true)), "pass");
     }
 
     #[test]

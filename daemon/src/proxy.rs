@@ -1,6 +1,7 @@
 //! The data path for one redirected agent connection:
 //! accept → TLS (leaf for what the agent asked for) → HTTP/2 or HTTP/1.1 →
-//! request attributes → [identity, decision: later stages] → upstream → client.
+//! request attributes → identity → decision (→ approval) → audit record (durable
+//! first for mutations) → upstream → masked response (→ outcome record) → client.
 //!
 //! Bodies are streamed frame by frame in both directions (watches, `logs -f` and
 //! chunked lists are never buffered), long-running requests have no idle timeout, and
@@ -27,6 +28,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     approvals::{Approvals, Attributes, Held},
+    audit_log::{AuditLog, Origin, RequestRecord, ResponseRecord, Subject, body_value},
+    config::AuditLevel,
+    mask::{self, ForResponse, Masking},
+    response::{Outcome, Relay},
     ca::LeafMinter,
     config,
     identity::Authenticator,
@@ -52,18 +57,25 @@ pub enum Gate {
     },
 }
 
-/// What the gate concluded about one request (for the request log).
+/// What the gate concluded about one request (for the request log and the audit).
 #[derive(Default)]
 struct Verdict {
     subject: String,
+    user: Option<Subject>,
     decision: &'static str,
     rule: String,
     approval: String,
     grant: String,
 }
 
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Every body that crosses the proxy, in either direction.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Largest request body buffered to record it before a mutation is forwarded (the API
+/// server's own limit is 3 MiB).
+const MAX_RECORDED_REQUEST: usize = 3 << 20;
 
 /// Most concurrent HTTP/2 streams one agent connection may open (client-go multiplexes
 /// every request of a process, watches included, over one connection).
@@ -77,6 +89,11 @@ pub struct Proxy {
     header_timeout: Duration,
     max_header_bytes: usize,
     next_conn: AtomicU64,
+    masking: Arc<Masking>,
+    audit: Arc<AuditLog>,
+    /// Request IDs: a random prefix per daemon start and a counter.
+    id_prefix: String,
+    next_request: AtomicU64,
 }
 
 /// Per-connection budgets against HTTP/2 "rapid reset" (CVE-2023-44487), where each
@@ -162,8 +179,16 @@ impl Proxy {
         upstream: Arc<Upstream>,
         gate: Gate,
         cfg: &config::Proxy,
+        masking: Arc<Masking>,
+        audit: Arc<AuditLog>,
     ) -> Self {
+        let mut r = [0u8; 6];
+        let _ = getrandom::fill(&mut r);
         Proxy {
+            masking,
+            audit,
+            id_prefix: format!("req-{}", hex::encode(r)),
+            next_request: AtomicU64::new(1),
             minter,
             upstream,
             gate,
@@ -286,17 +311,93 @@ impl Proxy {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, conn: &Conn) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>, conn: &Arc<Conn>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        let upgrade = is_upgrade(&req);
+        let mut rec = RequestRecord {
+            id: format!(
+                "{}-{}",
+                self.id_prefix,
+                self.next_request.fetch_add(1, Ordering::Relaxed)
+            ),
+            received_ns: now_ns(),
+            conn: conn.id,
+            user: None,
+            origin: origin_of(conn),
+            method: req.method().to_string(),
+            path: req.uri().path().to_owned(),
+            query: req.uri().query().unwrap_or("").to_owned(),
+            attributes: RequestInfo::default(),
+            upgrade,
+            mutating: false,
+            decision: String::new(),
+            rule: String::new(),
+            approval: String::new(),
+            grant: String::new(),
+            content_type: req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            request_body: None,
+        };
+        let mut verdict = Verdict::default();
+        let resp = match self.precheck(&req, conn) {
+            Err(refusal) => {
+                verdict.decision = "refused";
+                rec.decision = verdict.decision.into();
+                self.refused(rec, refusal, started)
+            }
+            Ok(info) => {
+                rec.mutating = upgrade || !matches!(info.verb.as_str(), "get" | "list" | "watch");
+                let authorized = self.authorize(&req, conn, &info, &mut verdict).await;
+                rec.user = verdict.user.take();
+                rec.decision = verdict.decision.into();
+                rec.rule = verdict.rule.clone();
+                rec.approval = verdict.approval.clone();
+                rec.grant = verdict.grant.clone();
+                rec.attributes = info;
+                match authorized {
+                    Err(refusal) => self.refused(rec, refusal, started),
+                    Ok(imp) if upgrade => self.forward_upgrade(req, conn, rec, &imp, started).await,
+                    Ok(imp) => self.forward(req, conn, rec, &imp, started).await,
+                }
+            }
+        };
+        info!(
+            conn = conn.id,
+            subject = %verdict.subject,
+            pod_uid = conn.kernel_pod.as_ref().map(|p| p.uid.as_str()).unwrap_or(""),
+            decision = %verdict.decision,
+            rule = %verdict.rule,
+            approval = %verdict.approval,
+            grant = %verdict.grant,
+            upgrade,
+            code = resp.status().as_u16(),
+            // Time to the response head; streamed bodies continue after this.
+            head_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        resp
+    }
+
+    /// Checks before anything else: redirected by the kernel, a head within limits, no
+    /// smuggling, resolvable attributes.
+    fn precheck(
+        &self,
+        req: &Request<Incoming>,
+        conn: &Conn,
+    ) -> Result<RequestInfo, Response<ProxyBody>> {
+        let method = req.method();
+        let path = req.uri().path();
         if conn.origin.is_none() && !self.accept_unredirected {
             warn!(peer = %conn.peer, %method, %path, "refused: connection was not redirected by the kernel");
-            return status::response(
+            return Err(status::response(
                 StatusCode::FORBIDDEN,
                 "Portcullis serves only connections the kernel redirected from an enrolled \
                  agent; this one was made to the daemon's address directly",
-            );
+            ));
         }
         // hyper's HTTP/1.1 buffer limit is not a strict bound on the head (a head that
         // arrives in one read can exceed it), so the configured limit is checked here.
@@ -317,7 +418,7 @@ impl Proxy {
             );
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
+            return Err(r);
         }
         // Both framings at once is the request-smuggling pattern (RFC 9112 6.3): refuse
         // it and close, rather than guess which framing the agent meant.
@@ -331,41 +432,142 @@ impl Proxy {
             );
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
+            return Err(r);
         }
-        let info = match request_info::resolve(method.as_str(), &path, req.uri().query()) {
-            Ok(i) => i,
-            Err(e) => return status::response(StatusCode::BAD_REQUEST, &e.to_string()),
-        };
-        let upgrade = is_upgrade(&req);
-        let mut verdict = Verdict::default();
-        let resp = match self.authorize(&req, conn, &info, &mut verdict).await {
-            Err(refusal) => refusal,
-            Ok(imp) if upgrade => self.forward_upgrade(req, conn, &imp).await,
-            Ok(imp) => self.forward(req, &imp).await,
-        };
-        info!(
-            conn = conn.id,
-            subject = %verdict.subject,
-            pod_uid = conn.kernel_pod.as_ref().map(|p| p.uid.as_str()).unwrap_or(""),
-            decision = %verdict.decision,
-            rule = %verdict.rule,
-            approval = %verdict.approval,
-            grant = %verdict.grant,
-            verb = %info.verb,
-            api_group = %info.api_group,
-            resource = %info.resource,
-            subresource = %info.subresource,
-            namespace = %info.namespace,
-            name = %info.name,
-            path = %info.path,
-            upgrade,
-            code = resp.status().as_u16(),
-            // Time to the response head; streamed bodies continue after this.
-            head_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "request"
+        request_info::resolve(method.as_str(), path, req.uri().query())
+            .map_err(|e| status::response(StatusCode::BAD_REQUEST, &e.to_string()))
+    }
+
+    /// A request answered by the daemon itself: both records, queued.
+    fn refused(
+        &self,
+        rec: RequestRecord,
+        resp: Response<ProxyBody>,
+        started: Instant,
+    ) -> Response<ProxyBody> {
+        self.audit.record("request", &rec);
+        self.audit.record(
+            "response",
+            &ResponseRecord {
+                id: rec.id,
+                code: resp.status().as_u16(),
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                bytes: 0,
+                complete: true,
+                error: None,
+                response_body: None,
+                session_bytes: None,
+            },
         );
         resp
+    }
+
+    /// Audit before act: a mutation's record is durable before it is forwarded; a read
+    /// is refused while the log cannot be written (if so configured). The refusal is
+    /// the 503 to return.
+    async fn record_request(&self, rec: &RequestRecord) -> Result<(), Response<ProxyBody>> {
+        let unavailable = |why: String| {
+            warn!(id = %rec.id, reason = %why, "refused: the audit log cannot be written");
+            status::response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("Portcullis cannot record this request in its audit log, so it is not forwarded: {why}"),
+            )
+        };
+        if rec.mutating {
+            return self
+                .audit
+                .durable("request", rec)
+                .await
+                .map(|_| ())
+                .map_err(|e| unavailable(e.to_string()));
+        }
+        if !self.audit.healthy() && self.audit.fail_closed_reads {
+            self.audit.record("request", rec);
+            return Err(unavailable(
+                "the last audit write failed (reads are refused too: audit.fail_closed_reads)"
+                    .into(),
+            ));
+        }
+        self.audit.record("request", rec);
+        Ok(())
+    }
+
+    /// A response record for an answer that has no body worth relaying.
+    fn record_answer(&self, id: String, resp: &Response<ProxyBody>, started: Instant, error: Option<String>) {
+        self.audit.record(
+            "response",
+            &ResponseRecord {
+                id,
+                code: resp.status().as_u16(),
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                bytes: 0,
+                complete: error.is_none(),
+                error,
+                response_body: None,
+                session_bytes: None,
+            },
+        );
+    }
+
+    /// The masked request body for the record, and the body to forward.
+    async fn take_request_body(
+        &self,
+        body: Incoming,
+        rec: &mut RequestRecord,
+    ) -> Result<ProxyBody, Response<ProxyBody>> {
+        let wanted = rec.mutating
+            && self.audit.level >= AuditLevel::Request
+            && matches!(rec.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE");
+        if !wanted {
+            return Ok(body.map_err(BoxError::from).boxed());
+        }
+        let bytes = match http_body_util::Limited::new(body, MAX_RECORDED_REQUEST)
+            .collect()
+            .await
+        {
+            Ok(c) => c.to_bytes(),
+            Err(e) => {
+                let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+                return Err(status::response(
+                    if too_large {
+                        StatusCode::PAYLOAD_TOO_LARGE
+                    } else {
+                        StatusCode::BAD_REQUEST
+                    },
+                    &format!("reading the request body: {e}"),
+                ));
+            }
+        };
+        if !bytes.is_empty() {
+            rec.request_body = Some(self.masked_request_body(&bytes, rec));
+        }
+        Ok(http_body_util::Full::new(bytes)
+            .map_err(|n| match n {})
+            .boxed())
+    }
+
+    /// A request body as recorded: JSON masked like a response of its resource; other
+    /// encodings (protobuf) cannot be masked and are not recorded.
+    fn masked_request_body(&self, bytes: &[u8], rec: &RequestRecord) -> serde_json::Value {
+        let media = rec.content_type.split(';').next().unwrap_or("").trim();
+        let json = media == "application/json" || media.ends_with("+json");
+        let plan = self.masking.plan(&rec.attributes);
+        match (json, plan) {
+            (true, Some(plan)) => {
+                let mut m = mask::JsonMasker::new(plan);
+                match m.feed(bytes).and_then(|mut o| {
+                    o.extend(m.finish()?);
+                    Ok(o)
+                }) {
+                    Ok(masked) => body_value(&masked, self.audit.max_body_bytes),
+                    Err(e) => serde_json::json!({ "omitted": format!("not valid JSON: {e}"), "bytes": bytes.len() }),
+                }
+            }
+            _ => serde_json::json!({
+                "omitted": format!("a {media} body cannot be masked, so it is not recorded"),
+                "bytes": bytes.len(),
+            }),
+        }
     }
 
     /// Identity, then decision: the upstream identity to impersonate, or the refusal.
@@ -402,6 +604,12 @@ impl Proxy {
             Err(e) => return Err(unauthorized(v, e.to_string())),
         };
         v.subject = id.username.clone();
+        v.user = Some(Subject {
+            username: id.username.clone(),
+            groups: id.groups.clone(),
+            issuer: id.issuer.clone(),
+            token_id: id.token_id.clone(),
+        });
         let policy = policy.get();
         let forbidden = |msg: String| status::response(StatusCode::FORBIDDEN, &msg);
         // Before any decision: a subject with no upstream identity can never proceed,
@@ -495,65 +703,186 @@ impl Proxy {
         Ok(Impersonation::new(&scoped.user, &scoped.groups))
     }
 
-    async fn forward(&self, req: Request<Incoming>, imp: &Impersonation) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        conn: &Arc<Conn>,
+        mut rec: RequestRecord,
+        imp: &Impersonation,
+        started: Instant,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        let body = match self.take_request_body(body, &mut rec).await {
+            Ok(b) => b,
+            Err(refusal) => return self.refused(rec, refusal, started),
+        };
+        if let Err(refusal) = self.record_request(&rec).await {
+            self.record_answer(rec.id, &refusal, started, None);
+            return refusal;
+        }
         if let Err(e) = self.upstream.rewrite(&mut parts, false, imp) {
             warn!(error = %e, "daemon credential unavailable");
-            return status::response(
+            let r = status::response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("Portcullis cannot present its credential to the API server: {e}"),
             );
+            self.record_answer(rec.id, &r, started, None);
+            return r;
         }
-        let up_req = Request::from_parts(parts, body.boxed());
+        let plan = self.masking.plan(&rec.attributes);
+        if plan.is_some() {
+            // Ask for what can be masked: JSON, uncompressed.
+            if let Some(a) = parts.headers.get(header::ACCEPT) {
+                let json = mask::json_accept(a);
+                parts.headers.insert(header::ACCEPT, json);
+            }
+            parts.headers.remove(header::ACCEPT_ENCODING);
+        }
+        let head = parts.method == http::Method::HEAD;
+        let up_req = Request::from_parts(parts, body);
         match self.upstream.send(up_req, false).await {
-            Ok(resp) => relay_response(resp),
-            Err(e) => self.upstream_error(e),
+            Ok(resp) => self.relay(resp, plan, rec.id, conn, started, head),
+            Err(e) => {
+                let r = self.upstream_error(e);
+                self.record_answer(rec.id, &r, started, None);
+                r
+            }
         }
+    }
+
+    /// The API server's answer on its way to the agent: masked, and its outcome
+    /// recorded when it ends.
+    fn relay(
+        &self,
+        resp: Response<Incoming>,
+        plan: Option<Arc<mask::Plan>>,
+        id: String,
+        conn: &Arc<Conn>,
+        started: Instant,
+        head: bool,
+    ) -> Response<ProxyBody> {
+        let code = resp.status();
+        let treatment = self
+            .masking
+            .for_response(plan.as_ref(), code, resp.headers(), head);
+        let (mut p, body) = resp.into_parts();
+        upstream::strip_hop_by_hop(&mut p.headers);
+        let masker = match treatment {
+            ForResponse::Pass => None,
+            ForResponse::Mask(m) => {
+                p.headers.remove(header::CONTENT_LENGTH);
+                Some(m)
+            }
+            ForResponse::Refuse(why) => {
+                warn!(%id, reason = %why, "refused: response cannot be masked");
+                let r = status::response(StatusCode::BAD_GATEWAY, &format!("Portcullis: {why}"));
+                self.record_answer(id, &r, started, Some(why));
+                return r;
+            }
+        };
+        let abandoned = conn.clone();
+        let outcome = Outcome {
+            audit: self.audit.clone(),
+            id,
+            code: code.as_u16(),
+            started,
+            capture: (self.audit.level == AuditLevel::RequestResponse)
+                .then_some(self.audit.max_body_bytes),
+            on_abandon: Some(Box::new(move || abandoned.note_cancel())),
+        };
+        Response::from_parts(p, Relay::new(body, masker, Some(outcome)).boxed())
     }
 
     async fn forward_upgrade(
         &self,
         mut req: Request<Incoming>,
-        conn: &Conn,
+        conn: &Arc<Conn>,
+        rec: RequestRecord,
         imp: &Impersonation,
+        started: Instant,
     ) -> Response<ProxyBody> {
+        // The session's start: durable before the session exists.
+        if let Err(refusal) = self.record_request(&rec).await {
+            self.record_answer(rec.id, &refusal, started, None);
+            return refusal;
+        }
         let downstream = hyper::upgrade::on(&mut req);
         let (mut parts, _body) = req.into_parts();
         if let Err(e) = self.upstream.rewrite(&mut parts, true, imp) {
-            return status::response(
+            let r = status::response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("Portcullis cannot present its credential to the API server: {e}"),
             );
+            self.record_answer(rec.id, &r, started, None);
+            return r;
         }
         // Upgrade requests carry no body (SPDY's POST included).
         let up_req = Request::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
         let mut resp = match self.upstream.send(up_req, true).await {
             Ok(r) => r,
-            Err(e) => return self.upstream_error(e),
+            Err(e) => {
+                let r = self.upstream_error(e);
+                self.record_answer(rec.id, &r, started, None);
+                return r;
+            }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            // The API server refused (e.g. no such pod): relay its answer as is.
-            return relay_response(resp);
+            // The API server refused (e.g. no such pod): relay its (masked) answer.
+            let plan = self.masking.plan(&rec.attributes);
+            return self.relay(resp, plan, rec.id, conn, started, false);
         }
         let upstream = hyper::upgrade::on(&mut resp);
         let conn_id = conn.id;
+        let audit = self.audit.clone();
+        let id = rec.id;
         tokio::spawn(
             async move {
                 let (d, u) = match tokio::try_join!(downstream, upstream) {
                     Ok(x) => x,
                     Err(e) => {
                         warn!(error = %e, "upgrade did not complete");
+                        audit.record(
+                            "response",
+                            &ResponseRecord {
+                                id,
+                                code: 101,
+                                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                                bytes: 0,
+                                complete: false,
+                                error: Some(format!("upgrade did not complete: {e}")),
+                                response_body: None,
+                                session_bytes: None,
+                            },
+                        );
                         return;
                     }
                 };
                 let mut d = TokioIo::new(d);
                 let mut u = TokioIo::new(u);
-                match tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                let (bytes, error) = match tokio::io::copy_bidirectional(&mut d, &mut u).await {
                     Ok((to_up, to_agent)) => {
-                        debug!(to_up, to_agent, "upgraded stream closed")
+                        debug!(to_up, to_agent, "upgraded stream closed");
+                        ((to_up, to_agent), None)
                     }
-                    Err(e) => debug!(error = %e, "upgraded stream ended with an error"),
-                }
+                    Err(e) => {
+                        debug!(error = %e, "upgraded stream ended with an error");
+                        ((0, 0), Some(e.to_string()))
+                    }
+                };
+                // The session's end.
+                audit.record(
+                    "response",
+                    &ResponseRecord {
+                        id,
+                        code: 101,
+                        latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                        bytes: bytes.0 + bytes.1,
+                        complete: error.is_none(),
+                        error,
+                        response_body: None,
+                        session_bytes: Some(bytes),
+                    },
+                );
             }
             .instrument(info_span!("upgrade", conn = conn_id)),
         );
@@ -614,10 +943,29 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn relay_response(resp: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut p, body) = resp.into_parts();
-    upstream::strip_hop_by_hop(&mut p.headers);
-    Response::from_parts(p, body.boxed())
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The connection's origin as recorded: what the kernel saw, never what the agent said.
+fn origin_of(conn: &Conn) -> Origin {
+    let mut o = Origin {
+        peer: conn.peer.to_string(),
+        ..Origin::default()
+    };
+    if let Some(c) = &conn.origin {
+        o.original_dst = c.original_dst.to_string();
+        o.pid = c.origin.pid;
+        o.comm = c.origin.comm.clone();
+        o.cgroup_id = c.origin.cgroup_id;
+    }
+    if let Some(p) = &conn.kernel_pod {
+        o.pod_uid = p.uid.clone();
+    }
+    o
 }
 
 /// An HTTP/1.1 upgrade request: `Connection: upgrade` plus an `Upgrade` protocol.

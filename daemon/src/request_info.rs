@@ -1,10 +1,11 @@
 //! Kubernetes request attributes, resolved exactly as the apiserver's RequestInfo
 //! resolver does (k8s.io/apiserver/pkg/endpoints/request/requestinfo.go), so policy and
 //! audit speak the vocabulary RBAC and the audit log already use.
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The attributes of one request (the apiserver's `RequestInfo`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RequestInfo {
     pub is_resource_request: bool,
     /// The request path (for non-resource requests this is what RBAC matches).
