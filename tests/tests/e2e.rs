@@ -132,7 +132,7 @@ fn main() {
         for (name, why) in &failed {
             println!("\nFAILED {name}: {}", tail(why, 15));
         }
-        let names: Vec<&str> = failed.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = failed.iter().map(|(n, _)| **n).collect();
         println!("\nfailed: {names:?}");
         drop(env);
         std::process::exit(1);
