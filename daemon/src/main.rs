@@ -9,6 +9,7 @@ mod admin_client;
 mod approvals;
 mod audit;
 mod audit_log;
+mod audit_read;
 mod audit_sink;
 mod ca;
 mod cli;
@@ -28,6 +29,7 @@ mod pod;
 mod policy;
 mod policy_cases;
 mod proxy;
+mod replay;
 mod request_info;
 mod response;
 mod status;
@@ -122,6 +124,32 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Re-issue a recorded session against a (sandbox) cluster and report where the
+    /// outcomes differ from the recording; exits 1 if any do.
+    Replay {
+        /// A session ID from `portcullis audit sessions`.
+        session: String,
+        /// The audit directory.
+        #[arg(long, default_value = DEFAULT_AUDIT_DIR)]
+        dir: PathBuf,
+        /// The API server to replay against, e.g. https://sandbox:6443.
+        #[arg(long)]
+        server: String,
+        /// A bearer token for --server.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The CA of --server (PEM).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Really apply mutations (default: each carries dryRun=All).
+        #[arg(long)]
+        apply: bool,
+        /// The idle gap that ends a session.
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        idle: std::time::Duration,
+        #[arg(short, long, value_enum, default_value_t = admin_client::Output::Table)]
+        output: admin_client::Output,
+    },
     /// Detach every program and remove the pins (uninstall). Agents then reach the API
     /// server directly: this is the only way enforcement ends.
     Unload {
@@ -149,7 +177,32 @@ enum AuditCmd {
         #[arg(long)]
         key: Option<PathBuf>,
     },
+    /// List agent sessions: one subject from one pod until idle for --idle.
+    Sessions {
+        #[arg(default_value = DEFAULT_AUDIT_DIR)]
+        dir: PathBuf,
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        idle: std::time::Duration,
+        #[arg(short, long, value_enum, default_value_t = admin_client::Output::Table)]
+        output: admin_client::Output,
+    },
+    /// Write the records as JSON lines: `k8s` (audit.k8s.io/v1 Events, one per request)
+    /// or `raw` (the chained records as stored).
+    Export {
+        #[arg(default_value = DEFAULT_AUDIT_DIR)]
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportFormat::K8s)]
+        format: ExportFormat,
+    },
 }
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    K8s,
+    Raw,
+}
+
+const DEFAULT_AUDIT_DIR: &str = "/var/lib/portcullis/audit";
 
 #[derive(Subcommand)]
 enum PolicyCmd {
@@ -256,6 +309,121 @@ fn main() -> Result<()> {
                 }
             );
             std::process::exit(if r.problems.is_empty() { 0 } else { 1 });
+        }
+        Cmd::Audit {
+            cmd: AuditCmd::Sessions { dir, idle, output },
+        } => {
+            let entries = audit_read::read_all(&dir)?;
+            let sessions = audit_read::sessions(audit_read::exchanges(&entries), idle);
+            match output {
+                admin_client::Output::Json => {
+                    let v: Vec<serde_json::Value> = sessions
+                        .iter()
+                        .map(|s| {
+                            serde_json::json!({
+                                "id": s.id, "subject": s.subject, "pod_uid": s.pod_uid,
+                                "start": audit_read::rfc3339(s.first_ns),
+                                "end": audit_read::rfc3339(s.last_ns),
+                                "requests": s.exchanges.len(),
+                                "mutations": s.exchanges.iter().filter(|e| e.request.mutating).count(),
+                                "refused": s.exchanges.iter().filter(|e| e.response.as_ref().is_some_and(|r| r.code >= 400)).count(),
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                admin_client::Output::Table => {
+                    println!("{:<17} {:<45} {:<37} {:<20} {:>8} {:>9}", "SESSION", "SUBJECT", "POD", "START", "REQUESTS", "MUTATIONS");
+                    for s in &sessions {
+                        println!(
+                            "{:<17} {:<45} {:<37} {:<20} {:>8} {:>9}",
+                            s.id,
+                            s.subject,
+                            if s.pod_uid.is_empty() { "-" } else { &s.pod_uid },
+                            audit_read::rfc3339(s.first_ns).get(..19).unwrap_or(""),
+                            s.exchanges.len(),
+                            s.exchanges.iter().filter(|e| e.request.mutating).count()
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Audit {
+            cmd: AuditCmd::Export { dir, format },
+        } => {
+            use std::io::Write;
+            let entries = audit_read::read_all(&dir)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match format {
+                ExportFormat::Raw => {
+                    for e in &entries {
+                        let line = serde_json::json!({"seq": e.seq, "kind": e.kind, "record": e.record});
+                        writeln!(out, "{line}")?;
+                    }
+                }
+                ExportFormat::K8s => {
+                    for ex in audit_read::exchanges(&entries) {
+                        writeln!(out, "{}", audit_read::k8s_event(&ex))?;
+                    }
+                }
+            }
+            out.flush()?;
+            Ok(())
+        }
+        Cmd::Replay {
+            session,
+            dir,
+            server,
+            token_file,
+            ca_file,
+            apply,
+            idle,
+            output,
+        } => {
+            let entries = audit_read::read_all(&dir)?;
+            let sessions = audit_read::sessions(audit_read::exchanges(&entries), idle);
+            let s = sessions
+                .into_iter()
+                .find(|s| s.id == session)
+                .with_context(|| format!("no session {session} in {} (see `portcullis audit sessions`)", dir.display()))?;
+            let target = replay::Target {
+                server,
+                token_file,
+                ca_file,
+                apply,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let steps = rt.block_on(replay::replay(&s.exchanges, &target))?;
+            match output {
+                admin_client::Output::Json => println!("{}", serde_json::to_string_pretty(&steps)?),
+                admin_client::Output::Table => {
+                    for st in &steps {
+                        println!(
+                            "{:>6} {:<8} {:<7} {:<6} {:<6} {} {}",
+                            st.seq,
+                            st.outcome,
+                            st.method,
+                            st.recorded.map_or("-".into(), |c| c.to_string()),
+                            st.replayed.map_or("-".into(), |c| c.to_string()),
+                            st.uri,
+                            st.note
+                        );
+                    }
+                }
+            }
+            let differ = steps.iter().filter(|s| matches!(s.outcome, "differs" | "error")).count();
+            eprintln!(
+                "session {}: {} requests, {} replayed, {} differ{}",
+                s.id,
+                steps.len(),
+                steps.iter().filter(|s| s.replayed.is_some()).count(),
+                differ,
+                if apply { " (applied)" } else { " (mutations with dryRun=All)" }
+            );
+            std::process::exit(if differ == 0 { 0 } else { 1 });
         }
         Cmd::Policy {
             cmd: PolicyCmd::Test { policy, cases },

@@ -141,7 +141,7 @@ func serveV5(w http.ResponseWriter, req *http.Request, cmd []string, stdin bool)
 			if code != 0 {
 				status = map[string]interface{}{
 					"metadata": map[string]interface{}{}, "status": "Failure", "message": err.Error(),
-					"reason": "NonZeroExitCode",
+					"reason":  "NonZeroExitCode",
 					"details": map[string]interface{}{"causes": []map[string]string{{"reason": "ExitCode", "message": strconv.Itoa(code)}}},
 				}
 			}
@@ -163,6 +163,18 @@ func (c *chanWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// What the "canary" container logs: each credential is a unique marker string.
+var canaryLog = []string{
+	"starting\n",
+	"connecting with password=pc-log-canary-1 to db\n",
+	"-----BEGIN PRIVATE KEY-----\n",
+	"PCLOGCANARYKEY2\n",
+	"-----END PRIVATE KEY-----\n",
+	"aws key AKIAPCLOGCANARY34567 loaded\n",
+	"bearer eyJwY2xvZ2NhbmFyeSI6NH0.eyJzdWIiOiJwYy1sb2ctY2FuYXJ5LTQifQ.cGMtbG9nLWNhbmFyeS00LXNpZw\n",
+	"done\n",
+}
+
 // /containerLogs/{namespace}/{pod}/{container}?follow=true
 func handleLogs(w http.ResponseWriter, req *http.Request) {
 	log.Printf("logs %s %s", req.URL.Path, req.URL.RawQuery)
@@ -173,6 +185,23 @@ func handleLogs(w http.ResponseWriter, req *http.Request) {
 		n = 8
 	}
 	flusher, _ := w.(http.Flusher)
+	if strings.HasSuffix(req.URL.Path, "/canary") {
+		// Credentials in a log stream, one line at a time (the masking tests' canaries).
+		for _, l := range canaryLog {
+			fmt.Fprint(w, l)
+			if flusher != nil {
+				flusher.Flush()
+			}
+			if follow {
+				select {
+				case <-req.Context().Done():
+					return
+				case <-time.After(300 * time.Millisecond):
+				}
+			}
+		}
+		return
+	}
 	for i := 1; i <= n; i++ {
 		fmt.Fprintf(w, "log line %d\n", i)
 		if flusher != nil {

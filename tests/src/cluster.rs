@@ -637,9 +637,14 @@ spec:
   containers:
   - name: main
     image: example.invalid/none:1
+  - name: canary
+    image: example.invalid/none:1
 "#
     )
 }
+
+/// The gated daemon's audit settings: request bodies (masked) are recorded.
+pub const AUDIT_SECTION: &str = "  audit:\n    level: Request\n";
 
 /// The service-account issuer and API audience of the generated cluster.
 pub const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -728,7 +733,7 @@ impl Gate {
                 lab.adopt(child);
                 let ca = cluster.ca_pem.display();
                 let s = format!(
-                    "{upstream}  policy_file: {pf}\n  identity:\n    leeway: 5s\n    issuers:\n    - issuer: {SA_ISSUER}\n      kubernetes: true\n      audiences: [\"{SA_ISSUER}\"]\n      algorithms: [RS256, ES256]\n    - issuer: {iss}\n      ca_file: {ca}\n      audiences: [{IDP_AUDIENCE}]\n      algorithms: [ES256]\n      username_claim: email\n      groups_claim: groups\n  approvals:\n    pending_ttl: 10s\n    webhook:\n      url: {iss}/webhook\n      ca_file: {ca}\n  admin:\n    https:\n      listen: {ADMIN_ADDR}\n      approver_groups: [\"oidc:oncall\", \"oidc:devs\"]\n",
+                    "{upstream}  policy_file: {pf}\n  identity:\n    leeway: 5s\n    issuers:\n    - issuer: {SA_ISSUER}\n      kubernetes: true\n      audiences: [\"{SA_ISSUER}\"]\n      algorithms: [RS256, ES256]\n    - issuer: {iss}\n      ca_file: {ca}\n      audiences: [{IDP_AUDIENCE}]\n      algorithms: [ES256]\n      username_claim: email\n      groups_claim: groups\n  approvals:\n    pending_ttl: 10s\n    webhook:\n      url: {iss}/webhook\n      ca_file: {ca}\n  admin:\n    https:\n      listen: {ADMIN_ADDR}\n      approver_groups: [\"oidc:oncall\", \"oidc:devs\"]\n{AUDIT_SECTION}",
                     pf = policy_file.display(),
                     iss = i.issuer,
                 );
@@ -777,6 +782,28 @@ impl Gate {
 
     /// Restarts the daemon gated or in pass-through mode (pinned programs are adopted,
     /// so enforcement never lapses).
+    /// Restarts the gated daemon with `audit` (a `proxy.audit` section, indented as
+    /// [`AUDIT_SECTION`]) in place of the default one.
+    pub fn restart_with_audit(&self, audit: &str) -> Result<()> {
+        let gated = self
+            .gated
+            .as_ref()
+            .context("no policy was given to Gate::start")?
+            .replacen(AUDIT_SECTION, audit, 1);
+        self.lab.kill_daemon();
+        write(&self.lab.config, &format!("{}{gated}", self.base_config))?;
+        self.lab.start_daemon().map(|_| ())
+    }
+
+    /// An audit section that also ships to the test-only collector in pc-idp
+    /// (`POST /audit-sink`, records in `<idp dir>/sink.jsonl`).
+    pub fn audit_with_sink(&self) -> String {
+        format!(
+            "{AUDIT_SECTION}    sink:\n      url: https://{IDP_ADDR}/audit-sink\n      ca_file: {}\n      batch: 50\n",
+            self.cluster.ca_pem.display()
+        )
+    }
+
     pub fn switch(&self, gated: bool) -> Result<()> {
         let section = if gated {
             self.gated

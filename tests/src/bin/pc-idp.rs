@@ -1,7 +1,8 @@
 //! Test-only OIDC identity provider and webhook receiver (see portcullis_tests::idp):
 //! `pc-idp --dir D --listen ADDR --cert C --key K --issuer URL`. Serves the discovery
 //! document, the JWKS file (reread per request) and POST /webhook (appended to
-//! D/webhook.jsonl). Stops when its parent test kills it.
+//! D/webhook.jsonl), and POST /audit-sink (a test-only audit collector, see below).
+//! Stops when its parent test kills it.
 use std::{convert::Infallible, io::Write, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
@@ -84,6 +85,30 @@ fn main() -> Result<()> {
                                     let _ = writeln!(f, "{line}");
                                 }
                                 (StatusCode::OK, "{}".into())
+                            }
+                            // Test-only audit collector: each batch (a JSON array of
+                            // chained records) becomes one line of D/sink.jsonl; while
+                            // D/sink.down exists it answers 503 (the sink is "down").
+                            (&Method::POST, "/audit-sink") => {
+                                if cli.dir.join("sink.down").exists() {
+                                    (StatusCode::SERVICE_UNAVAILABLE, "{}".into())
+                                } else {
+                                    let b = Limited::new(req.into_body(), 64 << 20)
+                                        .collect()
+                                        .await
+                                        .map(|b| b.to_bytes())
+                                        .unwrap_or_default();
+                                    let line = String::from_utf8_lossy(&b).replace('\n', " ");
+                                    match std::fs::OpenOptions::new()
+                                        .create(true)
+                                        .append(true)
+                                        .open(cli.dir.join("sink.jsonl"))
+                                        .and_then(|mut f| writeln!(f, "{line}"))
+                                    {
+                                        Ok(()) => (StatusCode::OK, "{}".into()),
+                                        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "{}".into()),
+                                    }
+                                }
                             }
                             _ => (StatusCode::NOT_FOUND, "{}".into()),
                         };
