@@ -201,10 +201,19 @@ pub fn k8s_event(ex: &Exchange) -> serde_json::Value {
         });
     }
     if a.is_resource_request {
+        // A create names its object in the body, as the API server's audit shows it.
+        let name = if a.name.is_empty() {
+            r.request_body
+                .as_ref()
+                .and_then(|b| b["metadata"]["name"].as_str())
+                .unwrap_or("")
+        } else {
+            a.name.as_str()
+        };
         ev["objectRef"] = json!({
             "resource": a.resource,
             "namespace": a.namespace,
-            "name": a.name,
+            "name": name,
             "apiGroup": a.api_group,
             "apiVersion": a.api_version,
             "subresource": a.subresource,
