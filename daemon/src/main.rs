@@ -3,38 +3,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use portcullis::{
+    DEFAULT_CONFIG, admin_client, audit, audit_read, cli, config, daemon, doctor, policy_cases,
+    replay,
+};
 
-mod admin;
-mod admin_client;
-mod approvals;
-mod audit;
-mod audit_log;
-mod audit_read;
-mod audit_sink;
-mod ca;
-mod cli;
-mod config;
-mod daemon;
-mod doctor;
-mod http_client;
-mod identity;
-mod jsonl;
-mod jwks;
-mod kernel;
-mod listener;
-mod mask;
-mod notify;
-mod origin;
-mod pod;
-mod policy;
-mod policy_cases;
-mod proxy;
-mod replay;
-mod request_info;
-mod response;
-mod status;
-mod store;
-mod upstream;
 
 #[derive(Parser)]
 #[command(
@@ -47,7 +20,6 @@ struct Cli {
     cmd: Cmd,
 }
 
-pub const DEFAULT_CONFIG: &str = "/etc/portcullis/portcullis.yaml";
 
 #[derive(Subcommand)]
 enum Cmd {

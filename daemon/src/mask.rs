@@ -25,7 +25,7 @@
 //! values can be recognised without being revealed.
 use std::{borrow::Cow, sync::Arc};
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use base64::Engine;
 use regex::bytes::Regex;
 
@@ -230,6 +230,7 @@ impl Detectors {
         let triggers = AhoCorasickBuilder::new()
             .ascii_case_insensitive(true)
             .match_kind(MatchKind::LeftmostFirst)
+            .kind(Some(AhoCorasickKind::DFA))
             .build([
                 "-----BEGIN",
                 "eyJ",
@@ -284,8 +285,10 @@ impl Detectors {
             ],
             // key, separator (optionally quoted, also JSON-escaped quotes), value.
             // The value stops before a backslash so an escape sequence is never cut.
+            // Starts at the keyword (a literal the regex engine can search for fast);
+            // a prefix such as `db.` or `DB_` stays in place untouched.
             pairs: re(
-                r#"(?i)([A-Za-z0-9_.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?)([^\s"'\\,;&}\]]+)"#,
+                r#"(?i)((?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?)([^\s"'\\,;&}\]]+)"#,
             ),
             card: re(
                 r"\b(?:\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{4}(?:\d{3})?|\d{4}[ -]\d{6}[ -]\d{5}|\d{13,19})\b",
@@ -297,9 +300,13 @@ impl Detectors {
 
     /// `s` with every credential found replaced by a `[masked:...]` marker.
     pub fn apply<'a>(&self, s: &'a [u8]) -> Cow<'a, [u8]> {
-        let digits = s.iter().filter(|b| b.is_ascii_digit()).count();
+        // Nothing shorter can hold a credential the patterns know (`pwd=x`).
+        if s.len() < 5 {
+            return Cow::Borrowed(s);
+        }
+        let card = card_candidate(s);
         let triggered = self.triggers.is_match(s);
-        if !triggered && digits < 13 {
+        if !triggered && !card {
             return Cow::Borrowed(s);
         }
         let mut cur: Cow<[u8]> = Cow::Borrowed(s);
@@ -317,7 +324,7 @@ impl Detectors {
                 );
             }
         }
-        if digits >= 13 && self.card.is_match(&cur) {
+        if card && self.card.is_match(&cur) {
             let replaced = self.card.replace_all(&cur, |c: &regex::bytes::Captures| {
                 if luhn(&c[0]) {
                     b"[masked:card]".to_vec()
@@ -337,6 +344,39 @@ impl Default for Detectors {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Whether `s` has a run of 13 or more digits (single spaces or dashes between them
+/// allowed): the only place a card number can be.
+fn card_candidate(s: &[u8]) -> bool {
+    // Branch-free per byte (this runs over every string and log line): `run` counts
+    // digits, kept across one separator, reset by anything else.
+    const fn classes() -> [u8; 256] {
+        let mut t = [0u8; 256];
+        let mut d = b'0';
+        while d <= b'9' {
+            t[d as usize] = 1;
+            d += 1;
+        }
+        t[b' ' as usize] = 2;
+        t[b'-' as usize] = 2;
+        t
+    }
+    static CLASS: [u8; 256] = classes();
+    let mut run = 0u32;
+    let mut sep = 0u32;
+    let mut max = 0u32;
+    for &b in s {
+        let c = CLASS[b as usize];
+        let digit = u32::from(c == 1);
+        let is_sep = u32::from(c == 2);
+        // A separator keeps the run only if the previous byte was not one.
+        let keep = digit | (is_sep & (sep ^ 1));
+        run = (run + digit) * keep;
+        sep = is_sep;
+        max = max.max(run);
+    }
+    max >= 13
 }
 
 /// The Luhn checksum over the digits of `s` (separators ignored), for 13-19 digits.
@@ -746,6 +786,16 @@ impl TextMasker {
     pub fn feed(&mut self, input: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(input.len() + 32);
         let mut rest = input;
+        // Fast path: the complete lines of this chunk in one pass of the detectors
+        // (no pattern spans lines, except a private key: then line by line).
+        if self.line.is_empty()
+            && !self.in_pem
+            && let Some(last_nl) = memchr::memrchr(b'\n', rest)
+            && memchr::memmem::find(&rest[..=last_nl], b"-----BEGIN").is_none()
+        {
+            out.extend_from_slice(&self.detectors.apply(&rest[..=last_nl]));
+            rest = &rest[last_nl + 1..];
+        }
         while let Some(nl) = memchr::memchr(b'\n', rest) {
             if self.line.is_empty() {
                 self.mask_line(&rest[..=nl], &mut out);
@@ -788,7 +838,8 @@ impl TextMasker {
             }
             return;
         }
-        if let Some(b) = d.pem_begin.find(line)
+        if memchr::memmem::find(line, b"-----BEGIN").is_some()
+            && let Some(b) = d.pem_begin.find(line)
             && !d.pem_end.is_match(&line[b.end()..])
         {
             self.in_pem = true;
@@ -1256,6 +1307,15 @@ mod tests {
         assert_eq!(kind(m.for_response(Some(&plan), ok, &text, false)), "text");
         assert_eq!(kind(m.for_response(None, ok, &pb, false)), "pass");
         assert_eq!(kind(m.for_response(Some(&plan), ok, &pb, true)), "pass");
+    }
+
+    #[test]
+    fn card_candidates_need_thirteen_grouped_digits() {
+        assert!(card_candidate(b"pay 4111 1111 1111 1111 now"));
+        assert!(card_candidate(b"4111-1111-1111-1111"));
+        assert!(card_candidate(b"4111111111111"));
+        assert!(!card_candidate(b"2026-11-22T10:00:00Z status=200 duration=12ms"));
+        assert!(!card_candidate(b"4111  1111 1111 1111"), "double separator breaks a run");
     }
 
     #[test]

@@ -11,6 +11,16 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
             let nginx = upstream::nginx()?;
             test::lab_with_env(&["bench-proxy"], args, true, &[("PORTCULLIS_NGINX", nginx)])
         }
-        other => bail!("unknown benchmark `{other}`; available: kernel, proxy"),
+        // Pure CPU/disk benchmarks of the daemon's library: no lab needed.
+        "mask" | "audit" => {
+            crate::run::status(
+                std::process::Command::new(env!("CARGO"))
+                    .current_dir(crate::paths::root())
+                    .args(["bench", "-p", "portcullis", "--bench", what])
+                    .args(args),
+            )?;
+            Ok(())
+        }
+        other => bail!("unknown benchmark `{other}`; available: kernel, proxy, mask, audit"),
     }
 }

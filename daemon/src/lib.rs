@@ -1,0 +1,36 @@
+//! The Portcullis daemon as a library: the `portcullis` binary (node daemon and CLI)
+//! is built on it, and so are the benchmarks.
+pub mod admin;
+pub mod admin_client;
+pub mod approvals;
+pub mod audit;
+pub mod audit_log;
+pub mod audit_read;
+pub mod audit_sink;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod doctor;
+pub mod http_client;
+pub mod identity;
+pub mod jsonl;
+pub mod jwks;
+pub mod kernel;
+pub mod listener;
+pub mod mask;
+pub mod notify;
+pub mod origin;
+pub mod pod;
+pub mod policy;
+pub mod policy_cases;
+pub mod proxy;
+pub mod replay;
+pub mod request_info;
+pub mod response;
+pub mod status;
+pub mod store;
+pub mod upstream;
+
+/// Where the daemon and the CLI read their configuration by default.
+pub const DEFAULT_CONFIG: &str = "/etc/portcullis/portcullis.yaml";
