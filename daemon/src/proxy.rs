@@ -347,7 +347,7 @@ impl Proxy {
             Err(refusal) => {
                 verdict.decision = "refused";
                 rec.decision = verdict.decision.into();
-                self.refused(rec, refusal, started)
+                self.refused(&rec, refusal, started)
             }
             Ok(info) => {
                 rec.mutating = upgrade || !matches!(info.verb.as_str(), "get" | "list" | "watch");
@@ -359,9 +359,11 @@ impl Proxy {
                 rec.grant = verdict.grant.clone();
                 rec.attributes = info;
                 match authorized {
-                    Err(refusal) => self.refused(rec, refusal, started),
-                    Ok(imp) if upgrade => self.forward_upgrade(req, conn, rec, &imp, started).await,
-                    Ok(imp) => self.forward(req, conn, rec, &imp, started).await,
+                    Err(refusal) => self.refused(&rec, refusal, started),
+                    Ok(imp) if upgrade => {
+                        self.forward_upgrade(req, conn, &rec, &imp, started).await
+                    }
+                    Ok(imp) => self.forward(req, conn, &mut rec, &imp, started).await,
                 }
             }
         };
@@ -373,6 +375,14 @@ impl Proxy {
             rule = %verdict.rule,
             approval = %verdict.approval,
             grant = %verdict.grant,
+            verb = %rec.attributes.verb,
+            api_group = %rec.attributes.api_group,
+            resource = %rec.attributes.resource,
+            subresource = %rec.attributes.subresource,
+            namespace = %rec.attributes.namespace,
+            name = %rec.attributes.name,
+            path = %rec.path,
+            id = %rec.id,
             upgrade,
             code = resp.status().as_u16(),
             // Time to the response head; streamed bodies continue after this.
@@ -441,15 +451,15 @@ impl Proxy {
     /// A request answered by the daemon itself: both records, queued.
     fn refused(
         &self,
-        rec: RequestRecord,
+        rec: &RequestRecord,
         resp: Response<ProxyBody>,
         started: Instant,
     ) -> Response<ProxyBody> {
-        self.audit.record("request", &rec);
+        self.audit.record("request", rec);
         self.audit.record(
             "response",
             &ResponseRecord {
-                id: rec.id,
+                id: rec.id.clone(),
                 code: resp.status().as_u16(),
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
                 bytes: 0,
@@ -707,17 +717,17 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         conn: &Arc<Conn>,
-        mut rec: RequestRecord,
+        rec: &mut RequestRecord,
         imp: &Impersonation,
         started: Instant,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
-        let body = match self.take_request_body(body, &mut rec).await {
+        let body = match self.take_request_body(body, rec).await {
             Ok(b) => b,
             Err(refusal) => return self.refused(rec, refusal, started),
         };
-        if let Err(refusal) = self.record_request(&rec).await {
-            self.record_answer(rec.id, &refusal, started, None);
+        if let Err(refusal) = self.record_request(rec).await {
+            self.record_answer(rec.id.clone(), &refusal, started, None);
             return refusal;
         }
         if let Err(e) = self.upstream.rewrite(&mut parts, false, imp) {
@@ -726,7 +736,7 @@ impl Proxy {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("Portcullis cannot present its credential to the API server: {e}"),
             );
-            self.record_answer(rec.id, &r, started, None);
+            self.record_answer(rec.id.clone(), &r, started, None);
             return r;
         }
         let plan = self.masking.plan(&rec.attributes);
@@ -741,10 +751,10 @@ impl Proxy {
         let head = parts.method == http::Method::HEAD;
         let up_req = Request::from_parts(parts, body);
         match self.upstream.send(up_req, false).await {
-            Ok(resp) => self.relay(resp, plan, rec.id, conn, started, head),
+            Ok(resp) => self.relay(resp, plan, rec.id.clone(), conn, started, head),
             Err(e) => {
                 let r = self.upstream_error(e);
-                self.record_answer(rec.id, &r, started, None);
+                self.record_answer(rec.id.clone(), &r, started, None);
                 r
             }
         }
@@ -797,13 +807,13 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         conn: &Arc<Conn>,
-        rec: RequestRecord,
+        rec: &RequestRecord,
         imp: &Impersonation,
         started: Instant,
     ) -> Response<ProxyBody> {
         // The session's start: durable before the session exists.
-        if let Err(refusal) = self.record_request(&rec).await {
-            self.record_answer(rec.id, &refusal, started, None);
+        if let Err(refusal) = self.record_request(rec).await {
+            self.record_answer(rec.id.clone(), &refusal, started, None);
             return refusal;
         }
         let downstream = hyper::upgrade::on(&mut req);
@@ -813,7 +823,7 @@ impl Proxy {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("Portcullis cannot present its credential to the API server: {e}"),
             );
-            self.record_answer(rec.id, &r, started, None);
+            self.record_answer(rec.id.clone(), &r, started, None);
             return r;
         }
         // Upgrade requests carry no body (SPDY's POST included).
@@ -822,19 +832,19 @@ impl Proxy {
             Ok(r) => r,
             Err(e) => {
                 let r = self.upstream_error(e);
-                self.record_answer(rec.id, &r, started, None);
+                self.record_answer(rec.id.clone(), &r, started, None);
                 return r;
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The API server refused (e.g. no such pod): relay its (masked) answer.
             let plan = self.masking.plan(&rec.attributes);
-            return self.relay(resp, plan, rec.id, conn, started, false);
+            return self.relay(resp, plan, rec.id.clone(), conn, started, false);
         }
         let upstream = hyper::upgrade::on(&mut resp);
         let conn_id = conn.id;
         let audit = self.audit.clone();
-        let id = rec.id;
+        let id = rec.id.clone();
         tokio::spawn(
             async move {
                 let (d, u) = match tokio::try_join!(downstream, upstream) {

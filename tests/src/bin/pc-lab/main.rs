@@ -294,6 +294,136 @@ fn demo_kubectl() -> Result<()> {
     if shown == 0 {
         bail!("the daemon logged no resource requests:\n{log}");
     }
+    demo_evidence(&gate)?;
+    Ok(())
+}
+
+/// Masked secrets, a bypass attempt in the audit chain, and the chain's verification.
+fn demo_evidence(gate: &Gate) -> Result<()> {
+    say("9. Secret values never reach the agent");
+    let o = gate.cluster.kubectl_admin(&[
+        "create",
+        "secret",
+        "generic",
+        "db-credentials",
+        "-n",
+        "e2e",
+        "--from-literal=username=app",
+        "--from-literal=password=S3cr3t-hunter2",
+    ])?;
+    if !o.status.success() {
+        bail!("creating the secret: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    println!("\n  \x1b[36m$ kubectl get secret db-credentials -o yaml\x1b[0m   (as the agent)");
+    let o = gate
+        .gate_cmd(&["get", "secret", "db-credentials", "-o", "yaml"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if !o.status.success() {
+        bail!("kubectl get secret: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    for l in out.lines().filter(|l| !l.contains("managedFields") && !l.starts_with("  - ") && !l.starts_with("    ")) {
+        println!("    {l}");
+    }
+    let leaked = ["S3cr3t-hunter2", "UzNjcjN0LWh1bnRlcjI="]
+        .iter()
+        .any(|v| out.contains(v));
+    if leaked || !out.contains("cG9ydGN1bGxpcy1tYXNrZWQ=") {
+        bail!("the secret was not masked:\n{out}");
+    }
+    println!("    (base64 of \"portcullis-masked\"; the API server holds the real values)");
+
+    say("10. A bypass attempt from the agent's pod is evidence in the audit chain");
+    let api = gate.lab.api().to_string();
+    for (label, kind) in [
+        ("TCP to the API server's real address", "tcp"),
+        ("UDP to the API server", "udp"),
+    ] {
+        let p = gate.lab.probe_in(&gate.pod_cg, &[kind, &api])?;
+        println!(
+            "  {label} ({api}): {}",
+            if p.ok() {
+                format!("connected to {} (the daemon, not the API server)", p.json["peer"])
+            } else {
+                format!("refused: {}", p.json["error"])
+            }
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let dir = gate.lab.state_dir().join("audit");
+    let mut kernel = Vec::new();
+    for l in std::fs::read_to_string(dir.join("seg-000001.jsonl"))?.lines() {
+        let v: serde_json::Value = serde_json::from_str(l)?;
+        if v["kind"] == "kernel-event" && v["record"]["dst"].as_str() == Some(api.as_str()) {
+            kernel.push(v);
+        }
+    }
+    for v in &kernel {
+        let r = &v["record"];
+        println!(
+            "  seq {:>5}  {:<22} {:<26} pid {:>7} {:<8} dst {} {}",
+            v["seq"],
+            r["kind"].as_str().unwrap_or(""),
+            r["hook"].as_str().unwrap_or(""),
+            r["origin"]["pid"],
+            r["origin"]["comm"].as_str().unwrap_or(""),
+            r["dst"].as_str().unwrap_or(""),
+            r["redirected_to"].as_str().filter(|x| !x.is_empty()).map(|x| format!("-> {x}")).unwrap_or_default()
+        );
+    }
+    if kernel.is_empty() {
+        bail!("no kernel event for the bypass attempts in the audit chain");
+    }
+
+    say("11. The evidence verifies; any edit is found");
+    let pc = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(gate
+            .lab
+            .command_in_ns(gate.lab.ns_node(), &portcullis_tests::bin("portcullis"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()?)
+    };
+    let dir_s = dir.display().to_string();
+    println!("\n  \x1b[36m$ portcullis audit sessions\x1b[0m");
+    let o = pc(&["audit", "sessions", &dir_s])?;
+    for l in String::from_utf8_lossy(&o.stdout).lines() {
+        println!("    {l}");
+    }
+    println!("\n  \x1b[36m$ portcullis audit verify {dir_s}\x1b[0m");
+    let o = pc(&["audit", "verify", &dir_s, "--key", &gate.lab.state_dir().join("audit.pub").display().to_string()])?;
+    for l in String::from_utf8_lossy(&o.stdout).lines() {
+        println!("    {l}");
+    }
+    if !o.status.success() {
+        bail!("the audit chain does not verify");
+    }
+    // Tamper with a copy (the daemon keeps appending to the original).
+    let copy = gate.lab.state_dir().join("audit-tampered");
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy)?;
+    for e in std::fs::read_dir(&dir)? {
+        let e = e?;
+        std::fs::copy(e.path(), copy.join(e.file_name()))?;
+    }
+    let seg = copy.join("seg-000001.jsonl");
+    let text = std::fs::read_to_string(&seg)?;
+    let edited = text.replacen("\"decision\":\"deny\"", "\"decision\":\"allow\"", 1);
+    if edited == text {
+        bail!("no denied request to edit in the audit chain");
+    }
+    std::fs::write(&seg, edited)?;
+    println!("\n  (a copy of the evidence, with one denied request edited to \"allow\")");
+    println!("  \x1b[36m$ portcullis audit verify audit-tampered\x1b[0m");
+    let o = pc(&["audit", "verify", &copy.display().to_string(), "--key", &gate.lab.state_dir().join("audit.pub").display().to_string()])?;
+    for l in String::from_utf8_lossy(&o.stdout).lines() {
+        println!("    {l}");
+    }
+    if o.status.success() {
+        bail!("the tampered copy verified");
+    }
+    println!("    exit status {}", o.status.code().unwrap_or(-1));
     Ok(())
 }
 
