@@ -59,7 +59,7 @@ fn secret_list(n: usize) -> Vec<u8> {
                 "tls.key": b64(1200, i + 2),
             });
             let mut annotations = json!({ "team": "bench" });
-            if i % 10 == 0 {
+            if i.is_multiple_of(10) {
                 let applied = json!({"apiVersion": "v1", "kind": "Secret",
                     "metadata": {"name": format!("secret-{i}"), "namespace": "bench"}, "data": data});
                 annotations["kubectl.kubernetes.io/last-applied-configuration"] =
@@ -91,8 +91,12 @@ fn log_stream(bytes: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes + 256);
     let mut i = 0usize;
     while out.len() < bytes {
-        let line = if i % 50 == 0 {
-            format!("2026-11-22T10:00:{:02}Z WARN retrying db connection password=hunter{i} attempt={}\n", i % 60, i % 7)
+        let line = if i.is_multiple_of(50) {
+            format!(
+                "2026-11-22T10:00:{:02}Z WARN retrying db connection password=hunter{i} attempt={}\n",
+                i % 60,
+                i % 7
+            )
         } else {
             format!(
                 "2026-11-22T10:00:{:02}Z INFO handled GET /api/v1/namespaces/bench/pods/p-{i} status=200 duration={}ms user=alice\n",
@@ -157,7 +161,11 @@ fn row(name: &str, body: &[u8], r: &Run) -> serde_json::Value {
 fn main() {
     // `cargo bench` passes --bench; nothing else is configurable.
     let detectors = Arc::new(Detectors::new());
-    let plan = Arc::new(Plan::new(Plan::secret_paths(), Some(detectors.clone()), None));
+    let plan = Arc::new(Plan::new(
+        Plan::secret_paths(),
+        Some(detectors.clone()),
+        None,
+    ));
     let list = secret_list(10_000);
     let logs = log_stream(64 << 20);
     println!(
@@ -173,7 +181,9 @@ fn main() {
             (0..ROUNDS)
                 .map(|_| {
                     measure(body, |b| {
-                        b.chunks(CHUNK).map(|c| std::hint::black_box(c.to_vec()).len()).sum()
+                        b.chunks(CHUNK)
+                            .map(|c| std::hint::black_box(c.to_vec()).len())
+                            .sum()
                     })
                 })
                 .collect(),
@@ -221,12 +231,17 @@ fn main() {
             if peak < 2.0 { "met" } else { "MISSED" },
             masked.secs / copy.secs
         );
-        results.push(serde_json::json!({"body": name, "mb_per_s": mbs, "peak_over_body": peak,
-            "goal_throughput_met": mbs >= 300.0, "goal_memory_met": peak < 2.0}));
+        results.push(
+            serde_json::json!({"body": name, "mb_per_s": mbs, "peak_over_body": peak,
+            "goal_throughput_met": mbs >= 300.0, "goal_memory_met": peak < 2.0}),
+        );
         rows.push(mrow);
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&dir);
     let out = serde_json::json!({"rows": rows, "results": results});
-    let _ = std::fs::write(dir.join("mask.json"), serde_json::to_vec_pretty(&out).unwrap_or_default());
+    let _ = std::fs::write(
+        dir.join("mask.json"),
+        serde_json::to_vec_pretty(&out).unwrap_or_default(),
+    );
 }

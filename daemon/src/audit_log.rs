@@ -292,7 +292,11 @@ mod tests {
         let log = log(&dir);
         let mut seqs = Vec::new();
         for i in 0..20 {
-            seqs.push(log.durable("test", &serde_json::json!({ "i": i })).await.unwrap());
+            seqs.push(
+                log.durable("test", &serde_json::json!({ "i": i }))
+                    .await
+                    .unwrap(),
+            );
         }
         assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
         let text = std::fs::read_to_string(dir.join("audit/seg-000001.jsonl")).unwrap();

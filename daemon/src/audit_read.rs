@@ -224,8 +224,7 @@ pub fn k8s_event(ex: &Exchange) -> serde_json::Value {
     }
     if let Some(s) = &ex.response {
         ev["responseStatus"] = json!({ "metadata": {}, "code": s.code });
-        ev["stageTimestamp"] =
-            json!(rfc3339(r.received_ns + (s.latency_ms * 1e6) as u64));
+        ev["stageTimestamp"] = json!(rfc3339(r.received_ns + (s.latency_ms * 1e6) as u64));
         if let Some(b) = &s.response_body {
             ev["responseObject"] = b.clone();
         }

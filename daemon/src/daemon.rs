@@ -285,13 +285,15 @@ async fn gate(
         .map(Notifier::new)
         .transpose()
         .context("proxy.approvals.webhook")?;
-    let approvals = Arc::new(Approvals::open(
-        store,
-        &cfg.state_dir.join("approvals.jsonl"),
-        notifier,
-        pcfg.approvals.pending_ttl,
-    )?
-    .chained(audit.clone()));
+    let approvals = Arc::new(
+        Approvals::open(
+            store,
+            &cfg.state_dir.join("approvals.jsonl"),
+            notifier,
+            pcfg.approvals.pending_ttl,
+        )?
+        .chained(audit.clone()),
+    );
     tokio::spawn(approvals.clone().sweep(std::time::Duration::from_secs(2)));
     let admin = Arc::new(Admin {
         approvals: approvals.clone(),

@@ -8,7 +8,6 @@ use portcullis::{
     replay,
 };
 
-
 #[derive(Parser)]
 #[command(
     name = "portcullis",
@@ -19,7 +18,6 @@ struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
-
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -305,13 +303,20 @@ fn main() -> Result<()> {
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 }
                 admin_client::Output::Table => {
-                    println!("{:<17} {:<45} {:<37} {:<20} {:>8} {:>9}", "SESSION", "SUBJECT", "POD", "START", "REQUESTS", "MUTATIONS");
+                    println!(
+                        "{:<17} {:<45} {:<37} {:<20} {:>8} {:>9}",
+                        "SESSION", "SUBJECT", "POD", "START", "REQUESTS", "MUTATIONS"
+                    );
                     for s in &sessions {
                         println!(
                             "{:<17} {:<45} {:<37} {:<20} {:>8} {:>9}",
                             s.id,
                             s.subject,
-                            if s.pod_uid.is_empty() { "-" } else { &s.pod_uid },
+                            if s.pod_uid.is_empty() {
+                                "-"
+                            } else {
+                                &s.pod_uid
+                            },
                             audit_read::rfc3339(s.first_ns).get(..19).unwrap_or(""),
                             s.exchanges.len(),
                             s.exchanges.iter().filter(|e| e.request.mutating).count()
@@ -330,7 +335,8 @@ fn main() -> Result<()> {
             match format {
                 ExportFormat::Raw => {
                     for e in &entries {
-                        let line = serde_json::json!({"seq": e.seq, "kind": e.kind, "record": e.record});
+                        let line =
+                            serde_json::json!({"seq": e.seq, "kind": e.kind, "record": e.record});
                         writeln!(out, "{line}")?;
                     }
                 }
@@ -358,7 +364,12 @@ fn main() -> Result<()> {
             let s = sessions
                 .into_iter()
                 .find(|s| s.id == session)
-                .with_context(|| format!("no session {session} in {} (see `portcullis audit sessions`)", dir.display()))?;
+                .with_context(|| {
+                    format!(
+                        "no session {session} in {} (see `portcullis audit sessions`)",
+                        dir.display()
+                    )
+                })?;
             let target = replay::Target {
                 server,
                 token_file,
@@ -386,14 +397,21 @@ fn main() -> Result<()> {
                     }
                 }
             }
-            let differ = steps.iter().filter(|s| matches!(s.outcome, "differs" | "error")).count();
+            let differ = steps
+                .iter()
+                .filter(|s| matches!(s.outcome, "differs" | "error"))
+                .count();
             eprintln!(
                 "session {}: {} requests, {} replayed, {} differ{}",
                 s.id,
                 steps.len(),
                 steps.iter().filter(|s| s.replayed.is_some()).count(),
                 differ,
-                if apply { " (applied)" } else { " (mutations with dryRun=All)" }
+                if apply {
+                    " (applied)"
+                } else {
+                    " (mutations with dryRun=All)"
+                }
             );
             std::process::exit(if differ == 0 { 0 } else { 1 });
         }

@@ -87,7 +87,7 @@ impl std::str::FromStr for Path {
         while !rest.is_empty() {
             if let Some(r) = rest.strip_prefix('[') {
                 let end = r.find(']').ok_or_else(|| bad("unclosed ["))?;
-                segs.push(Seg::Key(r[..end].as_bytes().to_vec()));
+                segs.push(Seg::Key(r.as_bytes()[..end].to_vec()));
                 rest = r[end + 1..].strip_prefix('.').unwrap_or(&r[end + 1..]);
                 continue;
             }
@@ -155,10 +155,7 @@ impl Plan {
             None => Cow::Borrowed(PLACEHOLDER),
             Some(k) => {
                 let tag = ring::hmac::sign(k, value);
-                Cow::Owned(format!(
-                    "{PLACEHOLDER}:{}",
-                    hex::encode(&tag.as_ref()[..8])
-                ))
+                Cow::Owned(format!("{PLACEHOLDER}:{}", hex::encode(&tag.as_ref()[..8])))
             }
         };
         out.push(b'"');
@@ -264,7 +261,9 @@ impl Detectors {
             triggers,
             patterns: vec![
                 (
-                    re(r"(?s)-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)"),
+                    re(
+                        r"(?s)-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
+                    ),
                     "[masked:private-key]",
                 ),
                 (
@@ -505,10 +504,8 @@ impl JsonMasker {
                             self.out.push(b);
                         }
                         b'"' => {
-                            let is_key = self
-                                .frames
-                                .last()
-                                .is_some_and(|f| !f.array && f.expect_key);
+                            let is_key =
+                                self.frames.last().is_some_and(|f| !f.array && f.expect_key);
                             let mode = if is_key {
                                 Mode::Exempt
                             } else {
@@ -1017,7 +1014,11 @@ impl Masking {
             ForResponse::Refuse(format!(
                 "the API server answered with {}, which Portcullis cannot inspect for masking; \
                  request application/json",
-                if media.is_empty() { "no content type" } else { &media }
+                if media.is_empty() {
+                    "no content type"
+                } else {
+                    &media
+                }
             ))
         }
     }
@@ -1098,7 +1099,10 @@ mod tests {
         let p = secrets_plan();
         let get = r#"{"kind":"Secret","apiVersion":"v1","metadata":{"name":"s","resourceVersion":"1234567890123456"},"data":{"a":"Q0FOQVJZ","b\"x":"Q0FOQVJZMg=="},"stringData":{"c":"CANARY3"},"type":"Opaque"}"#;
         let out = mask(&p, get);
-        assert!(!out.contains("Q0FOQVJZ") && !out.contains("CANARY3"), "{out}");
+        assert!(
+            !out.contains("Q0FOQVJZ") && !out.contains("CANARY3"),
+            "{out}"
+        );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["data"]["a"], B64_PLACEHOLDER);
         assert_eq!(v["data"]["b\"x"], B64_PLACEHOLDER);
@@ -1120,7 +1124,10 @@ mod tests {
         assert_eq!(out.lines().count(), 2);
         let table = r#"{"kind":"Table","rows":[{"cells":["a","Opaque",1],"object":{"kind":"Secret","data":{"k":"Q0FOQVJZ"}}}]}"#;
         let out = mask(&p, table);
-        assert!(!out.contains("Q0FOQVJZ") && out.contains(r#"["a","Opaque",1]"#), "{out}");
+        assert!(
+            !out.contains("Q0FOQVJZ") && out.contains(r#"["a","Opaque",1]"#),
+            "{out}"
+        );
         let watched_table = r#"{"type":"ADDED","object":{"kind":"Table","rows":[{"cells":[],"object":{"data":{"k":"Q0FOQVJZ"}}}]}}"#;
         assert!(!mask(&p, watched_table).contains("Q0FOQVJZ"));
     }
@@ -1182,16 +1189,31 @@ mod tests {
         .to_string();
         let out = mask(&p, &body);
         for leaked in [
-            "hunter2", "MIIEabc", jwt, "AKIAIOSFODNN7EXAMPLE", "4111 1111 1111 1111", "s3cr3t",
-            "abc.def", "hunter3",
+            "hunter2",
+            "MIIEabc",
+            jwt,
+            "AKIAIOSFODNN7EXAMPLE",
+            "4111 1111 1111 1111",
+            "s3cr3t",
+            "abc.def",
+            "hunter3",
         ] {
             assert!(!out.contains(leaked), "{leaked} leaked: {out}");
         }
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["data"]["app.properties"], "db.host=x\ndb.password=[masked]\nmode=fast");
+        assert_eq!(
+            v["data"]["app.properties"],
+            "db.host=x\ndb.password=[masked]\nmode=fast"
+        );
         assert_eq!(v["data"]["key.pem"], "[masked:private-key]\nafter");
-        assert_eq!(v["data"]["notcard"], "4111 1111 1111 1112", "fails Luhn: kept");
-        assert_eq!(v["data"]["secretName"], "my-secret", "a reference, not a value");
+        assert_eq!(
+            v["data"]["notcard"], "4111 1111 1111 1112",
+            "fails Luhn: kept"
+        );
+        assert_eq!(
+            v["data"]["secretName"], "my-secret",
+            "a reference, not a value"
+        );
         assert_eq!(v["spec"]["containers"][0]["env"][1]["value"], "fast");
     }
 
@@ -1213,8 +1235,12 @@ mod tests {
         let out = mask(&p, body);
         assert!(!out.contains("CANARY"), "{out}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let a = v["items"][0]["spec"]["connection"]["host"].as_str().unwrap();
-        let b = v["items"][1]["spec"]["connection"]["host"].as_str().unwrap();
+        let a = v["items"][0]["spec"]["connection"]["host"]
+            .as_str()
+            .unwrap();
+        let b = v["items"][1]["spec"]["connection"]["host"]
+            .as_str()
+            .unwrap();
         assert!(a.starts_with("portcullis-masked:") && a == b, "{a} {b}");
         assert_eq!(v["items"][0]["spec"]["connection"]["port"], 0);
         assert_eq!(v["items"][0]["spec"]["keep"], "y");
@@ -1301,7 +1327,10 @@ mod tests {
         assert_eq!(kind(m.for_response(Some(&plan), ok, &json, false)), "json");
         let pb = h(&[("content-type", "application/vnd.kubernetes.protobuf")]);
         assert_eq!(kind(m.for_response(Some(&plan), ok, &pb, false)), "refuse");
-        let gz = h(&[("content-type", "application/json"), ("content-encoding", "gzip")]);
+        let gz = h(&[
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ]);
         assert_eq!(kind(m.for_response(Some(&plan), ok, &gz, false)), "refuse");
         let text = h(&[("content-type", "text/plain; charset=utf-8")]);
         assert_eq!(kind(m.for_response(Some(&plan), ok, &text, false)), "text");
@@ -1314,8 +1343,13 @@ mod tests {
         assert!(card_candidate(b"pay 4111 1111 1111 1111 now"));
         assert!(card_candidate(b"4111-1111-1111-1111"));
         assert!(card_candidate(b"4111111111111"));
-        assert!(!card_candidate(b"2026-11-22T10:00:00Z status=200 duration=12ms"));
-        assert!(!card_candidate(b"4111  1111 1111 1111"), "double separator breaks a run");
+        assert!(!card_candidate(
+            b"2026-11-22T10:00:00Z status=200 duration=12ms"
+        ));
+        assert!(
+            !card_candidate(b"4111  1111 1111 1111"),
+            "double separator breaks a run"
+        );
     }
 
     #[test]

@@ -29,16 +29,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     approvals::{Approvals, Attributes, Held},
     audit_log::{AuditLog, Origin, RequestRecord, ResponseRecord, Subject, body_value},
-    config::AuditLevel,
-    mask::{self, ForResponse, Masking},
-    response::{Outcome, Relay},
     ca::LeafMinter,
     config,
+    config::AuditLevel,
     identity::Authenticator,
+    mask::{self, ForResponse, Masking},
     origin::ConnOrigin,
     pod::{PodRef, PodResolver},
     policy::{Action, PolicyHandle},
     request_info::{self, RequestInfo},
+    response::{Outcome, Relay},
     status,
     upstream::{self, Impersonation, Upstream},
 };
@@ -393,7 +393,9 @@ impl Proxy {
     }
 
     /// Checks before anything else: redirected by the kernel, a head within limits, no
-    /// smuggling, resolvable attributes.
+    /// smuggling, resolvable attributes. (The refusal is the response itself, as in
+    /// `authorize`: it is returned as is, so boxing it would only add an allocation.)
+    #[allow(clippy::result_large_err)]
     fn precheck(
         &self,
         req: &Request<Incoming>,
@@ -480,7 +482,9 @@ impl Proxy {
             warn!(id = %rec.id, reason = %why, "refused: the audit log cannot be written");
             status::response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("Portcullis cannot record this request in its audit log, so it is not forwarded: {why}"),
+                &format!(
+                    "Portcullis cannot record this request in its audit log, so it is not forwarded: {why}"
+                ),
             )
         };
         if rec.mutating {
@@ -503,7 +507,13 @@ impl Proxy {
     }
 
     /// A response record for an answer that has no body worth relaying.
-    fn record_answer(&self, id: String, resp: &Response<ProxyBody>, started: Instant, error: Option<String>) {
+    fn record_answer(
+        &self,
+        id: String,
+        resp: &Response<ProxyBody>,
+        started: Instant,
+        error: Option<String>,
+    ) {
         self.audit.record(
             "response",
             &ResponseRecord {
@@ -537,7 +547,9 @@ impl Proxy {
         {
             Ok(c) => c.to_bytes(),
             Err(e) => {
-                let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+                let too_large = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
                 return Err(status::response(
                     if too_large {
                         StatusCode::PAYLOAD_TOO_LARGE
@@ -570,7 +582,9 @@ impl Proxy {
                     Ok(o)
                 }) {
                     Ok(masked) => body_value(&masked, self.audit.max_body_bytes),
-                    Err(e) => serde_json::json!({ "omitted": format!("not valid JSON: {e}"), "bytes": bytes.len() }),
+                    Err(e) => {
+                        serde_json::json!({ "omitted": format!("not valid JSON: {e}"), "bytes": bytes.len() })
+                    }
                 }
             }
             _ => serde_json::json!({

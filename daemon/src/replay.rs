@@ -61,7 +61,9 @@ fn unreplayable(ex: &Exchange) -> Option<String> {
             Some(b) if b.get("omitted").is_some() || b.get("truncated").is_some() => {
                 return Some(format!(
                     "the body was not recorded whole: {}",
-                    b.get("omitted").and_then(|v| v.as_str()).unwrap_or("truncated")
+                    b.get("omitted")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("truncated")
                 ));
             }
             Some(_) => {}

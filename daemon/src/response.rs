@@ -66,7 +66,8 @@ impl<B> Relay<B> {
         let Some(mut o) = self.outcome.take() else {
             return;
         };
-        if !complete && error.is_none()
+        if !complete
+            && error.is_none()
             && let Some(f) = o.on_abandon.take()
         {
             f();
@@ -204,11 +205,7 @@ mod tests {
         .map(|c| Ok(Frame::data(Bytes::from(c))))
         .collect();
         let body = StreamBody::new(futures_util::stream::iter(chunks));
-        let relay = Relay::new(
-            body,
-            Some(BodyMasker::Json(JsonMasker::new(plan()))),
-            None,
-        );
+        let relay = Relay::new(body, Some(BodyMasker::Json(JsonMasker::new(plan()))), None);
         let out = relay.collect().await.unwrap().to_bytes();
         let s = String::from_utf8(out.to_vec()).unwrap();
         assert!(!s.contains("Q0FOQVJZ") && s.lines().count() == 2, "{s}");
@@ -216,14 +213,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_fails_masking_ends_in_an_error() {
-        let chunks: Vec<Result<Frame<Bytes>, BoxError>> =
-            vec![Ok(Frame::data(Bytes::from_static(b"{\"data\":{\"k\":\"Q0FOQVJZ\"}}}")))];
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(
+            Bytes::from_static(b"{\"data\":{\"k\":\"Q0FOQVJZ\"}}}"),
+        ))];
         let body = StreamBody::new(futures_util::stream::iter(chunks));
-        let relay = Relay::new(
-            body,
-            Some(BodyMasker::Json(JsonMasker::new(plan()))),
-            None,
-        );
+        let relay = Relay::new(body, Some(BodyMasker::Json(JsonMasker::new(plan()))), None);
         assert!(relay.collect().await.is_err());
     }
 }

@@ -78,16 +78,16 @@ const CASES: &[Case] = &[
         "admin_socket_is_root_only_and_policy_test_exits_nonzero",
         admin_socket_and_policy_cli,
     ),
-    (
-        "masking_canaries_never_reach_the_agent",
-        masking_canaries,
-    ),
+    ("masking_canaries_never_reach_the_agent", masking_canaries),
     (
         "audit_records_requests_and_mutations_before_they_act",
         audit_requests,
     ),
     ("audit_sink_down_then_up_loses_nothing", audit_sink),
-    ("audit_sessions_export_and_replay", audit_sessions_and_replay),
+    (
+        "audit_sessions_export_and_replay",
+        audit_sessions_and_replay,
+    ),
     (
         "audit_chain_of_kernel_events_verifies_then_detects_a_tamper",
         audit_chain,
@@ -1696,14 +1696,21 @@ fn canary_forms() -> Vec<String> {
 
 fn assert_no_canary(what: &str, text: &str) -> Result<()> {
     for c in canary_forms() {
-        ensure!(!text.contains(&c), "{what}: canary {c} reached the agent:\n{text}");
+        ensure!(
+            !text.contains(&c),
+            "{what}: canary {c} reached the agent:\n{text}"
+        );
     }
     Ok(())
 }
 
 fn gate_text(env: &Env, args: &[&str]) -> Result<String> {
     let o = env.gate(args)?;
-    ensure!(o.status.success(), "kubectl {args:?} failed: {}", stderr(&o));
+    ensure!(
+        o.status.success(),
+        "kubectl {args:?} failed: {}",
+        stderr(&o)
+    );
     Ok(format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -1735,8 +1742,13 @@ except urllib.error.HTTPError as e:
         .arg(&env.agent_token)
         .arg(accept);
     let o = run_bounded(c, None)?;
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .with_context(|| format!("python said: {} {}", String::from_utf8_lossy(&o.stdout), stderr(&o)))?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| {
+        format!(
+            "python said: {} {}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(&o)
+        )
+    })?;
     Ok((
         v["code"].as_u64().unwrap_or(0) as u16,
         v["type"].as_str().unwrap_or("").to_owned(),
@@ -1769,9 +1781,15 @@ fn masking_canaries(env: &mut Env) -> Result<()> {
     env.admin_ok(&["apply", "-f", &cm])?;
     // The test can fail: straight from the apiserver, the values are there.
     let direct = env.direct_ok(&["get", "secret", "canary-a", "-o", "yaml"])?;
-    ensure!(direct.contains("cGMtY2FuYXJ5LWFscGhhLTE="), "direct: {direct}");
+    ensure!(
+        direct.contains("cGMtY2FuYXJ5LWFscGhhLTE="),
+        "direct: {direct}"
+    );
     let direct = env.direct_ok(&["get", "secret", "canary-b", "-o", "json"])?;
-    ensure!(direct.contains("pc-canary-beta-3"), "no last-applied directly: {direct}");
+    ensure!(
+        direct.contains("pc-canary-beta-3"),
+        "no last-applied directly: {direct}"
+    );
 
     // Every read path, as the agent.
     let mut outputs = Vec::new();
@@ -1779,7 +1797,13 @@ fn masking_canaries(env: &mut Env) -> Result<()> {
         &["get", "secret", "canary-a", "-o", "yaml"][..],
         &["get", "secret", "canary-a", "-o", "json"],
         &["get", "secret", "canary-b", "-o", "yaml"],
-        &["get", "secret", "canary-b", "-o", "jsonpath={.metadata.annotations}"],
+        &[
+            "get",
+            "secret",
+            "canary-b",
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ],
         &["get", "secrets"],
         &["get", "secrets", "-o", "wide", "--show-labels"],
         &["get", "secrets", "-o", "yaml"],
@@ -1787,22 +1811,39 @@ fn masking_canaries(env: &mut Env) -> Result<()> {
         &["get", "configmap", "canary-cm", "-o", "yaml"],
         &["get", "configmaps", "-o", "json"],
         &["get", "--raw", "/api/v1/namespaces/e2e/secrets"],
-        &["get", "--raw", "/api/v1/namespaces/e2e/secrets?watch=1&timeoutSeconds=2"],
+        &[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/e2e/secrets?watch=1&timeoutSeconds=2",
+        ],
         &["logs", POD, "-c", "canary"],
     ] {
         let out = gate_text(env, args)?;
         assert_no_canary(&format!("kubectl {args:?}"), &out)?;
         outputs.push(out);
     }
-    ensure!(outputs[0].contains(PLACEHOLDER_B64), "no placeholder: {}", outputs[0]);
     ensure!(
-        outputs[2].contains("portcullis-masked") && outputs[3].contains("last-applied-configuration"),
+        outputs[0].contains(PLACEHOLDER_B64),
+        "no placeholder: {}",
+        outputs[0]
+    );
+    ensure!(
+        outputs[2].contains("portcullis-masked")
+            && outputs[3].contains("last-applied-configuration"),
         "last-applied not masked in place: {} {}",
         outputs[2],
         outputs[3]
     );
-    ensure!(outputs[4].contains("canary-a") && outputs[4].contains("Opaque"), "table: {}", outputs[4]);
-    ensure!(outputs[8].contains("db.password=[masked]") && outputs[8].contains("[masked:private-key]"), "configmap: {}", outputs[8]);
+    ensure!(
+        outputs[4].contains("canary-a") && outputs[4].contains("Opaque"),
+        "table: {}",
+        outputs[4]
+    );
+    ensure!(
+        outputs[8].contains("db.password=[masked]") && outputs[8].contains("[masked:private-key]"),
+        "configmap: {}",
+        outputs[8]
+    );
     let logs = outputs.last().context("no outputs")?;
     ensure!(
         logs.contains("password=[masked]") && logs.contains("[masked:aws-key]"),
@@ -1837,7 +1878,13 @@ fn masking_canaries(env: &mut Env) -> Result<()> {
         .stderr(Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(1500));
-    env.admin_ok(&["create", "secret", "generic", "canary-c", "--from-literal=k=pc-canary-alpha-1"])?;
+    env.admin_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "canary-c",
+        "--from-literal=k=pc-canary-alpha-1",
+    ])?;
     std::thread::sleep(Duration::from_millis(1500));
     let _ = watch.kill();
     let w = watch.wait_with_output()?;
@@ -1892,13 +1939,19 @@ print(json.dumps({"read": s.data, "list": [i.data for i in l.items]}))
     let _ = child.wait();
     let text: String = arrivals.iter().map(|(_, l)| format!("{l}\n")).collect();
     assert_no_canary("logs -f", &text)?;
-    ensure!(text.starts_with("starting\n") && text.ends_with("done\n"), "logs -f: {text}");
+    ensure!(
+        text.starts_with("starting\n") && text.ends_with("done\n"),
+        "logs -f: {text}"
+    );
     let spread = arrivals.last().context("no lines")?.0 - arrivals[0].0;
     ensure!(
         spread > Duration::from_millis(1000),
         "logs -f lines arrived together ({spread:?}): buffered, not streamed"
     );
-    println!("    {} read paths checked; logs -f lines spread over {spread:?}", outputs.len() + 5);
+    println!(
+        "    {} read paths checked; logs -f lines spread over {spread:?}",
+        outputs.len() + 5
+    );
     Ok(())
 }
 
@@ -1940,16 +1993,22 @@ fn audit_requests(env: &mut Env) -> Result<()> {
         .rev()
         .find(|r| {
             r["kind"] == "request"
-                && r["record"]["query"].as_str().is_some_and(|q| q.contains("audit-probe"))
+                && r["record"]["query"]
+                    .as_str()
+                    .is_some_and(|q| q.contains("audit-probe"))
         })
         .context("no request record for the list")?;
     let r = &list["record"];
     ensure!(
         r["user"]["username"] == "system:serviceaccount:e2e:agent"
             && r["user"]["issuer"] == cluster::SA_ISSUER
-            && r["user"]["token_id"].as_str().is_some_and(|t| !t.is_empty())
+            && r["user"]["token_id"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
             && r["origin"]["pod_uid"] == env.work_uid.as_str()
-            && r["origin"]["comm"].as_str().is_some_and(|c| c.starts_with("kubectl"))
+            && r["origin"]["comm"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("kubectl"))
             && r["origin"]["pid"].as_u64().is_some_and(|p| p > 0)
             && r["origin"]["cgroup_id"].as_u64().is_some_and(|p| p > 0)
             && r["attributes"]["verb"] == "list"
@@ -1959,7 +2018,10 @@ fn audit_requests(env: &mut Env) -> Result<()> {
         "request record: {r}"
     );
     let all = serde_json::to_string(&recs)?;
-    ensure!(!all.contains(&env.agent_token), "the agent's token is in the audit log");
+    ensure!(
+        !all.contains(&env.agent_token),
+        "the agent's token is in the audit log"
+    );
     let id = r["id"].as_str().context("id")?;
     let resp = recs
         .iter()
@@ -1968,7 +2030,9 @@ fn audit_requests(env: &mut Env) -> Result<()> {
     ensure!(
         resp["record"]["code"] == 200
             && resp["record"]["complete"] == true
-            && resp["record"]["latency_ms"].as_f64().is_some_and(|l| l > 0.0),
+            && resp["record"]["latency_ms"]
+                .as_f64()
+                .is_some_and(|l| l > 0.0),
         "response record: {resp}"
     );
     // A mutation's masked body is recorded (level Request), never its secret values.
@@ -1991,12 +2055,22 @@ fn audit_requests(env: &mut Env) -> Result<()> {
     ensure!(body_rec["record"]["mutating"] == true, "{body_rec}");
     assert_no_canary("audit record of a Secret create", &body_rec.to_string())?;
     // kubectl's protobuf bodies cannot be masked: noted, not recorded.
-    env.gate_ok(&["create", "secret", "generic", "audit-pb", "--from-literal=k=pc-canary-alpha-2"])?;
+    env.gate_ok(&[
+        "create",
+        "secret",
+        "generic",
+        "audit-pb",
+        "--from-literal=k=pc-canary-alpha-2",
+    ])?;
     std::thread::sleep(Duration::from_millis(300));
     let pb = chain(env)?
         .into_iter()
         .rev()
-        .find(|x| x["kind"] == "request" && x["record"]["method"] == "POST" && x["record"]["attributes"]["resource"] == "secrets")
+        .find(|x| {
+            x["kind"] == "request"
+                && x["record"]["method"] == "POST"
+                && x["record"]["attributes"]["resource"] == "secrets"
+        })
         .context("no record of kubectl's create")?;
     ensure!(
         pb["record"]["request_body"]["omitted"]
@@ -2082,7 +2156,14 @@ for i in range(int(sys.argv[2])):
         );
     }
     env.restart_with_audit(cluster::AUDIT_SECTION)?;
-    let o = portcullis_cli(env, &["audit", "verify", &env.lab.state_dir().join("audit").display().to_string()])?;
+    let o = portcullis_cli(
+        env,
+        &[
+            "audit",
+            "verify",
+            &env.lab.state_dir().join("audit").display().to_string(),
+        ],
+    )?;
     ensure!(
         o.status.success(),
         "chain broken after kill -9: {}",
@@ -2106,7 +2187,10 @@ fn audit_sink(env: &mut Env) -> Result<()> {
         env.gate_ok(&["get", "configmaps", "-o", "name"])?;
     }
     std::thread::sleep(Duration::from_secs(3));
-    ensure!(!shipped.exists(), "the sink was down, yet something arrived");
+    ensure!(
+        !shipped.exists(),
+        "the sink was down, yet something arrived"
+    );
     ensure!(
         env.lab.daemon_log().contains("audit sink unavailable"),
         "the daemon did not notice the sink was down"
@@ -2119,7 +2203,10 @@ fn audit_sink(env: &mut Env) -> Result<()> {
     let t0 = Instant::now();
     let want: Vec<u64> = loop {
         std::thread::sleep(Duration::from_millis(500));
-        let chain_seqs: Vec<u64> = chain(env)?.iter().filter_map(|r| r["seq"].as_u64()).collect();
+        let chain_seqs: Vec<u64> = chain(env)?
+            .iter()
+            .filter_map(|r| r["seq"].as_u64())
+            .collect();
         let got: Vec<u64> = std::fs::read_to_string(&shipped)
             .unwrap_or_default()
             .lines()
@@ -2131,12 +2218,18 @@ fn audit_sink(env: &mut Env) -> Result<()> {
         let last = *chain_seqs.last().context("empty chain")?;
         if got.last().is_some_and(|g| *g + 5 >= last) || t0.elapsed() > Duration::from_secs(40) {
             let expect: Vec<u64> = (1..=*got.last().unwrap_or(&0)).collect();
-            ensure!(got == expect, "shipped sequence has gaps or repeats: {got:?}");
+            ensure!(
+                got == expect,
+                "shipped sequence has gaps or repeats: {got:?}"
+            );
             break got;
         }
     };
     ensure!(want.len() > 10, "too little shipped: {want:?}");
-    println!("    sink down then up: {} records shipped in order, none missing", want.len());
+    println!(
+        "    sink down then up: {} records shipped in order, none missing",
+        want.len()
+    );
     env.restart_with_audit(cluster::AUDIT_SECTION)?;
     Ok(())
 }
@@ -2168,7 +2261,10 @@ client.CoreV1Api().create_namespaced_config_map("e2e", {"metadata": {"name": "re
     env.gate_ok(&["create", "configmap", "replay-me-2", "--from-literal=a=b"])?;
     std::thread::sleep(Duration::from_millis(500));
     let dir = env.lab.state_dir().join("audit").display().to_string();
-    let o = portcullis_cli(env, &["audit", "sessions", &dir, "--idle", "1s", "-o", "json"])?;
+    let o = portcullis_cli(
+        env,
+        &["audit", "sessions", &dir, "--idle", "1s", "-o", "json"],
+    )?;
     ensure!(o.status.success(), "sessions: {}", stderr(&o));
     let sessions: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     let s = sessions
@@ -2176,11 +2272,15 @@ client.CoreV1Api().create_namespaced_config_map("e2e", {"metadata": {"name": "re
         .context("sessions")?
         .iter()
         .rev()
-        .find(|s| s["subject"] == "system:serviceaccount:e2e:agent" && s["pod_uid"] == env.work_uid.as_str())
+        .find(|s| {
+            s["subject"] == "system:serviceaccount:e2e:agent"
+                && s["pod_uid"] == env.work_uid.as_str()
+        })
         .context("no session of the agent's pod")?;
     let id = s["id"].as_str().context("id")?.to_owned();
     ensure!(
-        (3..100).contains(&s["requests"].as_u64().unwrap_or(0)) && s["mutations"].as_u64() >= Some(2),
+        (3..100).contains(&s["requests"].as_u64().unwrap_or(0))
+            && s["mutations"].as_u64() >= Some(2),
         "{s}"
     );
     // Export: Kubernetes audit Events.
@@ -2225,13 +2325,20 @@ client.CoreV1Api().create_namespaced_config_map("e2e", {"metadata": {"name": "re
             "json",
         ],
     )?;
-    let steps: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)
-        .with_context(|| format!("replay printed {} {}", String::from_utf8_lossy(&o.stdout), stderr(&o)))?;
+    let steps: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).with_context(|| {
+        format!(
+            "replay printed {} {}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(&o)
+        )
+    })?;
     let find = |method: &str, needle: &str| {
         steps
             .iter()
             .rev()
-            .find(|s| s["method"] == method && s["uri"].as_str().is_some_and(|u| u.contains(needle)))
+            .find(|s| {
+                s["method"] == method && s["uri"].as_str().is_some_and(|u| u.contains(needle))
+            })
             .cloned()
     };
     let get = find("GET", "/configmaps/replay-me").context("the get was not replayed")?;
@@ -2244,13 +2351,17 @@ client.CoreV1Api().create_namespaced_config_map("e2e", {"metadata": {"name": "re
         create["outcome"] == "differs"
             && create["recorded"] == 201
             && create["replayed"] == 409
-            && create["uri"].as_str().is_some_and(|u| u.contains("dryRun=All")),
+            && create["uri"]
+                .as_str()
+                .is_some_and(|u| u.contains("dryRun=All")),
         "create: {create}"
     );
     ensure!(!o.status.success(), "replay with differences exited 0");
     ensure!(
         steps.iter().any(|s| s["outcome"] == "skipped"
-            && s["note"].as_str().is_some_and(|n| n.contains("not recorded"))),
+            && s["note"]
+                .as_str()
+                .is_some_and(|n| n.contains("not recorded"))),
         "no skipped step with a reason"
     );
     println!(

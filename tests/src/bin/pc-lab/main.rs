@@ -312,7 +312,10 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
         "--from-literal=password=S3cr3t-hunter2",
     ])?;
     if !o.status.success() {
-        bail!("creating the secret: {}", String::from_utf8_lossy(&o.stderr));
+        bail!(
+            "creating the secret: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     println!("\n  \x1b[36m$ kubectl get secret db-credentials -o yaml\x1b[0m   (as the agent)");
     let o = gate
@@ -323,7 +326,9 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
         bail!("kubectl get secret: {}", String::from_utf8_lossy(&o.stderr));
     }
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    for l in out.lines().filter(|l| !l.contains("managedFields") && !l.starts_with("  - ") && !l.starts_with("    ")) {
+    for l in out.lines().filter(|l| {
+        !l.contains("managedFields") && !l.starts_with("  - ") && !l.starts_with("    ")
+    }) {
         println!("    {l}");
     }
     let leaked = ["S3cr3t-hunter2", "UzNjcjN0LWh1bnRlcjI="]
@@ -344,7 +349,10 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
         println!(
             "  {label} ({api}): {}",
             if p.ok() {
-                format!("connected to {} (the daemon, not the API server)", p.json["peer"])
+                format!(
+                    "connected to {} (the daemon, not the API server)",
+                    p.json["peer"]
+                )
             } else {
                 format!("refused: {}", p.json["error"])
             }
@@ -369,7 +377,11 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
             r["origin"]["pid"],
             r["origin"]["comm"].as_str().unwrap_or(""),
             r["dst"].as_str().unwrap_or(""),
-            r["redirected_to"].as_str().filter(|x| !x.is_empty()).map(|x| format!("-> {x}")).unwrap_or_default()
+            r["redirected_to"]
+                .as_str()
+                .filter(|x| !x.is_empty())
+                .map(|x| format!("-> {x}"))
+                .unwrap_or_default()
         );
     }
     if kernel.is_empty() {
@@ -392,7 +404,13 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
         println!("    {l}");
     }
     println!("\n  \x1b[36m$ portcullis audit verify {dir_s}\x1b[0m");
-    let o = pc(&["audit", "verify", &dir_s, "--key", &gate.lab.state_dir().join("audit.pub").display().to_string()])?;
+    let o = pc(&[
+        "audit",
+        "verify",
+        &dir_s,
+        "--key",
+        &gate.lab.state_dir().join("audit.pub").display().to_string(),
+    ])?;
     for l in String::from_utf8_lossy(&o.stdout).lines() {
         println!("    {l}");
     }
@@ -416,7 +434,13 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
     std::fs::write(&seg, edited)?;
     println!("\n  (a copy of the evidence, with one denied request edited to \"allow\")");
     println!("  \x1b[36m$ portcullis audit verify audit-tampered\x1b[0m");
-    let o = pc(&["audit", "verify", &copy.display().to_string(), "--key", &gate.lab.state_dir().join("audit.pub").display().to_string()])?;
+    let o = pc(&[
+        "audit",
+        "verify",
+        &copy.display().to_string(),
+        "--key",
+        &gate.lab.state_dir().join("audit.pub").display().to_string(),
+    ])?;
     for l in String::from_utf8_lossy(&o.stdout).lines() {
         println!("    {l}");
     }
