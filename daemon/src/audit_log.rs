@@ -101,11 +101,21 @@ impl AuditLog {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(e)) => {
                 let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    if tx.send(e).await.is_err() {
-                        warn!("audit writer stopped: a record is lost");
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) => {
+                        h.spawn(async move {
+                            if tx.send(e).await.is_err() {
+                                warn!("audit writer stopped: a record is lost");
+                            }
+                        });
                     }
-                });
+                    // Outside the runtime (shutdown): wait for room on this thread.
+                    Err(_) => {
+                        if tx.blocking_send(e).is_err() {
+                            warn!("audit writer stopped: a record is lost");
+                        }
+                    }
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.healthy.store(false, Ordering::SeqCst);
