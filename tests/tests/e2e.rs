@@ -1623,6 +1623,8 @@ fn policy_reload(env: &mut Env) -> Result<()> {
 /// a record is changed.
 fn audit_chain(env: &mut Env) -> Result<()> {
     env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    // Records nobody waited for are signed within 100 ms.
+    std::thread::sleep(Duration::from_millis(500));
     let dir = env.lab.state_dir().join("audit");
     let dir_s = dir.display().to_string();
     let run = || -> Result<Output> {

@@ -403,6 +403,8 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
     for l in String::from_utf8_lossy(&o.stdout).lines() {
         println!("    {l}");
     }
+    // Records nobody waited for (reads) are signed within 100 ms.
+    std::thread::sleep(Duration::from_millis(500));
     println!("\n  \x1b[36m$ portcullis audit verify {dir_s}\x1b[0m");
     let o = pc(&[
         "audit",
