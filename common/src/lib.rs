@@ -27,8 +27,9 @@ pub mod maps {
     pub const SETTINGS: &str = "PC_SETTINGS";
     /// Socket cookie -> [`super::ConnRecord`], written at connect time.
     pub const CONN_BY_COOKIE: &str = "PC_CONN_BY_COOKIE";
-    /// Agent's local address -> socket cookie (the key into `CONN_BY_COOKIE`), written
-    /// once the port is known.
+    /// Agent's local address -> a copy of its [`super::ConnRecord`], written once the
+    /// port is known. The daemon takes the entry on accept; it outlives the agent's
+    /// socket, so a client that closes before the daemon accepts is still attributed.
     pub const CONN_BY_CLIENT: &str = "PC_CONN_BY_CLIENT";
     /// Processes that were ever seen inside an agent cgroup: tgid -> [`super::StickyAgent`].
     pub const STICKY_TASKS: &str = "PC_STICKY_TASKS";
@@ -38,7 +39,7 @@ pub mod maps {
 
 /// Layout version of the pinned maps. Pins made by a build with another layout cannot
 /// be reused; the daemon refuses to start on them and says what to do.
-pub const MAPS_LAYOUT: u32 = 2;
+pub const MAPS_LAYOUT: u32 = 3;
 
 /// Size of the event ring buffer in bytes (power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 4 << 20;

@@ -27,7 +27,7 @@ pub static PC_CONN_BY_COOKIE: LruHashMap<u64, ConnRecord> =
     LruHashMap::pinned(CONN_MAP_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map]
-pub static PC_CONN_BY_CLIENT: LruHashMap<SockKey, u64> =
+pub static PC_CONN_BY_CLIENT: LruHashMap<SockKey, ConnRecord> =
     LruHashMap::pinned(CONN_MAP_ENTRIES, BPF_F_NO_COMMON_LRU);
 
 #[map]

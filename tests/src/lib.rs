@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -371,6 +371,22 @@ impl Lab {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGSTOP (`frozen`) or SIGCONT the daemon. A frozen daemon keeps its listening
+    /// socket: the kernel still completes handshakes into the accept queue, but nothing
+    /// accepts them until it is thawed.
+    pub fn freeze_daemon(&self, frozen: bool) -> Result<()> {
+        let pid = match self.daemon.lock().unwrap().as_ref() {
+            Some(c) => c.id(),
+            None => bail!("no daemon running"),
+        };
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let st = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()?;
+        ensure!(st.success(), "kill {sig} {pid}: {st}");
+        Ok(())
     }
 
     /// Runs pc-probe inside the agent cgroup and network namespace.

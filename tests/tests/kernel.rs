@@ -105,6 +105,19 @@ fn redirect_cluster_ip_and_real_ip_with_origin() {
     assert_standin_untouched(&lab);
 }
 
+/// A client that connects and closes before the daemon gets to accept() (a busy daemon,
+/// a short-lived agent) is still attributed: the daemon's copy of the kernel record
+/// outlives the agent's socket.
+#[test]
+fn a_client_gone_before_the_daemon_accepts_is_still_attributed() {
+    let lab = lab("late-accept");
+    lab.freeze_daemon(true).unwrap();
+    // The handshake completes into the accept queue; the probe looks and exits.
+    let p = run(&lab, &["tcp", &lab.cluster_ip().to_string()]);
+    lab.freeze_daemon(false).unwrap();
+    assert_redirected(&lab, &p, lab.cluster_ip());
+}
+
 #[test]
 fn bypass_ipv6_is_redirected() {
     let lab = lab("ipv6");

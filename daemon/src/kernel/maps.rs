@@ -13,7 +13,7 @@ pub struct PinnedMaps {
     pub agent_cgroups: HashMap<MapData, u64, Enrollment>,
     pub protected: HashMap<MapData, SockKey, Protection>,
     pub settings: Array<MapData, Settings>,
-    pub conn_by_client: HashMap<MapData, SockKey, u64>,
+    pub conn_by_client: HashMap<MapData, SockKey, ConnRecord>,
     pub conn_by_cookie: HashMap<MapData, u64, ConnRecord>,
     pub sticky: HashMap<MapData, u32, StickyAgent>,
 }
@@ -120,21 +120,19 @@ impl PinnedMaps {
         self.protected.keys().filter_map(Result::ok).collect()
     }
 
-    /// The kernel's record for a connection accepted from `peer`. The client entry is
-    /// removed once read; the record stays until the socket closes (the agent's
-    /// getpeername needs it).
+    /// The kernel's record for a connection accepted from `peer`, taken (removed) from
+    /// the client map. The cookie-keyed original stays until the agent's socket closes
+    /// (its getpeername needs it).
     pub fn take_conn(&mut self, peer: SocketAddr) -> Result<Option<ConnRecord>, KernelError> {
         let key = SockKey::from(peer);
-        let cookie = match self.conn_by_client.get(&key, 0) {
-            Ok(c) => c,
+        // The entry is a copy of the connect-time record, so it is there even when the
+        // agent's socket (and with it the cookie-keyed record) is already gone.
+        let rec = match self.conn_by_client.get(&key, 0) {
+            Ok(r) => r,
             Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(merr(names::CONN_BY_CLIENT)(e)),
         };
         let _ = self.conn_by_client.remove(&key);
-        match self.conn_by_cookie.get(&cookie, 0) {
-            Ok(rec) => Ok(Some(rec)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(merr(names::CONN_BY_COOKIE)(e)),
-        }
+        Ok(Some(rec))
     }
 }

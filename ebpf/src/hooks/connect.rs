@@ -6,7 +6,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock_addr,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     macros::{cgroup_sock_addr, sock_ops},
@@ -196,7 +196,7 @@ pub fn pc_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => index_by_client(&ctx),
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == BPF_TCP_CLOSE {
-                forget(&ctx);
+                forget(&ctx, ctx.arg(0) == BPF_TCP_SYN_SENT);
             }
         }
         _ => {}
@@ -235,26 +235,31 @@ fn client_key(ctx: &SockOpsContext) -> Option<SockKey> {
 fn index_by_client(ctx: &SockOpsContext) {
     // SAFETY: plain helper call on the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // Only redirected sockets have a record; the record itself stays in the cookie map
-    // (getpeername needs it) and the client map only points at it.
-    // SAFETY: presence test only.
-    if unsafe { PC_CONN_BY_COOKIE.get(&cookie) }.is_none() {
+    // Only redirected sockets have a record. The cookie map keeps it for getpeername
+    // while the socket lives; the client map gets its own copy for the daemon, which
+    // may accept only after the agent has already closed.
+    // SAFETY: the value is copied into the other map at once, not held.
+    let Some(rec) = (unsafe { PC_CONN_BY_COOKIE.get(&cookie) }) else {
         return;
-    }
+    };
     let Some(key) = client_key(ctx) else {
         return;
     };
-    let _ = PC_CONN_BY_CLIENT.insert(&key, &cookie, 0);
+    let _ = PC_CONN_BY_CLIENT.insert(&key, rec, 0);
     // Ask for state callbacks so the records go when the socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
 
+/// The agent's socket closed. Its getpeername record goes. The daemon's copy goes too
+/// when the handshake never completed (nothing will be accepted); otherwise the daemon
+/// takes it on accept, which may come after this close (a short-lived client whose
+/// connection still waits in the accept queue). The LRU bounds anything left over.
 #[inline(always)]
-fn forget(ctx: &SockOpsContext) {
+fn forget(ctx: &SockOpsContext, never_established: bool) {
     // SAFETY: plain helper call on the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     let _ = PC_CONN_BY_COOKIE.remove(&cookie);
-    if let Some(key) = client_key(ctx) {
+    if never_established && let Some(key) = client_key(ctx) {
         let _ = PC_CONN_BY_CLIENT.remove(&key);
     }
 }
