@@ -287,6 +287,12 @@ pub struct Report {
     pub records: u64,
     /// Each problem with its location; empty means the evidence is intact.
     pub problems: Vec<String>,
+    /// Records at the end of the open (last) segment that correctly continue its
+    /// signed head but are not covered by it yet. A live daemon signs them within its
+    /// commit interval (100 ms), and on restart after a crash; a tail that stays
+    /// unsigned was appended by someone without the key. Not in `problems`: the caller
+    /// decides whether to look again.
+    pub unsigned_tail: u64,
 }
 
 /// Checks every segment of `dir` against `public_key` (32 bytes).
@@ -342,6 +348,11 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
         let p = seg_path(dir, n);
         let f = File::open(&p).map_err(io(&p))?;
         let mut last_seq = next_seq.saturating_sub(1);
+        // The chain hash at the record the head ends on, to tell an unsigned but
+        // well-formed tail from an edit.
+        let mut at_head: Option<String> = None;
+        let mut after_head = 0u64;
+        let head_last = head.as_ref().map(|h| h.last_seq);
         for (ln, line) in BufReader::new(f).split(b'\n').enumerate() {
             let line = line.map_err(io(&p))?;
             if line.is_empty() {
@@ -371,9 +382,21 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
             chain = hash_line(&line);
             last_seq = seq;
             next_seq = seq.saturating_add(1);
+            match head_last {
+                Some(l) if seq == l => at_head = Some(chain.clone()),
+                Some(l) if seq > l => after_head += 1,
+                _ => {}
+            }
         }
+        let open_segment = i + 1 == segments.len();
         if let Some(h) = &head {
-            if h.last_seq != last_seq || h.last_hash != chain {
+            let clean_tail = open_segment
+                && last_seq > h.last_seq
+                && after_head == last_seq - h.last_seq
+                && at_head.as_deref() == Some(h.last_hash.as_str());
+            if clean_tail {
+                r.unsigned_tail = after_head;
+            } else if h.last_seq != last_seq || h.last_hash != chain {
                 r.problems.push(format!(
                     "{name}: the signed head ends at seq {} but the file ends at seq {last_seq}: records truncated, appended or the last one edited",
                     h.last_seq
@@ -447,6 +470,40 @@ mod tests {
             .unwrap();
         w.commit().unwrap();
         assert!(problems(&dir, &key).is_empty());
+    }
+
+    #[test]
+    fn an_uncommitted_tail_is_reported_apart_and_signed_by_commit_or_reopen() {
+        let (dir, key) = fixture("tail");
+        let k = || load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
+        let mut w = AuditWriter::open(&dir, k(), 1 << 20).unwrap();
+        for i in 0..3 {
+            w.append("request", &serde_json::json!({"pending": i}))
+                .unwrap();
+        }
+        // Appended, not committed: well-formed, not yet vouched for.
+        let r = verify(&dir, &key).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.unsigned_tail, 3);
+        w.commit().unwrap();
+        assert_eq!(verify(&dir, &key).unwrap().unsigned_tail, 0);
+        // A crash leaves a tail; the next writer signs it on open.
+        w.append("request", &serde_json::json!({"crash": 1}))
+            .unwrap();
+        drop(w);
+        assert_eq!(verify(&dir, &key).unwrap().unsigned_tail, 1);
+        drop(AuditWriter::open(&dir, k(), 1 << 20).unwrap());
+        let r = verify(&dir, &key).unwrap();
+        assert!(r.problems.is_empty() && r.unsigned_tail == 0, "{r:?}");
+        // An unsigned tail in a closed segment is a problem, not a pending commit.
+        let (dir, key) = fixture("tail-closed");
+        let p = seg_path(&dir, 1);
+        let mut l = lines(&p);
+        l.push(l.last().unwrap().clone());
+        write_lines(&p, &l);
+        let r = verify(&dir, &key).unwrap();
+        assert_eq!(r.unsigned_tail, 0);
+        assert!(!r.problems.is_empty());
     }
 
     #[test]

@@ -358,7 +358,10 @@ mod tests {
         let key = std::fs::read_to_string(dir.join("k.pub")).unwrap();
         let r =
             crate::audit::verify(&dir.join("audit"), &hex::decode(key.trim()).unwrap()).unwrap();
-        assert!(r.problems.is_empty() && r.records == 5, "{r:?}");
+        assert!(
+            r.problems.is_empty() && r.unsigned_tail == 0 && r.records == 5,
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
