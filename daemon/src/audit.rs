@@ -143,6 +143,8 @@ impl AuditWriter {
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let segments = list_segments(dir).map_err(io(dir))?;
+        // What the previous writer left: records past its signed head, bytes of a torn line.
+        let mut left = (0u64, 0u64, 0usize);
         let (segment, first_seq, chain_in, seq, last_hash, bytes) = match segments.last() {
             None => (1, 1, GENESIS.to_string(), 0, GENESIS.to_string(), 0),
             Some(&n) => {
@@ -171,6 +173,14 @@ impl AuditWriter {
                     }
                     last = hash_line(l);
                 }
+                let signed_to = head
+                    .as_ref()
+                    .map_or(first_seq.saturating_sub(1), |h| h.last_seq);
+                if seq > signed_to {
+                    left = (signed_to.saturating_add(1), seq, text.len() - complete);
+                } else if complete < text.len() {
+                    left = (0, 0, text.len() - complete);
+                }
                 (n, first_seq, chain_in, seq, last, complete as u64)
             }
         };
@@ -192,7 +202,20 @@ impl AuditWriter {
             bytes,
             max_segment_bytes,
         };
-        w.write_head()?;
+        if left != (0, 0, 0) {
+            // Signing a crashed writer's tail vouches for it from now on; say so in the
+            // chain, so an auditor sees which records were signed late and why.
+            let (from, to, torn) = left;
+            w.append(
+                "recovery",
+                &serde_json::json!({
+                    "reason": "the previous writer stopped before committing (crash or kill)",
+                    "signed_late": if to > 0 { serde_json::json!({"from_seq": from, "to_seq": to}) } else { serde_json::Value::Null },
+                    "torn_bytes_cut": torn,
+                }),
+            )?;
+        }
+        w.commit()?;
         Ok(w)
     }
 
@@ -495,6 +518,14 @@ mod tests {
         drop(AuditWriter::open(&dir, k(), 1 << 20).unwrap());
         let r = verify(&dir, &key).unwrap();
         assert!(r.problems.is_empty() && r.unsigned_tail == 0, "{r:?}");
+        // ... and says so in the chain.
+        let last = lines(&seg_path(&dir, r.segments)).pop().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&last).unwrap();
+        assert_eq!(v["kind"], "recovery", "{last}");
+        assert_eq!(
+            v["record"]["signed_late"]["from_seq"],
+            v["seq"].as_u64().unwrap() - 1
+        );
         // An unsigned tail in a closed segment is a problem, not a pending commit.
         let (dir, key) = fixture("tail-closed");
         let p = seg_path(&dir, 1);
