@@ -25,7 +25,6 @@
 //! values can be recognised without being revealed.
 use std::{borrow::Cow, sync::Arc};
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use base64::Engine;
 use regex::bytes::Regex;
 
@@ -174,15 +173,37 @@ impl Plan {
 /// Pattern detectors for credentials inside strings and text.
 #[derive(Debug)]
 pub struct Detectors {
-    /// Cheap first pass: a string without any trigger (and with too few digits for a
-    /// card number) is left as is without running the patterns.
-    triggers: AhoCorasick,
+    /// All token patterns in one: a single literal-prefiltered pass (the regex crate's
+    /// SIMD multi-literal search over their prefixes) says whether any can match.
+    token_any: Regex,
     patterns: Vec<(Regex, &'static str)>,
-    pairs: Regex,
+    /// The pair pattern anchored at its keyword: run only where a keyword stands before
+    /// a `=` or `:` (see [`pair_keyword_before`]).
+    pair_at: Regex,
     card: Regex,
     pem_begin: Regex,
     pem_end: Regex,
 }
+
+/// Every spelling the pair pattern's keyword group accepts (ASCII case-insensitive).
+const PAIR_KEYWORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "api_key",
+    "api-key",
+    "apikey",
+    "access_key",
+    "access-key",
+    "accesskey",
+    "private_key",
+    "private-key",
+    "privatekey",
+    "credential",
+    "credentials",
+];
 
 /// Key names whose string values are credentials (compared case-insensitively, as the
 /// whole key or its ending: `clientSecret`, `DB_PASSWORD`, `api-key`).
@@ -222,79 +243,93 @@ pub fn is_secret_name(key: &[u8]) -> bool {
     })
 }
 
+/// key, separator (optionally quoted, also JSON-escaped quotes), value. The value stops
+/// before a backslash so an escape sequence is never cut. It starts at the keyword; a
+/// prefix such as `db.` or `DB_` stays in place untouched. The keyword folds ASCII case
+/// only, exactly as the trigger automaton does.
+const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?)([^\s"'\\,;&}\]]+)"#;
+
 impl Detectors {
     pub fn new() -> Self {
-        let triggers = AhoCorasickBuilder::new()
-            .ascii_case_insensitive(true)
-            .match_kind(MatchKind::LeftmostFirst)
-            .kind(Some(AhoCorasickKind::DFA))
-            .build([
-                "-----BEGIN",
-                "eyJ",
-                "AKIA",
-                "ASIA",
-                "AIza",
-                "ghp_",
-                "gho_",
-                "ghs_",
-                "ghu_",
-                "ghr_",
-                "github_pat_",
-                "xox",
-                "sk_live_",
-                "password",
-                "passwd",
-                "pwd",
-                "secret",
-                "token",
-                "api_key",
-                "apikey",
-                "api-key",
-                "access_key",
-                "accesskey",
-                "private_key",
-                "credential",
-            ])
-            .expect("static trigger set");
         let re = |s: &str| Regex::new(s).expect("static pattern");
-        Detectors {
-            triggers,
-            patterns: vec![
-                (
-                    re(
-                        r"(?s)-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
-                    ),
-                    "[masked:private-key]",
+        let patterns = vec![
+            (
+                re(
+                    r"(?s)-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
                 ),
-                (
-                    re(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}"),
-                    "[masked:jwt]",
-                ),
-                (re(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "[masked:aws-key]"),
-                (re(r"\bAIza[0-9A-Za-z_-]{35}"), "[masked:gcp-key]"),
-                (
-                    re(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
-                    "[masked:github-token]",
-                ),
-                (
-                    re(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
-                    "[masked:slack-token]",
-                ),
-                (re(r"\bsk_live_[A-Za-z0-9]{16,}"), "[masked:stripe-key]"),
-            ],
-            // key, separator (optionally quoted, also JSON-escaped quotes), value.
-            // The value stops before a backslash so an escape sequence is never cut.
-            // Starts at the keyword (a literal the regex engine can search for fast);
-            // a prefix such as `db.` or `DB_` stays in place untouched.
-            pairs: re(
-                r#"(?i)((?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?)([^\s"'\\,;&}\]]+)"#,
+                "[masked:private-key]",
             ),
+            (
+                re(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}"),
+                "[masked:jwt]",
+            ),
+            (re(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "[masked:aws-key]"),
+            (re(r"\bAIza[0-9A-Za-z_-]{35}"), "[masked:gcp-key]"),
+            (
+                re(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
+                "[masked:github-token]",
+            ),
+            (
+                re(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+                "[masked:slack-token]",
+            ),
+            (re(r"\bsk_live_[A-Za-z0-9]{16,}"), "[masked:stripe-key]"),
+        ];
+        let any = patterns
+            .iter()
+            .map(|(r, _)| format!("(?:{})", r.as_str()))
+            .collect::<Vec<_>>()
+            .join("|");
+        Detectors {
+            token_any: re(&any),
+            patterns,
+            pair_at: re(&format!("^{PAIR}")),
             card: re(
                 r"\b(?:\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{4}(?:\d{3})?|\d{4}[ -]\d{6}[ -]\d{5}|\d{13,19})\b",
             ),
             pem_begin: re(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----"),
             pem_end: re(r"-----END[A-Z0-9 ]*PRIVATE KEY-----"),
         }
+    }
+
+    /// Where detectors could match in `s`: whether a token pattern does, and the start
+    /// of every pair keyword that stands before a separator, ascending.
+    fn scan(&self, s: &[u8]) -> (bool, Vec<usize>) {
+        let token = self.token_any.is_match(s);
+        let keys = memchr::memchr2_iter(b'=', b':', s)
+            .filter_map(|sep| pair_keyword_before(s, sep))
+            .collect();
+        (token, keys)
+    }
+
+    /// `s` with every `password=value` pair's value masked, trying the pattern only at
+    /// the keyword starts `keys` (ascending). Same result as a leftmost-first
+    /// replace-all of the pattern: every match starts at a keyword.
+    fn mask_pairs<'a>(&self, s: Cow<'a, [u8]>, keys: &[usize]) -> Cow<'a, [u8]> {
+        let mut out: Vec<u8> = Vec::new();
+        let mut done = 0;
+        for &k in keys {
+            if k < done {
+                continue;
+            }
+            // The anchored DFA rejects a keyword without a separator at once; only a
+            // real pair pays for the capture groups.
+            if !self.pair_at.is_match(&s[k..]) {
+                continue;
+            }
+            if let Some(c) = self.pair_at.captures(&s[k..]) {
+                let head = c.get(1).expect("group 1 always takes part");
+                out.extend_from_slice(&s[done..k]);
+                out.extend_from_slice(head.as_bytes());
+                out.extend_from_slice(b"[masked]");
+                done = k + c.get(0).expect("whole match").end();
+            }
+        }
+        if done == 0 {
+            return s;
+        }
+        out.extend_from_slice(&s[done..]);
+        Cow::Owned(out)
     }
 
     /// `s` with every credential found replaced by a `[masked:...]` marker.
@@ -304,24 +339,24 @@ impl Detectors {
             return Cow::Borrowed(s);
         }
         let card = card_candidate(s);
-        let triggered = self.triggers.is_match(s);
-        if !triggered && !card {
+        let (token, mut keys) = self.scan(s);
+        if !token && keys.is_empty() && !card {
             return Cow::Borrowed(s);
         }
         let mut cur: Cow<[u8]> = Cow::Borrowed(s);
-        if triggered {
+        if token {
             for (re, marker) in &self.patterns {
                 if re.is_match(&cur) {
                     cur = Cow::Owned(re.replace_all(&cur, marker.as_bytes()).into_owned());
                 }
             }
-            if self.pairs.is_match(&cur) {
-                cur = Cow::Owned(
-                    self.pairs
-                        .replace_all(&cur, &b"${1}[masked]"[..])
-                        .into_owned(),
-                );
+            if matches!(cur, Cow::Owned(_)) {
+                // Replacements moved the text: find the keywords again.
+                keys = self.scan(&cur).1;
             }
+        }
+        if !keys.is_empty() {
+            cur = self.mask_pairs(cur, &keys);
         }
         if card && self.card.is_match(&cur) {
             let replaced = self.card.replace_all(&cur, |c: &regex::bytes::Captures| {
@@ -345,11 +380,42 @@ impl Default for Detectors {
     }
 }
 
+/// Where a pair keyword would start if the separator at `sep` ends a pair's head:
+/// walks back over what [`PAIR`] allows between keyword and separator (whitespace, then
+/// an optionally escaped quote). Whitespace includes every byte >= 0x80, so Unicode
+/// spaces are never missed (a wrong guess only costs one anchored match attempt).
+/// Separators come in ascending order and keywords hold neither `=` nor `:`, so the
+/// starts found are ascending too.
+fn pair_keyword_before(s: &[u8], sep: usize) -> Option<usize> {
+    let mut e = sep;
+    while e > 0
+        && matches!(
+            s[e - 1],
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0x80..
+        )
+    {
+        e -= 1;
+    }
+    if e > 0 && matches!(s[e - 1], b'"' | b'\'') {
+        e -= 1;
+        if e > 0 && s[e - 1] == b'\\' {
+            e -= 1;
+        }
+    }
+    // Cheap reject on the last letter before comparing whole keywords.
+    if e == 0 || !matches!(s[e - 1] | 0x20, b'd' | b't' | b'n' | b'y' | b'l' | b's') {
+        return None;
+    }
+    PAIR_KEYWORDS.iter().find_map(|k| {
+        let k = k.as_bytes();
+        (e >= k.len() && s[e - k.len()..e].eq_ignore_ascii_case(k)).then(|| e - k.len())
+    })
+}
+
 /// Whether `s` has a run of 13 or more digits (single spaces or dashes between them
 /// allowed): the only place a card number can be.
 fn card_candidate(s: &[u8]) -> bool {
-    // Branch-free per byte (this runs over every string and log line): `run` counts
-    // digits, kept across one separator, reset by anything else.
+    // 1: digit, 2: separator, 0: anything else.
     const fn classes() -> [u8; 256] {
         let mut t = [0u8; 256];
         let mut d = b'0';
@@ -362,20 +428,43 @@ fn card_candidate(s: &[u8]) -> bool {
         t
     }
     static CLASS: [u8; 256] = classes();
-    let mut run = 0u32;
-    let mut sep = 0u32;
-    let mut max = 0u32;
-    for &b in s {
-        let c = CLASS[b as usize];
-        let digit = u32::from(c == 1);
-        let is_sep = u32::from(c == 2);
-        // A separator keeps the run only if the previous byte was not one.
-        let keep = digit | (is_sep & (sep ^ 1));
-        run = (run + digit) * keep;
-        sep = is_sep;
-        max = max.max(run);
+    // Such a run spans at least 13 bytes of digits and separators. Probe the last byte
+    // of the 13-byte window starting at `i` (always just after a byte of class 0): if
+    // it is of class 0 no run starting in the window is long enough, so skip the window
+    // whole; otherwise measure the run through the probe. Text with few digits is read
+    // about one byte in thirteen.
+    const SPAN: usize = 13;
+    let mut i = 0;
+    while i + SPAN <= s.len() {
+        let probe = i + SPAN - 1;
+        if CLASS[s[probe] as usize] == 0 {
+            i = probe + 1;
+            continue;
+        }
+        let mut start = probe;
+        while start > i && CLASS[s[start - 1] as usize] != 0 {
+            start -= 1;
+        }
+        // Digits in a row, kept across one separator, reset by two.
+        let (mut run, mut sep, mut end) = (0u32, false, start);
+        while end < s.len() {
+            match CLASS[s[end] as usize] {
+                1 => {
+                    run += 1;
+                    sep = false;
+                    if run >= 13 {
+                        return true;
+                    }
+                }
+                2 if !sep => sep = true,
+                2 => run = 0,
+                _ => break,
+            }
+            end += 1;
+        }
+        i = end + 1;
     }
-    max >= 13
+    false
 }
 
 /// The Luhn checksum over the digits of `s` (separators ignored), for 13-19 digits.
@@ -783,34 +872,50 @@ impl TextMasker {
     pub fn feed(&mut self, input: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(input.len() + 32);
         let mut rest = input;
-        // Fast path: the complete lines of this chunk in one pass of the detectors
-        // (no pattern spans lines, except a private key: then line by line).
-        if self.line.is_empty()
-            && !self.in_pem
-            && let Some(last_nl) = memchr::memrchr(b'\n', rest)
-            && memchr::memmem::find(&rest[..=last_nl], b"-----BEGIN").is_none()
-        {
-            out.extend_from_slice(&self.detectors.apply(&rest[..=last_nl]));
-            rest = &rest[last_nl + 1..];
+        // The line the last chunk left open ends first.
+        if !self.line.is_empty() {
+            let Some(nl) = memchr::memchr(b'\n', rest) else {
+                self.line.extend_from_slice(rest);
+                self.flush_long(&mut out);
+                return out;
+            };
+            let mut line = std::mem::take(&mut self.line);
+            line.extend_from_slice(&rest[..=nl]);
+            self.mask_line(&line, &mut out);
+            line.clear();
+            self.line = line;
+            rest = &rest[nl + 1..];
         }
-        while let Some(nl) = memchr::memchr(b'\n', rest) {
-            if self.line.is_empty() {
-                self.mask_line(&rest[..=nl], &mut out);
-            } else {
-                let mut line = std::mem::take(&mut self.line);
-                line.extend_from_slice(&rest[..=nl]);
-                self.mask_line(&line, &mut out);
-                line.clear();
-                self.line = line;
+        // Then the complete lines: in one pass of the detectors (no pattern spans lines)
+        // up to a private-key header; from there line by line until the key ends.
+        while let Some(last_nl) = memchr::memrchr(b'\n', rest) {
+            if !self.in_pem {
+                let complete = &rest[..=last_nl];
+                let upto = match memchr::memmem::find(complete, b"-----BEGIN") {
+                    None => complete.len(),
+                    Some(b) => memchr::memrchr(b'\n', &complete[..b]).map_or(0, |i| i + 1),
+                };
+                if upto > 0 {
+                    out.extend_from_slice(&self.detectors.apply(&rest[..upto]));
+                    rest = &rest[upto..];
+                    continue;
+                }
             }
+            let nl = memchr::memchr(b'\n', rest).expect("a complete line is left");
+            self.mask_line(&rest[..=nl], &mut out);
             rest = &rest[nl + 1..];
         }
         self.line.extend_from_slice(rest);
+        self.flush_long(&mut out);
+        out
+    }
+
+    /// A line longer than [`MAX_LINE`] is masked as it stands rather than held.
+    fn flush_long(&mut self, out: &mut Vec<u8>) {
         if self.line.len() >= MAX_LINE {
             let line = std::mem::take(&mut self.line);
-            self.mask_line(&line, &mut out);
+            self.mask_line(&line, out);
         }
-        out
     }
 
     pub fn finish(mut self) -> Vec<u8> {
@@ -1275,18 +1380,23 @@ mod tests {
 
     #[test]
     fn log_lines_are_masked_incrementally_and_pem_blocks_dropped() {
-        let mut m = TextMasker::new(Arc::new(Detectors::new()));
-        let mut out = Vec::new();
-        let log = "start\nconnecting with password=hunter2 now\n-----BEGIN PRIVATE KEY-----\nMIIEvQ\nABCD\n-----END PRIVATE KEY-----\nafter AKIAIOSFODNN7EXAMPLE\npartial tok";
-        for c in log.as_bytes().chunks(5) {
-            out.extend(m.feed(c));
+        let d = Arc::new(Detectors::new());
+        let log = "start\nconnecting with password=hunter2 now\n-----BEGIN PRIVATE KEY-----\nMIIEvQ\nABCD\n-----END PRIVATE KEY-----\nafter AKIAIOSFODNN7EXAMPLE\n-----BEGIN CERTIFICATE----- token: abc\nlast pwd=x\npartial tok";
+        // Every chunking gives the same result: lines cut anywhere, several per chunk.
+        for size in [1, 5, 7, 13, 40, 64, log.len()] {
+            let mut m = TextMasker::new(d.clone());
+            let mut out = Vec::new();
+            for c in log.as_bytes().chunks(size) {
+                out.extend(m.feed(c));
+            }
+            out.extend(m.finish());
+            let s = String::from_utf8(out).unwrap();
+            assert_eq!(
+                s,
+                "start\nconnecting with password=[masked] now\n[masked:private-key]\nafter [masked:aws-key]\n-----BEGIN CERTIFICATE----- token: [masked]\nlast pwd=[masked]\npartial tok",
+                "chunks of {size}"
+            );
         }
-        out.extend(m.finish());
-        let s = String::from_utf8(out).unwrap();
-        assert_eq!(
-            s,
-            "start\nconnecting with password=[masked] now\n[masked:private-key]\nafter [masked:aws-key]\npartial tok"
-        );
     }
 
     #[test]
@@ -1336,6 +1446,111 @@ mod tests {
         assert_eq!(kind(m.for_response(Some(&plan), ok, &text, false)), "text");
         assert_eq!(kind(m.for_response(None, ok, &pb, false)), "pass");
         assert_eq!(kind(m.for_response(Some(&plan), ok, &pb, true)), "pass");
+    }
+
+    /// Deterministic pseudo-random strings over an alphabet that makes the edge cases
+    /// (digit runs, separators, keywords, quotes) common.
+    fn fuzz_inputs(alphabet: &[&str], n: usize) -> Vec<Vec<u8>> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = (x % 40) as usize;
+                (0..len)
+                    .flat_map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        alphabet[(x % alphabet.len() as u64) as usize]
+                            .bytes()
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn skipping_card_prefilter_agrees_with_a_byte_by_byte_scan() {
+        fn reference(s: &[u8]) -> bool {
+            let (mut run, mut sep, mut max) = (0, false, 0);
+            for &b in s {
+                if b.is_ascii_digit() {
+                    run += 1;
+                    sep = false;
+                } else if (b == b' ' || b == b'-') && !sep {
+                    sep = true;
+                } else {
+                    run = 0;
+                    sep = b == b' ' || b == b'-';
+                }
+                max = std::cmp::max(max, run);
+            }
+            max >= 13
+        }
+        let alphabet = ["1", "23", "4567", " ", "-", "x", "--", "  ", "8901", "Z"];
+        let inputs = fuzz_inputs(&alphabet, 20_000);
+        let mut positives = 0;
+        for s in &inputs {
+            let want = reference(s);
+            positives += usize::from(want);
+            assert_eq!(card_candidate(s), want, "{:?}", String::from_utf8_lossy(s));
+        }
+        assert!(positives > 500, "the inputs exercise few runs: {positives}");
+    }
+
+    #[test]
+    fn pairs_found_at_keywords_match_a_plain_replace_all() {
+        let d = Detectors::new();
+        let plain = Regex::new(PAIR).unwrap();
+        let alphabet = [
+            "password",
+            "PassWord",
+            "pwd",
+            "secret",
+            "token",
+            "api-key",
+            "apikey",
+            "Private_Key",
+            "privatekey",
+            "credentials",
+            "sec",
+            "o",
+            "=",
+            ":",
+            " ",
+            "\\\"",
+            "'",
+            "\"",
+            "v4lue",
+            ",",
+            "\n",
+            "é",
+            "\t",
+            "\u{a0}",
+            "\u{2003}",
+            "Credential",
+        ];
+        let mut masked = 0;
+        for s in fuzz_inputs(&alphabet, 20_000) {
+            let want = plain.replace_all(&s, &b"${1}[masked]"[..]);
+            let (_, keys) = d.scan(&s);
+            let got = d.mask_pairs(Cow::Borrowed(&s[..]), &keys);
+            masked += usize::from(matches!(want, Cow::Owned(_)));
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&s));
+        }
+        assert!(masked > 2000, "the inputs exercise few pairs: {masked}");
+        // Keywords overlapping each other, and the spellings the old trigger list missed.
+        for (input, want) in [
+            ("secretoken=abc", "secretoken=[masked]"),
+            ("privatekey=abc", "privatekey=[masked]"),
+            ("access-key: abc", "access-key: [masked]"),
+            ("db.Password = 'x y'", "db.Password = '[masked] y'"),
+        ] {
+            assert_eq!(d.apply(input.as_bytes()), want.as_bytes(), "{input}");
+        }
     }
 
     #[test]
