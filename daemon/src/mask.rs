@@ -185,7 +185,9 @@ pub struct Detectors {
     pem_end: Regex,
 }
 
-/// Every spelling the pair pattern's keyword group accepts (ASCII case-insensitive).
+/// Every spelling the pair pattern's keyword group accepts (ASCII case-insensitive);
+/// the table in [`pair_keyword_before`] must find each (tested).
+#[cfg(test)]
 const PAIR_KEYWORDS: &[&str] = &[
     "password",
     "passwd",
@@ -402,11 +404,33 @@ fn pair_keyword_before(s: &[u8], sep: usize) -> Option<usize> {
             e -= 1;
         }
     }
-    // Cheap reject on the last letter before comparing whole keywords.
-    if e == 0 || !matches!(s[e - 1] | 0x20, b'd' | b't' | b'n' | b'y' | b'l' | b's') {
+    // The last two letters pick the few keywords worth comparing (most separators in
+    // logs follow `status`, `user`, digits...). `| 0x20` lowercases letters and maps no
+    // other byte onto one.
+    if e < 3 {
         return None;
     }
-    PAIR_KEYWORDS.iter().find_map(|k| {
+    let candidates: &[&str] = match [s[e - 2] | 0x20, s[e - 1] | 0x20] {
+        [b'r', b'd'] => &["password"],
+        [b'w', b'd'] => &["passwd", "pwd"],
+        [b'e', b't'] => &["secret"],
+        [b'e', b'n'] => &["token"],
+        [b'e', b'y'] => &[
+            "api_key",
+            "api-key",
+            "apikey",
+            "access_key",
+            "access-key",
+            "accesskey",
+            "private_key",
+            "private-key",
+            "privatekey",
+        ],
+        [b'a', b'l'] => &["credential"],
+        [b'l', b's'] => &["credentials"],
+        _ => return None,
+    };
+    candidates.iter().find_map(|k| {
         let k = k.as_bytes();
         (e >= k.len() && s[e - k.len()..e].eq_ignore_ascii_case(k)).then(|| e - k.len())
     })
@@ -1499,6 +1523,29 @@ mod tests {
             assert_eq!(card_candidate(s), want, "{:?}", String::from_utf8_lossy(s));
         }
         assert!(positives > 500, "the inputs exercise few runs: {positives}");
+    }
+
+    #[test]
+    fn every_pair_keyword_is_found_before_every_separator_form() {
+        for k in PAIR_KEYWORDS {
+            for form in ["=", ":", " = ", "\"=", "\\\":", "'\u{a0}="] {
+                let upper = k.to_ascii_uppercase();
+                for kw in [k.to_string(), upper] {
+                    let s = format!("x.{kw}{form}v");
+                    let sep = s.rfind(['=', ':']).unwrap();
+                    assert_eq!(pair_keyword_before(s.as_bytes(), sep), Some(2), "{s}");
+                    // The pattern agrees that a pair starts there.
+                    assert!(
+                        Regex::new(PAIR)
+                            .unwrap()
+                            .find(s.as_bytes())
+                            .is_some_and(|m| m.start() == 2),
+                        "{s}"
+                    );
+                }
+            }
+        }
+        assert_eq!(pair_keyword_before(b"status=200", 6), None);
     }
 
     #[test]
