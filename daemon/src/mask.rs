@@ -32,6 +32,9 @@ use crate::request_info::RequestInfo;
 
 /// The placeholder text; base64-encoded where the field is base64.
 pub const PLACEHOLDER: &str = "portcullis-masked";
+/// [`PLACEHOLDER`] as a JSON string, and its base64 (Secret `data`) as one.
+const PLACEHOLDER_JSON: &str = "\"portcullis-masked\"";
+const PLACEHOLDER_B64_JSON: &str = "\"cG9ydGN1bGxpcy1tYXNrZWQ=\"";
 /// The annotation `kubectl apply` stores the whole applied object in.
 pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -150,6 +153,14 @@ impl Plan {
     }
 
     fn placeholder(&self, enc: Encoding, value: &[u8], out: &mut Vec<u8>) {
+        if self.fingerprint.is_none() {
+            // The common case, without encoding anything per value.
+            out.extend_from_slice(match enc {
+                Encoding::Text => PLACEHOLDER_JSON.as_bytes(),
+                Encoding::Base64 => PLACEHOLDER_B64_JSON.as_bytes(),
+            });
+            return;
+        }
         let text: Cow<str> = match &self.fingerprint {
             None => Cow::Borrowed(PLACEHOLDER),
             Some(k) => {
@@ -556,6 +567,9 @@ pub struct JsonMasker {
     frames: Vec<Frame>,
     lex: Lex,
     sbuf: Vec<u8>,
+    /// Key buffers of closed objects, reused by the next ones (no allocation per
+    /// object once the stack has been as deep).
+    spare_keys: Vec<Vec<u8>>,
     offset: u64,
     out: Vec<u8>,
 }
@@ -567,6 +581,7 @@ impl JsonMasker {
             frames: Vec::new(),
             lex: Lex::Between,
             sbuf: Vec::new(),
+            spare_keys: Vec::new(),
             offset: 0,
             out: Vec::new(),
         }
@@ -591,9 +606,11 @@ impl JsonMasker {
                                 Mode::Mask(e) => Some(e),
                                 _ => None,
                             };
+                            let mut key = self.spare_keys.pop().unwrap_or_default();
+                            key.clear();
                             self.frames.push(Frame {
                                 array: b == b'[',
-                                key: Vec::new(),
+                                key,
                                 masked,
                                 expect_key: b == b'{',
                                 secret_name: false,
@@ -602,7 +619,7 @@ impl JsonMasker {
                         }
                         b'}' | b']' => {
                             match self.frames.pop() {
-                                Some(f) if f.array == (b == b']') => {}
+                                Some(f) if f.array == (b == b']') => self.spare_keys.push(f.key),
                                 _ => return Err(self.syntax(i, "unbalanced bracket")),
                             }
                             self.out.push(b);
@@ -745,13 +762,13 @@ impl JsonMasker {
 
     fn end_string(&mut self, key: bool, mode: Mode) -> Result<(), MaskError> {
         if key {
-            let f = self.frames.last_mut().expect("a key is inside an object");
-            f.key.clear();
-            f.key.extend_from_slice(&self.sbuf);
-            f.expect_key = false;
             self.out.push(b'"');
             self.out.extend_from_slice(&self.sbuf);
             self.out.push(b'"');
+            // The buffers trade places: the key is kept without a copy.
+            let f = self.frames.last_mut().expect("a key is inside an object");
+            std::mem::swap(&mut f.key, &mut self.sbuf);
+            f.expect_key = false;
             return Ok(());
         }
         match mode {
@@ -1222,6 +1239,15 @@ mod tests {
     }
 
     const B64_PLACEHOLDER: &str = "cG9ydGN1bGxpcy1tYXNrZWQ=";
+
+    #[test]
+    fn placeholder_constants_are_the_placeholder() {
+        use base64::Engine;
+        assert_eq!(PLACEHOLDER_JSON, format!("\"{PLACEHOLDER}\""));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(PLACEHOLDER);
+        assert_eq!(PLACEHOLDER_B64_JSON, format!("\"{b64}\""));
+        assert_eq!(B64_PLACEHOLDER, b64);
+    }
 
     #[test]
     fn secret_get_list_watch_and_table_are_masked() {
