@@ -129,6 +129,9 @@ pub struct Plan {
     paths: Vec<(Path, Encoding)>,
     detectors: Option<std::sync::Arc<Detectors>>,
     fingerprint: Option<ring::hmac::Key>,
+    /// The deepest a value below an object root can be and still be masked by path
+    /// (or be the last-applied annotation, 3 deep): deeper values skip the path checks.
+    max_rel_depth: usize,
 }
 
 impl Plan {
@@ -137,10 +140,17 @@ impl Plan {
         detectors: Option<std::sync::Arc<Detectors>>,
         fingerprint: Option<ring::hmac::Key>,
     ) -> Self {
+        let max_rel_depth = paths
+            .iter()
+            .map(|(p, _)| p.0.len())
+            .max()
+            .unwrap_or(0)
+            .max(3);
         Plan {
             paths,
             detectors,
             fingerprint,
+            max_rel_depth,
         }
     }
 
@@ -219,7 +229,8 @@ const PAIR_KEYWORDS: &[&str] = &[
 ];
 
 /// Key names whose string values are credentials (compared case-insensitively, as the
-/// whole key or its ending: `clientSecret`, `DB_PASSWORD`, `api-key`).
+/// whole key or its ending: `clientSecret`, `DB_PASSWORD`, `api-key`). Each ends in
+/// d, t, n, y, s or l ([`is_secret_name`] relies on it; tested).
 const SECRET_KEY_ENDINGS: &[&str] = &[
     "password",
     "passwd",
@@ -251,6 +262,13 @@ const EXEMPT_KEYS: &[&[u8]] = &[
 /// A key that names a credential: `password`, `clientSecret`, `DB_PASSWORD`, but not
 /// `secretName` (a reference, not a value).
 pub fn is_secret_name(key: &[u8]) -> bool {
+    // Every ending ends in one of these letters: most keys are out at once.
+    if !key
+        .last()
+        .is_some_and(|b| matches!(b | 0x20, b'd' | b't' | b'n' | b'y' | b's' | b'l'))
+    {
+        return false;
+    }
     SECRET_KEY_ENDINGS.iter().any(|e| {
         key.len() >= e.len() && key[key.len() - e.len()..].eq_ignore_ascii_case(e.as_bytes())
     })
@@ -851,7 +869,10 @@ impl JsonMasker {
             }
         }
         for root in ROOTS {
-            if self.frames.len() < root.len() || !self.matches_root(root) {
+            if self.frames.len() < root.len()
+                || self.frames.len() - root.len() > self.plan.max_rel_depth
+                || !self.matches_root(root)
+            {
                 continue;
             }
             let rel = &self.frames[root.len()..];
@@ -1239,6 +1260,20 @@ mod tests {
     }
 
     const B64_PLACEHOLDER: &str = "cG9ydGN1bGxpcy1tYXNrZWQ=";
+
+    #[test]
+    fn secret_names_are_recognised_by_every_ending() {
+        for e in SECRET_KEY_ENDINGS {
+            assert!(is_secret_name(e.as_bytes()), "{e}");
+            assert!(
+                is_secret_name(format!("DB_{}", e.to_uppercase()).as_bytes()),
+                "{e}"
+            );
+        }
+        for k in ["secretName", "name", "value", "tokenRef", ""] {
+            assert!(!is_secret_name(k.as_bytes()), "{k}");
+        }
+    }
 
     #[test]
     fn placeholder_constants_are_the_placeholder() {
