@@ -132,6 +132,8 @@ pub struct Plan {
     /// The deepest a value below an object root can be and still be masked by path
     /// (or be the last-applied annotation, 3 deep): deeper values skip the path checks.
     max_rel_depth: usize,
+    /// Bit n (n < 64) set: some path (or the annotation) is exactly n deep.
+    rel_depths: u64,
 }
 
 impl Plan {
@@ -146,11 +148,16 @@ impl Plan {
             .max()
             .unwrap_or(0)
             .max(3);
+        let rel_depths = paths
+            .iter()
+            .filter(|(p, _)| p.0.len() < 64)
+            .fold(1u64 << 3, |a, (p, _)| a | 1 << p.0.len());
         Plan {
             paths,
             detectors,
             fingerprint,
             max_rel_depth,
+            rel_depths,
         }
     }
 
@@ -871,6 +878,8 @@ impl JsonMasker {
         for root in ROOTS {
             if self.frames.len() < root.len()
                 || self.frames.len() - root.len() > self.plan.max_rel_depth
+                || (self.frames.len() - root.len() < 64
+                    && self.plan.rel_depths & 1 << (self.frames.len() - root.len()) == 0)
                 || !self.matches_root(root)
             {
                 continue;
