@@ -1597,6 +1597,7 @@ mod tests {
 
     #[test]
     fn every_pair_keyword_is_found_before_every_separator_form() {
+        let pair = Regex::new(PAIR).unwrap();
         for k in PAIR_KEYWORDS {
             for form in ["=", ":", " = ", "\"=", "\\\":", "'\u{a0}="] {
                 let upper = k.to_ascii_uppercase();
@@ -1606,10 +1607,7 @@ mod tests {
                     assert_eq!(pair_keyword_before(s.as_bytes(), sep), Some(2), "{s}");
                     // The pattern agrees that a pair starts there.
                     assert!(
-                        Regex::new(PAIR)
-                            .unwrap()
-                            .find(s.as_bytes())
-                            .is_some_and(|m| m.start() == 2),
+                        pair.find(s.as_bytes()).is_some_and(|m| m.start() == 2),
                         "{s}"
                     );
                 }
