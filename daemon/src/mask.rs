@@ -208,14 +208,14 @@ pub struct Detectors {
     /// The pair pattern anchored at its keyword: run only where a keyword stands before
     /// a `=` or `:` (see [`pair_keyword_before`]).
     pair_at: Regex,
+    pair_tails: PairTails,
     card: Regex,
     pem_begin: Regex,
     pem_end: Regex,
 }
 
-/// Every spelling the pair pattern's keyword group accepts (ASCII case-insensitive);
-/// the table in [`pair_keyword_before`] must find each (tested).
-#[cfg(test)]
+/// Every spelling the pair pattern's keyword group accepts (ASCII case-insensitive,
+/// lower case here; tested against the pattern).
 const PAIR_KEYWORDS: &[&str] = &[
     "password",
     "passwd",
@@ -322,6 +322,7 @@ impl Detectors {
             token_any: re(&any),
             patterns,
             pair_at: re(&format!("^{PAIR}")),
+            pair_tails: pair_tails(),
             card: re(
                 r"\b(?:\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{4}(?:\d{3})?|\d{4}[ -]\d{6}[ -]\d{5}|\d{13,19})\b",
             ),
@@ -335,7 +336,7 @@ impl Detectors {
     fn scan(&self, s: &[u8]) -> (bool, Vec<usize>) {
         let token = self.token_any.is_match(s);
         let keys = memchr::memchr2_iter(b'=', b':', s)
-            .filter_map(|sep| pair_keyword_before(s, sep))
+            .filter_map(|sep| pair_keyword_before(&self.pair_tails, s, sep))
             .collect();
         (token, keys)
     }
@@ -355,12 +356,13 @@ impl Detectors {
             if !self.pair_at.is_match(&s[k..]) {
                 continue;
             }
-            if let Some(c) = self.pair_at.captures(&s[k..]) {
-                let head = c.get(1).expect("group 1 always takes part");
+            if let Some(c) = self.pair_at.captures(&s[k..])
+                && let (Some(whole), Some(head)) = (c.get(0), c.get(1))
+            {
                 out.extend_from_slice(&s[done..k]);
                 out.extend_from_slice(head.as_bytes());
                 out.extend_from_slice(b"[masked]");
-                done = k + c.get(0).expect("whole match").end();
+                done = k + whole.end();
             }
         }
         if done == 0 {
@@ -418,13 +420,30 @@ impl Default for Detectors {
     }
 }
 
+/// [`PAIR_KEYWORDS`] grouped by their last two letters (a handful of groups).
+type PairTails = Vec<([u8; 2], Vec<&'static str>)>;
+
+fn pair_tails() -> PairTails {
+    let mut t: PairTails = Vec::new();
+    for k in PAIR_KEYWORDS {
+        let b = k.as_bytes();
+        let tail = [b[b.len() - 2], b[b.len() - 1]];
+        match t.iter_mut().find(|(x, _)| *x == tail) {
+            Some((_, ks)) => ks.push(k),
+            None => t.push((tail, vec![k])),
+        }
+    }
+    t
+}
+
 /// Where a pair keyword would start if the separator at `sep` ends a pair's head:
 /// walks back over what [`PAIR`] allows between keyword and separator (whitespace, then
 /// an optionally escaped quote). Whitespace includes every byte >= 0x80, so Unicode
 /// spaces are never missed (a wrong guess only costs one anchored match attempt).
 /// Separators come in ascending order and keywords hold neither `=` nor `:`, so the
 /// starts found are ascending too.
-fn pair_keyword_before(s: &[u8], sep: usize) -> Option<usize> {
+/// `tails` is [`PAIR_KEYWORDS`] grouped by their last two letters ([`pair_tails`]).
+fn pair_keyword_before(tails: &PairTails, s: &[u8], sep: usize) -> Option<usize> {
     let mut e = sep;
     while e > 0
         && matches!(
@@ -446,26 +465,8 @@ fn pair_keyword_before(s: &[u8], sep: usize) -> Option<usize> {
     if e < 3 {
         return None;
     }
-    let candidates: &[&str] = match [s[e - 2] | 0x20, s[e - 1] | 0x20] {
-        [b'r', b'd'] => &["password"],
-        [b'w', b'd'] => &["passwd", "pwd"],
-        [b'e', b't'] => &["secret"],
-        [b'e', b'n'] => &["token"],
-        [b'e', b'y'] => &[
-            "api_key",
-            "api-key",
-            "apikey",
-            "access_key",
-            "access-key",
-            "accesskey",
-            "private_key",
-            "private-key",
-            "privatekey",
-        ],
-        [b'a', b'l'] => &["credential"],
-        [b'l', b's'] => &["credentials"],
-        _ => return None,
-    };
+    let tail = [s[e - 2] | 0x20, s[e - 1] | 0x20];
+    let (_, candidates) = tails.iter().find(|(t, _)| *t == tail)?;
     candidates.iter().find_map(|k| {
         let k = k.as_bytes();
         (e >= k.len() && s[e - k.len()..e].eq_ignore_ascii_case(k)).then(|| e - k.len())
@@ -791,9 +792,11 @@ impl JsonMasker {
             self.out.extend_from_slice(&self.sbuf);
             self.out.push(b'"');
             // The buffers trade places: the key is kept without a copy.
-            let f = self.frames.last_mut().expect("a key is inside an object");
-            std::mem::swap(&mut f.key, &mut self.sbuf);
-            f.expect_key = false;
+            // A key is only read inside an object, so the frame is there.
+            if let Some(f) = self.frames.last_mut() {
+                std::mem::swap(&mut f.key, &mut self.sbuf);
+                f.expect_key = false;
+            }
             return Ok(());
         }
         match mode {
@@ -972,7 +975,10 @@ impl TextMasker {
                     continue;
                 }
             }
-            let nl = memchr::memchr(b'\n', rest).expect("a complete line is left");
+            // A newline is left (`last_nl`): never breaks.
+            let Some(nl) = memchr::memchr(b'\n', rest) else {
+                break;
+            };
             self.mask_line(&rest[..=nl], &mut out);
             rest = &rest[nl + 1..];
         }
@@ -1598,13 +1604,18 @@ mod tests {
     #[test]
     fn every_pair_keyword_is_found_before_every_separator_form() {
         let pair = Regex::new(PAIR).unwrap();
+        let tails = pair_tails();
         for k in PAIR_KEYWORDS {
             for form in ["=", ":", " = ", "\"=", "\\\":", "'\u{a0}="] {
                 let upper = k.to_ascii_uppercase();
                 for kw in [k.to_string(), upper] {
                     let s = format!("x.{kw}{form}v");
                     let sep = s.rfind(['=', ':']).unwrap();
-                    assert_eq!(pair_keyword_before(s.as_bytes(), sep), Some(2), "{s}");
+                    assert_eq!(
+                        pair_keyword_before(&tails, s.as_bytes(), sep),
+                        Some(2),
+                        "{s}"
+                    );
                     // The pattern agrees that a pair starts there.
                     assert!(
                         pair.find(s.as_bytes()).is_some_and(|m| m.start() == 2),
@@ -1613,7 +1624,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(pair_keyword_before(b"status=200", 6), None);
+        assert_eq!(pair_keyword_before(&tails, b"status=200", 6), None);
     }
 
     #[test]
