@@ -434,6 +434,32 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
     Ok(r)
 }
 
+/// [`verify`] for a directory a daemon may be writing to: a live daemon signs what it
+/// appended within its commit interval (100 ms), so an unsigned tail is looked at again
+/// until `wait` has passed. One that stays unsigned becomes a problem: appended without
+/// the key, or its daemon is stopped (a restarted one signs it, with a `recovery`
+/// record).
+pub fn verify_settled(
+    dir: &Path,
+    public_key: &[u8],
+    wait: std::time::Duration,
+) -> Result<Report, AuditError> {
+    let until = std::time::Instant::now() + wait;
+    let mut r = verify(dir, public_key)?;
+    while r.unsigned_tail > 0 && r.problems.is_empty() && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        r = verify(dir, public_key)?;
+    }
+    if r.unsigned_tail > 0 {
+        r.problems.push(format!(
+            "the last {} records continue the chain but no signed head covers them after {:?}: \
+             appended without the key, or the daemon that wrote them is stopped (it signs them when it starts)",
+            r.unsigned_tail, wait
+        ));
+    }
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +561,32 @@ mod tests {
         let r = verify(&dir, &key).unwrap();
         assert_eq!(r.unsigned_tail, 0);
         assert!(!r.problems.is_empty());
+    }
+
+    #[test]
+    fn a_tail_is_waited_for_then_reported_if_it_stays_unsigned() {
+        let (dir, key) = fixture("settled");
+        let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
+        let mut w = AuditWriter::open(&dir, k, 1 << 20).unwrap();
+        w.append("request", &serde_json::json!({"late": 1}))
+            .unwrap();
+        // Nobody commits: after the wait it is a problem.
+        let wait = std::time::Duration::from_millis(300);
+        let r = verify_settled(&dir, &key, wait).unwrap();
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.contains("no signed head covers them")),
+            "{r:?}"
+        );
+        // Committed while the verifier waits: intact.
+        let committer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            w.commit().unwrap();
+        });
+        let r = verify_settled(&dir, &key, std::time::Duration::from_secs(5)).unwrap();
+        committer.join().unwrap();
+        assert!(r.problems.is_empty() && r.unsigned_tail == 0, "{r:?}");
     }
 
     #[test]
