@@ -302,8 +302,7 @@ fn run_bounded(mut cmd: Command, stdin: Option<&str>) -> Result<Output> {
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(r) => Ok(r?),
         Err(_) => {
-            // SAFETY-free: kill by pid through the kill command.
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = portcullis_tests::signal(pid, libc::SIGKILL);
             bail!("client did not finish within 60 s")
         }
     }
@@ -959,27 +958,37 @@ fn rapid_reset(env: &mut Env) -> Result<()> {
 
 // ---- identity, policy, approvals ----
 
-/// One HTTPS GET from cgroup `cg` (agent netns) to the Service address with `token`,
-/// by Python's urllib (stdlib only): (status code, body).
-fn agent_get(env: &Env, cg: &Path, token: Option<&str>, path: &str) -> Result<(u16, String)> {
+/// One HTTPS GET from cgroup `cg` (agent netns) to the Service address with `token`
+/// and, if given, an Accept header, by Python's urllib (stdlib only): (status code,
+/// Content-Type, body read as latin-1 so any bytes survive).
+fn agent_request(
+    env: &Env,
+    cg: &Path,
+    token: Option<&str>,
+    path: &str,
+    accept: Option<&str>,
+) -> Result<(u16, String, String)> {
     const PY: &str = r#"
 import json, ssl, sys, urllib.request, urllib.error
-url, ca, token = sys.argv[1], sys.argv[2], sys.argv[3]
+url, ca, token, accept = sys.argv[1:5]
 req = urllib.request.Request(url)
 if token:
     req.add_header("Authorization", "Bearer " + token)
+if accept:
+    req.add_header("Accept", accept)
 ctx = ssl.create_default_context(cafile=ca)
 try:
     r = urllib.request.urlopen(req, context=ctx, timeout=20)
-    print(json.dumps({"code": r.status, "body": r.read().decode()}))
+    print(json.dumps({"code": r.status, "type": r.headers.get("Content-Type", ""), "body": r.read().decode("latin-1")}))
 except urllib.error.HTTPError as e:
-    print(json.dumps({"code": e.code, "body": e.read().decode()}))
+    print(json.dumps({"code": e.code, "type": e.headers.get("Content-Type", ""), "body": e.read().decode("latin-1")}))
 "#;
     let mut c = env.lab.command_in_cgroup(cg, Path::new("/usr/bin/env"));
     c.args(["python3", "-c", PY])
         .arg(format!("https://{}{path}", env.lab.cluster_ip()))
         .arg(env.lab.state_dir().join("ca/ca.crt"))
-        .arg(token.unwrap_or(""));
+        .arg(token.unwrap_or(""))
+        .arg(accept.unwrap_or(""));
     let o = run_bounded(c, None)?;
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| {
         format!(
@@ -990,8 +999,15 @@ except urllib.error.HTTPError as e:
     })?;
     Ok((
         v["code"].as_u64().unwrap_or(0) as u16,
+        v["type"].as_str().unwrap_or("").to_owned(),
         v["body"].as_str().unwrap_or("").to_owned(),
     ))
+}
+
+/// [`agent_request`] without an Accept header: (status code, body).
+fn agent_get(env: &Env, cg: &Path, token: Option<&str>, path: &str) -> Result<(u16, String)> {
+    let (code, _, body) = agent_request(env, cg, token, path, None)?;
+    Ok((code, body))
 }
 
 const PODS: &str = "/api/v1/namespaces/e2e/pods";
@@ -1720,42 +1736,9 @@ fn gate_text(env: &Env, args: &[&str]) -> Result<String> {
     ))
 }
 
-/// A GET from the agent's pod with an Accept header (Python's urllib, stdlib only).
+/// A GET from the agent's pod with its own token and an Accept header.
 fn agent_get_accept(env: &Env, path: &str, accept: &str) -> Result<(u16, String, String)> {
-    const PY: &str = r#"
-import json, ssl, sys, urllib.request, urllib.error
-url, ca, token, accept = sys.argv[1:5]
-req = urllib.request.Request(url)
-req.add_header("Authorization", "Bearer " + token)
-req.add_header("Accept", accept)
-ctx = ssl.create_default_context(cafile=ca)
-try:
-    r = urllib.request.urlopen(req, context=ctx, timeout=20)
-    print(json.dumps({"code": r.status, "type": r.headers.get("Content-Type", ""), "body": r.read().decode("latin-1")}))
-except urllib.error.HTTPError as e:
-    print(json.dumps({"code": e.code, "type": e.headers.get("Content-Type", ""), "body": e.read().decode("latin-1")}))
-"#;
-    let mut c = env
-        .lab
-        .command_in_cgroup(&env.pod_cg, Path::new("/usr/bin/env"));
-    c.args(["python3", "-c", PY])
-        .arg(format!("https://{}{path}", env.lab.cluster_ip()))
-        .arg(env.lab.state_dir().join("ca/ca.crt"))
-        .arg(&env.agent_token)
-        .arg(accept);
-    let o = run_bounded(c, None)?;
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| {
-        format!(
-            "python said: {} {}",
-            String::from_utf8_lossy(&o.stdout),
-            stderr(&o)
-        )
-    })?;
-    Ok((
-        v["code"].as_u64().unwrap_or(0) as u16,
-        v["type"].as_str().unwrap_or("").to_owned(),
-        v["body"].as_str().unwrap_or("").to_owned(),
-    ))
+    agent_request(env, &env.pod_cg, Some(&env.agent_token), path, Some(accept))
 }
 
 const PLACEHOLDER_B64: &str = "cG9ydGN1bGxpcy1tYXNrZWQ=";
