@@ -86,6 +86,20 @@ impl Probe {
     }
 }
 
+/// Sends `sig` to process `pid` (a child the test started). Through kill(2), not a
+/// `kill` binary: a fresh machine need not have procps.
+pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid, sig) };
+    ensure!(
+        rc == 0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 pub struct Lab {
     pub s: u32,
     pub dir: PathBuf,
@@ -381,12 +395,7 @@ impl Lab {
             Some(c) => c.id(),
             None => bail!("no daemon running"),
         };
-        let sig = if frozen { "-STOP" } else { "-CONT" };
-        let st = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()?;
-        ensure!(st.success(), "kill {sig} {pid}: {st}");
-        Ok(())
+        signal(pid, if frozen { libc::SIGSTOP } else { libc::SIGCONT })
     }
 
     /// Runs pc-probe inside the agent cgroup and network namespace.

@@ -212,9 +212,7 @@ http {{
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM to the master stops its workers too (SIGKILL would orphan them).
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = portcullis_tests::signal(self.child.id(), libc::SIGTERM);
         for _ in 0..50 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
