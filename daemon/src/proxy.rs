@@ -396,9 +396,9 @@ impl Proxy {
     /// smuggling, resolvable attributes. (The refusal is the response itself, as in
     /// `authorize`: it is returned as is, so boxing it would only add an allocation.)
     #[allow(clippy::result_large_err)]
-    fn precheck(
+    fn precheck<B>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         conn: &Conn,
     ) -> Result<RequestInfo, Response<ProxyBody>> {
         let method = req.method();
@@ -1003,6 +1003,9 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
+
+#[cfg(test)]
+mod gate_tests;
 
 #[cfg(test)]
 mod tests {
