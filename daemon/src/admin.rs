@@ -144,7 +144,7 @@ impl Admin {
                 }
             }
             (&Method::GET, ["v1", "grants"]) => {
-                let t = crate::approvals::now();
+                let t = crate::util::unix_secs();
                 let v: Vec<serde_json::Value> = self
                     .approvals
                     .grants()

@@ -40,10 +40,7 @@ fn socket_path(c: &Conn) -> Result<PathBuf> {
     }
     let cfg = crate::config::Config::load(&c.config)
         .with_context(|| "finding the admin socket (or pass --socket)")?;
-    Ok(cfg
-        .proxy
-        .and_then(|p| p.admin.socket)
-        .unwrap_or_else(|| cfg.state_dir.join("admin.sock")))
+    Ok(cfg.admin_socket())
 }
 
 async fn call_async(c: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
@@ -151,7 +148,7 @@ pub fn list(c: &Conn, path: &str, output: Output) -> Result<()> {
         return Ok(());
     }
     let rows = v.as_array().cloned().unwrap_or_default();
-    let now = crate::approvals::now() as i64;
+    let now = crate::util::unix_secs() as i64;
     let rel = |t: &Value| -> String {
         let d = t.as_i64().unwrap_or(0) - now;
         if d >= 0 {

@@ -136,16 +136,6 @@ pub fn sessions(exchanges: Vec<Exchange>, idle: Duration) -> Vec<Session> {
     out
 }
 
-pub fn rfc3339(ns: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// The exchange as an `audit.k8s.io/v1` Event, as the API server's log backend writes
 /// them; what only Portcullis knows (decision, rule, approval, grant, kernel origin)
 /// goes into annotations.
@@ -178,7 +168,7 @@ pub fn k8s_event(ex: &Exchange) -> serde_json::Value {
         "requestURI": uri,
         "verb": a.verb,
         "sourceIPs": [r.origin.peer.rsplit_once(':').map_or(r.origin.peer.as_str(), |(ip, _)| ip)],
-        "requestReceivedTimestamp": rfc3339(r.received_ns),
+        "requestReceivedTimestamp": crate::util::rfc3339_nanos(r.received_ns),
         "annotations": {
             "portcullis.dev/decision": r.decision,
             "portcullis.dev/rule": r.rule,
@@ -224,7 +214,9 @@ pub fn k8s_event(ex: &Exchange) -> serde_json::Value {
     }
     if let Some(s) = &ex.response {
         ev["responseStatus"] = json!({ "metadata": {}, "code": s.code });
-        ev["stageTimestamp"] = json!(rfc3339(r.received_ns + (s.latency_ms * 1e6) as u64));
+        ev["stageTimestamp"] = json!(crate::util::rfc3339_nanos(
+            r.received_ns + (s.latency_ms * 1e6) as u64
+        ));
         if let Some(b) = &s.response_body {
             ev["responseObject"] = b.clone();
         }

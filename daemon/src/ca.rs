@@ -62,9 +62,10 @@ pub struct CaPaths {
 }
 
 impl CaPaths {
-    pub fn new(state_dir: &Path) -> Self {
+    /// The CA in `dir` (the state directory's `ca`).
+    pub fn new(dir: &Path) -> Self {
         CaPaths {
-            dir: state_dir.join("ca"),
+            dir: dir.to_owned(),
         }
     }
     pub fn cert(&self) -> PathBuf {

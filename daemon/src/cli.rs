@@ -67,7 +67,7 @@ pub fn unprotect(cfg: &Config, eps: &[Endpoint]) -> Result<()> {
 
 pub fn status(cfg: &Config) -> Result<()> {
     let m = maps(cfg)?;
-    let state = std::fs::read_to_string(cfg.state_dir.join("kernel-state.json"))
+    let state = std::fs::read_to_string(cfg.state().kernel_state())
         .unwrap_or_else(|_| "(no kernel-state.json)".into());
     println!("kernel state: {state}");
     println!("enrolled cgroup ids: {:?}", m.enrolled());
@@ -82,7 +82,7 @@ pub fn status(cfg: &Config) -> Result<()> {
 
 pub fn unload(cfg: &Config) -> Result<()> {
     let n = kernel::unload(&kernel::Paths::new(&cfg.kernel.bpffs_dir))?;
-    let _ = std::fs::remove_file(cfg.state_dir.join("kernel-state.json"));
+    let _ = std::fs::remove_file(cfg.state().kernel_state());
     println!(
         "detached {n} programs and removed pins under {}",
         cfg.kernel.bpffs_dir.display()
@@ -92,7 +92,7 @@ pub fn unload(cfg: &Config) -> Result<()> {
 
 /// `portcullis ca init`: the CA agents must trust (distribute ca.crt, never ca.key).
 pub fn ca_init(cfg: &Config) -> Result<()> {
-    let paths = crate::ca::CaPaths::new(&cfg.state_dir);
+    let paths = crate::ca::CaPaths::new(&cfg.state().ca_dir());
     let out = crate::ca::init(&paths)?;
     if out.created {
         println!("created interception CA {}", out.cert_path.display());

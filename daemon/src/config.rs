@@ -240,12 +240,38 @@ fn default_username_claim() -> String {
 fn default_oidc_prefix() -> String {
     "oidc:".into()
 }
+/// Why an issuer's algorithm is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AlgorithmError {
+    #[error("`{0}` is not a JWS algorithm")]
+    Unknown(String),
+    #[error(
+        "`{0}` is a shared-secret algorithm: issuers must sign with a private key (RS*, PS*, ES*, EdDSA)"
+    )]
+    SharedSecret(String),
+}
+
+/// Algorithms an issuer may be configured with: asymmetric only (a token cannot pick
+/// HS256 and have the issuer's public key used as its secret).
+pub fn parse_algorithm(s: &str) -> Result<jsonwebtoken::Algorithm, AlgorithmError> {
+    use jsonwebtoken::Algorithm;
+    let alg: Algorithm = s
+        .parse()
+        .map_err(|_| AlgorithmError::Unknown(s.to_owned()))?;
+    match alg {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            Err(AlgorithmError::SharedSecret(s.to_owned()))
+        }
+        a => Ok(a),
+    }
+}
+
 fn de_algorithms<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Vec<jsonwebtoken::Algorithm>, D::Error> {
     let v = Vec::<String>::deserialize(d)?;
     v.iter()
-        .map(|s| crate::identity::parse_algorithm(s).map_err(de::Error::custom))
+        .map(|s| parse_algorithm(s).map_err(de::Error::custom))
         .collect()
 }
 
@@ -340,11 +366,21 @@ pub struct MaskRule {
     pub paths: Vec<String>,
     /// `text` (default) or `base64` (placeholders stay valid base64).
     #[serde(default = "text_encoding")]
-    pub encoding: crate::mask::Encoding,
+    pub encoding: Encoding,
 }
 
-fn text_encoding() -> crate::mask::Encoding {
-    crate::mask::Encoding::Text
+/// How a masked value is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// The field holds base64 (Secret `data`): the placeholder is valid base64.
+    Base64,
+    /// Plain text.
+    Text,
+}
+
+fn text_encoding() -> Encoding {
+    Encoding::Text
 }
 
 fn yes() -> bool {
@@ -565,7 +601,69 @@ impl<'de> Deserialize<'de> for Endpoint {
     }
 }
 
+/// What the daemon keeps in `state_dir`, by name (one place for the layout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatePaths {
+    pub dir: PathBuf,
+}
+
+impl StatePaths {
+    pub fn new(dir: &Path) -> StatePaths {
+        StatePaths {
+            dir: dir.to_owned(),
+        }
+    }
+    /// Written once the daemon serves; removed when it stops.
+    pub fn ready(&self) -> PathBuf {
+        self.dir.join("ready")
+    }
+    /// What `kernel::start` found and did.
+    pub fn kernel_state(&self) -> PathBuf {
+        self.dir.join("kernel-state.json")
+    }
+    pub fn kernel_events(&self) -> PathBuf {
+        self.dir.join("kernel-events.jsonl")
+    }
+    pub fn connections(&self) -> PathBuf {
+        self.dir.join("connections.jsonl")
+    }
+    /// The audit signing key (its public half beside it, `audit.pub`).
+    pub fn audit_key(&self) -> PathBuf {
+        self.dir.join("audit.key")
+    }
+    /// Audit segments and their signed heads.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.dir.join("audit")
+    }
+    pub fn approvals_db(&self) -> PathBuf {
+        self.dir.join("approvals.redb")
+    }
+    pub fn approvals_log(&self) -> PathBuf {
+        self.dir.join("approvals.jsonl")
+    }
+    /// The admin socket unless `proxy.admin.socket` says otherwise.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+    /// The interception CA.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+}
+
 impl Config {
+    pub fn state(&self) -> StatePaths {
+        StatePaths::new(&self.state_dir)
+    }
+
+    /// The admin socket: configured, or in the state directory.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.proxy
+            .as_ref()
+            .and_then(|p| p.admin.socket.clone())
+            .unwrap_or_else(|| self.state().admin_socket())
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -961,6 +1059,16 @@ proxy:
             GATED.replace("https://idp", "http://idp")
         ));
         assert!(e.contains("issuers[1].issuer"), "{e}");
+    }
+
+    #[test]
+    fn shared_secret_algorithms_are_refused() {
+        assert!(parse_algorithm("HS256").is_err());
+        assert!(parse_algorithm("none").is_err());
+        assert_eq!(
+            parse_algorithm("ES256").unwrap(),
+            jsonwebtoken::Algorithm::ES256
+        );
     }
 
     #[test]

@@ -15,12 +15,12 @@ use crate::{
     ca::{CaPaths, LeafMinter},
     cli::endpoint_key,
     config::{Config, Log, LogFormat},
-    jsonl::JsonlWriter,
     kernel::{self, PinnedMaps, bpffs, cgroup, events},
     listener,
     origin::BpfOriginLookup,
     proxy::{Gate, Proxy},
     upstream::{Impersonation, Upstream},
+    util::JsonlWriter,
 };
 
 pub fn init_tracing(log: &Log) {
@@ -48,7 +48,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", cfg.state_dir.display()))?;
-    let ready_file = cfg.state_dir.join("ready");
+    let state_paths = cfg.state();
+    let ready_file = state_paths.ready();
     let _ = std::fs::remove_file(&ready_file);
 
     bpffs::ensure(&cfg.kernel.bpffs_dir, cfg.kernel.mount_bpffs)?;
@@ -78,7 +79,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         &object,
         &cfg.kernel.attach_cgroup,
         &paths,
-        &cfg.state_dir.join("kernel-state.json"),
+        &state_paths.kernel_state(),
         |maps: &mut PinnedMaps| {
             maps.write_settings(&settings)?;
             for (i, ep) in cfg.kernel.protected_endpoints.iter().enumerate() {
@@ -119,16 +120,16 @@ pub async fn run(cfg: Config) -> Result<()> {
         .as_ref()
         .map(|p| p.audit.clone())
         .unwrap_or_default();
-    let audit_key = crate::audit::load_or_create_key(&cfg.state_dir.join("audit.key"))?;
+    let audit_key = crate::audit::load_or_create_key(&state_paths.audit_key())?;
     let audit_writer = crate::audit::AuditWriter::open(
-        &cfg.state_dir.join("audit"),
+        &state_paths.audit_dir(),
         audit_key,
         audit_cfg.segment_bytes,
     )?;
     let audit = crate::audit_log::AuditLog::start(audit_writer, &audit_cfg)
         .context("starting the audit writer")?;
     if let Some(sink) = &audit_cfg.sink {
-        let shipper = crate::audit_sink::Shipper::new(sink, &cfg.state_dir.join("audit"))
+        let shipper = crate::audit_sink::Shipper::new(sink, &state_paths.audit_dir())
             .context("proxy.audit.sink")?;
         tokio::spawn(shipper.run(audit.committed()));
     }
@@ -136,7 +137,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let proxy = match &cfg.proxy {
         Some(pcfg) => {
             let minter = Arc::new(LeafMinter::load(
-                &CaPaths::new(&cfg.state_dir),
+                &CaPaths::new(&state_paths.ca_dir()),
                 pcfg.tls_names.clone(),
             )?);
             let upstream =
@@ -178,8 +179,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     drop(acc_tx);
 
-    let mut kernel_log = JsonlWriter::open(&cfg.state_dir.join("kernel-events.jsonl"))?;
-    let mut conn_log = JsonlWriter::open(&cfg.state_dir.join("connections.jsonl"))?;
+    let mut kernel_log = JsonlWriter::open(&state_paths.kernel_events())?;
+    let mut conn_log = JsonlWriter::open(&state_paths.connections())?;
     let ready = Ready {
         pid: std::process::id(),
         mode: &state.mode,
@@ -233,13 +234,11 @@ async fn gate(
 ) -> Result<Gate> {
     use crate::{
         admin::{self, Admin},
-        approvals::Approvals,
+        approvals::{Approvals, Notifier, RedbStore},
         identity::Authenticator,
         jwks::{JwksCache, Source},
-        notify::Notifier,
         pod::PodResolver,
         policy::PolicyHandle,
-        store::RedbStore,
     };
     let (Some(idc), Some(policy_file)) = (&pcfg.identity, &pcfg.policy_file) else {
         let imp = pcfg
@@ -277,7 +276,7 @@ async fn gate(
     let authn = Arc::new(Authenticator::new(idc, keys));
     let policy = PolicyHandle::load(policy_file)?;
     tokio::spawn(policy.clone().watch(std::time::Duration::from_secs(1)));
-    let store = Arc::new(RedbStore::open(&cfg.state_dir.join("approvals.redb"))?);
+    let store = Arc::new(RedbStore::open(&cfg.state().approvals_db())?);
     let notifier = pcfg
         .approvals
         .webhook
@@ -288,7 +287,7 @@ async fn gate(
     let approvals = Arc::new(
         Approvals::open(
             store,
-            &cfg.state_dir.join("approvals.jsonl"),
+            &cfg.state().approvals_log(),
             notifier,
             pcfg.approvals.pending_ttl,
         )?
@@ -306,11 +305,7 @@ async fn gate(
             .map(|h| h.approver_groups.clone())
             .unwrap_or_default(),
     });
-    let socket = pcfg
-        .admin
-        .socket
-        .clone()
-        .unwrap_or_else(|| cfg.state_dir.join("admin.sock"));
+    let socket = cfg.admin_socket();
     {
         let admin = admin.clone();
         tokio::spawn(async move {

@@ -160,7 +160,7 @@ pub fn run(cfg: Option<&Config>) -> bool {
     }
 
     if let Some(cfg) = cfg {
-        let state = std::fs::read(cfg.state_dir.join("kernel-state.json"))
+        let state = std::fs::read(cfg.state().kernel_state())
             .ok()
             .and_then(|b| serde_json::from_slice::<crate::kernel::AttachState>(&b).ok());
         let (ok, detail) = match state.as_ref().map(|s| s.packet_guard.as_str()) {

@@ -108,7 +108,7 @@ async fn send(
     let call = async {
         let resp = c.request(req).await.map_err(|e| HttpError::Request {
             url: url.into(),
-            why: crate::proxy::source_chain(&e),
+            why: crate::util::source_chain(&e),
         })?;
         let code = resp.status();
         if !code.is_success() {

@@ -9,11 +9,11 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use base64::Engine;
-use jsonwebtoken::{Algorithm, Validation, errors::ErrorKind};
+use jsonwebtoken::{Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -105,12 +105,7 @@ pub struct Authenticator {
 
 const CACHE_MAX: usize = 4096;
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::util::unix_secs as now;
 
 impl Authenticator {
     pub fn new(cfg: &config::Identity, keys: Vec<Arc<JwksCache>>) -> Self {
@@ -358,22 +353,10 @@ fn bind_to_pod(id: &mut Identity, kernel_pod: Option<&PodRef>) -> Result<(), Aut
     Ok(())
 }
 
-/// Algorithms an issuer may be configured with: asymmetric only.
-pub fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
-    let alg: Algorithm = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a JWS algorithm"))?;
-    match alg {
-        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Err(format!(
-            "`{s}` is a shared-secret algorithm: issuers must sign with a private key (RS*, PS*, ES*, EdDSA)"
-        )),
-        a => Ok(a),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jsonwebtoken::Algorithm;
 
     fn cfg(kubernetes: bool) -> IssuerConfig {
         IssuerConfig {
@@ -461,12 +444,5 @@ mod tests {
         id.token_pod = None;
         bind_to_pod(&mut id, Some(&pod("B"))).unwrap();
         assert_eq!(id.kernel_pod.unwrap().uid, "B");
-    }
-
-    #[test]
-    fn shared_secret_algorithms_are_refused_in_config() {
-        assert!(parse_algorithm("HS256").is_err());
-        assert!(parse_algorithm("none").is_err());
-        assert_eq!(parse_algorithm("ES256").unwrap(), Algorithm::ES256);
     }
 }

@@ -14,12 +14,10 @@ pub mod daemon;
 pub mod doctor;
 pub mod http_client;
 pub mod identity;
-pub mod jsonl;
 pub mod jwks;
 pub mod kernel;
 pub mod listener;
 pub mod mask;
-pub mod notify;
 pub mod origin;
 pub mod pod;
 pub mod policy;
@@ -29,8 +27,8 @@ pub mod replay;
 pub mod request_info;
 pub mod response;
 pub mod status;
-pub mod store;
 pub mod upstream;
+pub mod util;
 
 /// Where the daemon and the CLI read their configuration by default.
 pub const DEFAULT_CONFIG: &str = "/etc/portcullis/portcullis.yaml";

@@ -59,7 +59,7 @@ pub async fn serve(
             None => warn!(%peer, "accepted a connection the kernel did not redirect"),
         }
         let rec = Accepted {
-            time: crate::kernel::events::humantime_rfc3339(std::time::SystemTime::now()),
+            time: crate::util::rfc3339_micros(std::time::SystemTime::now()),
             listen: local,
             peer,
             kernel: kernel.clone(),

@@ -292,8 +292,8 @@ fn main() -> Result<()> {
                         .map(|s| {
                             serde_json::json!({
                                 "id": s.id, "subject": s.subject, "pod_uid": s.pod_uid,
-                                "start": audit_read::rfc3339(s.first_ns),
-                                "end": audit_read::rfc3339(s.last_ns),
+                                "start": portcullis::util::rfc3339_nanos(s.first_ns),
+                                "end": portcullis::util::rfc3339_nanos(s.last_ns),
                                 "requests": s.exchanges.len(),
                                 "mutations": s.exchanges.iter().filter(|e| e.request.mutating).count(),
                                 "refused": s.exchanges.iter().filter(|e| e.response.as_ref().is_some_and(|r| r.code >= 400)).count(),
@@ -317,7 +317,9 @@ fn main() -> Result<()> {
                             } else {
                                 &s.pod_uid
                             },
-                            audit_read::rfc3339(s.first_ns).get(..19).unwrap_or(""),
+                            portcullis::util::rfc3339_nanos(s.first_ns)
+                                .get(..19)
+                                .unwrap_or(""),
                             s.exchanges.len(),
                             s.exchanges.iter().filter(|e| e.request.mutating).count()
                         );

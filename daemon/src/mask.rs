@@ -28,7 +28,10 @@ use std::{borrow::Cow, sync::Arc};
 use base64::Engine;
 use regex::bytes::Regex;
 
-use crate::request_info::RequestInfo;
+use crate::{
+    request_info::RequestInfo,
+    util::{is_json, media_type},
+};
 
 /// The placeholder text; base64-encoded where the field is base64.
 pub const PLACEHOLDER: &str = "portcullis-masked";
@@ -57,15 +60,7 @@ pub enum MaskError {
     Rule { rule: String, why: &'static str },
 }
 
-/// How a masked value is replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Encoding {
-    /// The field holds base64 (Secret `data`): the placeholder is valid base64.
-    Base64,
-    /// Plain text.
-    Text,
-}
+pub use crate::config::Encoding;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seg {
@@ -1175,17 +1170,13 @@ impl Masking {
                 String::from_utf8_lossy(enc.as_bytes())
             ));
         }
-        let ctype = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let media = ctype
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if media == "application/json" || media.ends_with("+json") {
+        let media = media_type(
+            headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+        );
+        if is_json(&media) {
             ForResponse::Mask(BodyMasker::Json(JsonMasker::new(plan.clone())))
         } else if media == "text/plain" {
             match &self.detectors {

@@ -17,9 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Empty, combinators::BoxBody};
+use http_body_util::BodyExt;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -41,6 +40,7 @@ use crate::{
     response::{Outcome, Relay},
     status,
     upstream::{self, Impersonation, Upstream},
+    util::{self, BoxError, ProxyBody, source_chain},
 };
 
 /// How requests are authorised.
@@ -67,11 +67,6 @@ struct Verdict {
     approval: String,
     grant: String,
 }
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Every body that crosses the proxy, in either direction.
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Largest request body buffered to record it before a mutation is forwarded (the API
 /// server's own limit is 3 MiB).
@@ -320,7 +315,7 @@ impl Proxy {
                 self.id_prefix,
                 self.next_request.fetch_add(1, Ordering::Relaxed)
             ),
-            received_ns: now_ns(),
+            received_ns: util::unix_nanos(),
             conn: conn.id,
             user: None,
             origin: origin_of(conn),
@@ -563,16 +558,14 @@ impl Proxy {
         if !bytes.is_empty() {
             rec.request_body = Some(self.masked_request_body(&bytes, rec));
         }
-        Ok(http_body_util::Full::new(bytes)
-            .map_err(|n| match n {})
-            .boxed())
+        Ok(util::full(bytes))
     }
 
     /// A request body as recorded: JSON masked like a response of its resource; other
     /// encodings (protobuf) cannot be masked and are not recorded.
     fn masked_request_body(&self, bytes: &[u8], rec: &RequestRecord) -> serde_json::Value {
-        let media = rec.content_type.split(';').next().unwrap_or("").trim();
-        let json = media == "application/json" || media.ends_with("+json");
+        let media = util::media_type(&rec.content_type);
+        let json = util::is_json(&media);
         let plan = self.masking.plan(&rec.attributes);
         match (json, plan) {
             (true, Some(plan)) => {
@@ -841,7 +834,7 @@ impl Proxy {
             return r;
         }
         // Upgrade requests carry no body (SPDY's POST included).
-        let up_req = Request::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed());
+        let up_req = Request::from_parts(parts, util::empty());
         let mut resp = match self.upstream.send(up_req, true).await {
             Ok(r) => r,
             Err(e) => {
@@ -919,7 +912,7 @@ impl Proxy {
         if let Some(u) = upgrade_to {
             p.headers.insert(header::UPGRADE, u);
         }
-        Response::from_parts(p, Empty::new().map_err(|n| match n {}).boxed())
+        Response::from_parts(p, util::empty())
     }
 
     fn upstream_error(&self, e: hyper_util::client::legacy::Error) -> Response<ProxyBody> {
@@ -954,24 +947,6 @@ fn bearer<B>(req: &Request<B>) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|t| !t.is_empty())
-}
-
-pub fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// The connection's origin as recorded: what the kernel saw, never what the agent said.

@@ -153,7 +153,7 @@ pub async fn replay(exchanges: &[Exchange], t: &Target) -> Result<Vec<Step>> {
             }
             Ok(Err(e)) => {
                 step.outcome = "error";
-                step.note = crate::proxy::source_chain(&e);
+                step.note = crate::util::source_chain(&e);
             }
             Err(_) => {
                 step.outcome = "error";

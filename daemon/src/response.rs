@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use crate::{
     audit_log::{AuditLog, ResponseRecord, body_value},
     mask::BodyMasker,
-    proxy::BoxError,
+    util::BoxError,
 };
 
 /// Writes the `response` record once, when the body ends or is dropped.

@@ -1,11 +1,9 @@
 //! Errors on the wire as kubectl expects them: a `metav1.Status` JSON body with the
 //! HTTP code, a machine-readable reason and a message for the human.
-use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 
-use crate::proxy::ProxyBody;
+use crate::util::ProxyBody;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -58,11 +56,7 @@ pub fn body(code: StatusCode, message: &str) -> Vec<u8> {
 
 /// A complete failure response.
 pub fn response(code: StatusCode, message: &str) -> Response<ProxyBody> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body(code, message)))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut resp = Response::new(crate::util::full(body(code, message)));
     *resp.status_mut() = code;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

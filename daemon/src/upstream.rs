@@ -19,7 +19,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
 use crate::{
     config::{self, Credential},
-    proxy::ProxyBody,
+    util::ProxyBody,
 };
 
 const IN_CLUSTER_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -230,15 +230,13 @@ impl Upstream {
                 t.bearer().map_err(|e| e.to_string())?,
             );
         }
-        let req = b
-            .body(http_body_util::Empty::new().map_err(|n| match n {}).boxed())
-            .map_err(|e| e.to_string())?;
+        let req = b.body(crate::util::empty()).map_err(|e| e.to_string())?;
         let call = async {
             let resp = self
                 .client
                 .request(req)
                 .await
-                .map_err(|e| crate::proxy::source_chain(&e))?;
+                .map_err(|e| crate::util::source_chain(&e))?;
             let code = resp.status();
             let body = http_body_util::Limited::new(resp.into_body(), limit)
                 .collect()

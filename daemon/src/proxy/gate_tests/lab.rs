@@ -25,7 +25,7 @@ use tokio::{
 
 use super::fake_api::FakeApi;
 use crate::{
-    approvals::{Approval, Approvals, Approver, State},
+    approvals::{Approval, Approvals, Approver, RedbStore, State},
     audit::{AuditWriter, load_or_create_key},
     audit_log::{AuditLog, RequestRecord, ResponseRecord},
     audit_read::{Entry, read_all},
@@ -40,7 +40,6 @@ use crate::{
     pod::PodResolver,
     policy::PolicyHandle,
     proxy::{Gate, Proxy},
-    store::RedbStore,
     upstream::{Impersonation, Upstream},
 };
 
@@ -250,7 +249,7 @@ proxy:
         let pcfg = cfg.proxy.clone().unwrap();
 
         // Wired as daemon::run wires it.
-        let ca_paths = CaPaths::new(&state);
+        let ca_paths = CaPaths::new(&cfg.state().ca_dir());
         crate::ca::init(&ca_paths).unwrap();
         let minter = Arc::new(LeafMinter::load(&ca_paths, pcfg.tls_names.clone()).unwrap());
         let upstream = Arc::new(Upstream::new(&pcfg).unwrap());

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::approvals::{Approval, Grant};
+use super::model::{Approval, Grant};
 
 #[derive(Debug, thiserror::Error)]
 #[error("approval store: {0}")]

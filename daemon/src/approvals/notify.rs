@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::model::Approval;
 use crate::{
-    approvals::Approval,
     config::{Webhook, WebhookFormat},
     http_client::{self, HttpClient},
 };
@@ -77,7 +77,7 @@ impl Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::approvals::{Approval, Attributes, State, SubjectRecord};
+    use crate::approvals::{Attributes, State, SubjectRecord};
 
     fn approval() -> Approval {
         Approval {
