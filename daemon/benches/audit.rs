@@ -81,7 +81,7 @@ async fn run(dir: &std::path::Path, concurrency: usize, total: u64, limit: Durat
                 if t0.elapsed() > limit {
                     break;
                 }
-                log.durable("request", &record(c * per + i))
+                log.durable(portcullis::audit::Kind::Request, &record(c * per + i))
                     .await
                     .expect("durable");
                 done += 1;

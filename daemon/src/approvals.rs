@@ -187,7 +187,7 @@ impl Approvals {
             warn!(error = %e, path = %w.path().display(), "writing the approvals audit log");
         }
         if let Some(c) = &self.chain {
-            c.record("approval", &ev);
+            c.record(crate::audit::Kind::Approval, &ev);
         }
     }
 

@@ -43,12 +43,40 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
     }
 }
 
+/// What a chained record is (the `kind` of its line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// A request to the gate: who, what, the decision.
+    Request,
+    /// The outcome of a `request` (same `id`).
+    Response,
+    /// A redirect or a blocked bypass attempt from the kernel.
+    KernelEvent,
+    /// A state change of an approval or grant.
+    Approval,
+    /// A writer signed records a crashed predecessor left unsigned.
+    Recovery,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Request => "request",
+            Kind::Response => "response",
+            Kind::KernelEvent => "kernel-event",
+            Kind::Approval => "approval",
+            Kind::Recovery => "recovery",
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Line<'a> {
     seq: u64,
     prev: String,
     time: u64,
-    kind: String,
+    kind: Kind,
     record: &'a serde_json::value::RawValue,
 }
 
@@ -207,7 +235,7 @@ impl AuditWriter {
             // chain, so an auditor sees which records were signed late and why.
             let (from, to, torn) = left;
             w.append(
-                "recovery",
+                Kind::Recovery,
                 &serde_json::json!({
                     "reason": "the previous writer stopped before committing (crash or kill)",
                     "signed_late": if to > 0 { serde_json::json!({"from_seq": from, "to_seq": to}) } else { serde_json::Value::Null },
@@ -220,7 +248,7 @@ impl AuditWriter {
     }
 
     /// Appends one record (not yet durable); returns its sequence number.
-    pub fn append<T: Serialize>(&mut self, kind: &str, record: &T) -> Result<u64, AuditError> {
+    pub fn append<T: Serialize>(&mut self, kind: Kind, record: &T) -> Result<u64, AuditError> {
         if self.bytes >= self.max_segment_bytes && self.seq >= self.first_seq {
             self.rotate()?;
         }
@@ -232,7 +260,7 @@ impl AuditWriter {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            kind: kind.to_owned(),
+            kind,
             record: &raw,
         };
         let mut bytes = serde_json::to_vec(&line)?;
@@ -479,7 +507,7 @@ mod tests {
         let dir = d.join("audit");
         let mut w = AuditWriter::open(&dir, key, 400).unwrap();
         for i in 0..12 {
-            w.append("request", &serde_json::json!({"i": i, "verb": "get"}))
+            w.append(Kind::Request, &serde_json::json!({"i": i, "verb": "get"}))
                 .unwrap();
             if i % 3 == 2 {
                 w.commit().unwrap();
@@ -506,6 +534,20 @@ mod tests {
     }
 
     #[test]
+    fn kinds_are_written_as_before() {
+        for (k, s) in [
+            (Kind::Request, "request"),
+            (Kind::Response, "response"),
+            (Kind::KernelEvent, "kernel-event"),
+            (Kind::Approval, "approval"),
+            (Kind::Recovery, "recovery"),
+        ] {
+            assert_eq!(serde_json::to_value(k).unwrap(), s);
+            assert_eq!(k.as_str(), s);
+        }
+    }
+
+    #[test]
     fn intact_evidence_verifies_across_segments_and_reopen() {
         let (dir, key) = fixture("intact");
         let r = verify(&dir, &key).unwrap();
@@ -515,7 +557,7 @@ mod tests {
         // Reopening continues the chain.
         let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
         let mut w = AuditWriter::open(&dir, k, 400).unwrap();
-        w.append("request", &serde_json::json!({"after": "restart"}))
+        w.append(Kind::Request, &serde_json::json!({"after": "restart"}))
             .unwrap();
         w.commit().unwrap();
         assert!(problems(&dir, &key).is_empty());
@@ -527,7 +569,7 @@ mod tests {
         let k = || load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
         let mut w = AuditWriter::open(&dir, k(), 1 << 20).unwrap();
         for i in 0..3 {
-            w.append("request", &serde_json::json!({"pending": i}))
+            w.append(Kind::Request, &serde_json::json!({"pending": i}))
                 .unwrap();
         }
         // Appended, not committed: well-formed, not yet vouched for.
@@ -537,7 +579,7 @@ mod tests {
         w.commit().unwrap();
         assert_eq!(verify(&dir, &key).unwrap().unsigned_tail, 0);
         // A crash leaves a tail; the next writer signs it on open.
-        w.append("request", &serde_json::json!({"crash": 1}))
+        w.append(Kind::Request, &serde_json::json!({"crash": 1}))
             .unwrap();
         drop(w);
         assert_eq!(verify(&dir, &key).unwrap().unsigned_tail, 1);
@@ -568,7 +610,7 @@ mod tests {
         let (dir, key) = fixture("settled");
         let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
         let mut w = AuditWriter::open(&dir, k, 1 << 20).unwrap();
-        w.append("request", &serde_json::json!({"late": 1}))
+        w.append(Kind::Request, &serde_json::json!({"late": 1}))
             .unwrap();
         // Nobody commits: after the wait it is a problem.
         let wait = std::time::Duration::from_millis(300);
@@ -687,7 +729,8 @@ mod tests {
         drop(f);
         let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
         let mut w = AuditWriter::open(&dir, k, 1 << 20).unwrap();
-        w.append("request", &serde_json::json!({"x": 1})).unwrap();
+        w.append(Kind::Request, &serde_json::json!({"x": 1}))
+            .unwrap();
         w.commit().unwrap();
         assert!(
             problems(&dir, &key).is_empty(),

@@ -24,6 +24,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
+pub use crate::audit::Kind;
 use crate::{
     audit::AuditWriter,
     config::{Audit as AuditCfg, AuditLevel},
@@ -34,7 +35,7 @@ const QUEUE: usize = 8192;
 const MAX_BATCH: usize = 1024;
 
 struct Entry {
-    kind: &'static str,
+    kind: Kind,
     record: Box<RawValue>,
     ack: Option<oneshot::Sender<Result<u64, String>>>,
 }
@@ -77,7 +78,7 @@ impl AuditLog {
         }))
     }
 
-    fn entry<T: Serialize>(kind: &'static str, rec: &T) -> Option<Entry> {
+    fn entry<T: Serialize>(kind: Kind, rec: &T) -> Option<Entry> {
         match serde_json::value::to_raw_value(rec) {
             Ok(record) => Some(Entry {
                 kind,
@@ -85,7 +86,7 @@ impl AuditLog {
                 ack: None,
             }),
             Err(e) => {
-                warn!(error = %e, kind, "an audit record could not be encoded");
+                warn!(error = %e, kind = kind.as_str(), "an audit record could not be encoded");
                 None
             }
         }
@@ -93,7 +94,7 @@ impl AuditLog {
 
     /// Queues a record without waiting. A full queue makes a task wait for room
     /// rather than drop the record.
-    pub fn record<T: Serialize>(&self, kind: &'static str, rec: &T) {
+    pub fn record<T: Serialize>(&self, kind: Kind, rec: &T) {
         let Some(e) = Self::entry(kind, rec) else {
             return;
         };
@@ -127,7 +128,7 @@ impl AuditLog {
     /// Queues a record and returns once it is durable (its sequence number).
     pub async fn durable<T: Serialize>(
         &self,
-        kind: &'static str,
+        kind: Kind,
         rec: &T,
     ) -> Result<u64, AuditUnavailable> {
         let mut e = Self::entry(kind, rec)
@@ -225,6 +226,103 @@ fn write_loop(
     }
 }
 
+/// What the gate decided about a request, as recorded (`decision`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Pass-through mode: forwarded as the one configured identity.
+    PassThrough,
+    /// Allowed by policy and forwarded.
+    Allow,
+    /// Forwarded on an approval's grant.
+    Approved,
+    /// Denied by policy (or no rule matched).
+    Deny,
+    /// Needs approval; still pending when the hold time ran out.
+    Held,
+    /// Its approval was denied while it was held.
+    Denied,
+    /// Its approval expired undecided while it was held.
+    Expired,
+    /// Needed approval, but its subject had too many waiting.
+    TooManyPending,
+    /// The agent's token was missing or invalid.
+    Unauthenticated,
+    /// The subject has no upstream identity in the policy.
+    Unmapped,
+    /// Refused before identity and policy (not redirected, malformed), or because the
+    /// gate could not keep a record it needs (the approval store).
+    Refused,
+    /// A decision this build does not know, read from other evidence; kept verbatim.
+    Other(String),
+}
+
+impl Decision {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Decision::PassThrough => "pass-through",
+            Decision::Allow => "allow",
+            Decision::Approved => "approved",
+            Decision::Deny => "deny",
+            Decision::Held => "held",
+            Decision::Denied => "denied",
+            Decision::Expired => "expired",
+            Decision::TooManyPending => "too-many-pending",
+            Decision::Unauthenticated => "unauthenticated",
+            Decision::Unmapped => "unmapped",
+            Decision::Refused => "refused",
+            Decision::Other(s) => s,
+        }
+    }
+
+    /// The request went on to the API server.
+    pub fn forwarded(&self) -> bool {
+        matches!(
+            self,
+            Decision::PassThrough | Decision::Allow | Decision::Approved
+        )
+    }
+}
+
+impl From<&str> for Decision {
+    fn from(s: &str) -> Decision {
+        [
+            Decision::PassThrough,
+            Decision::Allow,
+            Decision::Approved,
+            Decision::Deny,
+            Decision::Held,
+            Decision::Denied,
+            Decision::Expired,
+            Decision::TooManyPending,
+            Decision::Unauthenticated,
+            Decision::Unmapped,
+            Decision::Refused,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+        .unwrap_or_else(|| Decision::Other(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Decision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Decision {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Decision, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        Ok(Decision::from(s.as_ref()))
+    }
+}
+
 /// Who made a request, as verified (never the token itself).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Subject {
@@ -272,7 +370,7 @@ pub struct RequestRecord {
     pub upgrade: bool,
     #[serde(default)]
     pub mutating: bool,
-    pub decision: String,
+    pub decision: Decision,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub rule: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -329,6 +427,35 @@ mod tests {
         AuditLog::start(w, &AuditCfg::default()).unwrap()
     }
 
+    #[test]
+    fn decisions_are_written_and_read_as_before() {
+        for s in [
+            "pass-through",
+            "allow",
+            "approved",
+            "deny",
+            "held",
+            "denied",
+            "expired",
+            "too-many-pending",
+            "unauthenticated",
+            "unmapped",
+            "refused",
+        ] {
+            let d: Decision = serde_json::from_value(serde_json::json!(s)).unwrap();
+            assert!(!matches!(d, Decision::Other(_)), "{s}");
+            assert_eq!(serde_json::to_value(&d).unwrap(), s);
+        }
+        let odd: Decision = serde_json::from_value(serde_json::json!("")).unwrap();
+        assert_eq!(odd, Decision::Other(String::new()));
+        assert_eq!(serde_json::to_value(&odd).unwrap(), "");
+        let forwarded: Vec<&str> = ["pass-through", "allow", "approved", "deny", "held"]
+            .into_iter()
+            .filter(|s| Decision::from(*s).forwarded())
+            .collect();
+        assert_eq!(forwarded, ["pass-through", "allow", "approved"]);
+    }
+
     #[tokio::test]
     async fn durable_records_are_on_disk_when_acknowledged() {
         let dir = tempdir();
@@ -336,7 +463,7 @@ mod tests {
         let mut seqs = Vec::new();
         for i in 0..20 {
             seqs.push(
-                log.durable("test", &serde_json::json!({ "i": i }))
+                log.durable(Kind::Request, &serde_json::json!({ "i": i }))
                     .await
                     .unwrap(),
             );
@@ -352,7 +479,7 @@ mod tests {
         let dir = tempdir();
         let log = log(&dir);
         for i in 0..5 {
-            log.record("test", &i);
+            log.record(Kind::Request, &i);
         }
         tokio::time::sleep(COMMIT_EVERY * 3).await;
         let key = std::fs::read_to_string(dir.join("k.pub")).unwrap();
@@ -368,10 +495,10 @@ mod tests {
     async fn an_unwritable_log_fails_durable_records_and_reports_unhealthy() {
         let dir = tempdir();
         let log = log(&dir);
-        log.durable("test", &1).await.unwrap();
+        log.durable(Kind::Request, &1).await.unwrap();
         // The directory goes away under the writer: the head cannot be rewritten.
         std::fs::remove_dir_all(dir.join("audit")).unwrap();
-        let r = log.durable("test", &2).await;
+        let r = log.durable(Kind::Request, &2).await;
         assert!(r.is_err(), "{r:?}");
         assert!(!log.healthy());
     }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    audit::{list_segments, seg_path},
+    audit::{Kind, list_segments, seg_path},
     audit_log::{RequestRecord, ResponseRecord},
 };
 
@@ -65,13 +65,13 @@ pub struct Exchange {
 pub fn exchanges(entries: &[Entry]) -> Vec<Exchange> {
     let mut responses: HashMap<String, ResponseRecord> = entries
         .iter()
-        .filter(|e| e.kind == "response")
+        .filter(|e| e.kind == Kind::Response.as_str())
         .filter_map(|e| serde_json::from_value::<ResponseRecord>(e.record.clone()).ok())
         .map(|r| (r.id.clone(), r))
         .collect();
     entries
         .iter()
-        .filter(|e| e.kind == "request")
+        .filter(|e| e.kind == Kind::Request.as_str())
         .filter_map(|e| {
             let request: RequestRecord = serde_json::from_value(e.record.clone()).ok()?;
             let response = responses.remove(&request.id);

@@ -199,7 +199,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 if let Err(e) = kernel_log.append(&ev) {
                     warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
                 }
-                audit.record("kernel-event", &ev);
+                audit.record(crate::audit::Kind::KernelEvent, &ev);
                 if ev_rx.is_empty() {
                     flush(&mut kernel_log);
                 }

@@ -1077,7 +1077,20 @@ pub enum ForResponse {
     Pass,
     Mask(BodyMasker),
     /// A body that cannot be inspected: refused, with the reason.
-    Refuse(String),
+    Refuse(Unmaskable),
+}
+
+/// Why a response body cannot be inspected for masking.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unmaskable {
+    /// A content encoding (gzip, ...).
+    #[error("the API server sent a {0} encoded body, which Portcullis cannot inspect for masking")]
+    Encoded(String),
+    /// Neither JSON nor text (protobuf, ...); `no content type` when there is none.
+    #[error(
+        "the API server answered with {0}, which Portcullis cannot inspect for masking; request application/json"
+    )]
+    MediaType(String),
 }
 
 impl Masking {
@@ -1165,9 +1178,8 @@ impl Masking {
         if let Some(enc) = headers.get(http::header::CONTENT_ENCODING)
             && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
         {
-            return ForResponse::Refuse(format!(
-                "the API server sent a {} encoded body, which Portcullis cannot inspect for masking",
-                String::from_utf8_lossy(enc.as_bytes())
+            return ForResponse::Refuse(Unmaskable::Encoded(
+                String::from_utf8_lossy(enc.as_bytes()).into_owned(),
             ));
         }
         let media = media_type(
@@ -1184,15 +1196,11 @@ impl Masking {
                 None => ForResponse::Pass,
             }
         } else {
-            ForResponse::Refuse(format!(
-                "the API server answered with {}, which Portcullis cannot inspect for masking; \
-                 request application/json",
-                if media.is_empty() {
-                    "no content type"
-                } else {
-                    &media
-                }
-            ))
+            ForResponse::Refuse(Unmaskable::MediaType(if media.is_empty() {
+                "no content type".into()
+            } else {
+                media
+            }))
         }
     }
 }

@@ -25,9 +25,15 @@ use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+mod refusal;
+
+pub use refusal::Refusal;
+
 use crate::{
     approvals::{Approvals, Attributes, Held},
-    audit_log::{AuditLog, Origin, RequestRecord, ResponseRecord, Subject, body_value},
+    audit_log::{
+        AuditLog, Decision, Kind, Origin, RequestRecord, ResponseRecord, Subject, body_value,
+    },
     ca::LeafMinter,
     config,
     config::AuditLevel,
@@ -38,9 +44,8 @@ use crate::{
     policy::{Action, PolicyHandle},
     request_info::{self, RequestInfo},
     response::{Outcome, Relay},
-    status,
     upstream::{self, Impersonation, Upstream},
-    util::{self, BoxError, ProxyBody, source_chain},
+    util::{self, BoxError, ProxyBody},
 };
 
 /// How requests are authorised.
@@ -57,12 +62,12 @@ pub enum Gate {
     },
 }
 
-/// What the gate concluded about one request (for the request log and the audit).
+/// What authorization learned about one request besides its outcome (for the
+/// request log and the audit).
 #[derive(Default)]
 struct Verdict {
     subject: String,
     user: Option<Subject>,
-    decision: &'static str,
     rule: String,
     approval: String,
     grant: String,
@@ -325,7 +330,7 @@ impl Proxy {
             attributes: RequestInfo::default(),
             upgrade,
             mutating: false,
-            decision: String::new(),
+            decision: Decision::Refused,
             rule: String::new(),
             approval: String::new(),
             grant: String::new(),
@@ -339,26 +344,30 @@ impl Proxy {
         };
         let mut verdict = Verdict::default();
         let resp = match self.precheck(&req, conn) {
-            Err(refusal) => {
-                verdict.decision = "refused";
-                rec.decision = verdict.decision.into();
-                self.refused(&rec, refusal, started)
-            }
+            Err(refusal) => self.refused(&rec, refusal, started),
             Ok(info) => {
                 rec.mutating = upgrade || !matches!(info.verb.as_str(), "get" | "list" | "watch");
                 let authorized = self.authorize(&req, conn, &info, &mut verdict).await;
                 rec.user = verdict.user.take();
-                rec.decision = verdict.decision.into();
                 rec.rule = verdict.rule.clone();
                 rec.approval = verdict.approval.clone();
                 rec.grant = verdict.grant.clone();
                 rec.attributes = info;
                 match authorized {
-                    Err(refusal) => self.refused(&rec, refusal, started),
-                    Ok(imp) if upgrade => {
-                        self.forward_upgrade(req, conn, &rec, &imp, started).await
+                    Err(refusal) => {
+                        if let Some(d) = refusal.decision() {
+                            rec.decision = d;
+                        }
+                        self.refused(&rec, refusal, started)
                     }
-                    Ok(imp) => self.forward(req, conn, &mut rec, &imp, started).await,
+                    Ok((imp, decision)) => {
+                        rec.decision = decision;
+                        if upgrade {
+                            self.forward_upgrade(req, conn, &rec, &imp, started).await
+                        } else {
+                            self.forward(req, conn, &mut rec, &imp, started).await
+                        }
+                    }
                 }
             }
         };
@@ -366,10 +375,10 @@ impl Proxy {
             conn = conn.id,
             subject = %verdict.subject,
             pod_uid = conn.kernel_pod.as_ref().map(|p| p.uid.as_str()).unwrap_or(""),
-            decision = %verdict.decision,
-            rule = %verdict.rule,
-            approval = %verdict.approval,
-            grant = %verdict.grant,
+            decision = %rec.decision,
+            rule = %rec.rule,
+            approval = %rec.approval,
+            grant = %rec.grant,
             verb = %rec.attributes.verb,
             api_group = %rec.attributes.api_group,
             resource = %rec.attributes.resource,
@@ -388,23 +397,10 @@ impl Proxy {
     }
 
     /// Checks before anything else: redirected by the kernel, a head within limits, no
-    /// smuggling, resolvable attributes. (The refusal is the response itself, as in
-    /// `authorize`: it is returned as is, so boxing it would only add an allocation.)
-    #[allow(clippy::result_large_err)]
-    fn precheck<B>(
-        &self,
-        req: &Request<B>,
-        conn: &Conn,
-    ) -> Result<RequestInfo, Response<ProxyBody>> {
-        let method = req.method();
-        let path = req.uri().path();
+    /// smuggling, resolvable attributes.
+    fn precheck<B>(&self, req: &Request<B>, conn: &Conn) -> Result<RequestInfo, Refusal> {
         if conn.origin.is_none() && !self.accept_unredirected {
-            warn!(peer = %conn.peer, %method, %path, "refused: connection was not redirected by the kernel");
-            return Err(status::response(
-                StatusCode::FORBIDDEN,
-                "Portcullis serves only connections the kernel redirected from an enrolled \
-                 agent; this one was made to the daemon's address directly",
-            ));
+            return Err(Refusal::Unredirected);
         }
         // hyper's HTTP/1.1 buffer limit is not a strict bound on the head (a head that
         // arrives in one read can exceed it), so the configured limit is checked here.
@@ -415,89 +411,66 @@ impl Proxy {
             .sum::<usize>()
             + req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
         if head_bytes > self.max_header_bytes {
-            warn!(peer = %conn.peer, %method, head_bytes, "refused: request head too large");
-            let mut r = status::response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                &format!(
-                    "the request head is {head_bytes} bytes; the limit is {}",
-                    self.max_header_bytes
-                ),
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return Err(r);
+            return Err(Refusal::HeadTooLarge {
+                bytes: head_bytes,
+                limit: self.max_header_bytes,
+            });
         }
         // Both framings at once is the request-smuggling pattern (RFC 9112 6.3): refuse
         // it and close, rather than guess which framing the agent meant.
         if req.headers().contains_key(header::TRANSFER_ENCODING)
             && req.headers().contains_key(header::CONTENT_LENGTH)
         {
-            warn!(peer = %conn.peer, %method, %path, "refused: both Content-Length and Transfer-Encoding");
-            let mut r = status::response(
-                StatusCode::BAD_REQUEST,
-                "a request may not carry both Content-Length and Transfer-Encoding",
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return Err(r);
+            return Err(Refusal::BothFramings);
         }
-        request_info::resolve(method.as_str(), path, req.uri().query())
-            .map_err(|e| status::response(StatusCode::BAD_REQUEST, &e.to_string()))
+        Ok(request_info::resolve(
+            req.method().as_str(),
+            req.uri().path(),
+            req.uri().query(),
+        )?)
     }
 
     /// A request answered by the daemon itself: both records, queued.
     fn refused(
         &self,
         rec: &RequestRecord,
-        resp: Response<ProxyBody>,
+        refusal: Refusal,
         started: Instant,
     ) -> Response<ProxyBody> {
-        self.audit.record("request", rec);
-        self.audit.record(
-            "response",
-            &ResponseRecord {
-                id: rec.id.clone(),
-                code: resp.status().as_u16(),
-                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-                bytes: 0,
-                complete: true,
-                error: None,
-                response_body: None,
-                session_bytes: None,
-            },
-        );
+        if let Some(w) = refusal.warning() {
+            warn!(id = %rec.id, method = %rec.method, path = %rec.path, reason = %refusal, "{w}");
+        }
+        let resp = refusal.response();
+        self.audit.record(Kind::Request, rec);
+        self.record_answer(rec.id.clone(), &resp, started, None);
+        resp
+    }
+
+    /// An answer after the request record was written: the response record only.
+    fn answered(&self, id: String, refusal: Refusal, started: Instant) -> Response<ProxyBody> {
+        if let Some(w) = refusal.warning() {
+            warn!(%id, reason = %refusal, "{w}");
+        }
+        let resp = refusal.response();
+        self.record_answer(id, &resp, started, refusal.record_error());
         resp
     }
 
     /// Audit before act: a mutation's record is durable before it is forwarded; a read
-    /// is refused while the log cannot be written (if so configured). The refusal is
-    /// the 503 to return.
-    async fn record_request(&self, rec: &RequestRecord) -> Result<(), Response<ProxyBody>> {
-        let unavailable = |why: String| {
-            warn!(id = %rec.id, reason = %why, "refused: the audit log cannot be written");
-            status::response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "Portcullis cannot record this request in its audit log, so it is not forwarded: {why}"
-                ),
-            )
-        };
+    /// is refused while the log cannot be written (if so configured).
+    async fn record_request(&self, rec: &RequestRecord) -> Result<(), Refusal> {
         if rec.mutating {
             return self
                 .audit
-                .durable("request", rec)
+                .durable(Kind::Request, rec)
                 .await
                 .map(|_| ())
-                .map_err(|e| unavailable(e.to_string()));
+                .map_err(Refusal::AuditWriteFailed);
         }
+        self.audit.record(Kind::Request, rec);
         if !self.audit.healthy() && self.audit.fail_closed_reads {
-            self.audit.record("request", rec);
-            return Err(unavailable(
-                "the last audit write failed (reads are refused too: audit.fail_closed_reads)"
-                    .into(),
-            ));
+            return Err(Refusal::AuditUnhealthy);
         }
-        self.audit.record("request", rec);
         Ok(())
     }
 
@@ -510,7 +483,7 @@ impl Proxy {
         error: Option<String>,
     ) {
         self.audit.record(
-            "response",
+            Kind::Response,
             &ResponseRecord {
                 id,
                 code: resp.status().as_u16(),
@@ -529,7 +502,7 @@ impl Proxy {
         &self,
         body: Incoming,
         rec: &mut RequestRecord,
-    ) -> Result<ProxyBody, Response<ProxyBody>> {
+    ) -> Result<ProxyBody, Refusal> {
         let wanted = rec.mutating
             && self.audit.level >= AuditLevel::Request
             && matches!(rec.method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE");
@@ -542,17 +515,12 @@ impl Proxy {
         {
             Ok(c) => c.to_bytes(),
             Err(e) => {
-                let too_large = e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
-                return Err(status::response(
-                    if too_large {
-                        StatusCode::PAYLOAD_TOO_LARGE
-                    } else {
-                        StatusCode::BAD_REQUEST
-                    },
-                    &format!("reading the request body: {e}"),
-                ));
+                return Err(Refusal::BodyUnreadable {
+                    too_large: e
+                        .downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some(),
+                    why: e.to_string(),
+                });
             }
         };
         if !bytes.is_empty() {
@@ -587,19 +555,17 @@ impl Proxy {
         }
     }
 
-    /// Identity, then decision: the upstream identity to impersonate, or the refusal.
+    /// Identity, then decision: the upstream identity to impersonate and the decision
+    /// that let the request through, or the refusal.
     async fn authorize(
         &self,
         req: &Request<Incoming>,
         conn: &Conn,
         info: &RequestInfo,
         v: &mut Verdict,
-    ) -> Result<Impersonation, Response<ProxyBody>> {
+    ) -> Result<(Impersonation, Decision), Refusal> {
         let (authn, policy, approvals) = match &self.gate {
-            Gate::PassThrough(imp) => {
-                v.decision = "pass-through";
-                return Ok(imp.clone());
-            }
+            Gate::PassThrough(imp) => return Ok((imp.clone(), Decision::PassThrough)),
             Gate::Gated {
                 authn,
                 policy,
@@ -607,19 +573,11 @@ impl Proxy {
                 ..
             } => (authn, policy, approvals),
         };
-        let unauthorized = |v: &mut Verdict, why: String| {
-            v.decision = "unauthenticated";
-            warn!(conn = conn.id, reason = %why, "refused: agent identity");
-            status::response(StatusCode::UNAUTHORIZED, &format!("Portcullis: {why}"))
-        };
-        let token = match bearer(req) {
-            Some(t) => t,
-            None => return Err(unauthorized(v, "no bearer token in the request".into())),
-        };
-        let id = match authn.authenticate(token, conn.kernel_pod.as_ref()).await {
-            Ok(id) => id,
-            Err(e) => return Err(unauthorized(v, e.to_string())),
-        };
+        let token = bearer(req).ok_or(Refusal::NoToken)?;
+        let id = authn
+            .authenticate(token, conn.kernel_pod.as_ref())
+            .await
+            .map_err(Refusal::BadToken)?;
         v.subject = id.username.clone();
         v.user = Some(Subject {
             username: id.username.clone(),
@@ -628,29 +586,26 @@ impl Proxy {
             token_id: id.token_id.clone(),
         });
         let policy = policy.get();
-        let forbidden = |msg: String| status::response(StatusCode::FORBIDDEN, &msg);
         // Before any decision: a subject with no upstream identity can never proceed,
         // so nobody is asked to approve its requests.
         let Some(scoped) = policy.scoped_identity(&id) else {
-            v.decision = "unmapped";
-            return Err(forbidden(format!(
-                "Portcullis policy {} maps no upstream identity for {}",
-                policy.name, id.username
-            )));
+            return Err(Refusal::Unmapped {
+                policy: policy.name.clone(),
+                user: id.username.clone(),
+            });
         };
         let d = policy.decide(&id, info);
         v.rule = d.rule.clone().unwrap_or_default();
-        match d.action {
+        let attrs = Box::new(Attributes::from(info));
+        let decision = match d.action {
             Action::Deny => {
-                v.decision = "deny";
-                return Err(forbidden(format!(
-                    "Portcullis policy denies {} for {}: {}",
-                    Attributes::from(info),
-                    id.username,
-                    d.message
-                )));
+                return Err(Refusal::Denied {
+                    attrs,
+                    user: id.username.clone(),
+                    message: d.message,
+                });
             }
-            Action::Allow => v.decision = "allow",
+            Action::Allow => Decision::Allow,
             Action::Approve => {
                 let spec = d
                     .approval
@@ -660,64 +615,53 @@ impl Proxy {
                         hold: Duration::ZERO,
                         grant_ttl: Duration::from_secs(60),
                     });
-                let attrs = Attributes::from(info);
                 let held = approvals
                     .hold(&id, &attrs, &v.rule, &d.message, &spec)
-                    .await;
+                    .await
+                    .map_err(Refusal::ApprovalsUnavailable)?;
                 match held {
-                    Ok(Held::Granted { grant_id }) => {
-                        v.decision = "approved";
+                    Held::Granted { grant_id } => {
                         v.grant = grant_id;
+                        Decision::Approved
                     }
-                    Ok(Held::Pending { approval_id }) => {
-                        v.decision = "held";
+                    Held::Pending { approval_id } => {
                         v.approval = approval_id.clone();
-                        return Err(forbidden(format!(
-                            "Portcullis: {attrs} needs approval ({}); approval {approval_id} is pending. \
-                             An approver runs `portcullis approvals approve {approval_id}`; retry after that.",
-                            d.message
-                        )));
+                        return Err(Refusal::Pending {
+                            attrs,
+                            message: d.message,
+                            approval: approval_id,
+                        });
                     }
-                    Ok(Held::Denied {
+                    Held::Denied {
                         approval_id,
                         by,
                         reason,
-                    }) => {
-                        v.decision = "denied";
+                    } => {
                         v.approval = approval_id.clone();
-                        return Err(forbidden(format!(
-                            "Portcullis: approval {approval_id} for {attrs} was denied by {by}: {reason}"
-                        )));
+                        return Err(Refusal::ApprovalDenied {
+                            attrs,
+                            approval: approval_id,
+                            by,
+                            reason,
+                        });
                     }
-                    Ok(Held::TooMany { pending }) => {
-                        v.decision = "too-many-pending";
-                        return Err(status::response(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            &format!(
-                                "Portcullis: {} already has {pending} approvals waiting; \
-                                 no new one is opened until some are decided or expire",
-                                id.username
-                            ),
-                        ));
+                    Held::TooMany { pending } => {
+                        return Err(Refusal::TooManyPending {
+                            user: id.username.clone(),
+                            pending,
+                        });
                     }
-                    Ok(Held::Expired { approval_id }) => {
-                        v.decision = "expired";
+                    Held::Expired { approval_id } => {
                         v.approval = approval_id.clone();
-                        return Err(forbidden(format!(
-                            "Portcullis: approval {approval_id} for {attrs} expired undecided; retry to request a new one"
-                        )));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "approval store unavailable");
-                        return Err(status::response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            &format!("Portcullis cannot record the approval request: {e}"),
-                        ));
+                        return Err(Refusal::ApprovalExpired {
+                            attrs,
+                            approval: approval_id,
+                        });
                     }
                 }
             }
-        }
-        Ok(Impersonation::new(&scoped.user, &scoped.groups))
+        };
+        Ok((Impersonation::new(&scoped.user, &scoped.groups), decision))
     }
 
     async fn forward(
@@ -734,17 +678,10 @@ impl Proxy {
             Err(refusal) => return self.refused(rec, refusal, started),
         };
         if let Err(refusal) = self.record_request(rec).await {
-            self.record_answer(rec.id.clone(), &refusal, started, None);
-            return refusal;
+            return self.answered(rec.id.clone(), refusal, started);
         }
         if let Err(e) = self.upstream.rewrite(&mut parts, false, imp) {
-            warn!(error = %e, "daemon credential unavailable");
-            let r = status::response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("Portcullis cannot present its credential to the API server: {e}"),
-            );
-            self.record_answer(rec.id.clone(), &r, started, None);
-            return r;
+            return self.answered(rec.id.clone(), Refusal::Credential(e), started);
         }
         let plan = self.masking.plan(&rec.attributes);
         if plan.is_some() {
@@ -759,11 +696,7 @@ impl Proxy {
         let up_req = Request::from_parts(parts, body);
         match self.upstream.send(up_req, false).await {
             Ok(resp) => self.relay(resp, plan, rec.id.clone(), conn, started, head),
-            Err(e) => {
-                let r = self.upstream_error(e);
-                self.record_answer(rec.id.clone(), &r, started, None);
-                r
-            }
+            Err(e) => self.answered(rec.id.clone(), self.upstream_error(e), started),
         }
     }
 
@@ -791,10 +724,7 @@ impl Proxy {
                 Some(m)
             }
             ForResponse::Refuse(why) => {
-                warn!(%id, reason = %why, "refused: response cannot be masked");
-                let r = status::response(StatusCode::BAD_GATEWAY, &format!("Portcullis: {why}"));
-                self.record_answer(id, &r, started, Some(why));
-                return r;
+                return self.answered(id, Refusal::Unmaskable(why), started);
             }
         };
         let abandoned = conn.clone();
@@ -820,28 +750,18 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         // The session's start: durable before the session exists.
         if let Err(refusal) = self.record_request(rec).await {
-            self.record_answer(rec.id.clone(), &refusal, started, None);
-            return refusal;
+            return self.answered(rec.id.clone(), refusal, started);
         }
         let downstream = hyper::upgrade::on(&mut req);
         let (mut parts, _body) = req.into_parts();
         if let Err(e) = self.upstream.rewrite(&mut parts, true, imp) {
-            let r = status::response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("Portcullis cannot present its credential to the API server: {e}"),
-            );
-            self.record_answer(rec.id.clone(), &r, started, None);
-            return r;
+            return self.answered(rec.id.clone(), Refusal::Credential(e), started);
         }
         // Upgrade requests carry no body (SPDY's POST included).
         let up_req = Request::from_parts(parts, util::empty());
         let mut resp = match self.upstream.send(up_req, true).await {
             Ok(r) => r,
-            Err(e) => {
-                let r = self.upstream_error(e);
-                self.record_answer(rec.id.clone(), &r, started, None);
-                return r;
-            }
+            Err(e) => return self.answered(rec.id.clone(), self.upstream_error(e), started),
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             // The API server refused (e.g. no such pod): relay its (masked) answer.
@@ -859,7 +779,7 @@ impl Proxy {
                     Err(e) => {
                         warn!(error = %e, "upgrade did not complete");
                         audit.record(
-                            "response",
+                            Kind::Response,
                             &ResponseRecord {
                                 id,
                                 code: 101,
@@ -888,7 +808,7 @@ impl Proxy {
                 };
                 // The session's end.
                 audit.record(
-                    "response",
+                    Kind::Response,
                     &ResponseRecord {
                         id,
                         code: 101,
@@ -915,26 +835,14 @@ impl Proxy {
         Response::from_parts(p, util::empty())
     }
 
-    fn upstream_error(&self, e: hyper_util::client::legacy::Error) -> Response<ProxyBody> {
-        let base = self.upstream.base();
-        if e.is_connect() {
-            warn!(error = ?e, %base, "API server unreachable");
-            status::response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "Portcullis cannot reach the Kubernetes API server at {base}: {}",
-                    source_chain(&e)
-                ),
-            )
+    fn upstream_error(&self, error: hyper_util::client::legacy::Error) -> Refusal {
+        let base = self.upstream.base().to_string();
+        let connect = error.is_connect();
+        let error = Box::new(error);
+        if connect {
+            Refusal::UpstreamUnreachable { base, error }
         } else {
-            warn!(error = ?e, %base, "API server request failed");
-            status::response(
-                StatusCode::BAD_GATEWAY,
-                &format!(
-                    "the request to the Kubernetes API server at {base} failed: {}",
-                    source_chain(&e)
-                ),
-            )
+            Refusal::UpstreamFailed { base, error }
         }
     }
 }

@@ -36,14 +36,10 @@ pub struct Step {
     pub note: String,
 }
 
-fn forwarded(decision: &str) -> bool {
-    matches!(decision, "allow" | "approved" | "pass-through")
-}
-
 /// Why an exchange cannot be re-issued, if it cannot.
 fn unreplayable(ex: &Exchange) -> Option<String> {
     let r = &ex.request;
-    if !forwarded(&r.decision) {
+    if !r.decision.forwarded() {
         return Some(format!(
             "refused by the gate when recorded ({})",
             r.decision

@@ -74,7 +74,7 @@ impl<B> Relay<B> {
         }
         let response_body = o.capture.map(|max| body_value(&self.captured, max));
         o.audit.record(
-            "response",
+            crate::audit::Kind::Response,
             &ResponseRecord {
                 id: o.id,
                 code: o.code,

@@ -53,7 +53,7 @@ async fn a_connection_the_kernel_did_not_redirect_is_refused() {
     let (rec, resp) = lab
         .records("GET", "/api/v1/namespaces/e2e/configmaps")
         .await;
-    assert_eq!(rec.decision, "refused");
+    assert_eq!(rec.decision.as_str(), "refused");
     assert_eq!(resp.code, 403);
 }
 
@@ -81,7 +81,7 @@ async fn a_request_head_over_the_limit_is_refused_and_closed() {
         .body(())
         .unwrap();
     let conn = lab.conn(From::PodA);
-    let refusal = lab.proxy.precheck(&big, &conn).unwrap_err();
+    let refusal = lab.proxy.precheck(&big, &conn).unwrap_err().response();
     assert_eq!(
         refusal.status(),
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
@@ -141,7 +141,8 @@ async fn content_length_with_transfer_encoding_never_smuggles_a_request() {
     let refusal = lab
         .proxy
         .precheck(&both, &lab.conn(From::PodA))
-        .unwrap_err();
+        .unwrap_err()
+        .response();
     assert_eq!(refusal.status(), StatusCode::BAD_REQUEST);
     assert_eq!(refusal.headers()["connection"], "close");
     let body = http_body_util::BodyExt::collect(refusal.into_body())
@@ -165,7 +166,7 @@ async fn a_path_the_resolver_cannot_place_is_refused() {
         "unable to determine kind and namespace from url /api/v1/watch"
     );
     let (rec, _) = lab.records("GET", "/api/v1/watch").await;
-    assert_eq!(rec.decision, "refused");
+    assert_eq!(rec.decision.as_str(), "refused");
 }
 
 // ---- authorize outcomes ----
@@ -195,7 +196,7 @@ async fn pass_through_forwards_as_the_configured_identity_with_the_daemons_crede
     let (rec, resp) = lab
         .records("GET", "/api/v1/namespaces/e2e/configmaps")
         .await;
-    assert_eq!(rec.decision, "pass-through");
+    assert_eq!(rec.decision.as_str(), "pass-through");
     assert!(rec.user.is_none());
     assert_eq!(rec.attributes.verb, "list");
     assert_eq!(rec.origin.comm, "kubectl");
@@ -213,7 +214,7 @@ async fn unauthenticated_requests_are_refused_with_the_reason() {
     assert_eq!(r.message(), "Portcullis: no bearer token in the request");
     assert_eq!(r.json()["reason"], "Unauthorized");
     let (rec, resp) = lab.records("GET", path).await;
-    assert_eq!(rec.decision, "unauthenticated");
+    assert_eq!(rec.decision.as_str(), "unauthenticated");
     assert_eq!(resp.code, 401);
 
     let r = lab.call(From::PodA, Some("not-a-jwt"), "GET", path).await;
@@ -251,7 +252,7 @@ async fn a_subject_without_an_upstream_identity_is_refused() {
         "Portcullis policy lab maps no upstream identity for system:serviceaccount:e2e:other"
     );
     let (rec, _) = lab.records("GET", path).await;
-    assert_eq!(rec.decision, "unmapped");
+    assert_eq!(rec.decision.as_str(), "unmapped");
     assert_eq!(
         rec.user.map(|u| u.username).as_deref(),
         Some("system:serviceaccount:e2e:other")
@@ -272,7 +273,7 @@ async fn policy_denials_name_the_request_the_subject_and_the_rule_message() {
         )
     );
     let (rec, _) = lab.records("POST", path).await;
-    assert_eq!(rec.decision, "deny");
+    assert_eq!(rec.decision.as_str(), "deny");
     assert_eq!(rec.rule, "exec");
     assert!(rec.mutating);
     // Nothing matches: denied too.
@@ -335,7 +336,7 @@ async fn a_held_request_names_its_approval_and_passes_once_approved() {
         )
     );
     let (rec, _) = lab.records("DELETE", path).await;
-    assert_eq!(rec.decision, "held");
+    assert_eq!(rec.decision.as_str(), "held");
     assert_eq!(rec.approval, a.id);
     assert_eq!(rec.rule, "quick-deletes");
     assert!(lab.api.seen_at("DELETE", path).is_empty());
@@ -377,7 +378,7 @@ async fn a_request_approved_while_held_proceeds() {
     let (r, ()) = tokio::join!(held, decide);
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let (rec, _) = lab.records("DELETE", path).await;
-    assert_eq!(rec.decision, "approved");
+    assert_eq!(rec.decision.as_str(), "approved");
     assert!(!rec.grant.is_empty());
 }
 
@@ -403,7 +404,7 @@ async fn a_request_denied_while_held_is_refused_with_the_reason() {
         )
     );
     let (rec, _) = lab.records("DELETE", path).await;
-    assert_eq!(rec.decision, "denied");
+    assert_eq!(rec.decision.as_str(), "denied");
     assert_eq!(rec.approval, id);
     assert!(lab.api.seen_at("DELETE", path).is_empty());
 }
@@ -433,7 +434,7 @@ async fn a_request_whose_approval_expires_while_held_is_refused() {
         )
     );
     let (rec, _) = lab.records("DELETE", path).await;
-    assert_eq!(rec.decision, "expired");
+    assert_eq!(rec.decision.as_str(), "expired");
     assert_eq!(rec.approval, id);
 }
 
@@ -464,7 +465,7 @@ async fn a_subject_with_too_many_pending_approvals_gets_429_and_pages_nobody() {
         )
     );
     let (rec, _) = lab.records("DELETE", path).await;
-    assert_eq!(rec.decision, "too-many-pending");
+    assert_eq!(rec.decision.as_str(), "too-many-pending");
     assert_eq!(
         lab.approvals().list().len(),
         crate::approvals::MAX_PENDING_PER_SUBJECT
@@ -697,7 +698,7 @@ async fn an_unreachable_api_server_is_a_503_the_client_retries() {
         r.body
     );
     let (rec, resp) = lab.records("GET", path).await;
-    assert_eq!(rec.decision, "pass-through");
+    assert_eq!(rec.decision.as_str(), "pass-through");
     assert_eq!(resp.code, 503);
 }
 
@@ -735,7 +736,7 @@ async fn an_upgrade_becomes_a_byte_pipe_and_its_end_is_recorded() {
     drop(tls);
     let (rec, resp) = lab.records("GET", path).await;
     assert!(rec.upgrade && rec.mutating);
-    assert_eq!(rec.decision, "pass-through");
+    assert_eq!(rec.decision.as_str(), "pass-through");
     assert_eq!(resp.code, 101);
     assert_eq!(resp.session_bytes, Some((4, 4)));
     let seen = lab.api.seen_at("GET", path);
