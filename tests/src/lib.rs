@@ -576,6 +576,7 @@ impl Lab {
 
 pub mod cluster;
 pub mod idp;
+pub mod node;
 
 pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + Duration::from_secs(secs);

@@ -2,13 +2,13 @@
 //! and the subject in the same run.
 use anyhow::{Result, bail};
 
-use crate::{test, upstream};
+use crate::{node, test};
 
 pub fn run(what: &str, args: &[String]) -> Result<()> {
     match what {
         "kernel" => test::lab(&["bench-kernel"], args, false),
         "proxy" => {
-            let nginx = upstream::nginx()?;
+            let nginx = node::nginx()?;
             test::lab_with_env(&["bench-proxy"], args, true, &[("PORTCULLIS_NGINX", nginx)])
         }
         // Pure CPU/disk benchmarks of the daemon's library: no lab needed.

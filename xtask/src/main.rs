@@ -10,11 +10,11 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod ebpf;
+mod node;
 mod paths;
 mod run;
 mod setup;
 mod test;
-mod upstream;
 
 #[derive(Parser)]
 #[command(
@@ -28,8 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what the build and every test tier need (apt packages, bpf-linker, the real
-    /// kube-apiserver, kubectl, the Python client), idempotently.
+    /// Install what the build and every test tier need (apt packages, bpf-linker, the
+    /// node parts: Kubernetes, etcd, containerd, runc, CNI plugins, pause, the Python
+    /// client), idempotently.
     Setup,
     /// Build the eBPF object, the daemon and the test helpers (release).
     Build,
@@ -44,6 +45,13 @@ enum Cmd {
     },
     /// Set up, build, then show an agent being redirected and its bypass attempts blocked.
     Demo,
+    /// Pin another release of a node part (kubernetes, etcd, containerd, runc, cni) in
+    /// its wrapper module under xtask/go/; commit the go.mod and go.sum it rewrites.
+    Bump {
+        part: String,
+        /// A Go module version, e.g. v1.37.3.
+        version: String,
+    },
     /// Benchmarks, reported as ratios against a baseline measured in the same run.
     Bench {
         /// Which benchmark: `kernel`.
@@ -69,7 +77,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup => {
             setup::all()?;
-            upstream::ensure().map(|_| ())
+            node::ensure().map(|_| ())
         }
         Cmd::Build => {
             setup::build_tools()?;
@@ -77,6 +85,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test { tier, args } => test::run(&tier, &args),
         Cmd::Demo => test::demo(),
+        Cmd::Bump { part, version } => node::bump(&part, &version),
         Cmd::Bench { what, args } => bench::run(&what, &args),
     }
 }

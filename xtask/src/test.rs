@@ -4,9 +4,9 @@ use std::process::Command;
 use anyhow::{Result, bail};
 
 use crate::{
-    ebpf, paths,
+    ebpf, node, paths,
     run::{self, step},
-    setup, upstream,
+    setup,
 };
 
 const TIERS: &[&str] = &["unit", "kernel", "e2e"];
@@ -34,8 +34,8 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
     };
     setup::all()?;
     // Installed before anything runs, so a missing part fails the run up front.
-    let upstream = if tiers.contains(&"e2e") {
-        Some(upstream::ensure()?)
+    let node = if tiers.contains(&"e2e") {
+        Some(node::ensure()?)
     } else {
         None
     };
@@ -72,11 +72,12 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
                 .args(args),
         )?;
     }
-    if let Some(up) = upstream {
+    if let Some(up) = node {
         require_root("the e2e tier")?;
         step(&format!(
-            "tier e2e: kubectl and the Python client through the gate to a real kube-apiserver {}",
-            upstream::K8S_VERSION
+            "tier e2e: real agent pods (kubectl, the Python client) through the gate on a real \
+             Kubernetes {} node",
+            up.kubernetes_version
         ));
         let mut cmd = Command::new("cargo");
         cmd.current_dir(paths::root())
@@ -92,7 +93,7 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
             .env("PORTCULLIS_BIN_DIR", paths::target().join("release"))
             .arg("--")
             .args(args);
-        upstream::export(&up, &mut cmd);
+        node::export(&up, &mut cmd);
         run::status(&mut cmd)?;
     }
     Ok(())
@@ -113,7 +114,7 @@ pub fn lab_with_env(
     require_root("the lab")?;
     setup::all()?;
     let up = if real_upstream {
-        Some(upstream::ensure()?)
+        Some(node::ensure()?)
     } else {
         None
     };
@@ -123,7 +124,7 @@ pub fn lab_with_env(
         .args(args)
         .env("PORTCULLIS_BIN_DIR", paths::target().join("release"));
     if let Some(up) = &up {
-        upstream::export(up, &mut cmd);
+        node::export(up, &mut cmd);
     }
     for (k, v) in env {
         cmd.env(k, v);

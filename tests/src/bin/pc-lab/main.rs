@@ -25,6 +25,9 @@ enum Cmd {
     },
     /// An agent redirected through the gate, its bypass attempts blocked, kernel events.
     Demo,
+    /// Starts the real node, runs one agent pod and one command in it, stops (a quick
+    /// check of the node harness; prints how long each start step took).
+    NodeSmoke,
     /// connect() latency with and without the programs, and ring-buffer events/s.
     BenchKernel {
         /// Connects per measurement (bounded; each measurement also stops after 20 s).
@@ -42,6 +45,7 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Demo => demo(),
+        Cmd::NodeSmoke => node_smoke(),
         Cmd::BenchProxy { rounds } => bench_proxy::run(rounds),
         Cmd::BenchKernel {
             count,
@@ -806,5 +810,55 @@ fn bench(count: u32, events: u32, rounds: u32) -> Result<()> {
     std::fs::write(out.join("kernel.json"), serde_json::to_vec_pretty(&report)?)?;
     println!("report: {}", out.join("kernel.json").display());
     let _: Value = report;
+    Ok(())
+}
+
+fn node_smoke() -> Result<()> {
+    use portcullis_tests::node::{self, Node};
+    let mut n = Node::start(node::Options {
+        agent_bins: vec![portcullis_tests::bin("pc-probe")],
+        ..Default::default()
+    })?;
+    println!("node ready: {}", n.timings);
+    n.wait_service_account("default", "default")?;
+    let t = Instant::now();
+    n.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: smoke, namespace: default}}\nspec:\n  containers:\n  - name: main\n    image: {}\n    imagePullPolicy: Never\n    command: [sleep, '3600']\n",
+        node::AGENT_IMAGE
+    ))?;
+    let uid = n.wait_pod_ready("default", "smoke")?;
+    println!(
+        "pod ready in {:.1}s, cgroup {}",
+        t.elapsed().as_secs_f64(),
+        n.pod_cgroup(&uid)?.display()
+    );
+    for argv in [
+        &["kubectl", "version", "--client"][..],
+        &[
+            "python3",
+            "-c",
+            "import kubernetes, ssl; print('python kubernetes', kubernetes.__version__)",
+        ][..],
+        &["pc-probe", "--help"][..],
+        &[
+            "sh",
+            "-c",
+            "cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo; ls /var/run/secrets/kubernetes.io/serviceaccount",
+        ][..],
+    ] {
+        let o = n.exec_cmd("default", "smoke", "main", argv).output()?;
+        println!(
+            "{argv:?} -> {}\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let t = Instant::now();
+    drop(n);
+    println!(
+        "node stopped and cleaned in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
