@@ -18,7 +18,7 @@ use crate::{
     kernel::{self, PinnedMaps, bpffs, cgroup, events},
     listener,
     origin::BpfOriginLookup,
-    proxy::{Gate, Proxy},
+    proxy::{Authorizer, Gated, Proxy},
     upstream::{Impersonation, Upstream},
     util::JsonlWriter,
 };
@@ -231,7 +231,7 @@ async fn gate(
     upstream: &Arc<Upstream>,
     minter: &Arc<LeafMinter>,
     audit: &Arc<crate::audit_log::AuditLog>,
-) -> Result<Gate> {
+) -> Result<Authorizer> {
     use crate::{
         admin::{self, Admin},
         approvals::{Approvals, Notifier, RedbStore},
@@ -246,7 +246,7 @@ async fn gate(
             .as_ref()
             .context("proxy.impersonate is required without identity and policy")?;
         warn!(user = %imp.user, "pass-through mode: no token checks and no policy; every enrolled agent acts as this identity");
-        return Ok(Gate::PassThrough(Impersonation::new(
+        return Ok(Authorizer::PassThrough(Impersonation::new(
             &imp.user,
             &imp.groups,
         )));
@@ -321,12 +321,12 @@ async fn gate(
         info!(addr = %h.listen, "admin API listening (HTTPS)");
         tokio::spawn(admin::serve_https(admin, l, minter.clone()));
     }
-    Ok(Gate::Gated {
+    Ok(Authorizer::Gated(Gated {
         authn,
         policy,
         approvals,
         pods: Arc::new(PodResolver::new(&cfg.kernel.attach_cgroup)),
-    })
+    }))
 }
 
 /// Response masking from `proxy.masking`.

@@ -25,7 +25,6 @@ pub mod policy_cases;
 pub mod proxy;
 pub mod replay;
 pub mod request_info;
-pub mod response;
 pub mod status;
 pub mod upstream;
 pub mod util;

@@ -44,6 +44,8 @@ pub enum Refusal {
         attrs: Box<Attributes>,
         user: String,
         message: String,
+        /// `None`: no rule matched.
+        rule: Option<String>,
     },
     #[error(
         "Portcullis: {attrs} needs approval ({message}); approval {approval} is pending. An approver runs `portcullis approvals approve {approval}`; retry after that."
@@ -52,6 +54,7 @@ pub enum Refusal {
         attrs: Box<Attributes>,
         message: String,
         approval: String,
+        rule: String,
     },
     #[error("Portcullis: approval {approval} for {attrs} was denied by {by}: {reason}")]
     ApprovalDenied {
@@ -59,6 +62,7 @@ pub enum Refusal {
         approval: String,
         by: String,
         reason: String,
+        rule: String,
     },
     #[error(
         "Portcullis: approval {approval} for {attrs} expired undecided; retry to request a new one"
@@ -66,13 +70,22 @@ pub enum Refusal {
     ApprovalExpired {
         attrs: Box<Attributes>,
         approval: String,
+        rule: String,
     },
     #[error(
         "Portcullis: {user} already has {pending} approvals waiting; no new one is opened until some are decided or expire"
     )]
-    TooManyPending { user: String, pending: usize },
-    #[error("Portcullis cannot record the approval request: {0}")]
-    ApprovalsUnavailable(#[source] StoreError),
+    TooManyPending {
+        user: String,
+        pending: usize,
+        rule: String,
+    },
+    #[error("Portcullis cannot record the approval request: {source}")]
+    ApprovalsUnavailable {
+        rule: String,
+        #[source]
+        source: StoreError,
+    },
 
     // ---- forwarding ----
     #[error("reading the request body: {why}")]
@@ -120,7 +133,7 @@ impl Refusal {
             BothFramings | Unresolvable(_) => StatusCode::BAD_REQUEST,
             NoToken | BadToken(_) => StatusCode::UNAUTHORIZED,
             TooManyPending { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApprovalsUnavailable(_) | AuditWriteFailed(_) | AuditUnhealthy => {
+            ApprovalsUnavailable { .. } | AuditWriteFailed(_) | AuditUnhealthy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             BodyUnreadable { too_large, .. } => {
@@ -151,7 +164,7 @@ impl Refusal {
             ApprovalDenied { .. } => Decision::Denied,
             ApprovalExpired { .. } => Decision::Expired,
             TooManyPending { .. } => Decision::TooManyPending,
-            ApprovalsUnavailable(_) => Decision::Refused,
+            ApprovalsUnavailable { .. } => Decision::Refused,
             BodyUnreadable { .. }
             | AuditWriteFailed(_)
             | AuditUnhealthy
@@ -160,6 +173,31 @@ impl Refusal {
             | UpstreamFailed { .. }
             | Unmaskable(_) => return None,
         })
+    }
+
+    /// The policy rule that decided, for the record.
+    pub fn rule(&self) -> Option<&str> {
+        use Refusal::*;
+        match self {
+            Denied { rule, .. } => rule.as_deref(),
+            Pending { rule, .. }
+            | ApprovalDenied { rule, .. }
+            | ApprovalExpired { rule, .. }
+            | TooManyPending { rule, .. }
+            | ApprovalsUnavailable { rule, .. } => Some(rule),
+            _ => None,
+        }
+    }
+
+    /// The approval the request waits or waited for, for the record.
+    pub fn approval(&self) -> Option<&str> {
+        use Refusal::*;
+        match self {
+            Pending { approval, .. }
+            | ApprovalDenied { approval, .. }
+            | ApprovalExpired { approval, .. } => Some(approval),
+            _ => None,
+        }
     }
 
     /// The error the response record carries: set when the API server's answer
@@ -187,7 +225,7 @@ impl Refusal {
             HeadTooLarge { .. } => "refused: request head too large",
             BothFramings => "refused: both Content-Length and Transfer-Encoding",
             NoToken | BadToken(_) => "refused: agent identity",
-            ApprovalsUnavailable(_) => "approval store unavailable",
+            ApprovalsUnavailable { .. } => "approval store unavailable",
             AuditWriteFailed(_) | AuditUnhealthy => "refused: the audit log cannot be written",
             Credential(_) => "daemon credential unavailable",
             UpstreamUnreachable { .. } => "API server unreachable",
@@ -240,6 +278,7 @@ mod tests {
                     attrs: Box::new(attrs()),
                     message: "m".into(),
                     approval: "apr-1".into(),
+                    rule: "r".into(),
                 },
                 403,
                 "held",
@@ -251,6 +290,7 @@ mod tests {
                     approval: "apr-1".into(),
                     by: "bob".into(),
                     reason: "no".into(),
+                    rule: "r".into(),
                 },
                 403,
                 "denied",
@@ -260,6 +300,7 @@ mod tests {
                 Refusal::TooManyPending {
                     user: "u".into(),
                     pending: 20,
+                    rule: "r".into(),
                 },
                 429,
                 "too-many-pending",

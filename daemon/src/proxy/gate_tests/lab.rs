@@ -39,7 +39,7 @@ use crate::{
     origin::{ConnOrigin, OriginLookup},
     pod::PodResolver,
     policy::PolicyHandle,
-    proxy::{Gate, Proxy},
+    proxy::{Authorizer, Gated, Proxy},
     upstream::{Impersonation, Upstream},
 };
 
@@ -261,7 +261,7 @@ proxy:
         let gate = match opts.mode {
             Mode::PassThrough => {
                 let imp = pcfg.impersonate.as_ref().unwrap();
-                Gate::PassThrough(Impersonation::new(&imp.user, &imp.groups))
+                Authorizer::PassThrough(Impersonation::new(&imp.user, &imp.groups))
             }
             Mode::Gated => {
                 let idc = pcfg.identity.as_ref().unwrap();
@@ -283,12 +283,12 @@ proxy:
                     .chained(audit.clone()),
                 );
                 approvals = Some(a.clone());
-                Gate::Gated {
+                Authorizer::Gated(Gated {
                     authn,
                     policy,
                     approvals: a,
                     pods: Arc::new(PodResolver::new(&cfg.kernel.attach_cgroup)),
-                }
+                })
             }
         };
         let rules = pcfg

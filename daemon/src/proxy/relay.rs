@@ -1,41 +1,22 @@
-//! The response stage: the API server's body on its way to the agent, masked chunk by
-//! chunk, with its outcome written to the audit log when it ends (delivered whole,
-//! abandoned by the agent, or failed). Nothing uninspected passes: a masking error
-//! ends the stream with an error instead of forwarding the bytes.
+//! The API server's body on its way to the agent, masked chunk by chunk, with its
+//! outcome recorded when it ends (delivered whole, abandoned by the agent, or failed).
+//! Nothing uninspected passes: a masking error ends the stream with an error instead
+//! of forwarding the bytes.
 use std::{
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll, ready},
-    time::Instant,
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::{
-    audit_log::{AuditLog, ResponseRecord, body_value},
-    mask::BodyMasker,
-    util::BoxError,
-};
-
-/// Writes the `response` record once, when the body ends or is dropped.
-pub struct Outcome {
-    pub audit: Arc<AuditLog>,
-    pub id: String,
-    pub code: u16,
-    pub started: Instant,
-    /// Keeps up to this many bytes of what the agent received (RequestResponse level).
-    pub capture: Option<usize>,
-    /// Called when the agent abandons the body before its end.
-    pub on_abandon: Option<Box<dyn FnOnce() + Send + Sync>>,
-}
+use super::exchange::Outcome;
+use crate::{mask::BodyMasker, util::BoxError};
 
 pub struct Relay<B> {
     inner: B,
     masker: Option<BodyMasker>,
     outcome: Option<Outcome>,
-    captured: Vec<u8>,
-    bytes: u64,
     ended: bool,
 }
 
@@ -45,47 +26,21 @@ impl<B> Relay<B> {
             inner,
             masker,
             outcome,
-            captured: Vec::new(),
-            bytes: 0,
             ended: false,
         }
     }
 
     fn sent(&mut self, b: &[u8]) {
-        self.bytes += b.len() as u64;
-        if let Some(max) = self.outcome.as_ref().and_then(|o| o.capture)
-            && self.captured.len() <= max
-        {
-            let room = (max + 1).saturating_sub(self.captured.len());
-            self.captured.extend_from_slice(&b[..b.len().min(room)]);
+        if let Some(o) = &mut self.outcome {
+            o.sent(b);
         }
     }
 
     fn finish(&mut self, complete: bool, error: Option<String>) {
         self.ended = true;
-        let Some(mut o) = self.outcome.take() else {
-            return;
-        };
-        if !complete
-            && error.is_none()
-            && let Some(f) = o.on_abandon.take()
-        {
-            f();
+        if let Some(o) = self.outcome.take() {
+            o.end(complete, error);
         }
-        let response_body = o.capture.map(|max| body_value(&self.captured, max));
-        o.audit.record(
-            crate::audit::Kind::Response,
-            &ResponseRecord {
-                id: o.id,
-                code: o.code,
-                latency_ms: o.started.elapsed().as_secs_f64() * 1000.0,
-                bytes: self.bytes,
-                complete,
-                error,
-                response_body,
-                session_bytes: None,
-            },
-        );
     }
 }
 
@@ -182,6 +137,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::mask::{Detectors, JsonMasker, Plan};
     use http_body_util::{BodyExt, StreamBody};
