@@ -574,7 +574,7 @@ impl Lab {
     }
 }
 
-pub mod cluster;
+pub mod gate;
 pub mod idp;
 pub mod node;
 

@@ -87,6 +87,14 @@ const PARTS: &[Part] = &[
         rename: Some("runc"),
     },
     Part {
+        name: "informer",
+        why: "a real client-go informer (WatchList) for the e2e tier (test-only client)",
+        packages: &["."],
+        cgo: false,
+        tags: "",
+        rename: Some("pc-informer"),
+    },
+    Part {
         name: "cni",
         why: "pod networking (bridge, host-local, loopback, portmap)",
         packages: &[
@@ -109,6 +117,7 @@ fn pinned_module(part: &str) -> &'static str {
         "containerd" => "github.com/containerd/containerd/v2",
         "runc" => "github.com/opencontainers/runc",
         "cni" => "github.com/containernetworking/plugins",
+        "informer" => "k8s.io/client-go",
         _ => "",
     }
 }
@@ -136,7 +145,11 @@ pub fn export(p: &NodeParts, cmd: &mut Command) {
 }
 
 fn go_dir(part: &str) -> PathBuf {
-    paths::root().join("xtask/go").join(part)
+    match part {
+        // Test-only clients live beside the tests.
+        "informer" => paths::root().join("tests/go").join(part),
+        _ => paths::root().join("xtask/go").join(part),
+    }
 }
 
 /// The version a wrapper module pins for its part.

@@ -1,8 +1,8 @@
 //! `cargo xtask bench proxy`: the same load against the real apiserver directly, through
 //! Debian's nginx as a plain TLS-terminating reverse proxy, and through Portcullis, in
-//! one run, alternating targets each round. Every client runs in the agent network
-//! namespace: direct and nginx from a cgroup that is not enrolled, Portcullis from the
-//! agent cgroup (redirected by the kernel), so all three cross the same veth hops.
+//! one run, alternating targets each round. Every client runs in a real pod on the real
+//! node: direct and nginx from a pod that is not enrolled, Portcullis from the enrolled
+//! agent pod (redirected by the kernel), so all three cross the same veth and bridge.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Stdio},
@@ -10,9 +10,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use portcullis_tests::{
-    bin,
-    cluster::{AGENT_GROUP, AGENT_USER, Gate, NAMESPACE},
+use portcullis_tests::gate::{
+    AGENT_GROUP, AGENT_USER, BYSTANDER_POD, DAEMON_ADDR, Gate, GateOptions, NAMESPACE, POD_CA,
 };
 use serde_json::{Value, json};
 
@@ -80,8 +79,14 @@ fn workloads() -> Vec<Workload> {
 pub fn run(rounds: u32) -> Result<()> {
     let nginx_bin = std::env::var("PORTCULLIS_NGINX")
         .context("PORTCULLIS_NGINX is not set: run through `cargo xtask bench proxy`")?;
-    println!("starting the lab, a real kube-apiserver and the daemon ...");
-    let gate = Gate::start("bench-proxy", Some(POLICY), "")?;
+    println!("starting the node, the pods and the daemon ...");
+    let gate = Gate::start(
+        "bench-proxy",
+        GateOptions {
+            policy: Some(POLICY),
+            ..Default::default()
+        },
+    )?;
     seed(&gate)?;
     let nginx = Nginx::start(&gate, Path::new(&nginx_bin))?;
     let wl = workloads();
@@ -116,7 +121,7 @@ fn seed(gate: &Gate) -> Result<()> {
             "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: big-{i}, namespace: {NAMESPACE}}}\ndata: {{d: {big}}}\n"
         ));
     }
-    gate.cluster.apply_admin(&yaml, "bench-seed")
+    gate.node.apply(&yaml)
 }
 
 struct Nginx {
@@ -127,14 +132,17 @@ struct Nginx {
 
 impl Nginx {
     fn start(gate: &Gate, nginx: &Path) -> Result<Nginx> {
-        let lab = &gate.lab;
-        let dir = lab.dir.join("nginx");
+        let dir = gate.dir.join("nginx");
         std::fs::create_dir_all(dir.join("tmp"))?;
-        let ip = lab.daemon_v4().ip().to_string();
+        let ip = DAEMON_ADDR
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let addr = format!("{ip}:17443");
-        let (cert, key) = gate.cluster.issue_server_cert("nginx", &[&ip])?;
-        let token = std::fs::read_to_string(&gate.cluster.daemon_token_file)?;
-        let api = lab.api();
+        let (cert, key) = gate.node.issue_server_cert("nginx", &[&ip])?;
+        let token = std::fs::read_to_string(&gate.node.daemon_token_file)?;
+        let api = gate.api_url().trim_start_matches("https://").to_string();
         let conf = format!(
             r#"daemon off;
 user root;
@@ -179,12 +187,13 @@ http {{
             cert = cert.display(),
             key = key.display(),
             token = token.trim(),
-            ca = gate.cluster.ca_pem.display(),
+            ca = gate.node.ca_pem.display(),
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
-        let child = lab
-            .command_in_ns(lab.ns_node(), nginx)
+        let child = gate
+            .node
+            .command(nginx)
             .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-c")
@@ -197,7 +206,7 @@ http {{
         let mut n = Nginx {
             child,
             addr,
-            ca: gate.cluster.ca_pem.clone(),
+            ca: gate.node.ca_pem.clone(),
         };
         if let Some(st) = n.child.try_wait()? {
             bail!(
@@ -225,43 +234,30 @@ impl Drop for Nginx {
 }
 
 fn load(gate: &Gate, nginx: &Nginx, target: &str, args: &[String], tag: &str) -> Result<Value> {
-    let lab = &gate.lab;
-    let mut cmd = match target {
+    let _ = &nginx.ca;
+    let mut argv: Vec<String> = vec!["pc-load".into(), format!("--ca={POD_CA}")];
+    let pod = match target {
         "portcullis" | "gated" => {
-            let token = std::fs::read_to_string(&gate.agent_kubeconfig)?
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("token: ").map(str::to_owned))
-                .context("agent token")?;
-            let mut c = gate.agent_bin("pc-load");
-            c.arg(format!("--url=https://{}", lab.cluster_ip()))
-                .arg(format!(
-                    "--ca={}",
-                    lab.state_dir().join("ca/ca.crt").display()
-                ))
-                .arg(format!("--token={token}"));
-            c
+            argv.push(format!("--url=https://{}", gate.cluster_ip()));
+            argv.push(format!("--token={}", gate.agent_token.trim()));
+            portcullis_tests::gate::POD
         }
         "nginx" => {
-            let mut c = lab.command_in_cgroup(&lab.bystander_cg, &bin("pc-load"));
-            c.arg(format!("--url=https://{}", nginx.addr))
-                .arg(format!("--ca={}", nginx.ca.display()));
-            c
+            argv.push(format!("--url=https://{}", nginx.addr));
+            BYSTANDER_POD
         }
         _ => {
-            let mut c = lab.command_in_cgroup(&lab.bystander_cg, &bin("pc-load"));
-            c.arg(format!("--url={}", gate.cluster.url()))
-                .arg(format!("--ca={}", gate.cluster.ca_pem.display()))
-                .arg(format!("--token={}", gate.cluster.admin_token))
-                .arg(format!("--header=Impersonate-User:{AGENT_USER}"))
-                .arg(format!("--header=Impersonate-Group:{AGENT_GROUP}"));
-            c
+            argv.push(format!("--url={}", gate.api_url()));
+            argv.push(format!("--token={}", gate.node.admin_token));
+            argv.push(format!("--header=Impersonate-User:{AGENT_USER}"));
+            argv.push(format!("--header=Impersonate-Group:{AGENT_GROUP}"));
+            BYSTANDER_POD
         }
     };
-    let out = cmd
-        .args(args)
-        .arg(format!("--tag={tag}"))
-        .stdin(Stdio::null())
-        .output()?;
+    argv.extend(args.iter().cloned());
+    argv.push(format!("--tag={tag}"));
+    let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = gate.in_pod(pod, &refs).stdin(Stdio::null()).output()?;
     if !out.status.success() {
         bail!(
             "pc-load against {target} failed: {}",

@@ -3,7 +3,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use portcullis_tests::{Lab, Probe, cluster::Gate, wait_for};
+use portcullis_tests::{
+    Lab, Probe,
+    gate::{self, Gate, GateOptions},
+    wait_for,
+};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -210,17 +214,33 @@ const DEFAULT_POLICY: &str = include_str!("../../../../deploy/policy/coding-agen
 
 /// Part two: unmodified kubectl, as an agent, against a real kube-apiserver.
 fn demo_kubectl() -> Result<()> {
-    say("5. A real kube-apiserver 1.20.2 (etcd, controller manager, test-only fake kubelet)");
-    let gate = Gate::start("demo-kubectl", Some(DEFAULT_POLICY), "")?;
+    say(
+        "5. A real Kubernetes node: etcd, kube-apiserver, controller manager, scheduler, \
+         containerd + runc, kubelet, kube-proxy",
+    );
+    let gate = Gate::start(
+        "demo-kubectl",
+        GateOptions {
+            policy: Some(DEFAULT_POLICY),
+            ..Default::default()
+        },
+    )?;
     println!(
-        "  agent kubeconfig: server https://{} (the Service), the agent's own service-account token, Portcullis' CA",
-        gate.lab.cluster_ip()
+        "  Kubernetes {}; node ready: {}",
+        gate.node.parts.k8s_version, gate.node.timings
     );
     println!(
+        "  agent pod e2e/{} (real pod, service account e2e/agent, in-cluster config: \
+         https://{} with its projected token; the cluster's CA bundle includes Portcullis' CA)",
+        gate::POD,
+        gate.cluster_ip()
+    );
+    println!("  pod cgroup (enrolled): {}", gate.work_cg.display());
+    println!(
         "  daemon upstream: {} as {} impersonating {}",
-        gate.cluster.url(),
-        portcullis_tests::cluster::DAEMON_USER,
-        portcullis_tests::cluster::AGENT_USER
+        gate.api_url(),
+        gate::DAEMON_USER,
+        gate::AGENT_USER
     );
     let steps: &[(&str, &[&str])] = &[
         ("kubectl version", &["version"]),
@@ -232,15 +252,15 @@ fn demo_kubectl() -> Result<()> {
         ("kubectl get configmaps", &["get", "configmaps"]),
         (
             "kubectl exec (WebSocket): denied by policy",
-            &["exec", "work", "--", "echo", "hello from the pod"],
+            &["exec", "target", "--", "echo", "hello from the pod"],
         ),
-        ("kubectl logs", &["logs", "work"]),
+        ("kubectl logs", &["logs", "target", "-c", "main"]),
         (
             "kubectl get secrets -n kube-system --as=system:admin",
             &["get", "secrets", "-n", "kube-system", "--as=system:admin"],
         ),
     ];
-    say("6. The agent runs kubectl, unmodified, from its pod");
+    say("6. The agent runs kubectl, unmodified, in its pod (kubectl exec e2e/work -- kubectl ...)");
     for (label, args) in steps {
         let out = gate
             .gate_cmd(args)
@@ -262,7 +282,7 @@ fn demo_kubectl() -> Result<()> {
     }
     demo_approval(&gate)?;
     say("8. What the daemon saw: each request, its identity, attributes and decision");
-    let log = gate.lab.daemon_log();
+    let log = gate.daemon_log();
     let mut shown = 0;
     for line in log.lines().filter(|l| l.contains(" request ")) {
         let plain = strip_ansi(line);
@@ -305,7 +325,7 @@ fn demo_kubectl() -> Result<()> {
 /// Masked secrets, a bypass attempt in the audit chain, and the chain's verification.
 fn demo_evidence(gate: &Gate) -> Result<()> {
     say("9. Secret values never reach the agent");
-    let o = gate.cluster.kubectl_admin(&[
+    let o = gate.node.kubectl(&[
         "create",
         "secret",
         "generic",
@@ -344,28 +364,46 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
     println!("    (base64 of \"portcullis-masked\"; the API server holds the real values)");
 
     say("10. A bypass attempt from the agent's pod is evidence in the audit chain");
-    let api = gate.lab.api().to_string();
+    let api = gate.api_url().trim_start_matches("https://").to_string();
     for (label, kind) in [
         ("TCP to the API server's real address", "tcp"),
         ("UDP to the API server", "udp"),
     ] {
-        let p = gate.lab.probe_in(&gate.pod_cg, &[kind, &api])?;
+        let o = gate
+            .agent_bin("pc-probe", &[kind, &api])
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        let p: Value = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .unwrap_or(Value::Null);
         println!(
             "  {label} ({api}): {}",
-            if p.ok() {
+            if p["ok"] == true {
                 format!(
                     "connected to {} (the daemon, not the API server)",
-                    p.json["peer"]
+                    p["peer"]
                 )
             } else {
-                format!("refused: {}", p.json["error"])
+                format!("refused: {}", p["error"])
             }
         );
     }
     std::thread::sleep(Duration::from_millis(500));
-    let dir = gate.lab.state_dir().join("audit");
+    let dir = gate.state_dir().join("audit");
     let mut kernel = Vec::new();
-    for l in std::fs::read_to_string(dir.join("seg-000001.jsonl"))?.lines() {
+    let mut segs: Vec<_> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    segs.sort();
+    let text: String = segs
+        .iter()
+        .map(|s| std::fs::read_to_string(s).unwrap_or_default())
+        .collect();
+    for l in text.lines() {
         let v: serde_json::Value = serde_json::from_str(l)?;
         if v["kind"] == "kernel-event" && v["record"]["dst"].as_str() == Some(api.as_str()) {
             kernel.push(v);
@@ -395,8 +433,8 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
     say("11. The evidence verifies; any edit is found");
     let pc = |args: &[&str]| -> Result<std::process::Output> {
         Ok(gate
-            .lab
-            .command_in_ns(gate.lab.ns_node(), &portcullis_tests::bin("portcullis"))
+            .node
+            .command(&portcullis_tests::bin("portcullis"))
             .args(args)
             .stdin(std::process::Stdio::null())
             .output()?)
@@ -415,7 +453,7 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
         "verify",
         &dir_s,
         "--key",
-        &gate.lab.state_dir().join("audit.pub").display().to_string(),
+        &gate.state_dir().join("audit.pub").display().to_string(),
     ])?;
     for l in String::from_utf8_lossy(&o.stdout).lines() {
         println!("    {l}");
@@ -424,7 +462,7 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
         bail!("the audit chain does not verify");
     }
     // Tamper with a copy (the daemon keeps appending to the original).
-    let copy = gate.lab.state_dir().join("audit-tampered");
+    let copy = gate.state_dir().join("audit-tampered");
     let _ = std::fs::remove_dir_all(&copy);
     std::fs::create_dir_all(&copy)?;
     for e in std::fs::read_dir(&dir)? {
@@ -445,7 +483,7 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
         "verify",
         &copy.display().to_string(),
         "--key",
-        &gate.lab.state_dir().join("audit.pub").display().to_string(),
+        &gate.state_dir().join("audit.pub").display().to_string(),
     ])?;
     for l in String::from_utf8_lossy(&o.stdout).lines() {
         println!("    {l}");
@@ -460,9 +498,9 @@ fn demo_evidence(gate: &Gate) -> Result<()> {
 /// A workload delete waits for a human, who approves it from the node's CLI.
 fn demo_approval(gate: &Gate) -> Result<()> {
     say("7. Deleting a workload needs a human: the request is held, an approver runs the CLI");
-    println!("\n  \x1b[36m$ kubectl delete pod work\x1b[0m   (in the background, as the agent)");
+    println!("\n  \x1b[36m$ kubectl delete pod target\x1b[0m   (in the background, as the agent)");
     let child = gate
-        .gate_cmd(&["delete", "pod", "work", "--wait=false"])
+        .gate_cmd(&["delete", "pod", "target", "--wait=false"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -481,7 +519,7 @@ fn demo_approval(gate: &Gate) -> Result<()> {
             break id.to_owned();
         }
         if t.elapsed() > std::time::Duration::from_secs(20) {
-            bail!("no pending approval appeared:\n{}", gate.lab.daemon_log());
+            bail!("no pending approval appeared:\n{}", gate.daemon_log());
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     };
