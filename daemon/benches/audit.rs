@@ -9,10 +9,9 @@ use std::{
 };
 
 use portcullis::{
-    audit::{AuditWriter, load_or_create_key},
-    audit_log::{AuditLog, Origin, RequestRecord, Subject},
+    audit::{AuditLog, AuditWriter, Decision, Origin, RequestRecord, Subject, load_or_create_key},
     config::Audit,
-    request_info::RequestInfo,
+    k8s::RequestInfo,
 };
 
 fn record(i: u64) -> RequestRecord {
@@ -54,7 +53,7 @@ fn record(i: u64) -> RequestRecord {
         },
         upgrade: false,
         mutating: true,
-        decision: "allow".into(),
+        decision: Decision::Allow,
         rule: "agent-writes".into(),
         approval: String::new(),
         grant: String::new(),

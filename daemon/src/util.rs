@@ -1,16 +1,18 @@
 //! Plumbing every layer shares and that knows nothing of Portcullis: the body type
 //! that crosses the proxy, error chains, clocks and timestamps, media types, random
-//! identifiers, append-only JSON-lines files.
+//! identifiers, append-only JSON-lines files, the accept loop's retry.
 mod body;
 mod error;
 mod jsonl;
 mod media;
+mod net;
 mod time;
 
 pub use body::{BoxError, ProxyBody, empty, full};
 pub use error::source_chain;
 pub use jsonl::JsonlWriter;
 pub use media::{is_json, media_type};
+pub use net::next_connection;
 pub use time::{rfc3339_micros, rfc3339_nanos, unix_nanos, unix_secs};
 
 /// `prefix-` and 16 random hex digits (8 bytes): identifiers, not secrets. If the

@@ -1,67 +1,11 @@
 //! Approvals and grants as stored, listed and announced.
 use serde::{Deserialize, Serialize};
 
-use crate::{identity::Identity, pod::PodRef, policy::SubjectSpec, request_info::RequestInfo};
-
-/// What a grant is scoped to: the request's Kubernetes attributes.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
-pub struct Attributes {
-    pub verb: String,
-    #[serde(default)]
-    pub api_group: String,
-    #[serde(default)]
-    pub resource: String,
-    #[serde(default)]
-    pub subresource: String,
-    #[serde(default)]
-    pub namespace: String,
-    #[serde(default)]
-    pub name: String,
-    /// Non-resource requests only.
-    #[serde(default)]
-    pub path: String,
-}
-
-impl From<&RequestInfo> for Attributes {
-    fn from(r: &RequestInfo) -> Self {
-        Attributes {
-            verb: r.verb.clone(),
-            api_group: r.api_group.clone(),
-            resource: r.resource.clone(),
-            subresource: r.subresource.clone(),
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
-            path: if r.is_resource_request {
-                String::new()
-            } else {
-                r.path.clone()
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for Attributes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if !self.path.is_empty() {
-            return write!(f, "{} {}", self.verb, self.path);
-        }
-        let mut res = self.resource.clone();
-        if !self.api_group.is_empty() {
-            res = format!("{res}.{}", self.api_group);
-        }
-        if !self.subresource.is_empty() {
-            res = format!("{res}/{}", self.subresource);
-        }
-        write!(f, "{} {res}", self.verb)?;
-        if !self.name.is_empty() {
-            write!(f, " {}", self.name)?;
-        }
-        if !self.namespace.is_empty() {
-            write!(f, " in {}", self.namespace)?;
-        }
-        Ok(())
-    }
-}
+use crate::{
+    identity::Identity,
+    k8s::{Attributes, PodRef},
+    policy::SubjectSpec,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SubjectRecord {
@@ -76,8 +20,8 @@ pub struct SubjectRecord {
 impl From<&Identity> for SubjectRecord {
     fn from(id: &Identity) -> Self {
         SubjectRecord {
-            username: id.username.clone(),
-            groups: id.groups.clone(),
+            username: id.user.username.clone(),
+            groups: id.user.groups.clone(),
             issuer: id.issuer.clone(),
             token_id: id.token_id.clone(),
             pod: id.kernel_pod.clone().or_else(|| id.token_pod.clone()),

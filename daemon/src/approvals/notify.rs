@@ -6,10 +6,10 @@ use std::time::Duration;
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::model::Approval;
+use super::Approval;
 use crate::{
     config::{Webhook, WebhookFormat},
-    http_client::{self, HttpClient},
+    tls::{self, HttpClient},
 };
 
 const ATTEMPTS: u32 = 3;
@@ -22,11 +22,11 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn new(cfg: &Webhook) -> Result<Notifier, http_client::HttpError> {
+    pub fn new(cfg: &Webhook) -> Result<Notifier, tls::HttpError> {
         Ok(Notifier {
             url: cfg.url.clone(),
             format: cfg.format,
-            client: http_client::client(cfg.ca_file.as_deref(), true)?,
+            client: tls::https_client(cfg.ca_file.as_deref(), true)?,
         })
     }
 
@@ -58,7 +58,7 @@ impl Notifier {
         let id = a.id.clone();
         tokio::spawn(async move {
             for attempt in 1..=ATTEMPTS {
-                match http_client::post_json(&this.client, &this.url, body.clone()).await {
+                match tls::post_json(&this.client, &this.url, body.clone()).await {
                     Ok(_) => {
                         info!(approval = %id, url = %this.url, "approvers notified");
                         return;
@@ -77,7 +77,10 @@ impl Notifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::approvals::{Attributes, State, SubjectRecord};
+    use crate::{
+        approvals::{State, model::SubjectRecord},
+        k8s::Attributes,
+    };
 
     fn approval() -> Approval {
         Approval {

@@ -6,14 +6,37 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::model::{Approval, Grant};
+use super::{Approval, Grant};
 
 #[derive(Debug, thiserror::Error)]
-#[error("approval store: {0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    #[error("approval store: {}: {source}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("approval store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("approval store: record {key}: {source}")]
+    Record {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("approval store: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The approvals log beside the store.
+    #[error("approval store: {}: {source}", path.display())]
+    Journal {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
-fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(e.to_string())
+fn err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db(e.into())
 }
 
 pub trait Store: Send + Sync {
@@ -36,8 +59,10 @@ pub struct RedbStore {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db =
-            Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(APPROVALS).map_err(err)?;
         tx.open_table(GRANTS).map_err(err)?;
@@ -61,8 +86,10 @@ impl RedbStore {
         for row in t.iter().map_err(err)? {
             let (k, v) = row.map_err(err)?;
             out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError(format!("record {}: {e}", k.value())))?,
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Record {
+                    key: k.value().to_owned(),
+                    source,
+                })?,
             );
         }
         Ok(out)
@@ -71,15 +98,31 @@ impl RedbStore {
 
 impl Store for RedbStore {
     fn put_approval(&self, a: &Approval) -> Result<(), StoreError> {
-        self.write(&[(APPROVALS, &a.id, serde_json::to_vec(a).map_err(err)?)])
+        self.write(&[(
+            APPROVALS,
+            &a.id,
+            serde_json::to_vec(a).map_err(StoreError::Encode)?,
+        )])
     }
     fn put_grant(&self, g: &Grant) -> Result<(), StoreError> {
-        self.write(&[(GRANTS, &g.id, serde_json::to_vec(g).map_err(err)?)])
+        self.write(&[(
+            GRANTS,
+            &g.id,
+            serde_json::to_vec(g).map_err(StoreError::Encode)?,
+        )])
     }
     fn put_both(&self, a: &Approval, g: &Grant) -> Result<(), StoreError> {
         self.write(&[
-            (APPROVALS, &a.id, serde_json::to_vec(a).map_err(err)?),
-            (GRANTS, &g.id, serde_json::to_vec(g).map_err(err)?),
+            (
+                APPROVALS,
+                &a.id,
+                serde_json::to_vec(a).map_err(StoreError::Encode)?,
+            ),
+            (
+                GRANTS,
+                &g.id,
+                serde_json::to_vec(g).map_err(StoreError::Encode)?,
+            ),
         ])
     }
     fn approvals(&self) -> Result<Vec<Approval>, StoreError> {

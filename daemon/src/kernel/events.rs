@@ -5,13 +5,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{Event, EventKind, Hook};
 use serde::Serialize;
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::mpsc,
-};
+use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::KernelError;
+use super::{KernelError, sys};
 
 /// A decoded ring-buffer record, as written to the event log.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -61,12 +58,7 @@ impl From<&portcullis_common::Origin> for OriginView {
 
 /// Decodes one ring-buffer record; `None` for a record of the wrong size or kind.
 pub fn decode(bytes: &[u8], clock: &BootClock) -> Option<KernelEvent> {
-    if bytes.len() < size_of::<Event>() {
-        return None;
-    }
-    // SAFETY: length checked above; `Event` is plain old data (aya::Pod) so any bytes
-    // are a valid value, and read_unaligned does not need alignment.
-    let ev: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let ev: Event = sys::event_from_bytes(bytes)?;
     let kind = EventKind::from_u32(ev.kind)?;
     let hook = Hook::from_u32(ev.hook)?;
     let addr = |k: &portcullis_common::SockKey| {
@@ -97,13 +89,7 @@ pub struct BootClock {
 
 impl BootClock {
     pub fn now() -> BootClock {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes into the timespec we own.
-        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-        let boot = ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128;
+        let boot = sys::boottime_ns();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as i128)
@@ -128,15 +114,10 @@ pub async fn pump(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<KernelEvent>,
 ) -> Result<(), KernelError> {
-    // SAFETY: the RingBuf owns its map's fd (an OwnedFd inside MapData) for its whole
-    // life and always returns that same fd from as_raw_fd, as register requires.
-    let mut afd =
-        unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
-            KernelError::Map {
-                map: portcullis_common::maps::EVENTS.into(),
-                message: format!("registering with the reactor: {e}"),
-            }
-        })?;
+    let mut afd = sys::readable_ring(ring).map_err(|e| KernelError::Map {
+        map: portcullis_common::maps::EVENTS.into(),
+        message: format!("registering with the reactor: {e}"),
+    })?;
     let clock = BootClock::now();
     // The programs wake us only once a batch has built up (a wake-up per event would
     // sit inside every agent connect); the tick bounds the delay of a lone event.
@@ -160,6 +141,28 @@ pub async fn pump(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Passes the programs' own diagnostics (aya-log) to the daemon's log, from the
+/// pinned program `program_id`, whether this daemon loaded it or adopted it.
+pub async fn forward_program_log(program_id: u32) {
+    let logger = match sys::ProgramLogger::init_from_id(program_id) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "eBPF program logs unavailable");
+            return;
+        }
+    };
+    let Ok(mut afd) = sys::readable_logger(logger) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = afd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
     }
 }
 
@@ -205,11 +208,8 @@ mod tests {
             socket_cookie: 42,
             ktime_ns: 0,
         };
-        // SAFETY: Event is plain old data; viewing it as bytes is what the kernel does.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&ev as *const Event).cast::<u8>(), size_of::<Event>())
-        };
-        let k = decode(bytes, &BootClock::now()).expect("a well-formed redirect record decodes");
+        let bytes = sys::event_bytes(&ev);
+        let k = decode(&bytes, &BootClock::now()).expect("a well-formed redirect record decodes");
         assert_eq!(k.kind, "redirected");
         assert_eq!(k.hook, "cgroup/connect4");
         assert_eq!(k.dst, "10.96.0.1:443");

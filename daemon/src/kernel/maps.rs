@@ -14,6 +14,9 @@ pub struct PinnedMaps {
     pub protected: HashMap<MapData, SockKey, Protection>,
     pub settings: Array<MapData, Settings>,
     pub conn_by_client: HashMap<MapData, SockKey, ConnRecord>,
+    /// Kept by the kernel (getpeername answers from it); opened so a missing pin is
+    /// reported like the others.
+    #[allow(dead_code)]
     pub conn_by_cookie: HashMap<MapData, u64, ConnRecord>,
     pub sticky: HashMap<MapData, u32, StickyAgent>,
 }

@@ -1,0 +1,340 @@
+//! `portcullis run`: the only place every part is wired together. Kernel enforcement
+//! first (attached or adopted), then the audit log, the gate (identity, policy,
+//! approvals, masking, the upstream) and the admin API, then the listeners, then the
+//! event logs until a signal. A stopped daemon leaves enforcement in place.
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use portcullis_common::{Settings, SockKey, settings_flags};
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::mpsc};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, Admin},
+    approvals::{Approvals, Notifier, RedbStore},
+    audit::{self, AuditLog},
+    config::{self, Config, Log, LogFormat, Mode},
+    gate::{self, Authorizer, Gate, Gated},
+    identity::{Authenticator, JwksCache, Source},
+    kernel::{self, BpfOriginLookup, PinnedMaps, PodResolver, bpffs, cgroup, endpoint_key, events},
+    mask::Masking,
+    policy::PolicyHandle,
+    tls::{self, CaPaths, LeafMinter},
+    upstream::{Impersonation, Upstream},
+    util::JsonlWriter,
+};
+
+pub fn init_tracing(log: &Log) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+#[derive(Serialize)]
+struct Ready<'a> {
+    pid: u32,
+    mode: &'a str,
+    listen: Vec<SocketAddr>,
+    programs: &'a [(String, u32, u32)],
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", cfg.state_dir.display()))?;
+    let state_paths = cfg.state();
+    let ready_file = state_paths.ready();
+    let _ = std::fs::remove_file(&ready_file);
+
+    bpffs::ensure(&cfg.kernel.bpffs_dir, cfg.kernel.mount_bpffs)?;
+    if !cgroup::is_cgroup2(&cfg.kernel.attach_cgroup) {
+        anyhow::bail!(
+            "kernel.attach_cgroup `{}` is not on a cgroup v2 filesystem (see `portcullis doctor`)",
+            cfg.kernel.attach_cgroup.display()
+        );
+    }
+    let object = kernel::object_bytes(cfg.kernel.bpf_object.as_deref())?;
+    let tgid_offset = match kernel::btf::task_tgid_offset() {
+        Ok(o) => Some(o),
+        Err(e) => {
+            warn!(error = %e, "fork tracking disabled: processes that leave an agent cgroup and then fork are not followed");
+            None
+        }
+    };
+    let settings = settings(&cfg, tgid_offset);
+    let agent_ids: Vec<(std::path::PathBuf, u64)> = cfg
+        .kernel
+        .agent_cgroups
+        .iter()
+        .map(|p| cgroup::id_of(p).map(|id| (p.clone(), id)))
+        .collect::<Result<_, _>>()?;
+    let paths = kernel::Paths::new(&cfg.kernel.bpffs_dir);
+    let state = kernel::start(
+        &object,
+        &cfg.kernel.attach_cgroup,
+        &paths,
+        &state_paths.kernel_state(),
+        |maps: &mut PinnedMaps| {
+            maps.write_settings(&settings)?;
+            for (i, ep) in cfg.kernel.protected_endpoints.iter().enumerate() {
+                maps.protect(endpoint_key(ep), i as u32)?;
+            }
+            for (path, id) in &agent_ids {
+                maps.enroll(*id)?;
+                info!(cgroup = %path.display(), id, "enrolled agent cgroup");
+            }
+            Ok(())
+        },
+    )?;
+
+    // Program diagnostics (aya-log) from the pinned programs, whether loaded or adopted.
+    if let Some(id) = kernel::program_id(&state, "pc_connect4") {
+        tokio::spawn(events::forward_program_log(id));
+    }
+
+    let maps = Arc::new(Mutex::new(PinnedMaps::open(&paths.maps())?));
+    let lookup = Arc::new(BpfOriginLookup::new(maps.clone()));
+    let (ev_tx, mut ev_rx) = mpsc::channel(4096);
+    let ring = PinnedMaps::open_events(&paths.maps())?;
+    tokio::spawn(async move {
+        if let Err(e) = events::pump(ring, ev_tx).await {
+            warn!(error = %e, "kernel event reader stopped");
+        }
+    });
+
+    // Tamper-evident evidence (hash chain, signed segment heads): kernel events, every
+    // request and its outcome, approval state changes.
+    let audit_cfg = cfg
+        .proxy
+        .as_ref()
+        .map(|p| p.audit.clone())
+        .unwrap_or_default();
+    let audit_key = audit::load_or_create_key(&state_paths.audit_key())?;
+    let audit_writer =
+        audit::AuditWriter::open(&state_paths.audit_dir(), audit_key, audit_cfg.segment_bytes)?;
+    let audit = AuditLog::start(audit_writer, &audit_cfg).context("starting the audit writer")?;
+    if let Some(sink) = &audit_cfg.sink {
+        let shipper =
+            audit::Shipper::new(sink, &state_paths.audit_dir()).context("proxy.audit.sink")?;
+        tokio::spawn(shipper.run(audit.committed()));
+    }
+
+    let gate = match &cfg.proxy {
+        Some(pcfg) => {
+            let minter = Arc::new(LeafMinter::load(
+                &CaPaths::new(&state_paths.ca_dir()),
+                pcfg.tls_names.clone(),
+            )?);
+            let upstream =
+                Arc::new(Upstream::new(pcfg).context("setting up the API server connection")?);
+            let authorizer = authorizer(&cfg, pcfg, &upstream, &minter, &audit).await?;
+            let masking = Arc::new(Masking::from_config(&pcfg.masking)?);
+            info!(upstream = %upstream.base(), "proxying agents to the API server");
+            Some(Arc::new(Gate::new(
+                minter,
+                upstream,
+                authorizer,
+                pcfg,
+                masking,
+                audit.clone(),
+            )))
+        }
+        None => {
+            warn!(
+                "no `proxy` section: redirected connections are recorded and closed (enforcement only)"
+            );
+            None
+        }
+    };
+
+    let (acc_tx, mut acc_rx) = mpsc::channel(4096);
+    let mut listening = Vec::new();
+    for addr in [cfg.listen.ipv4, cfg.listen.ipv6].into_iter().flatten() {
+        let l = TcpListener::bind(addr.0)
+            .await
+            .with_context(|| format!("binding listen address {}", addr.0))?;
+        info!(addr = %addr.0, "listening for redirected agent connections");
+        listening.push(addr.0);
+        tokio::spawn(gate::serve(l, lookup.clone(), acc_tx.clone(), gate.clone()));
+    }
+    drop(acc_tx);
+
+    let mut kernel_log = JsonlWriter::open(&state_paths.kernel_events())?;
+    let mut conn_log = JsonlWriter::open(&state_paths.connections())?;
+    let ready = Ready {
+        pid: std::process::id(),
+        mode: &state.mode,
+        listen: listening,
+        programs: &state.programs,
+    };
+    std::fs::write(&ready_file, serde_json::to_vec(&ready)?)?;
+    info!(mode = %state.mode, "portcullis ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            Some(ev) = ev_rx.recv() => {
+                tracing::debug!(kind = ev.kind, hook = ev.hook, pid = ev.origin.pid, comm = %ev.origin.comm,
+                      dst = %ev.dst, redirected_to = %ev.redirected_to, "kernel event");
+                if let Err(e) = kernel_log.append(&ev) {
+                    warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
+                }
+                audit.record(audit::Kind::KernelEvent, &ev);
+                if ev_rx.is_empty() {
+                    flush(&mut kernel_log);
+                }
+            }
+            Some(acc) = acc_rx.recv() => {
+                if let Err(e) = conn_log.append(&acc) {
+                    warn!(error = %e, path = %conn_log.path().display(), "writing connection record");
+                }
+                if acc_rx.is_empty() {
+                    flush(&mut conn_log);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    flush(&mut kernel_log);
+    flush(&mut conn_log);
+    // Programs stay attached and pinned: agents fail closed until the next start adopts.
+    let _ = std::fs::remove_file(&ready_file);
+    info!("stopping; kernel enforcement stays in place (pinned)");
+    Ok(())
+}
+
+/// How the gate authorizes: pass-through, or identity, policy and approvals (with
+/// the admin API approvers use).
+async fn authorizer(
+    cfg: &Config,
+    pcfg: &config::Proxy,
+    upstream: &Arc<Upstream>,
+    minter: &Arc<LeafMinter>,
+    audit: &Arc<AuditLog>,
+) -> Result<Authorizer> {
+    let (idc, policy_file) = match &pcfg.mode {
+        Mode::PassThrough(imp) => {
+            warn!(user = %imp.user, "pass-through mode: no token checks and no policy; every enrolled agent acts as this identity");
+            return Ok(Authorizer::PassThrough(Impersonation::new(
+                &imp.user,
+                &imp.groups,
+            )));
+        }
+        Mode::Gated {
+            identity,
+            policy_file,
+        } => (identity, policy_file),
+    };
+    let mut keys = Vec::new();
+    for i in &idc.issuers {
+        let source = if i.kubernetes {
+            Source::ApiServer(upstream.clone())
+        } else {
+            Source::Oidc {
+                client: Box::new(
+                    tls::https_client(i.ca_file.as_deref(), false)
+                        .with_context(|| format!("issuer {}", i.issuer))?,
+                ),
+                issuer: i.issuer.clone(),
+                jwks_url: i.jwks_url.clone(),
+            }
+        };
+        let k = Arc::new(JwksCache::new(&i.issuer, source));
+        // Warm the key cache; a failure is retried on first use.
+        let warm = k.clone();
+        tokio::spawn(async move {
+            warm.refresh().await;
+        });
+        keys.push(k);
+    }
+    let authn = Arc::new(Authenticator::new(idc, keys));
+    let policy = PolicyHandle::load(policy_file)?;
+    tokio::spawn(policy.clone().watch(std::time::Duration::from_secs(1)));
+    let store = Arc::new(RedbStore::open(&cfg.state().approvals_db())?);
+    let notifier = pcfg
+        .approvals
+        .webhook
+        .as_ref()
+        .map(Notifier::new)
+        .transpose()
+        .context("proxy.approvals.webhook")?;
+    let approvals = Arc::new(
+        Approvals::open(
+            store,
+            &cfg.state().approvals_log(),
+            notifier,
+            pcfg.approvals.pending_ttl,
+        )?
+        .chained(audit.clone()),
+    );
+    tokio::spawn(approvals.clone().sweep(std::time::Duration::from_secs(2)));
+    let admin = Arc::new(Admin {
+        approvals: approvals.clone(),
+        policy: policy.clone(),
+        authenticator: authn.clone(),
+        approver_groups: pcfg
+            .admin
+            .https
+            .as_ref()
+            .map(|h| h.approver_groups.clone())
+            .unwrap_or_default(),
+    });
+    let socket = cfg.admin_socket();
+    {
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve_unix(admin, &socket).await {
+                warn!(error = %e, socket = %socket.display(), "admin socket unavailable");
+            }
+        });
+    }
+    if let Some(h) = &pcfg.admin.https {
+        let l = TcpListener::bind(h.listen)
+            .await
+            .with_context(|| format!("binding proxy.admin.https.listen {}", h.listen))?;
+        info!(addr = %h.listen, "admin API listening (HTTPS)");
+        tokio::spawn(admin::serve_https(admin, l, minter.clone()));
+    }
+    Ok(Authorizer::Gated(Gated {
+        authn,
+        policy,
+        approvals,
+        pods: Arc::new(PodResolver::new(&cfg.kernel.attach_cgroup)),
+    }))
+}
+
+fn flush(w: &mut JsonlWriter) {
+    if let Err(e) = w.flush() {
+        warn!(error = %e, path = %w.path().display(), "flushing event log");
+    }
+}
+
+fn settings(cfg: &Config, tgid_offset: Option<u32>) -> Settings {
+    let mut s = Settings::default();
+    if let Some(a) = cfg.listen.ipv4 {
+        s.daemon_v4 = SockKey::from(a.0);
+        s.flags |= settings_flags::HAVE_DAEMON_V4;
+    }
+    if let Some(a) = cfg.listen.ipv6 {
+        s.daemon_v6 = SockKey::from(a.0);
+        s.flags |= settings_flags::HAVE_DAEMON_V6;
+    }
+    if let Some(off) = tgid_offset {
+        s.task_tgid_offset = off;
+        s.flags |= settings_flags::HAVE_TASK_OFFSETS;
+    }
+    s
+}

@@ -1,0 +1,148 @@
+//! The chain's building blocks: record kinds, lines (each carrying the SHA-256 of the
+//! previous line), signed segment heads, the file names of a segment, and the
+//! daemon's audit key.
+use std::{
+    fs::OpenOptions,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub(super) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("audit key {path}: {why}")]
+    Key { path: PathBuf, why: String },
+    #[error("encoding an audit record: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
+    move |source| AuditError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What a chained record is (the `kind` of its line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// A request to the gate: who, what, the decision.
+    Request,
+    /// The outcome of a `request` (same `id`).
+    Response,
+    /// A redirect or a blocked bypass attempt from the kernel.
+    KernelEvent,
+    /// A state change of an approval or grant.
+    Approval,
+    /// A writer signed records a crashed predecessor left unsigned.
+    Recovery,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Request => "request",
+            Kind::Response => "response",
+            Kind::KernelEvent => "kernel-event",
+            Kind::Approval => "approval",
+            Kind::Recovery => "recovery",
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct Line<'a> {
+    pub seq: u64,
+    pub prev: String,
+    pub time: u64,
+    pub kind: Kind,
+    pub record: &'a serde_json::value::RawValue,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Head {
+    pub segment: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The chain value the segment's first record continues from.
+    pub chain_in: String,
+    pub last_hash: String,
+    /// ed25519 over the canonical JSON of the fields above, hex.
+    #[serde(default)]
+    pub sig: String,
+}
+
+impl Head {
+    pub(super) fn signed_bytes(&self) -> Vec<u8> {
+        let unsigned = Head {
+            sig: String::new(),
+            ..self.clone()
+        };
+        serde_json::to_vec(&unsigned).unwrap_or_default()
+    }
+}
+
+pub fn seg_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("seg-{n:06}.jsonl"))
+}
+pub fn head_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("seg-{n:06}.head.json"))
+}
+
+pub(super) fn hash_line(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+/// The daemon's audit signing key (PKCS#8, 0600), created on first use; the public key
+/// is written beside it for verifiers.
+pub fn load_or_create_key(path: &Path) -> Result<Ed25519KeyPair, AuditError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key_err = |why: String| AuditError::Key {
+        path: path.to_owned(),
+        why,
+    };
+    let pkcs8 = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let rng = ring::rand::SystemRandom::new();
+            let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| key_err(e.to_string()))?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io(path))?;
+            f.write_all(doc.as_ref()).map_err(io(path))?;
+            f.sync_all().map_err(io(path))?;
+            doc.as_ref().to_vec()
+        }
+        Err(e) => return Err(io(path)(e)),
+    };
+    let kp = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| key_err(e.to_string()))?;
+    let pub_path = path.with_extension("pub");
+    std::fs::write(&pub_path, hex::encode(kp.public_key().as_ref())).map_err(io(&pub_path))?;
+    Ok(kp)
+}
+
+pub fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut v: Vec<u64> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.to_owned();
+            n.strip_prefix("seg-")?.strip_suffix(".jsonl")?.parse().ok()
+        })
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}

@@ -1,0 +1,294 @@
+//! The daemon's side of the audit evidence: every task hands records to one writer
+//! thread (fsync never blocks the runtime), which appends them to the hash chain in
+//! batches and makes each batch durable with one fsync (group commit). A caller that
+//! must not act before its record is durable (a mutation) awaits the acknowledgement;
+//! others only queue. If a batch cannot be written the log reports itself unhealthy,
+//! and the proxy refuses what it must not do unrecorded.
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use super::{AuditError, AuditWriter, Kind};
+use crate::config::{Audit as AuditCfg, AuditLevel};
+
+const QUEUE: usize = 8192;
+const MAX_BATCH: usize = 1024;
+
+struct Entry {
+    kind: Kind,
+    record: Box<RawValue>,
+    ack: Option<oneshot::Sender<Result<u64, Arc<AuditError>>>>,
+}
+
+/// Why a record was not made durable.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditUnavailable {
+    /// Appending or committing failed (one failure answers every waiter of a batch).
+    #[error("the audit log cannot be written: {0}")]
+    Write(#[source] Arc<AuditError>),
+    #[error("the audit log cannot be written: the record could not be encoded")]
+    Encode,
+    #[error("the audit log cannot be written: the audit writer has stopped")]
+    Stopped,
+}
+
+/// The handle every task holds.
+pub struct AuditLog {
+    tx: mpsc::Sender<Entry>,
+    healthy: Arc<AtomicBool>,
+    /// Told after each durable batch (the HTTP sink ships from the segments).
+    committed: Arc<tokio::sync::Notify>,
+    pub level: AuditLevel,
+    pub max_body_bytes: usize,
+    pub fail_closed_reads: bool,
+}
+
+impl AuditLog {
+    /// Starts the writer thread over `writer`.
+    pub fn start(writer: AuditWriter, cfg: &AuditCfg) -> std::io::Result<Arc<AuditLog>> {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let committed = Arc::new(tokio::sync::Notify::new());
+        {
+            let healthy = healthy.clone();
+            let committed = committed.clone();
+            std::thread::Builder::new()
+                .name("audit".into())
+                .spawn(move || write_loop(writer, rx, &healthy, &committed))?;
+        }
+        Ok(Arc::new(AuditLog {
+            tx,
+            healthy,
+            committed,
+            level: cfg.level,
+            max_body_bytes: cfg.max_body_bytes,
+            fail_closed_reads: cfg.fail_closed_reads,
+        }))
+    }
+
+    fn entry<T: Serialize>(kind: Kind, rec: &T) -> Option<Entry> {
+        match serde_json::value::to_raw_value(rec) {
+            Ok(record) => Some(Entry {
+                kind,
+                record,
+                ack: None,
+            }),
+            Err(e) => {
+                warn!(error = %e, kind = kind.as_str(), "an audit record could not be encoded");
+                None
+            }
+        }
+    }
+
+    /// Queues a record without waiting. A full queue makes a task wait for room
+    /// rather than drop the record.
+    pub fn record<T: Serialize>(&self, kind: Kind, rec: &T) {
+        let Some(e) = Self::entry(kind, rec) else {
+            return;
+        };
+        match self.tx.try_send(e) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(e)) => {
+                let tx = self.tx.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) => {
+                        h.spawn(async move {
+                            if tx.send(e).await.is_err() {
+                                warn!("audit writer stopped: a record is lost");
+                            }
+                        });
+                    }
+                    // Outside the runtime (shutdown): wait for room on this thread.
+                    Err(_) => {
+                        if tx.blocking_send(e).is_err() {
+                            warn!("audit writer stopped: a record is lost");
+                        }
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.healthy.store(false, Ordering::SeqCst);
+                warn!("audit writer stopped: a record is lost");
+            }
+        }
+    }
+
+    /// Queues a record and returns once it is durable (its sequence number).
+    pub async fn durable<T: Serialize>(
+        &self,
+        kind: Kind,
+        rec: &T,
+    ) -> Result<u64, AuditUnavailable> {
+        let mut e = Self::entry(kind, rec).ok_or(AuditUnavailable::Encode)?;
+        let (ack, done) = oneshot::channel();
+        e.ack = Some(ack);
+        self.tx
+            .send(e)
+            .await
+            .map_err(|_| AuditUnavailable::Stopped)?;
+        match done.await {
+            Ok(Ok(seq)) => Ok(seq),
+            Ok(Err(why)) => Err(AuditUnavailable::Write(why)),
+            Err(_) => Err(AuditUnavailable::Stopped),
+        }
+    }
+
+    /// False after a batch failed to be written, until one succeeds.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::SeqCst)
+    }
+
+    pub fn committed(&self) -> Arc<tokio::sync::Notify> {
+        self.committed.clone()
+    }
+}
+
+/// Records nobody waits for are written at once (a daemon crash keeps them: they are
+/// in the file) and made durable and signed within this; a batch with a waiter is
+/// committed at once. Under a read-heavy load this keeps fsyncs to a few per second
+/// instead of one round (data, head, directory) per batch.
+const COMMIT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn write_loop(
+    mut w: AuditWriter,
+    mut rx: mpsc::Receiver<Entry>,
+    healthy: &AtomicBool,
+    committed: &tokio::sync::Notify,
+) {
+    let mut batch: Vec<Entry> = Vec::with_capacity(MAX_BATCH);
+    // Appended but not yet committed since this instant.
+    let mut dirty: Option<std::time::Instant> = None;
+    loop {
+        let first = match dirty {
+            None => match rx.blocking_recv() {
+                Some(e) => Some(e),
+                None => return,
+            },
+            Some(since) => loop {
+                match rx.try_recv() {
+                    Ok(e) => break Some(e),
+                    Err(mpsc::error::TryRecvError::Empty) if since.elapsed() < COMMIT_EVERY => {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    Err(_) => break None,
+                }
+            },
+        };
+        if let Some(first) = first {
+            batch.push(first);
+            while batch.len() < MAX_BATCH
+                && let Ok(e) = rx.try_recv()
+            {
+                batch.push(e);
+            }
+        }
+        let appended: Vec<Result<u64, Arc<AuditError>>> = batch
+            .iter()
+            .map(|e| w.append(e.kind, &e.record).map_err(Arc::new))
+            .collect();
+        let appended_ok = appended.iter().all(Result::is_ok);
+        let since = *dirty.get_or_insert_with(std::time::Instant::now);
+        let waiter = batch.iter().any(|e| e.ack.is_some());
+        if !(waiter || !appended_ok || since.elapsed() >= COMMIT_EVERY || batch.is_empty()) {
+            batch.clear();
+            continue;
+        }
+        let commit = w.commit().map_err(Arc::new);
+        dirty = None;
+        let ok = commit.is_ok() && appended_ok;
+        if !ok {
+            warn!(error = ?commit.as_ref().err().or(appended.iter().find_map(|r| r.as_ref().err())),
+                  "audit records could not be made durable");
+        }
+        healthy.store(ok, Ordering::SeqCst);
+        for (e, r) in batch.drain(..).zip(appended) {
+            if let Some(ack) = e.ack {
+                let _ = ack.send(match (&commit, r) {
+                    (Err(c), _) => Err(c.clone()),
+                    (Ok(()), r) => r,
+                });
+            }
+        }
+        committed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(dir: &std::path::Path) -> Arc<AuditLog> {
+        let key = crate::audit::load_or_create_key(&dir.join("k")).unwrap();
+        let w = AuditWriter::open(&dir.join("audit"), key, 1 << 20).unwrap();
+        AuditLog::start(w, &AuditCfg::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn durable_records_are_on_disk_when_acknowledged() {
+        let dir = tempdir();
+        let log = log(&dir);
+        let mut seqs = Vec::new();
+        for i in 0..20 {
+            seqs.push(
+                log.durable(Kind::Request, &serde_json::json!({ "i": i }))
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        let text = std::fs::read_to_string(dir.join("audit/seg-000001.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 20);
+        assert!(log.healthy());
+    }
+
+    #[tokio::test]
+    async fn queued_records_are_committed_within_the_interval() {
+        let dir = tempdir();
+        let log = log(&dir);
+        for i in 0..5 {
+            log.record(Kind::Request, &i);
+        }
+        tokio::time::sleep(COMMIT_EVERY * 3).await;
+        let key = std::fs::read_to_string(dir.join("k.pub")).unwrap();
+        let r =
+            crate::audit::verify(&dir.join("audit"), &hex::decode(key.trim()).unwrap()).unwrap();
+        assert!(
+            r.problems.is_empty() && r.unsigned_tail == 0 && r.records == 5,
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_log_fails_durable_records_and_reports_unhealthy() {
+        let dir = tempdir();
+        let log = log(&dir);
+        log.durable(Kind::Request, &1).await.unwrap();
+        // The directory goes away under the writer: the head cannot be rewritten.
+        std::fs::remove_dir_all(dir.join("audit")).unwrap();
+        let r = log.durable(Kind::Request, &2).await;
+        assert!(r.is_err(), "{r:?}");
+        assert!(!log.healthy());
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "pc-auditlog-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rand_suffix() -> u64 {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).unwrap();
+        u64::from_le_bytes(b)
+    }
+}

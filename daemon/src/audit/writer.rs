@@ -1,0 +1,191 @@
+//! Appending to the chain: records in segments of JSON lines, group-committed (one
+//! fsync for a batch) and vouched for by the segment's re-signed head. A reopened
+//! directory continues its chain; a crashed writer's torn line is cut and its
+//! unsigned tail signed late, with a `recovery` record saying so.
+use std::{
+    fs::{File, OpenOptions},
+    io::Write,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use ring::signature::Ed25519KeyPair;
+use serde::Serialize;
+
+use super::chain::{
+    AuditError, GENESIS, Head, Kind, Line, hash_line, head_path, io, list_segments, seg_path,
+};
+
+/// Appends records; `commit` makes everything appended so far durable (fsync) and
+/// re-signs the open segment's head. Callers batch appends before one commit (group
+/// commit).
+pub struct AuditWriter {
+    dir: PathBuf,
+    key: Ed25519KeyPair,
+    segment: u64,
+    file: File,
+    first_seq: u64,
+    chain_in: String,
+    seq: u64,
+    last_hash: String,
+    bytes: u64,
+    max_segment_bytes: u64,
+}
+
+impl AuditWriter {
+    /// Opens `dir`, continuing the chain of its last segment (a torn last line from a
+    /// crash is cut back to the last complete record first).
+    pub fn open(
+        dir: &Path,
+        key: Ed25519KeyPair,
+        max_segment_bytes: u64,
+    ) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let segments = list_segments(dir).map_err(io(dir))?;
+        // What the previous writer left: records past its signed head, bytes of a torn line.
+        let mut left = (0u64, 0u64, 0usize);
+        let (segment, first_seq, chain_in, seq, last_hash, bytes) = match segments.last() {
+            None => (1, 1, GENESIS.to_string(), 0, GENESIS.to_string(), 0),
+            Some(&n) => {
+                let p = seg_path(dir, n);
+                let text = std::fs::read(&p).map_err(io(&p))?;
+                let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+                if complete < text.len() {
+                    let f = OpenOptions::new().write(true).open(&p).map_err(io(&p))?;
+                    f.set_len(complete as u64).map_err(io(&p))?;
+                }
+                let head: Option<Head> = std::fs::read(head_path(dir, n))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                let mut seq = head.as_ref().map_or(0, |h| h.first_seq.saturating_sub(1));
+                let mut last = head
+                    .as_ref()
+                    .map_or(GENESIS.to_string(), |h| h.chain_in.clone());
+                let first_seq = seq.saturating_add(1);
+                let chain_in = last.clone();
+                for l in text[..complete]
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) {
+                        seq = v["seq"].as_u64().unwrap_or(seq.saturating_add(1));
+                    }
+                    last = hash_line(l);
+                }
+                let signed_to = head
+                    .as_ref()
+                    .map_or(first_seq.saturating_sub(1), |h| h.last_seq);
+                if seq > signed_to {
+                    left = (signed_to.saturating_add(1), seq, text.len() - complete);
+                } else if complete < text.len() {
+                    left = (0, 0, text.len() - complete);
+                }
+                (n, first_seq, chain_in, seq, last, complete as u64)
+            }
+        };
+        let p = seg_path(dir, segment);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(io(&p))?;
+        let mut w = AuditWriter {
+            dir: dir.to_owned(),
+            key,
+            segment,
+            file,
+            first_seq,
+            chain_in,
+            seq,
+            last_hash,
+            bytes,
+            max_segment_bytes,
+        };
+        if left != (0, 0, 0) {
+            // Signing a crashed writer's tail vouches for it from now on; say so in the
+            // chain, so an auditor sees which records were signed late and why.
+            let (from, to, torn) = left;
+            w.append(
+                Kind::Recovery,
+                &serde_json::json!({
+                    "reason": "the previous writer stopped before committing (crash or kill)",
+                    "signed_late": if to > 0 { serde_json::json!({"from_seq": from, "to_seq": to}) } else { serde_json::Value::Null },
+                    "torn_bytes_cut": torn,
+                }),
+            )?;
+        }
+        w.commit()?;
+        Ok(w)
+    }
+
+    /// Appends one record (not yet durable); returns its sequence number.
+    pub fn append<T: Serialize>(&mut self, kind: Kind, record: &T) -> Result<u64, AuditError> {
+        if self.bytes >= self.max_segment_bytes && self.seq >= self.first_seq {
+            self.rotate()?;
+        }
+        let raw = serde_json::value::to_raw_value(record)?;
+        let line = Line {
+            seq: self.seq + 1,
+            prev: self.last_hash.clone(),
+            time: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            kind,
+            record: &raw,
+        };
+        let mut bytes = serde_json::to_vec(&line)?;
+        let h = hash_line(&bytes);
+        bytes.push(b'\n');
+        let p = seg_path(&self.dir, self.segment);
+        self.file.write_all(&bytes).map_err(io(&p))?;
+        self.seq += 1;
+        self.last_hash = h;
+        self.bytes += bytes.len() as u64;
+        Ok(self.seq)
+    }
+
+    /// Makes every appended record durable and signs the head over them.
+    pub fn commit(&mut self) -> Result<(), AuditError> {
+        let p = seg_path(&self.dir, self.segment);
+        self.file.sync_data().map_err(io(&p))?;
+        self.write_head()
+    }
+
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.commit()?;
+        self.segment += 1;
+        self.first_seq = self.seq + 1;
+        self.chain_in = self.last_hash.clone();
+        self.bytes = 0;
+        let p = seg_path(&self.dir, self.segment);
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(io(&p))?;
+        self.write_head()
+    }
+
+    fn write_head(&mut self) -> Result<(), AuditError> {
+        let mut head = Head {
+            segment: self.segment,
+            first_seq: self.first_seq,
+            last_seq: self.seq,
+            chain_in: self.chain_in.clone(),
+            last_hash: self.last_hash.clone(),
+            sig: String::new(),
+        };
+        head.sig = hex::encode(self.key.sign(&head.signed_bytes()).as_ref());
+        let p = head_path(&self.dir, self.segment);
+        let tmp = p.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(&serde_json::to_vec(&head)?).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io(&p))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,123 @@
+//! The gate: the data path for redirected agent connections.
+//!
+//! accept (`accept.rs`: the kernel's record of where the connection was going and who
+//! opened it) → connection (`conn.rs`: TLS with a leaf for what the agent asked for,
+//! HTTP/2 or HTTP/1.1, the rapid-reset budget) → one exchange per request, in
+//! [`Gate::exchange`]:
+//!
+//! precheck (`precheck.rs` → [`Admitted`]: attributes and masking plan) →
+//! authenticate → authorize (`authorize.rs` → [`Authorized`] or a [`Refusal`]) →
+//! forward or upgrade (`forward.rs`: the request record durable first for mutations)
+//! → relay (`relay.rs`: masked as it streams, its outcome recorded when it ends). A
+//! refusal at any stage becomes its metav1.Status in one place (`refusal.rs`), and
+//! every audit record of the gate is written by `exchange.rs`.
+//!
+//! Bodies are streamed frame by frame in both directions (watches, `logs -f` and
+//! chunked lists are never buffered), long-running requests have no idle timeout, and
+//! upgrades (exec/attach/port-forward over WebSocket or SPDY) become byte pipes once
+//! both sides agreed to switch protocols.
+mod accept;
+mod authorize;
+mod conn;
+mod exchange;
+mod forward;
+mod precheck;
+mod refusal;
+mod relay;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+pub use accept::serve;
+pub use authorize::{Authorized, Authorizer, Gated};
+pub use precheck::Admitted;
+pub use refusal::Refusal;
+
+use crate::{
+    audit::AuditLog, config, mask::Masking, tls::LeafMinter, upstream::Upstream, util::ProxyBody,
+};
+use conn::Conn;
+use exchange::{Exchange, Records};
+
+/// Serves redirected agents: everything a request passes through, built once.
+pub struct Gate {
+    minter: Arc<LeafMinter>,
+    upstream: Arc<Upstream>,
+    authorizer: Authorizer,
+    limits: Limits,
+    masking: Arc<Masking>,
+    records: Records,
+    next_conn: AtomicU64,
+}
+
+/// What the configuration bounds about agents' connections and requests.
+struct Limits {
+    accept_unredirected: bool,
+    header_timeout: Duration,
+    max_header_bytes: usize,
+}
+
+impl Gate {
+    pub fn new(
+        minter: Arc<LeafMinter>,
+        upstream: Arc<Upstream>,
+        authorizer: Authorizer,
+        cfg: &config::Proxy,
+        masking: Arc<Masking>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
+        Gate {
+            minter,
+            upstream,
+            authorizer,
+            limits: Limits {
+                accept_unredirected: cfg.accept_unredirected,
+                header_timeout: cfg.header_timeout,
+                max_header_bytes: cfg.max_header_bytes,
+            },
+            masking,
+            records: Records::new(audit),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    /// One request, top to bottom: its answer, and its records.
+    async fn exchange(&self, req: Request<Incoming>, conn: &Arc<Conn>) -> Response<ProxyBody> {
+        let mut ex = self.records.begin(&req, conn);
+        let resp = match self.pass(req, conn, &mut ex).await {
+            Ok(resp) => resp,
+            Err(refusal) => ex.refuse(refusal),
+        };
+        ex.log(&resp);
+        resp
+    }
+
+    /// The stages a request passes, each giving the next what it needs; the first
+    /// refusal ends it.
+    async fn pass(
+        &self,
+        req: Request<Incoming>,
+        conn: &Arc<Conn>,
+        ex: &mut Exchange,
+    ) -> Result<Response<ProxyBody>, Refusal> {
+        let admitted = self.precheck(&req, conn)?;
+        ex.admitted(&admitted);
+        let caller = self.authorizer.authenticate(&req, conn).await?;
+        ex.identified(caller.identity());
+        let authorized = caller.authorize(&admitted).await?;
+        ex.authorized(&authorized);
+        if admitted.upgrade {
+            self.upgrade(req, conn, ex, &admitted, &authorized).await
+        } else {
+            self.forward(req, conn, ex, &admitted, &authorized).await
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! Verifying an agent's bearer token against the configured issuers (signature from
+//! the issuer's keys, issuer, audience, expiry, not-before, algorithm), with a cache
+//! of tokens already verified.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::Engine;
+use jsonwebtoken::{Validation, errors::ErrorKind};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{
+    AuthError, Identity,
+    claims::{bind_to_pod, identity_from_claims},
+    jwks::{JwksCache, KeyLookup},
+};
+use crate::{
+    config::{self, IssuerConfig},
+    k8s::PodRef,
+    util::unix_secs as now,
+};
+
+/// Claims read before the signature is checked, only to pick the issuer.
+#[derive(Deserialize)]
+struct Peek {
+    iss: Option<String>,
+}
+
+struct Issuer {
+    cfg: IssuerConfig,
+    keys: Arc<JwksCache>,
+}
+
+/// A token already verified: its identity stays valid until `expires_at`.
+struct Cached {
+    identity: Identity,
+}
+
+pub struct Authenticator {
+    issuers: HashMap<String, Issuer>,
+    leeway: Duration,
+    cache: Mutex<HashMap<[u8; 32], Arc<Cached>>>,
+}
+
+const CACHE_MAX: usize = 4096;
+
+impl Authenticator {
+    pub fn new(cfg: &config::Identity, keys: Vec<Arc<JwksCache>>) -> Self {
+        let issuers = cfg
+            .issuers
+            .iter()
+            .cloned()
+            .zip(keys)
+            .map(|(cfg, keys)| (cfg.issuer.clone(), Issuer { cfg, keys }))
+            .collect();
+        Authenticator {
+            issuers,
+            leeway: cfg.leeway,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Verifies `token` and binds it to `kernel_pod`, the pod whose cgroup opened the
+    /// connection (None: not a pod's cgroup).
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        kernel_pod: Option<&PodRef>,
+    ) -> Result<Identity, AuthError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            .cloned();
+        let mut identity = match cached {
+            Some(c) => {
+                if now() > c.identity.expires_at.saturating_add(self.leeway.as_secs()) {
+                    self.cache
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&digest);
+                    return Err(AuthError::Expired);
+                }
+                c.identity.clone()
+            }
+            None => {
+                let id = self.verify(token, &digest).await?;
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= CACHE_MAX {
+                    let t = now();
+                    cache.retain(|_, c| c.identity.expires_at > t);
+                    if cache.len() >= CACHE_MAX {
+                        cache.clear();
+                    }
+                }
+                cache.insert(
+                    digest,
+                    Arc::new(Cached {
+                        identity: id.clone(),
+                    }),
+                );
+                id
+            }
+        };
+        bind_to_pod(&mut identity, kernel_pod)?;
+        Ok(identity)
+    }
+
+    async fn verify(&self, token: &str, digest: &[u8; 32]) -> Result<Identity, AuthError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        let iss = peek_issuer(token)?;
+        let issuer = self
+            .issuers
+            .get(&iss)
+            .ok_or_else(|| AuthError::UnknownIssuer(iss.clone()))?;
+        // Only the issuer's configured asymmetric algorithms: a token cannot pick HS256
+        // and have the public key used as its HMAC secret.
+        if !issuer.cfg.algorithms.contains(&header.alg) {
+            return Err(AuthError::Algorithm {
+                alg: format!("{:?}", header.alg),
+                issuer: iss,
+            });
+        }
+        let key = match issuer.keys.key_for(header.kid.as_deref(), header.alg).await {
+            KeyLookup::Found(k) => k,
+            KeyLookup::UnknownKid(kid) => {
+                return Err(AuthError::UnknownKey { kid, issuer: iss });
+            }
+            KeyLookup::Unavailable(why) => {
+                return Err(AuthError::KeysUnavailable { issuer: iss, why });
+            }
+        };
+        let mut v = Validation::new(header.alg);
+        v.algorithms = vec![header.alg];
+        v.set_issuer(&[&issuer.cfg.issuer]);
+        v.set_audience(&issuer.cfg.audiences);
+        v.leeway = self.leeway.as_secs();
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let data =
+            jsonwebtoken::decode::<serde_json::Value>(token, &key, &v).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                    ErrorKind::InvalidAudience => AuthError::Audience(issuer.cfg.audiences.clone()),
+                    ErrorKind::InvalidIssuer => AuthError::UnknownIssuer(iss.clone()),
+                    ErrorKind::InvalidSignature => AuthError::BadSignature,
+                    ErrorKind::InvalidAlgorithm => AuthError::Algorithm {
+                        alg: format!("{:?}", header.alg),
+                        issuer: iss.clone(),
+                    },
+                    ErrorKind::MissingRequiredClaim(c) => {
+                        AuthError::Claims(format!("required claim `{c}` is missing"))
+                    }
+                    _ => AuthError::Malformed(e.to_string()),
+                }
+            })?;
+        identity_from_claims(&issuer.cfg, &data.claims, digest)
+    }
+}
+
+fn peek_issuer(token: &str) -> Result<String, AuthError> {
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| AuthError::Malformed("no payload segment".into()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|e| AuthError::Malformed(format!("payload is not base64url: {e}")))?;
+    let p: Peek = serde_json::from_slice(&bytes)
+        .map_err(|e| AuthError::Malformed(format!("payload is not a JSON object: {e}")))?;
+    p.iss
+        .ok_or_else(|| AuthError::Claims("required claim `iss` is missing".into()))
+}

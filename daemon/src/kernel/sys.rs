@@ -1,0 +1,94 @@
+//! Every `unsafe` block and every libc call of the daemon, each behind a safe function
+//! whose contract is checked here (the crate denies `unsafe` everywhere else).
+use std::{ffi::CString, io, os::unix::ffi::OsStrExt, path::Path};
+
+use aya::maps::{MapData, RingBuf};
+use portcullis_common::Event;
+use tokio::io::{Interest, unix::AsyncFd};
+
+/// The reader of the programs' aya-log ring, logging to the `log` facade.
+pub type ProgramLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// A ring-buffer record as an [`Event`]; `None` if it is too short.
+pub fn event_from_bytes(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: the length is checked above; `Event` is plain old data (aya::Pod: every
+    // bit pattern is a valid value) and read_unaligned needs no alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
+}
+
+/// The bytes of an [`Event`], as the kernel writes them (tests).
+#[cfg(test)]
+pub fn event_bytes(ev: &Event) -> Vec<u8> {
+    // SAFETY: `Event` is plain old data with explicit padding fields, so every byte of
+    // it is initialised; the slice lives no longer than `ev`.
+    unsafe { std::slice::from_raw_parts((ev as *const Event).cast::<u8>(), size_of::<Event>()) }
+        .to_vec()
+}
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
+pub fn boottime_ns() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_BOOTTIME exists on
+    // every kernel this daemon supports (it cannot fail with a valid pointer).
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+/// Whether `path` is on a filesystem whose `statfs` type is `magic`.
+pub fn is_fs_type(path: &Path, magic: i64) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == magic
+    }
+}
+
+/// `mount -t bpf bpf TARGET`.
+pub fn mount_bpffs(target: &Path) -> io::Result<()> {
+    let target = CString::new(target.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: all pointers are valid NUL-terminated strings owned here; mount(2) does
+    // not keep them.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The daemon's effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The event ring buffer, registered with the reactor for readiness.
+pub fn readable_ring(ring: RingBuf<MapData>) -> io::Result<AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the RingBuf owns its map's fd (an OwnedFd inside MapData) for its whole
+    // life and always returns that same fd from as_raw_fd, as register requires.
+    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// The programs' log ring (aya-log), registered with the reactor for readiness.
+pub fn readable_logger(logger: ProgramLogger) -> io::Result<AsyncFd<ProgramLogger>> {
+    // SAFETY: the logger owns its ring buffer map's fd for its whole life and always
+    // returns that same fd from as_raw_fd.
+    unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }.map_err(io::Error::from)
+}

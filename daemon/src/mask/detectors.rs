@@ -1,0 +1,475 @@
+//! Pattern detectors for credentials inside strings and text: PEM private keys, JWTs,
+//! cloud and SaaS access keys, `password=`/`token:` pairs, card numbers passing the
+//! Luhn check. Built for throughput: one SIMD literal pass says whether any token
+//! pattern can match, pair keywords are found from their separators, and the card
+//! prefilter skips most of a text.
+use std::borrow::Cow;
+
+use regex::bytes::Regex;
+
+/// Pattern detectors for credentials inside strings and text.
+#[derive(Debug)]
+pub struct Detectors {
+    /// All token patterns in one: a single literal-prefiltered pass (the regex crate's
+    /// SIMD multi-literal search over their prefixes) says whether any can match.
+    token_any: Regex,
+    patterns: Vec<(Regex, &'static str)>,
+    /// The pair pattern anchored at its keyword: run only where a keyword stands before
+    /// a `=` or `:` (see [`pair_keyword_before`]).
+    pair_at: Regex,
+    pair_tails: PairTails,
+    card: Regex,
+    pub(super) pem_begin: Regex,
+    pub(super) pem_end: Regex,
+}
+
+/// Every spelling the pair pattern's keyword group accepts (ASCII case-insensitive,
+/// lower case here; tested against the pattern).
+const PAIR_KEYWORDS: &[&str] = &[
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "api_key",
+    "api-key",
+    "apikey",
+    "access_key",
+    "access-key",
+    "accesskey",
+    "private_key",
+    "private-key",
+    "privatekey",
+    "credential",
+    "credentials",
+];
+
+/// key, separator (optionally quoted, also JSON-escaped quotes), value. The value stops
+/// before a backslash so an escape sequence is never cut. It starts at the keyword; a
+/// prefix such as `db.` or `DB_` stays in place untouched. The keyword folds ASCII case
+/// only, exactly as the trigger automaton does.
+const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?)([^\s"'\\,;&}\]]+)"#;
+
+impl Detectors {
+    pub fn new() -> Self {
+        let re = |s: &str| Regex::new(s).expect("static pattern");
+        let patterns = vec![
+            (
+                re(
+                    r"(?s)-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
+                ),
+                "[masked:private-key]",
+            ),
+            (
+                re(r"eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}"),
+                "[masked:jwt]",
+            ),
+            (re(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "[masked:aws-key]"),
+            (re(r"\bAIza[0-9A-Za-z_-]{35}"), "[masked:gcp-key]"),
+            (
+                re(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"),
+                "[masked:github-token]",
+            ),
+            (
+                re(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+                "[masked:slack-token]",
+            ),
+            (re(r"\bsk_live_[A-Za-z0-9]{16,}"), "[masked:stripe-key]"),
+        ];
+        let any = patterns
+            .iter()
+            .map(|(r, _)| format!("(?:{})", r.as_str()))
+            .collect::<Vec<_>>()
+            .join("|");
+        Detectors {
+            token_any: re(&any),
+            patterns,
+            pair_at: re(&format!("^{PAIR}")),
+            pair_tails: pair_tails(),
+            card: re(
+                r"\b(?:\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{4}(?:\d{3})?|\d{4}[ -]\d{6}[ -]\d{5}|\d{13,19})\b",
+            ),
+            pem_begin: re(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----"),
+            pem_end: re(r"-----END[A-Z0-9 ]*PRIVATE KEY-----"),
+        }
+    }
+
+    /// Where detectors could match in `s`: whether a token pattern does, and the start
+    /// of every pair keyword that stands before a separator, ascending.
+    fn scan(&self, s: &[u8]) -> (bool, Vec<usize>) {
+        let token = self.token_any.is_match(s);
+        let keys = memchr::memchr2_iter(b'=', b':', s)
+            .filter_map(|sep| pair_keyword_before(&self.pair_tails, s, sep))
+            .collect();
+        (token, keys)
+    }
+
+    /// `s` with every `password=value` pair's value masked, trying the pattern only at
+    /// the keyword starts `keys` (ascending). Same result as a leftmost-first
+    /// replace-all of the pattern: every match starts at a keyword.
+    fn mask_pairs<'a>(&self, s: Cow<'a, [u8]>, keys: &[usize]) -> Cow<'a, [u8]> {
+        let mut out: Vec<u8> = Vec::new();
+        let mut done = 0;
+        for &k in keys {
+            if k < done {
+                continue;
+            }
+            // The anchored DFA rejects a keyword without a separator at once; only a
+            // real pair pays for the capture groups.
+            if !self.pair_at.is_match(&s[k..]) {
+                continue;
+            }
+            if let Some(c) = self.pair_at.captures(&s[k..])
+                && let (Some(whole), Some(head)) = (c.get(0), c.get(1))
+            {
+                out.extend_from_slice(&s[done..k]);
+                out.extend_from_slice(head.as_bytes());
+                out.extend_from_slice(b"[masked]");
+                done = k + whole.end();
+            }
+        }
+        if done == 0 {
+            return s;
+        }
+        out.extend_from_slice(&s[done..]);
+        Cow::Owned(out)
+    }
+
+    /// `s` with every credential found replaced by a `[masked:...]` marker.
+    pub fn apply<'a>(&self, s: &'a [u8]) -> Cow<'a, [u8]> {
+        // Nothing shorter can hold a credential the patterns know (`pwd=x`).
+        if s.len() < 5 {
+            return Cow::Borrowed(s);
+        }
+        let card = card_candidate(s);
+        let (token, mut keys) = self.scan(s);
+        if !token && keys.is_empty() && !card {
+            return Cow::Borrowed(s);
+        }
+        let mut cur: Cow<[u8]> = Cow::Borrowed(s);
+        if token {
+            for (re, marker) in &self.patterns {
+                if re.is_match(&cur) {
+                    cur = Cow::Owned(re.replace_all(&cur, marker.as_bytes()).into_owned());
+                }
+            }
+            if matches!(cur, Cow::Owned(_)) {
+                // Replacements moved the text: find the keywords again.
+                keys = self.scan(&cur).1;
+            }
+        }
+        if !keys.is_empty() {
+            cur = self.mask_pairs(cur, &keys);
+        }
+        if card && self.card.is_match(&cur) {
+            let replaced = self.card.replace_all(&cur, |c: &regex::bytes::Captures| {
+                if luhn(&c[0]) {
+                    b"[masked:card]".to_vec()
+                } else {
+                    c[0].to_vec()
+                }
+            });
+            if let Cow::Owned(o) = replaced {
+                cur = Cow::Owned(o);
+            }
+        }
+        cur
+    }
+}
+
+impl Default for Detectors {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// [`PAIR_KEYWORDS`] grouped by their last two letters (a handful of groups).
+type PairTails = Vec<([u8; 2], Vec<&'static str>)>;
+
+fn pair_tails() -> PairTails {
+    let mut t: PairTails = Vec::new();
+    for k in PAIR_KEYWORDS {
+        let b = k.as_bytes();
+        let tail = [b[b.len() - 2], b[b.len() - 1]];
+        match t.iter_mut().find(|(x, _)| *x == tail) {
+            Some((_, ks)) => ks.push(k),
+            None => t.push((tail, vec![k])),
+        }
+    }
+    t
+}
+
+/// Where a pair keyword would start if the separator at `sep` ends a pair's head:
+/// walks back over what [`PAIR`] allows between keyword and separator (whitespace, then
+/// an optionally escaped quote). Whitespace includes every byte >= 0x80, so Unicode
+/// spaces are never missed (a wrong guess only costs one anchored match attempt).
+/// Separators come in ascending order and keywords hold neither `=` nor `:`, so the
+/// starts found are ascending too.
+/// `tails` is [`PAIR_KEYWORDS`] grouped by their last two letters ([`pair_tails`]).
+fn pair_keyword_before(tails: &PairTails, s: &[u8], sep: usize) -> Option<usize> {
+    let mut e = sep;
+    while e > 0
+        && matches!(
+            s[e - 1],
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0x80..
+        )
+    {
+        e -= 1;
+    }
+    if e > 0 && matches!(s[e - 1], b'"' | b'\'') {
+        e -= 1;
+        if e > 0 && s[e - 1] == b'\\' {
+            e -= 1;
+        }
+    }
+    // The last two letters pick the few keywords worth comparing (most separators in
+    // logs follow `status`, `user`, digits...). `| 0x20` lowercases letters and maps no
+    // other byte onto one.
+    if e < 3 {
+        return None;
+    }
+    let tail = [s[e - 2] | 0x20, s[e - 1] | 0x20];
+    let (_, candidates) = tails.iter().find(|(t, _)| *t == tail)?;
+    candidates.iter().find_map(|k| {
+        let k = k.as_bytes();
+        (e >= k.len() && s[e - k.len()..e].eq_ignore_ascii_case(k)).then(|| e - k.len())
+    })
+}
+
+/// Whether `s` has a run of 13 or more digits (single spaces or dashes between them
+/// allowed): the only place a card number can be.
+fn card_candidate(s: &[u8]) -> bool {
+    // 1: digit, 2: separator, 0: anything else.
+    const fn classes() -> [u8; 256] {
+        let mut t = [0u8; 256];
+        let mut d = b'0';
+        while d <= b'9' {
+            t[d as usize] = 1;
+            d += 1;
+        }
+        t[b' ' as usize] = 2;
+        t[b'-' as usize] = 2;
+        t
+    }
+    static CLASS: [u8; 256] = classes();
+    // Such a run spans at least 13 bytes of digits and separators. Probe the last byte
+    // of the 13-byte window starting at `i` (always just after a byte of class 0): if
+    // it is of class 0 no run starting in the window is long enough, so skip the window
+    // whole; otherwise measure the run through the probe. Text with few digits is read
+    // about one byte in thirteen.
+    const SPAN: usize = 13;
+    let mut i = 0;
+    while i + SPAN <= s.len() {
+        let probe = i + SPAN - 1;
+        if CLASS[s[probe] as usize] == 0 {
+            i = probe + 1;
+            continue;
+        }
+        let mut start = probe;
+        while start > i && CLASS[s[start - 1] as usize] != 0 {
+            start -= 1;
+        }
+        // Digits in a row, kept across one separator, reset by two.
+        let (mut run, mut sep, mut end) = (0u32, false, start);
+        while end < s.len() {
+            match CLASS[s[end] as usize] {
+                1 => {
+                    run += 1;
+                    sep = false;
+                    if run >= 13 {
+                        return true;
+                    }
+                }
+                2 if !sep => sep = true,
+                2 => run = 0,
+                _ => break,
+            }
+            end += 1;
+        }
+        i = end + 1;
+    }
+    false
+}
+
+/// The Luhn checksum over the digits of `s` (separators ignored), for 13-19 digits.
+pub fn luhn(s: &[u8]) -> bool {
+    let digits: Vec<u32> = s
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .map(|b| u32::from(b - b'0'))
+        .collect();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                let x = d * 2;
+                if x > 9 { x - 9 } else { x }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random strings over an alphabet that makes the edge cases
+    /// (digit runs, separators, keywords, quotes) common.
+    fn fuzz_inputs(alphabet: &[&str], n: usize) -> Vec<Vec<u8>> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = (x % 40) as usize;
+                (0..len)
+                    .flat_map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        alphabet[(x % alphabet.len() as u64) as usize]
+                            .bytes()
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn skipping_card_prefilter_agrees_with_a_byte_by_byte_scan() {
+        fn reference(s: &[u8]) -> bool {
+            let (mut run, mut sep, mut max) = (0, false, 0);
+            for &b in s {
+                if b.is_ascii_digit() {
+                    run += 1;
+                    sep = false;
+                } else if (b == b' ' || b == b'-') && !sep {
+                    sep = true;
+                } else {
+                    run = 0;
+                    sep = b == b' ' || b == b'-';
+                }
+                max = std::cmp::max(max, run);
+            }
+            max >= 13
+        }
+        let alphabet = ["1", "23", "4567", " ", "-", "x", "--", "  ", "8901", "Z"];
+        let inputs = fuzz_inputs(&alphabet, 20_000);
+        let mut positives = 0;
+        for s in &inputs {
+            let want = reference(s);
+            positives += usize::from(want);
+            assert_eq!(card_candidate(s), want, "{:?}", String::from_utf8_lossy(s));
+        }
+        assert!(positives > 500, "the inputs exercise few runs: {positives}");
+    }
+
+    #[test]
+    fn every_pair_keyword_is_found_before_every_separator_form() {
+        let pair = Regex::new(PAIR).unwrap();
+        let tails = pair_tails();
+        for k in PAIR_KEYWORDS {
+            for form in ["=", ":", " = ", "\"=", "\\\":", "'\u{a0}="] {
+                let upper = k.to_ascii_uppercase();
+                for kw in [k.to_string(), upper] {
+                    let s = format!("x.{kw}{form}v");
+                    let sep = s.rfind(['=', ':']).unwrap();
+                    assert_eq!(
+                        pair_keyword_before(&tails, s.as_bytes(), sep),
+                        Some(2),
+                        "{s}"
+                    );
+                    // The pattern agrees that a pair starts there.
+                    assert!(
+                        pair.find(s.as_bytes()).is_some_and(|m| m.start() == 2),
+                        "{s}"
+                    );
+                }
+            }
+        }
+        assert_eq!(pair_keyword_before(&tails, b"status=200", 6), None);
+    }
+
+    #[test]
+    fn pairs_found_at_keywords_match_a_plain_replace_all() {
+        let d = Detectors::new();
+        let plain = Regex::new(PAIR).unwrap();
+        let alphabet = [
+            "password",
+            "PassWord",
+            "pwd",
+            "secret",
+            "token",
+            "api-key",
+            "apikey",
+            "Private_Key",
+            "privatekey",
+            "credentials",
+            "sec",
+            "o",
+            "=",
+            ":",
+            " ",
+            "\\\"",
+            "'",
+            "\"",
+            "v4lue",
+            ",",
+            "\n",
+            "é",
+            "\t",
+            "\u{a0}",
+            "\u{2003}",
+            "Credential",
+        ];
+        let mut masked = 0;
+        for s in fuzz_inputs(&alphabet, 20_000) {
+            let want = plain.replace_all(&s, &b"${1}[masked]"[..]);
+            let (_, keys) = d.scan(&s);
+            let got = d.mask_pairs(Cow::Borrowed(&s[..]), &keys);
+            masked += usize::from(matches!(want, Cow::Owned(_)));
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&s));
+        }
+        assert!(masked > 2000, "the inputs exercise few pairs: {masked}");
+        // Keywords overlapping each other, and the spellings the old trigger list missed.
+        for (input, want) in [
+            ("secretoken=abc", "secretoken=[masked]"),
+            ("privatekey=abc", "privatekey=[masked]"),
+            ("access-key: abc", "access-key: [masked]"),
+            ("db.Password = 'x y'", "db.Password = '[masked] y'"),
+        ] {
+            assert_eq!(d.apply(input.as_bytes()), want.as_bytes(), "{input}");
+        }
+    }
+
+    #[test]
+    fn card_candidates_need_thirteen_grouped_digits() {
+        assert!(card_candidate(b"pay 4111 1111 1111 1111 now"));
+        assert!(card_candidate(b"4111-1111-1111-1111"));
+        assert!(card_candidate(b"4111111111111"));
+        assert!(!card_candidate(
+            b"2026-11-22T10:00:00Z status=200 duration=12ms"
+        ));
+        assert!(
+            !card_candidate(b"4111  1111 1111 1111"),
+            "double separator breaks a run"
+        );
+    }
+
+    #[test]
+    fn luhn_checks() {
+        assert!(luhn(b"4111111111111111"));
+        assert!(luhn(b"4111-1111-1111-1111"));
+        assert!(!luhn(b"4111111111111112"));
+        assert!(!luhn(b"1234"));
+    }
+}

@@ -1,0 +1,589 @@
+//! The streaming JSON masker: fed a body chunk by chunk, it rewrites string values as
+//! they pass (numbers, keys and structure byte for byte), holding only the current
+//! string and the container stack, so a watch is masked event by event and a large
+//! list without being held.
+use std::sync::Arc;
+
+use super::{
+    Encoding, LAST_APPLIED, MAX_DEPTH, MAX_STRING, MaskError, PLACEHOLDER, Plan,
+    paths::{EXEMPT_KEYS, ROOTS, Seg, is_secret_name},
+};
+
+/// How the value now starting is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Detectors run over it.
+    Plain,
+    /// Replaced (the whole subtree for a container).
+    Mask(Encoding),
+    /// The last-applied annotation: parsed and masked as an object.
+    LastApplied,
+    /// An identifier clients depend on: passed as is.
+    Exempt,
+}
+
+#[derive(Debug)]
+struct Frame {
+    array: bool,
+    /// The current key (objects), as it appears in the body (escaped).
+    key: Vec<u8>,
+    /// Set when the whole container is masked.
+    masked: Option<Encoding>,
+    expect_key: bool,
+    /// A `name` field in this object named a credential: its `value` is masked.
+    secret_name: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    Between,
+    Str { key: bool, mode: Mode, esc: bool },
+    Lit { masked: bool },
+}
+
+/// Streaming JSON masker; feed it the body chunk by chunk. Several top-level values in
+/// a row (a watch stream's events) are handled like one.
+pub struct JsonMasker {
+    plan: Arc<Plan>,
+    frames: Vec<Frame>,
+    lex: Lex,
+    sbuf: Vec<u8>,
+    /// Key buffers of closed objects, reused by the next ones (no allocation per
+    /// object once the stack has been as deep).
+    spare_keys: Vec<Vec<u8>>,
+    offset: u64,
+    out: Vec<u8>,
+}
+
+impl JsonMasker {
+    pub fn new(plan: Arc<Plan>) -> Self {
+        JsonMasker {
+            plan,
+            frames: Vec::new(),
+            lex: Lex::Between,
+            sbuf: Vec::new(),
+            spare_keys: Vec::new(),
+            offset: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Masks `input`, returning what can be sent now.
+    pub fn feed(&mut self, input: &[u8]) -> Result<Vec<u8>, MaskError> {
+        self.out.reserve(input.len() + 64);
+        let mut i = 0;
+        while i < input.len() {
+            match self.lex {
+                Lex::Between => {
+                    let b = input[i];
+                    match b {
+                        b' ' | b'\t' | b'\r' | b'\n' => self.out.push(b),
+                        b'{' | b'[' => {
+                            let mode = self.value_mode(true);
+                            if self.frames.len() >= MAX_DEPTH {
+                                return Err(MaskError::TooDeep);
+                            }
+                            let masked = match mode {
+                                Mode::Mask(e) => Some(e),
+                                _ => None,
+                            };
+                            let mut key = self.spare_keys.pop().unwrap_or_default();
+                            key.clear();
+                            self.frames.push(Frame {
+                                array: b == b'[',
+                                key,
+                                masked,
+                                expect_key: b == b'{',
+                                secret_name: false,
+                            });
+                            self.out.push(b);
+                        }
+                        b'}' | b']' => {
+                            match self.frames.pop() {
+                                Some(f) if f.array == (b == b']') => self.spare_keys.push(f.key),
+                                _ => return Err(self.syntax(i, "unbalanced bracket")),
+                            }
+                            self.out.push(b);
+                        }
+                        b':' => self.out.push(b),
+                        b',' => {
+                            if let Some(f) = self.frames.last_mut()
+                                && !f.array
+                            {
+                                f.expect_key = true;
+                            }
+                            self.out.push(b);
+                        }
+                        b'"' => {
+                            let is_key =
+                                self.frames.last().is_some_and(|f| !f.array && f.expect_key);
+                            let mode = if is_key {
+                                Mode::Exempt
+                            } else {
+                                self.value_mode(false)
+                            };
+                            if mode == Mode::Exempt && !is_key {
+                                self.out.push(b'"');
+                            }
+                            self.sbuf.clear();
+                            self.lex = Lex::Str {
+                                key: is_key,
+                                mode,
+                                esc: false,
+                            };
+                        }
+                        b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
+                            let masked = matches!(self.value_mode(false), Mode::Mask(_))
+                                && (b == b'-' || b.is_ascii_digit());
+                            self.out.push(if masked { b'0' } else { b });
+                            self.lex = Lex::Lit { masked };
+                        }
+                        _ => return Err(self.syntax(i, "unexpected character")),
+                    }
+                    i += 1;
+                }
+                Lex::Lit { masked } => {
+                    let b = input[i];
+                    if matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n') {
+                        self.lex = Lex::Between;
+                        continue;
+                    }
+                    if !masked {
+                        self.out.push(b);
+                    }
+                    i += 1;
+                }
+                Lex::Str { key, mode, esc } => {
+                    let mut start = i;
+                    if esc {
+                        // The byte after a backslash is part of the escape.
+                        self.take(mode, key, &input[i..i + 1])?;
+                        i += 1;
+                        start = i;
+                    }
+                    match memchr::memchr2(b'"', b'\\', &input[i..]) {
+                        None => {
+                            self.take(mode, key, &input[start..])?;
+                            self.lex = Lex::Str {
+                                key,
+                                mode,
+                                esc: false,
+                            };
+                            i = input.len();
+                        }
+                        Some(j) => {
+                            let at = i + j;
+                            self.take(mode, key, &input[start..at])?;
+                            if input[at] == b'\\' {
+                                self.take(mode, key, b"\\")?;
+                                if at + 1 < input.len() {
+                                    self.take(mode, key, &input[at + 1..at + 2])?;
+                                    i = at + 2;
+                                    self.lex = Lex::Str {
+                                        key,
+                                        mode,
+                                        esc: false,
+                                    };
+                                } else {
+                                    i = at + 1;
+                                    self.lex = Lex::Str {
+                                        key,
+                                        mode,
+                                        esc: true,
+                                    };
+                                }
+                            } else {
+                                self.end_string(key, mode)?;
+                                self.lex = Lex::Between;
+                                i = at + 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.offset += input.len() as u64;
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// The end of the body: what remains, or an error if it ended inside a value.
+    pub fn finish(mut self) -> Result<Vec<u8>, MaskError> {
+        match self.lex {
+            Lex::Str { .. } => Err(self.syntax(0, "the body ends inside a string")),
+            _ if !self.frames.is_empty() => {
+                Err(self.syntax(0, "the body ends inside an object or array"))
+            }
+            _ => Ok(std::mem::take(&mut self.out)),
+        }
+    }
+
+    fn syntax(&self, at: usize, why: &'static str) -> MaskError {
+        MaskError::Syntax {
+            offset: self.offset + at as u64,
+            why,
+        }
+    }
+
+    /// String content: passed on at once (keys are kept for paths; exempt values go
+    /// straight out), held (to decide on the whole string) or dropped (masked).
+    fn take(&mut self, mode: Mode, key: bool, bytes: &[u8]) -> Result<(), MaskError> {
+        if mode == Mode::Exempt && !key {
+            self.out.extend_from_slice(bytes);
+            return Ok(());
+        }
+        if matches!(mode, Mode::Mask(_)) && self.plan.fingerprint.is_none() {
+            return Ok(());
+        }
+        if self.sbuf.len() + bytes.len() > MAX_STRING {
+            return Err(MaskError::TooLong);
+        }
+        self.sbuf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn end_string(&mut self, key: bool, mode: Mode) -> Result<(), MaskError> {
+        if key {
+            self.out.push(b'"');
+            self.out.extend_from_slice(&self.sbuf);
+            self.out.push(b'"');
+            // The buffers trade places: the key is kept without a copy.
+            // A key is only read inside an object, so the frame is there.
+            if let Some(f) = self.frames.last_mut() {
+                std::mem::swap(&mut f.key, &mut self.sbuf);
+                f.expect_key = false;
+            }
+            return Ok(());
+        }
+        match mode {
+            Mode::Exempt => self.out.push(b'"'),
+            Mode::Mask(enc) => {
+                let sbuf = std::mem::take(&mut self.sbuf);
+                self.plan.placeholder(enc, &sbuf, &mut self.out);
+                self.sbuf = sbuf;
+            }
+            Mode::LastApplied => {
+                let masked = self.mask_embedded();
+                self.out.extend_from_slice(&masked);
+            }
+            Mode::Plain => {
+                if let Some(f) = self.frames.last_mut()
+                    && !f.array
+                    && f.key == b"name"
+                    && is_secret_name(&self.sbuf)
+                {
+                    f.secret_name = true;
+                }
+                self.out.push(b'"');
+                match &self.plan.detectors {
+                    Some(d) => {
+                        let masked = d.apply(&self.sbuf);
+                        self.out.extend_from_slice(&masked);
+                    }
+                    None => self.out.extend_from_slice(&self.sbuf),
+                }
+                self.out.push(b'"');
+            }
+        }
+        Ok(())
+    }
+
+    /// The last-applied annotation (in `sbuf`, escaped): the object inside masked with
+    /// the same plan, re-encoded as a JSON string. If it is not JSON, detectors only.
+    fn mask_embedded(&self) -> Vec<u8> {
+        let mut quoted = Vec::with_capacity(self.sbuf.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(&self.sbuf);
+        quoted.push(b'"');
+        let inner: Option<String> = serde_json::from_slice(&quoted).ok();
+        let masked = inner.and_then(|doc| {
+            let mut m = JsonMasker::new(self.plan.clone());
+            let mut out = m.feed(doc.as_bytes()).ok()?;
+            out.extend(m.finish().ok()?);
+            String::from_utf8(out).ok()
+        });
+        match masked {
+            Some(s) => serde_json::to_vec(&s).unwrap_or_else(|_| b"\"\"".to_vec()),
+            None => {
+                // Not JSON: treat it as text. Without detectors, hide it whole.
+                let mut out = vec![b'"'];
+                match &self.plan.detectors {
+                    Some(d) => out.extend_from_slice(&d.apply(&self.sbuf)),
+                    None => out.extend_from_slice(PLACEHOLDER.as_bytes()),
+                }
+                out.push(b'"');
+                out
+            }
+        }
+    }
+
+    /// The treatment of the value that starts now (an object or array if `container`),
+    /// from its path.
+    fn value_mode(&self, container: bool) -> Mode {
+        let Some(top) = self.frames.last() else {
+            return Mode::Plain;
+        };
+        if let Some(e) = top.masked {
+            return Mode::Mask(e);
+        }
+        if !top.array && !container {
+            if top.key == b"value" && top.secret_name {
+                return Mode::Mask(Encoding::Text);
+            }
+            if EXEMPT_KEYS.contains(&top.key.as_slice()) {
+                return Mode::Exempt;
+            }
+        }
+        for root in ROOTS {
+            if self.frames.len() < root.len()
+                || self.frames.len() - root.len() > self.plan.max_rel_depth
+                || (self.frames.len() - root.len() < 64
+                    && self.plan.rel_depths & 1 << (self.frames.len() - root.len()) == 0)
+                || !self.matches_root(root)
+            {
+                continue;
+            }
+            let rel = &self.frames[root.len()..];
+            for (path, enc) in &self.plan.paths {
+                if rel.len() == path.0.len()
+                    && rel.iter().zip(&path.0).all(|(f, s)| match s {
+                        Seg::Any => true,
+                        Seg::Key(k) => !f.array && f.key == *k,
+                    })
+                {
+                    return Mode::Mask(*enc);
+                }
+            }
+            if rel.len() == 3
+                && !rel[0].array
+                && rel[0].key == b"metadata"
+                && !rel[1].array
+                && rel[1].key == b"annotations"
+                && !rel[2].array
+                && rel[2].key == LAST_APPLIED.as_bytes()
+            {
+                return Mode::LastApplied;
+            }
+        }
+        // A credential-named field: its scalar value (a nested object keeps its
+        // structure and is checked field by field).
+        if !top.array && !container && is_secret_name(&top.key) {
+            return Mode::Mask(Encoding::Text);
+        }
+        Mode::Plain
+    }
+
+    fn matches_root(&self, root: &[Option<&str>]) -> bool {
+        root.iter().zip(&self.frames).all(|(r, f)| match r {
+            None => f.array,
+            Some(k) => !f.array && f.key == k.as_bytes(),
+        })
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    use crate::mask::{B64_PLACEHOLDER, Detectors};
+
+    fn secrets_plan() -> Arc<Plan> {
+        Arc::new(Plan::new(
+            Plan::secret_paths(),
+            Some(Arc::new(Detectors::new())),
+            None,
+        ))
+    }
+
+    fn mask_chunks(plan: &Arc<Plan>, body: &[u8], chunk: usize) -> Vec<u8> {
+        let mut m = JsonMasker::new(plan.clone());
+        let mut out = Vec::new();
+        for c in body.chunks(chunk.max(1)) {
+            out.extend(m.feed(c).unwrap());
+        }
+        out.extend(m.finish().unwrap());
+        out
+    }
+
+    fn mask(plan: &Arc<Plan>, body: &str) -> String {
+        let whole = mask_chunks(plan, body.as_bytes(), body.len());
+        // Every chunking gives the same result.
+        for chunk in [1, 2, 3, 7, 64] {
+            assert_eq!(
+                mask_chunks(plan, body.as_bytes(), chunk),
+                whole,
+                "chunk size {chunk}"
+            );
+        }
+        String::from_utf8(whole).unwrap()
+    }
+
+    #[test]
+    fn secret_get_list_watch_and_table_are_masked() {
+        let p = secrets_plan();
+        let get = r#"{"kind":"Secret","apiVersion":"v1","metadata":{"name":"s","resourceVersion":"1234567890123456"},"data":{"a":"Q0FOQVJZ","b\"x":"Q0FOQVJZMg=="},"stringData":{"c":"CANARY3"},"type":"Opaque"}"#;
+        let out = mask(&p, get);
+        assert!(
+            !out.contains("Q0FOQVJZ") && !out.contains("CANARY3"),
+            "{out}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["data"]["a"], B64_PLACEHOLDER);
+        assert_eq!(v["data"]["b\"x"], B64_PLACEHOLDER);
+        assert_eq!(v["stringData"]["c"], PLACEHOLDER);
+        assert_eq!(v["metadata"]["resourceVersion"], "1234567890123456");
+        // Valid base64 for clients that decode it.
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(B64_PLACEHOLDER)
+                .unwrap(),
+            PLACEHOLDER.as_bytes()
+        );
+
+        let list = r#"{"kind":"SecretList","items":[{"metadata":{"name":"a"},"data":{"k":"Q0FOQVJZ"}},{"metadata":{"name":"b"},"data":{"k":"Q0FOQVJZ"}}]}"#;
+        assert!(!mask(&p, list).contains("Q0FOQVJZ"));
+        let watch = "{\"type\":\"ADDED\",\"object\":{\"data\":{\"k\":\"Q0FOQVJZ\"}}}\n{\"type\":\"MODIFIED\",\"object\":{\"data\":{\"k\":\"Q0FOQVJZ\"}}}\n";
+        let out = mask(&p, watch);
+        assert!(!out.contains("Q0FOQVJZ"));
+        assert_eq!(out.lines().count(), 2);
+        let table = r#"{"kind":"Table","rows":[{"cells":["a","Opaque",1],"object":{"kind":"Secret","data":{"k":"Q0FOQVJZ"}}}]}"#;
+        let out = mask(&p, table);
+        assert!(
+            !out.contains("Q0FOQVJZ") && out.contains(r#"["a","Opaque",1]"#),
+            "{out}"
+        );
+        let watched_table = r#"{"type":"ADDED","object":{"kind":"Table","rows":[{"cells":[],"object":{"data":{"k":"Q0FOQVJZ"}}}]}}"#;
+        assert!(!mask(&p, watched_table).contains("Q0FOQVJZ"));
+    }
+
+    #[test]
+    fn last_applied_annotation_is_masked_inside() {
+        let p = secrets_plan();
+        let applied = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "s", "namespace": "e2e"},
+            "data": {"k": "Q0FOQVJZ"}, "stringData": {"p": "CANARY-TEXT"}
+        })
+        .to_string();
+        let body = serde_json::json!({
+            "kind": "Secret",
+            "metadata": {"name": "s", "annotations": {LAST_APPLIED: applied}},
+            "data": {"k": "Q0FOQVJZ"}
+        })
+        .to_string();
+        let out = mask(&p, &body);
+        assert!(
+            !out.contains("Q0FOQVJZ") && !out.contains("CANARY-TEXT"),
+            "{out}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let inner: serde_json::Value =
+            serde_json::from_str(v["metadata"]["annotations"][LAST_APPLIED].as_str().unwrap())
+                .unwrap();
+        assert_eq!(inner["data"]["k"], B64_PLACEHOLDER);
+        assert_eq!(inner["metadata"]["namespace"], "e2e");
+    }
+
+    #[test]
+    fn configmap_and_env_credentials_are_found_by_detectors_and_names() {
+        let p = Arc::new(Plan::new(
+            Vec::new(),
+            Some(Arc::new(Detectors::new())),
+            None,
+        ));
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlc2lnbmF0dXJl";
+        let body = serde_json::json!({
+            "kind": "ConfigMap",
+            "data": {
+                "app.properties": "db.host=x\ndb.password=hunter2\nmode=fast",
+                "key.pem": "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----\nafter",
+                "jwt": format!("Bearer {jwt}"),
+                "aws": "AKIAIOSFODNN7EXAMPLE",
+                "card": "paid with 4111 1111 1111 1111 today",
+                "notcard": "4111 1111 1111 1112",
+                "clientSecret": "s3cr3t-value",
+                "secretName": "my-secret",
+                "yaml": "token: abc.def\nuser: x",
+            },
+            "spec": {"containers": [{"env": [
+                {"name": "DB_PASSWORD", "value": "hunter3"},
+                {"name": "MODE", "value": "fast"}
+            ]}]}
+        })
+        .to_string();
+        let out = mask(&p, &body);
+        for leaked in [
+            "hunter2",
+            "MIIEabc",
+            jwt,
+            "AKIAIOSFODNN7EXAMPLE",
+            "4111 1111 1111 1111",
+            "s3cr3t",
+            "abc.def",
+            "hunter3",
+        ] {
+            assert!(!out.contains(leaked), "{leaked} leaked: {out}");
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            v["data"]["app.properties"],
+            "db.host=x\ndb.password=[masked]\nmode=fast"
+        );
+        assert_eq!(v["data"]["key.pem"], "[masked:private-key]\nafter");
+        assert_eq!(
+            v["data"]["notcard"], "4111 1111 1111 1112",
+            "fails Luhn: kept"
+        );
+        assert_eq!(
+            v["data"]["secretName"], "my-secret",
+            "a reference, not a value"
+        );
+        assert_eq!(v["spec"]["containers"][0]["env"][1]["value"], "fast");
+    }
+
+    #[test]
+    fn configured_paths_and_fingerprints() {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k");
+        let p = Arc::new(Plan::new(
+            vec![
+                ("spec.connection.*".parse().unwrap(), Encoding::Text),
+                (
+                    "metadata.annotations[example.com/dsn]".parse().unwrap(),
+                    Encoding::Text,
+                ),
+            ],
+            None,
+            Some(key),
+        ));
+        let body = r#"{"items":[{"metadata":{"annotations":{"example.com/dsn":"pg://u:CANARY@h","other":"x"}},"spec":{"connection":{"host":"CANARY1","port":5432},"keep":"y"}},{"spec":{"connection":{"host":"CANARY1"}}}]}"#;
+        let out = mask(&p, body);
+        assert!(!out.contains("CANARY"), "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let a = v["items"][0]["spec"]["connection"]["host"]
+            .as_str()
+            .unwrap();
+        let b = v["items"][1]["spec"]["connection"]["host"]
+            .as_str()
+            .unwrap();
+        assert!(a.starts_with("portcullis-masked:") && a == b, "{a} {b}");
+        assert_eq!(v["items"][0]["spec"]["connection"]["port"], 0);
+        assert_eq!(v["items"][0]["spec"]["keep"], "y");
+        assert_eq!(v["items"][0]["metadata"]["annotations"]["other"], "x");
+    }
+
+    #[test]
+    fn invalid_json_is_an_error_never_passed_through() {
+        let p = secrets_plan();
+        let mut m = JsonMasker::new(p.clone());
+        assert!(matches!(
+            m.feed(b"{\"data\":{\"k\":\"abc\"}}}"),
+            Err(MaskError::Syntax { .. })
+        ));
+        let mut m = JsonMasker::new(p.clone());
+        m.feed(b"{\"data\":{\"k\":\"ab").unwrap();
+        assert!(m.finish().is_err());
+        let mut m = JsonMasker::new(p.clone());
+        assert!(m.feed(b"<html>").is_err());
+        let mut m = JsonMasker::new(p.clone());
+        assert_eq!(m.feed(&[b'['; MAX_DEPTH + 1]), Err(MaskError::TooDeep));
+    }
+}

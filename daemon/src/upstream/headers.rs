@@ -1,0 +1,113 @@
+//! The request head rewrite: what describes one hop (RFC 9110 7.6.1) never crosses,
+//! and nothing the agent sent to claim an identity reaches the API server; the
+//! daemon impersonates the subject's scoped identity instead.
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+/// Headers that describe one hop and never cross a proxy (RFC 9110 7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The upstream identity a request is impersonated as, as header values.
+#[derive(Debug, Clone)]
+pub struct Impersonation {
+    user: HeaderValue,
+    groups: Vec<HeaderValue>,
+}
+
+impl Impersonation {
+    pub fn new(user: &str, groups: &[String]) -> Impersonation {
+        Impersonation {
+            user: header_value(user),
+            groups: groups.iter().map(|g| header_value(g)).collect(),
+        }
+    }
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| {
+        // Non-visible characters cannot be sent; config validation keeps them out.
+        HeaderValue::from_static("invalid")
+    })
+}
+
+/// Removes hop-by-hop headers, including any the Connection header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(*n);
+    }
+}
+
+/// The identity headers: everything the agent sent to claim an identity out; the
+/// daemon's own credential (if it uses a token) and the impersonation in.
+pub(super) fn impersonate(h: &mut HeaderMap, credential: Option<HeaderValue>, imp: &Impersonation) {
+    strip_identity(h);
+    if let Some(c) = credential {
+        h.insert(header::AUTHORIZATION, c);
+    }
+    h.insert("impersonate-user", imp.user.clone());
+    // Repeated headers: a comma-joined value would be read as ONE group.
+    for g in &imp.groups {
+        h.append("impersonate-group", g.clone());
+    }
+}
+
+/// Removes everything an agent could use to claim an identity upstream.
+fn strip_identity(h: &mut HeaderMap) {
+    h.remove(header::AUTHORIZATION);
+    let imp: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("impersonate-"))
+        .cloned()
+        .collect();
+    for k in imp {
+        h.remove(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_and_hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer agent"));
+        h.insert("impersonate-user", HeaderValue::from_static("system:admin"));
+        h.append(
+            "impersonate-group",
+            HeaderValue::from_static("system:masters"),
+        );
+        h.insert("impersonate-extra-scopes", HeaderValue::from_static("x"));
+        h.insert("impersonate-uid", HeaderValue::from_static("1"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("accept", HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut h);
+        strip_identity(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["accept"]);
+    }
+}
