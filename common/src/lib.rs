@@ -8,7 +8,7 @@
 //!   connect to a protected IPv4 endpoint matches the same key.
 //! - Ports are in host byte order.
 //! - Every struct has explicit padding fields so no byte of a map key is undefined.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 #[cfg(feature = "user")]
 mod user;
@@ -40,6 +40,171 @@ pub mod maps {
 /// Layout version of the pinned maps. Pins made by a build with another layout cannot
 /// be reused; the daemon refuses to start on them and says what to do.
 pub const MAPS_LAYOUT: u32 = 3;
+
+/// Every map layout this crate has recorded, oldest first: (`MAPS_LAYOUT`, the
+/// [`layout::fingerprint`] of the pinned types in that layout). The build fails unless
+/// the last row is the current version and the types' current fingerprint, so a
+/// field reordered, resized, added or removed in a pinned type cannot build without a
+/// new version. To change a pinned type: bump `MAPS_LAYOUT` and append a row with the
+/// new fingerprint (`cargo test -p portcullis-common layout -- --nocapture` prints it).
+/// Never edit a row.
+pub const MAPS_LAYOUTS: &[(u32, u64)] = &[(3, 0x356e_6f9b_7c98_a0d9)];
+
+const _: () = {
+    let mut i = 1;
+    while i < MAPS_LAYOUTS.len() {
+        assert!(
+            MAPS_LAYOUTS[i].0 > MAPS_LAYOUTS[i - 1].0,
+            "MAPS_LAYOUTS: versions must increase"
+        );
+        assert!(
+            MAPS_LAYOUTS[i].1 != MAPS_LAYOUTS[i - 1].1,
+            "MAPS_LAYOUTS: a new version must record a new layout"
+        );
+        i += 1;
+    }
+    let (version, recorded) = MAPS_LAYOUTS[MAPS_LAYOUTS.len() - 1];
+    assert!(
+        version == MAPS_LAYOUT,
+        "MAPS_LAYOUT has no row in MAPS_LAYOUTS: append (MAPS_LAYOUT, fingerprint)"
+    );
+    assert!(
+        recorded == layout::fingerprint(),
+        "a pinned map type changed layout: bump MAPS_LAYOUT and append its fingerprint to MAPS_LAYOUTS (see its docs)"
+    );
+};
+
+/// The layout of every type stored in a pinned map or sent on the ring buffer, as a
+/// number: each type's size and alignment, each field's offset and size.
+pub mod layout {
+    use core::mem::{align_of, offset_of, size_of};
+
+    use super::{
+        ConnRecord, Enrollment, Event, Origin, Protection, Settings, SockKey, StickyAgent,
+    };
+
+    /// FNV-1a, one 64-bit number at a time.
+    const fn mix(h: u64, v: u64) -> u64 {
+        let bytes = v.to_le_bytes();
+        let mut h = h;
+        let mut i = 0;
+        while i < bytes.len() {
+            h ^= bytes[i] as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            i += 1;
+        }
+        h
+    }
+
+    /// The size of the field `f` selects (its type is never named, so a change of
+    /// type cannot be missed here).
+    const fn field_size<T, F>(_f: fn(&T) -> &F) -> usize {
+        size_of::<F>()
+    }
+
+    /// Mixes in a type's size and alignment, then each listed field's offset and size.
+    macro_rules! mix_type {
+        ($h:expr, $t:ident { $($f:ident),+ $(,)? }) => {{
+            let mut h = mix($h, size_of::<$t>() as u64);
+            h = mix(h, align_of::<$t>() as u64);
+            $(
+                h = mix(h, offset_of!($t, $f) as u64);
+                h = mix(h, field_size(|v: &$t| &v.$f) as u64);
+            )+
+            h
+        }};
+    }
+
+    /// The fingerprint of the current layout (see [`super::MAPS_LAYOUTS`]).
+    pub const fn fingerprint() -> u64 {
+        let h = 0xcbf2_9ce4_8422_2325;
+        let h = mix_type!(h, SockKey { addr, port, _pad });
+        let h = mix_type!(h, Protection { id, _pad });
+        let h = mix_type!(h, Enrollment { enrolled_at });
+        let h = mix_type!(h, StickyAgent { agent_cgroup });
+        let h = mix_type!(
+            h,
+            Settings {
+                daemon_v4,
+                daemon_v6,
+                flags,
+                task_tgid_offset
+            }
+        );
+        let h = mix_type!(
+            h,
+            Origin {
+                cgroup_id,
+                agent_cgroup_id,
+                netns_cookie,
+                tgid,
+                pid,
+                uid,
+                gid,
+                comm
+            }
+        );
+        let h = mix_type!(
+            h,
+            ConnRecord {
+                original_dst,
+                origin,
+                socket_cookie,
+                ktime_ns
+            }
+        );
+        mix_type!(
+            h,
+            Event {
+                kind,
+                hook,
+                origin,
+                dst,
+                redirected_to,
+                family,
+                sock_type,
+                protocol,
+                _pad,
+                socket_cookie,
+                ktime_ns
+            }
+        )
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// `cargo test -p portcullis-common layout -- --nocapture`: the value to record.
+        #[test]
+        fn layout_fingerprint_is_recorded() {
+            std::println!("layout fingerprint: {:#018x}", fingerprint());
+            assert_eq!(
+                super::super::MAPS_LAYOUTS.last().map(|r| r.1),
+                Some(fingerprint())
+            );
+        }
+
+        #[test]
+        fn a_moved_field_changes_the_fingerprint() {
+            #[allow(dead_code)]
+            #[repr(C)]
+            struct A {
+                x: u32,
+                y: u64,
+            }
+            #[allow(dead_code)]
+            #[repr(C)]
+            struct B {
+                y: u64,
+                x: u32,
+            }
+            let a = mix_type!(1, A { x, y });
+            let b = mix_type!(1, B { x, y });
+            assert_ne!(a, b);
+        }
+    }
+}
 
 /// Size of the event ring buffer in bytes (power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 4 << 20;

@@ -50,6 +50,14 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
                 .env("PORTCULLIS_BPF_OBJECT", &obj)
                 .args(args),
         )?;
+        // The daemon's check of its own source: imports against its layer table.
+        run::status(
+            Command::new("cargo")
+                .current_dir(paths::root())
+                .args(["test", "--release", "-p", "portcullis", "--test", "layers"])
+                .env("PORTCULLIS_BPF_OBJECT", &obj)
+                .args(args),
+        )?;
     }
     if tiers.contains(&"kernel") {
         require_root("the kernel tier")?;
