@@ -201,6 +201,8 @@ pub struct Gate {
     pub agent_token: String,
     /// Straight at the apiserver, as the same scoped identity the daemon impersonates.
     pub direct_kubeconfig: PathBuf,
+    /// (pod, containerd id of its `main` container), noted at start.
+    container_ids: Vec<(String, String)>,
     /// Gated mode: the test IdP.
     pub idp: Option<crate::idp::Idp>,
     base_config: String,
@@ -240,7 +242,10 @@ impl Gate {
             state = daemon.state_dir.display(),
         );
         write(&daemon.config, &base_config)?;
-        let o = daemon.cli(&["ca", "init"]).output()?;
+        let o = Command::new(bin("portcullis"))
+            .args(["ca", "init", "--config"])
+            .arg(&daemon.config)
+            .output()?;
         ensure!(
             o.status.success(),
             "portcullis ca init: {}",
@@ -334,6 +339,19 @@ impl Gate {
         let agent_token = node.kubectl_ok(&[
             "exec", "-n", NAMESPACE, POD, "-c", "main", "--", "cat", POD_TOKEN,
         ])?;
+        let mut container_ids = Vec::new();
+        for pod in [POD, OTHER_POD] {
+            let id = node.kubectl_ok(&[
+                "-n",
+                NAMESPACE,
+                "get",
+                "pod",
+                pod,
+                "-o",
+                "jsonpath={.status.containerStatuses[?(@.name==\"main\")].containerID}",
+            ])?;
+            container_ids.push((pod.to_string(), id));
+        }
         let direct_kubeconfig = dir.join("direct.kubeconfig");
         write(
             &direct_kubeconfig,
@@ -355,6 +373,7 @@ impl Gate {
             other_cg,
             agent_token,
             direct_kubeconfig,
+            container_ids,
             idp,
             base_config,
             pass_through,
@@ -427,6 +446,40 @@ impl Gate {
         let mut full = vec!["timeout", "-s", "KILL", "100"];
         full.extend_from_slice(argv);
         self.node.exec_cmd(NAMESPACE, pod, "main", &full)
+    }
+
+    /// A command inside an agent pod's `main` container started through containerd
+    /// (`ctr tasks exec`), for when the API server is down and `kubectl exec` cannot work.
+    pub fn in_pod_via_runtime(&self, pod: &str, argv: &[&str]) -> Result<Command> {
+        let id = self.node.kubectl_ok(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pod",
+            pod,
+            "-o",
+            "jsonpath={.status.containerStatuses[?(@.name==\"main\")].containerID}",
+        ]);
+        let id = match id {
+            Ok(id) => id,
+            // The API server may be the thing that is down: the IDs were noted at start.
+            Err(_) => self
+                .container_ids
+                .iter()
+                .find(|(p, _)| p == pod)
+                .map(|(_, id)| id.clone())
+                .context("no container id noted for the pod")?,
+        };
+        let id = id.trim_start_matches("containerd://").to_string();
+        let mut c = Command::new(self.node.parts.bin("ctr"));
+        c.arg("-a")
+            .arg(self.node.containerd_sock())
+            .args(["-n", "k8s.io", "tasks", "exec", "--exec-id"])
+            .arg(format!("pc-{}", node::random_token()))
+            .arg(&id)
+            .args(["timeout", "-s", "KILL", "100"])
+            .args(argv);
+        Ok(c)
     }
 
     /// kubectl as the agent, from pod `work`, with its in-cluster configuration.

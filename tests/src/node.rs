@@ -896,13 +896,20 @@ healthzBindAddress: 127.0.0.1:10256
         path: &str,
         text: &str,
     ) -> Result<()> {
-        let script = format!("mkdir -p \"$(dirname '{path}')\" && cat > '{path}'");
+        let script =
+            format!("mkdir -p \"$(dirname '{path}')\" && cat > '{path}' && wc -c < '{path}'");
         let mut c = self.exec_cmd(ns, pod, container, &["sh", "-c", &script]);
         let o = run_with_stdin(&mut c, text)?;
         ensure!(
             o.status.success(),
             "writing {path} into {ns}/{pod}: {}",
             String::from_utf8_lossy(&o.stderr).trim()
+        );
+        let written = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        ensure!(
+            written == text.len().to_string(),
+            "writing {path} into {ns}/{pod}: {written} of {} bytes arrived",
+            text.len()
         );
         Ok(())
     }

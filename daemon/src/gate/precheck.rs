@@ -55,6 +55,7 @@ impl Gate {
         }
         let info = k8s::resolve(req.method().as_str(), req.uri().path(), req.uri().query())?;
         let upgrade = is_upgrade(req);
+        let info = if upgrade { info.upgraded() } else { info };
         Ok(Admitted {
             upgrade,
             mutating: upgrade || !matches!(info.verb.as_str(), "get" | "list" | "watch"),

@@ -27,6 +27,24 @@ pub struct RequestInfo {
     pub name: String,
 }
 
+impl RequestInfo {
+    /// The verb an upgraded request is authorized as. Since 1.35 the apiserver
+    /// authorizes a WebSocket GET to `pods/exec|attach|portforward` as `create`, as it
+    /// does the SPDY POST (KEP-4006; a `get` on those subresources no longer suffices),
+    /// so policy and audit decide it as `create` too.
+    pub fn upgraded(mut self) -> RequestInfo {
+        if self.is_resource_request
+            && self.verb == "get"
+            && self.api_group.is_empty()
+            && self.resource == "pods"
+            && matches!(self.subresource.as_str(), "exec" | "attach" | "portforward")
+        {
+            self.verb = "create".into();
+        }
+        self
+    }
+}
+
 /// Why a resource path could not be resolved; the apiserver answers these with 404/400.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestInfoError {
@@ -293,6 +311,27 @@ fn is_valid_path_segment_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn websocket_exec_attach_portforward_are_authorized_as_create() {
+        for sub in ["exec", "attach", "portforward"] {
+            let path = format!("/api/v1/namespaces/ns/pods/p/{sub}");
+            let info = resolve("GET", &path, Some("command=ls")).unwrap();
+            assert_eq!(info.verb, "get");
+            assert_eq!(info.upgraded().verb, "create", "{sub}");
+        }
+        // Other upgraded GETs keep their verb (a watch or a log follow asked as an
+        // upgrade is no interactive session), and so does the SPDY POST.
+        for (method, path) in [
+            ("GET", "/api/v1/namespaces/ns/pods/p/log"),
+            ("GET", "/api/v1/namespaces/ns/pods"),
+            ("GET", "/apis/example.dev/v1/namespaces/ns/pods/p/exec"),
+            ("POST", "/api/v1/namespaces/ns/pods/p/exec"),
+        ] {
+            let info = resolve(method, path, None).unwrap();
+            assert_eq!(info.clone().upgraded(), info, "{method} {path}");
+        }
+    }
     use super::*;
 
     /// (method, path, query, is_resource, verb, group, version, namespace, resource,

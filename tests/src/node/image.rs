@@ -99,7 +99,7 @@ impl Image {
 
     fn parent_dirs(&mut self, dest: &Path) {
         if let Some(parent) = dest.parent() {
-            self.dir(parent.to_path_buf());
+            self.dir(parent);
         }
     }
 

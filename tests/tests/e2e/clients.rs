@@ -9,7 +9,9 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use portcullis_tests::gate::{Gate, NAMESPACE, POD, TARGET_POD};
 
-use crate::{Clients, Env, apiserver_audit, normalize_ages, python, run_bounded, stderr, tail};
+use crate::{
+    Clients, Env, apiserver_audit, normalize_ages, python, run_bounded, run_pod, stderr, tail,
+};
 
 pub fn version_and_discovery(env: &mut Env) -> Result<()> {
     let v: serde_json::Value = serde_json::from_str(&env.gate_ok(&["version", "-o", "json"])?)?;
@@ -404,7 +406,7 @@ pub fn cp_and_port_forward(env: &mut Env) -> Result<()> {
         "kubectl cp from the pod: {}",
         stderr(&o)
     );
-    let o = run_bounded(env.in_pod(POD, &["cat", "/work/cp-back.txt"]), None)?;
+    let o = run_pod(env.in_pod(POD, &["cat", "/work/cp-back.txt"]), None)?;
     ensure!(
         String::from_utf8_lossy(&o.stdout) == "copied through the gate\n",
         "copied back: {o:?}"
@@ -426,7 +428,7 @@ pub fn cp_and_port_forward(env: &mut Env) -> Result<()> {
          for i in $(seq 1 50); do grep -q Forwarding /work/pf.log && break; sleep 0.2; done; \
          nc 127.0.0.1 18080 </dev/null; kill $pf"
     );
-    let o = run_bounded(env.in_pod(POD, &["sh", "-c", &script]), None)?;
+    let o = run_pod(env.in_pod(POD, &["sh", "-c", &script]), None)?;
     let out = String::from_utf8_lossy(&o.stdout);
     ensure!(
         out.contains("forwarded-answer"),

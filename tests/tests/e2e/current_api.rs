@@ -242,7 +242,26 @@ spec:
   note: "aws key AKIAPCLOGCANARY34567 in a free-text field"
 "#;
 
+/// The agents' scoped identity may use the custom resource (the built-in `edit` role
+/// does not cover custom resources).
+const CRD_RBAC: &str = r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: databases-edit, namespace: e2e}
+rules:
+- apiGroups: [e2e.portcullis.dev]
+  resources: [databases]
+  verbs: ["*"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: databases-edit, namespace: e2e}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: databases-edit}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: Group, name: "portcullis:agents"}
+"#;
+
 pub fn crd_masking(env: &mut Env) -> Result<()> {
+    env.node.apply(CRD_RBAC)?;
     env.file("crd.yaml", CRD)?;
     env.admin_ok(&[
         "apply",
@@ -347,7 +366,7 @@ pub fn cbor(env: &mut Env) -> Result<()> {
         );
     }
     // client-go asking for CBOR (its feature gates on): kubectl still works and masks.
-    let o = run_bounded(
+    let o = crate::run_pod(
         env.gate_cmd_env(
             &[
                 ("KUBE_FEATURE_ClientsAllowCBOR", "true"),

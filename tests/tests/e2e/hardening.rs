@@ -13,12 +13,25 @@ use crate::{Clients, Env, apiserver_audit, run_bounded, stderr};
 
 pub fn identity_replaced(env: &mut Env) -> Result<()> {
     // The agent's own token has no RBAC at all; what it may do comes from the scoped
-    // identity the daemon impersonates. Its attempts to impersonate are stripped.
+    // identity the daemon impersonates. Its attempts to impersonate are stripped,
+    // whatever form they take. (kubectl ignores its in-cluster configuration once
+    // `--as` is given, so the impersonating runs name the server explicitly, as an
+    // agent writing its own kubeconfig would.)
+    let token = format!("--token={}", env.agent_token.trim());
+    let explicit = [
+        "--server=https://10.96.0.1:443",
+        "--certificate-authority=/var/run/secrets/kubernetes.io/serviceaccount/ca.crt",
+        token.as_str(),
+    ];
     for extra in [
         &[][..],
         &["--as=system:admin", "--as-group=system:masters"][..],
+        &["--as=system:admin", "--as-uid=0"][..],
     ] {
         let mut args = vec!["get", "secrets", "-n", "kube-system"];
+        if !extra.is_empty() {
+            args.extend_from_slice(&explicit);
+        }
         args.extend_from_slice(extra);
         let o = env.gate(&args)?;
         let e = stderr(&o);
@@ -31,6 +44,24 @@ pub fn identity_replaced(env: &mut Env) -> Result<()> {
             "with {extra:?}: {e}"
         );
     }
+    // Raw headers, every Impersonate-* form, and a second Authorization.
+    let (code, _, body) = crate::identity::agent_request(
+        env,
+        portcullis_tests::gate::POD,
+        Some(env.agent_token.trim()),
+        "/api/v1/namespaces/kube-system/secrets",
+        None,
+        &[
+            ("Impersonate-User", "system:admin"),
+            ("Impersonate-Group", "system:masters"),
+            ("impersonate-uid", "0"),
+            ("Impersonate-Extra-Scopes", "all"),
+        ],
+    )?;
+    ensure!(
+        code == 403 && body.contains(&format!("User \\\"{AGENT_USER}\\\"")),
+        "raw Impersonate-* headers: {code} {body}"
+    );
     let entries = apiserver_audit(env);
     let agent_sa = format!("system:serviceaccount:{NAMESPACE}:agent");
     ensure!(
@@ -85,7 +116,25 @@ pub fn unredirected_refused(env: &mut Env) -> Result<()> {
 
 pub fn apiserver_down(env: &mut Env) -> Result<()> {
     env.node.stop("kube-apiserver");
-    let o = env.gate(&["get", "configmaps", "--request-timeout=20s"])?;
+    // `kubectl exec` needs the apiserver, so the agent's kubectl is started in its
+    // container through containerd directly (same container, cgroup and namespaces).
+    let o = crate::run_bounded(
+        env.in_pod_via_runtime(
+            portcullis_tests::gate::POD,
+            // In-cluster configuration needs nothing from the API server, but kubectl
+            // run this way gets no KUBERNETES_SERVICE_* environment: name the Service.
+            &[
+                "kubectl",
+                "--server=https://10.96.0.1:443",
+                &format!("--certificate-authority={POD_CA}"),
+                &format!("--token={}", env.agent_token.trim()),
+                "get",
+                "configmaps",
+                "--request-timeout=20s",
+            ],
+        )?,
+        None,
+    )?;
     let e = stderr(&o);
     ensure!(!o.status.success(), "succeeded with the apiserver down");
     ensure!(
@@ -186,7 +235,12 @@ pub fn rapid_reset(env: &mut Env) -> Result<()> {
     let lists = |env: &Env| {
         apiserver_audit(env)
             .iter()
-            .filter(|e| e["verb"] == "list" && e["objectRef"]["resource"] == "configmaps")
+            .filter(|e| {
+                e["verb"] == "list"
+                    && e["objectRef"]["resource"] == "configmaps"
+                    && e["impersonatedUser"]["username"] == AGENT_USER
+                    && e["stage"] == "RequestReceived"
+            })
             .count()
     };
     // A burst: h2's limit on streams reset before they were accepted answers it.

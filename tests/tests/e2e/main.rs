@@ -309,7 +309,7 @@ pub trait Clients {
 
 impl Clients for Env {
     fn gate(&self, args: &[&str]) -> Result<Output> {
-        run_bounded(self.gate_cmd(args), None)
+        run_pod(self.gate_cmd(args), None)
     }
 
     fn direct(&self, args: &[&str]) -> Result<Output> {
@@ -375,6 +375,25 @@ pub fn run_bounded(mut cmd: Command, stdin: Option<&str>) -> Result<Output> {
     }
 }
 
+/// [`run_bounded`] for a command run in a pod by `kubectl exec`: the outer kubectl's
+/// own last line ("command terminated with exit code N") is not the inner program's
+/// output, so it is removed.
+pub fn run_pod(cmd: Command, stdin: Option<&str>) -> Result<Output> {
+    let mut o = run_bounded(cmd, stdin)?;
+    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+    let trimmed = text.trim_end_matches('\n');
+    if let Some((head, last)) = trimmed.rsplit_once('\n').or(Some(("", trimmed)))
+        && last.starts_with("command terminated with exit code ")
+    {
+        o.stderr = if head.is_empty() {
+            Vec::new()
+        } else {
+            format!("{head}\n").into_bytes()
+        };
+    }
+    Ok(o)
+}
+
 /// Replaces ages ("5s", "2m3s", "<unknown>") so two listings taken a moment apart compare.
 pub fn normalize_ages(s: &str) -> String {
     s.lines()
@@ -403,7 +422,7 @@ pub fn python(env: &Env, pod: &str, name: &str, script: &str, args: &[&str]) -> 
     let path = env.file(name, script)?;
     let mut argv = vec!["python3", path.as_str()];
     argv.extend_from_slice(args);
-    run_bounded(env.in_pod(pod, &argv), None)
+    run_pod(env.in_pod(pod, &argv), None)
 }
 
 /// The apiserver's audit events (what reached it, and as whom).

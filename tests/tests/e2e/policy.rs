@@ -8,16 +8,14 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use portcullis_tests::gate::TARGET_POD;
 
-use crate::{
-    Env, POLICY, apiserver_audit, identity::oidc, portcullis_bin, repo, run_bounded, stderr,
-};
+use crate::{Env, POLICY, apiserver_audit, identity::oidc, portcullis_bin, repo, run_pod, stderr};
 
 /// kubectl as the agent in pod `work`, but with `token`.
 pub fn gate_as(env: &Env, token: &str, args: &[&str]) -> Result<Output> {
     let flag = format!("--token={token}");
     let mut full = vec![flag.as_str()];
     full.extend_from_slice(args);
-    run_bounded(env.gate_cmd(&full), None)
+    run_pod(env.gate_cmd(&full), None)
 }
 
 pub fn policy_decisions(env: &mut Env) -> Result<()> {
@@ -45,9 +43,13 @@ pub fn policy_decisions(env: &mut Env) -> Result<()> {
         stderr(&o)
     );
     ensure!(
-        !apiserver_audit(env).iter().any(|e| e["requestURI"]
-            .as_str()
-            .is_some_and(|u| u.contains("denied-by-policy"))),
+        !apiserver_audit(env)
+            .iter()
+            .any(|e| e["objectRef"]["name"] == TARGET_POD
+                && e["objectRef"]["subresource"] == "exec"
+                && e["requestURI"]
+                    .as_str()
+                    .is_some_and(|u| u.contains("denied-by-policy"))),
         "the denied exec reached the API server"
     );
     let o = gate_as(

@@ -32,6 +32,12 @@ enum Cmd {
     /// Starts the real node, runs one agent pod and one command in it, stops (a quick
     /// check of the node harness; prints how long each start step took).
     NodeSmoke,
+    /// Starts the gate on a real node (pods, daemon, IdP) and keeps it for `secs`, for
+    /// poking at by hand; prints how to reach it.
+    GateShell {
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+    },
     /// connect() latency with and without the programs, and ring-buffer events/s.
     BenchKernel {
         /// Connects per measurement (bounded; each measurement also stops after 20 s).
@@ -50,6 +56,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Demo => demo(),
         Cmd::NodeSmoke => node_smoke(),
+        Cmd::GateShell { secs } => gate_shell(secs),
         Cmd::BenchProxy { rounds } => bench_proxy::run(rounds),
         Cmd::BenchKernel {
             count,
@@ -898,5 +905,25 @@ fn node_smoke() -> Result<()> {
         "node stopped and cleaned in {:.1}s",
         t.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn gate_shell(secs: u64) -> Result<()> {
+    let gate = Gate::start(
+        "shell",
+        GateOptions {
+            policy: Some(DEFAULT_POLICY),
+            ..Default::default()
+        },
+    )?;
+    println!("node ready: {}", gate.node.timings);
+    println!(
+        "admin: nsenter --net=/run/netns/{} {} --kubeconfig={} -n e2e get pods",
+        portcullis_tests::node::NETNS,
+        gate.node.parts.bin("kubectl").display(),
+        gate.node.admin_kubeconfig.display()
+    );
+    println!("daemon config: {}", gate.daemon.config.display());
+    std::thread::sleep(Duration::from_secs(secs));
     Ok(())
 }
