@@ -225,7 +225,12 @@ pub struct GateOptions<'a> {
 
 impl Gate {
     pub fn start(tag: &str, opts: GateOptions) -> Result<Gate> {
-        let dir = std::env::temp_dir().join(format!("portcullis-gate-{tag}"));
+        // Per process: another harness may be waiting for (or holding) the node.
+        clean_old_gate_dirs();
+        let dir = std::env::temp_dir().join(format!(
+            "portcullis-gate-{tag}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let daemon = Daemon::new(&dir);
@@ -663,6 +668,26 @@ impl Drop for Gate {
         if let Some(mut c) = self.idp_child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// Removes the directories of gates whose process is gone.
+fn clean_old_gate_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("portcullis-gate-") else {
+            continue;
+        };
+        let alive = rest
+            .rsplit_once('-')
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

@@ -161,7 +161,7 @@ fn sysctl_save() -> PathBuf {
 }
 
 /// Takes the one-node lock (a second harness would fight over the netns, the cgroup
-/// root and the ports).
+/// root and the ports): waits up to 30 minutes for a running one to finish, saying so.
 fn lock() -> Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let path = std::env::temp_dir().join("portcullis-node.lock");
@@ -171,15 +171,30 @@ fn lock() -> Result<std::fs::File> {
         .read(true)
         .write(true)
         .open(&path)?;
-    // SAFETY: flock(2) on a descriptor this function owns; no memory is shared.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
+    let deadline = Instant::now() + Duration::from_secs(30 * 60);
+    let mut said = false;
+    loop {
+        // SAFETY: flock(2) on a descriptor this function owns; no memory is shared.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            break;
+        }
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        bail!(
-            "another node harness holds {} (pid {}); only one node runs at a time",
-            path.display(),
-            holder.trim()
-        );
+        if Instant::now() > deadline {
+            bail!(
+                "another node harness (pid {}) held {} for 30 minutes; only one node runs at a time",
+                holder.trim(),
+                path.display()
+            );
+        }
+        if !said {
+            eprintln!(
+                "node: waiting for another node harness (pid {}) to finish",
+                holder.trim()
+            );
+            said = true;
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
     f.set_len(0)?;
     write!(f, "{}", std::process::id())?;

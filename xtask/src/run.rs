@@ -3,6 +3,32 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+static TIMES: std::sync::Mutex<Vec<(String, f64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs one phase of a command, printing and remembering how long it took.
+pub fn timed<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let t = std::time::Instant::now();
+    let r = f();
+    let secs = t.elapsed().as_secs_f64();
+    note(&format!("{what}: {secs:.0} s"));
+    TIMES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((what.to_string(), secs));
+    r
+}
+
+/// Prints how long each timed phase took (after a whole command).
+pub fn print_times() {
+    let times = TIMES.lock().unwrap_or_else(|p| p.into_inner());
+    let total: f64 = times.iter().map(|(_, s)| s).sum();
+    let parts: Vec<String> = times.iter().map(|(w, s)| format!("{w} {s:.0} s")).collect();
+    step(&format!(
+        "timings: {} (total {total:.0} s)",
+        parts.join(", ")
+    ));
+}
+
 /// Prints a step header: what is happening and why.
 pub fn step(what: &str) {
     eprintln!("\x1b[1;36m==>\x1b[0m {what}");

@@ -32,53 +32,63 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
         }
         tiers.iter().map(String::as_str).collect()
     };
-    setup::all()?;
+    let result = run_tiers(&tiers, args);
+    run::print_times();
+    result
+}
+
+fn run_tiers(tiers: &[&str], args: &[String]) -> Result<()> {
+    run::timed("setup", setup::all)?;
     // Installed before anything runs, so a missing part fails the run up front.
     let node = if tiers.contains(&"e2e") {
-        Some(node::ensure()?)
+        Some(run::timed("node parts", node::ensure)?)
     } else {
         None
     };
-    let obj = ebpf::build_all()?;
+    let obj = run::timed("build", ebpf::build_all)?;
 
     if tiers.contains(&"unit") {
         step("tier unit: in-process tests of every crate (no root needed)");
-        run::status(
-            Command::new("cargo")
-                .current_dir(paths::root())
-                .args(["test", "--release", "--workspace", "--lib", "--bins"])
-                .env("PORTCULLIS_BPF_OBJECT", &obj)
-                .args(args),
-        )?;
-        // The daemon's check of its own source: imports against its layer table.
-        run::status(
-            Command::new("cargo")
-                .current_dir(paths::root())
-                .args(["test", "--release", "-p", "portcullis", "--test", "layers"])
-                .env("PORTCULLIS_BPF_OBJECT", &obj)
-                .args(args),
-        )?;
+        run::timed("unit tier", || {
+            run::status(
+                Command::new("cargo")
+                    .current_dir(paths::root())
+                    .args(["test", "--release", "--workspace", "--lib", "--bins"])
+                    .env("PORTCULLIS_BPF_OBJECT", &obj)
+                    .args(args),
+            )?;
+            // The daemon's check of its own source: imports against its layer table.
+            run::status(
+                Command::new("cargo")
+                    .current_dir(paths::root())
+                    .args(["test", "--release", "-p", "portcullis", "--test", "layers"])
+                    .env("PORTCULLIS_BPF_OBJECT", &obj)
+                    .args(args),
+            )
+        })?;
     }
     if tiers.contains(&"kernel") {
         require_root("the kernel tier")?;
         step("tier kernel: real programs in the running kernel, own cgroups and netns");
-        run::status(
-            Command::new("cargo")
-                .current_dir(paths::root())
-                .args([
-                    "test",
-                    "--release",
-                    "-p",
-                    "portcullis-tests",
-                    "--test",
-                    "kernel",
-                ])
-                .env("PORTCULLIS_BPF_OBJECT", &obj)
-                .env("PORTCULLIS_BIN_DIR", paths::target().join("release"))
-                .arg("--")
-                .arg("--test-threads=1")
-                .args(args),
-        )?;
+        run::timed("kernel tier", || {
+            run::status(
+                Command::new("cargo")
+                    .current_dir(paths::root())
+                    .args([
+                        "test",
+                        "--release",
+                        "-p",
+                        "portcullis-tests",
+                        "--test",
+                        "kernel",
+                    ])
+                    .env("PORTCULLIS_BPF_OBJECT", &obj)
+                    .env("PORTCULLIS_BIN_DIR", paths::target().join("release"))
+                    .arg("--")
+                    .arg("--test-threads=1")
+                    .args(args),
+            )
+        })?;
     }
     if let Some(up) = node {
         require_root("the e2e tier")?;
@@ -102,7 +112,7 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
             .arg("--")
             .args(args);
         node::export(&up, &mut cmd);
-        run::status(&mut cmd)?;
+        run::timed("e2e tier", || run::status(&mut cmd))?;
     }
     Ok(())
 }
