@@ -68,6 +68,9 @@ pub(super) struct Conn {
     pub cancels: std::sync::Mutex<Window>,
     /// Set when a budget is exceeded; the connection is then closed.
     pub abuse: tokio::sync::Notify,
+    /// Over budget: requests still arriving before the GOAWAY takes effect are refused
+    /// at once, never forwarded (a starved daemon may act on the budget late).
+    pub closing: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -78,6 +81,8 @@ impl Conn {
                 window_s = CANCEL_WINDOW.as_secs(),
                 "too many cancelled requests on one connection (HTTP/2 rapid reset?)"
             );
+            self.closing
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             self.abuse.notify_one();
         }
     }
@@ -139,6 +144,7 @@ impl Gate {
             sni: accepted.sni,
             cancels: Window::new(),
             abuse: tokio::sync::Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         debug!(h2, sni = ?conn.sni, "TLS established");
         let gate = self.clone();

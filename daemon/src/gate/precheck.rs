@@ -30,6 +30,9 @@ impl Gate {
         if conn.origin.is_none() && !self.limits.accept_unredirected {
             return Err(Refusal::Unredirected);
         }
+        if conn.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Refusal::ConnectionClosing);
+        }
         // hyper's HTTP/1.1 buffer limit is not a strict bound on the head (a head that
         // arrives in one read can exceed it), so the configured limit is checked here.
         let head_bytes: usize = req

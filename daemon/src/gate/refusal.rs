@@ -30,6 +30,12 @@ pub enum Refusal {
     BothFramings,
     #[error(transparent)]
     Unresolvable(#[from] RequestInfoError),
+    /// The connection went over its cancel budget (HTTP/2 rapid reset) and is being
+    /// closed: nothing more on it is forwarded.
+    #[error(
+        "Portcullis: this connection cancelled too many requests and is being closed; open a new connection"
+    )]
+    ConnectionClosing,
 
     // ---- identity and policy ----
     #[error("Portcullis: no bearer token in the request")]
@@ -131,7 +137,7 @@ impl Refusal {
             HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BothFramings | Unresolvable(_) => StatusCode::BAD_REQUEST,
             NoToken | BadToken(_) => StatusCode::UNAUTHORIZED,
-            TooManyPending { .. } => StatusCode::TOO_MANY_REQUESTS,
+            TooManyPending { .. } | ConnectionClosing => StatusCode::TOO_MANY_REQUESTS,
             ApprovalsUnavailable { .. } | AuditWriteFailed(_) | AuditUnhealthy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -153,9 +159,11 @@ impl Refusal {
     pub fn decision(&self) -> Option<Decision> {
         use Refusal::*;
         Some(match self {
-            Unredirected | HeadTooLarge { .. } | BothFramings | Unresolvable(_) => {
-                Decision::Refused
-            }
+            Unredirected
+            | HeadTooLarge { .. }
+            | BothFramings
+            | Unresolvable(_)
+            | ConnectionClosing => Decision::Refused,
             NoToken | BadToken(_) => Decision::Unauthenticated,
             Unmapped { .. } => Decision::Unmapped,
             Denied { .. } => Decision::Deny,
@@ -231,6 +239,7 @@ impl Refusal {
             UpstreamFailed { .. } => "API server request failed",
             Unmaskable(_) => "refused: response cannot be masked",
             Unresolvable(_)
+            | ConnectionClosing
             | Unmapped { .. }
             | Denied { .. }
             | Pending { .. }

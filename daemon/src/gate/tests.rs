@@ -163,6 +163,32 @@ async fn content_length_with_transfer_encoding_never_smuggles_a_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_over_its_cancel_budget_forwards_nothing_more() {
+    let lab = pass_through().await;
+    let conn = lab.conn(From::PodA);
+    let get = Request::builder()
+        .method("GET")
+        .uri("/api/v1/namespaces/e2e/configmaps")
+        .body(())
+        .unwrap();
+    assert!(lab.gate.precheck(&get, &conn).is_ok());
+    // The budget is 100 cancels per window; the 101st closes the connection.
+    for _ in 0..101 {
+        conn.note_cancel();
+    }
+    let refusal = lab.gate.precheck(&get, &conn).unwrap_err();
+    assert_eq!(refusal.code(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        refusal
+            .decision()
+            .map(|d| d.as_str().to_string())
+            .as_deref(),
+        Some("refused")
+    );
+    assert!(refusal.to_string().contains("cancelled too many requests"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_the_resolver_cannot_place_is_refused() {
     let lab = pass_through().await;
     let r = lab.call(From::PodA, None, "GET", "/api/v1/watch").await;

@@ -238,7 +238,9 @@ pub fn rapid_reset(env: &mut Env) -> Result<()> {
             .filter(|e| {
                 e["verb"] == "list"
                     && e["objectRef"]["resource"] == "configmaps"
-                    && e["impersonatedUser"]["username"] == AGENT_USER
+                    // The apiserver has not applied impersonation when it records a
+                    // request's arrival: those are the daemon's.
+                    && e["user"]["username"] == DAEMON_USER
                     && e["stage"] == "RequestReceived"
             })
             .count()
@@ -254,8 +256,18 @@ pub fn rapid_reset(env: &mut Env) -> Result<()> {
             .matches("too many cancelled requests")
             .count()
     };
+    // The count can fail: one ordinary list through the gate shows up in it.
+    let before = lists(env);
+    env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    std::thread::sleep(Duration::from_secs(1));
+    ensure!(
+        lists(env) > before,
+        "an ordinary list through the gate was not counted: the count below would prove nothing"
+    );
     let mut budget_acted = false;
-    for (pace, max_reached) in [("0", 1500), ("300", 600), ("1000", 600), ("3000", 600)] {
+    // Bounds: what a starved daemon forwards before it acts stays far below the 5000
+    // streams sent (measured 500-650 on 2 busy cores).
+    for (pace, max_reached) in [("0", 1500), ("300", 1000), ("1000", 1000), ("3000", 1000)] {
         if budget_acted {
             break;
         }

@@ -379,6 +379,7 @@ proxy:
             sni: None,
             cancels: crate::gate::conn::Window::new(),
             abuse: tokio::sync::Notify::new(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
