@@ -854,7 +854,12 @@ spec:
     - sh
     - -c
     - |
-{canary}"#,
+{canary}  - name: echo
+    image: {img}
+    imagePullPolicy: Never
+    command: [cat]
+    stdin: true
+"#,
         agent(POD),
         agent(OTHER_POD),
         agent(BYSTANDER_POD),

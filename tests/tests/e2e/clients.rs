@@ -369,7 +369,7 @@ pub fn exec_spdy(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-pub fn cp_and_port_forward(env: &mut Env) -> Result<()> {
+pub fn cp_attach_and_port_forward(env: &mut Env) -> Result<()> {
     // kubectl cp: a tar stream over exec, both ways.
     let f = env.file("cp-source.txt", "copied through the gate\n")?;
     let o = env.gate(&[
@@ -411,8 +411,9 @@ pub fn cp_and_port_forward(env: &mut Env) -> Result<()> {
         String::from_utf8_lossy(&o.stdout) == "copied through the gate\n",
         "copied back: {o:?}"
     );
-    // port-forward: the target serves on 8080 (busybox nc), the agent forwards a local
-    // port to it through the gate and reads the answer.
+    // port-forward over WebSocket (kubectl's default) and the SPDY fallback: the target
+    // serves on 8080 (busybox nc), the agent forwards a local port to it through the
+    // gate and reads the answer.
     env.admin_ok(&[
         "exec",
         TARGET_POD,
@@ -421,25 +422,56 @@ pub fn cp_and_port_forward(env: &mut Env) -> Result<()> {
         "--",
         "sh",
         "-c",
-        "(for i in 1 2 3 4 5; do echo forwarded-answer | nc -l -p 8080; done) >/dev/null 2>&1 &",
+        "(for i in $(seq 1 10); do echo forwarded-answer | nc -l -p 8080; done) >/dev/null 2>&1 &",
     ])?;
-    let script = format!(
-        "kubectl port-forward {TARGET_POD} 18080:8080 >/work/pf.log 2>&1 & pf=$!; \
-         for i in $(seq 1 50); do grep -q Forwarding /work/pf.log && break; sleep 0.2; done; \
-         nc 127.0.0.1 18080 </dev/null; kill $pf"
-    );
-    let o = run_pod(env.in_pod(POD, &["sh", "-c", &script]), None)?;
-    let out = String::from_utf8_lossy(&o.stdout);
+    for (proto, websockets) in [("websocket", "true"), ("spdy", "false")] {
+        let script = format!(
+            "export KUBECTL_PORT_FORWARD_WEBSOCKETS={websockets}; \
+             kubectl port-forward {TARGET_POD} 18080:8080 >/work/pf-{proto}.log 2>&1 & pf=$!; \
+             for i in $(seq 1 50); do grep -q Forwarding /work/pf-{proto}.log && break; sleep 0.2; done; \
+             nc 127.0.0.1 18080 </dev/null; kill $pf"
+        );
+        let o = run_pod(env.in_pod(POD, &["sh", "-c", &script]), None)?;
+        let out = String::from_utf8_lossy(&o.stdout);
+        ensure!(
+            out.contains("forwarded-answer"),
+            "port-forward ({proto}) through the gate: {out} {}",
+            stderr(&o)
+        );
+    }
+    let pf = apiserver_audit(env)
+        .into_iter()
+        .filter(|e| {
+            e["objectRef"]["subresource"] == "portforward"
+                && e["stage"] == "ResponseStarted"
+                && e["impersonatedUser"]["username"] == portcullis_tests::gate::AGENT_USER
+        })
+        .map(|e| e["verb"].as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>();
+    // WebSocket arrives as a GET (verb get), SPDY as a POST (verb create).
     ensure!(
-        out.contains("forwarded-answer"),
-        "port-forward through the gate: {out} {}",
-        stderr(&o)
+        pf.iter().any(|v| v == "get") && pf.iter().any(|v| v == "create"),
+        "the apiserver did not see both port-forward protocols from the gate: {pf:?}"
     );
-    let pf = apiserver_audit(env).into_iter().any(|e| {
-        e["objectRef"]["subresource"] == "portforward"
+    // attach to a container that echoes its stdin, both protocols.
+    for (proto, websockets) in [("websocket", "true"), ("spdy", "false")] {
+        let script = format!(
+            "export KUBECTL_REMOTE_COMMAND_WEBSOCKETS={websockets}; \
+             (echo attached-{proto}; sleep 2) | timeout 8 kubectl attach -i {TARGET_POD} -c echo; true"
+        );
+        let o = run_pod(env.in_pod(POD, &["sh", "-c", &script]), None)?;
+        let out = String::from_utf8_lossy(&o.stdout);
+        ensure!(
+            out.contains(&format!("attached-{proto}")),
+            "attach ({proto}) through the gate: {out} {}",
+            stderr(&o)
+        );
+    }
+    let attach = apiserver_audit(env).into_iter().any(|e| {
+        e["objectRef"]["subresource"] == "attach"
             && e["impersonatedUser"]["username"] == portcullis_tests::gate::AGENT_USER
     });
-    ensure!(pf, "the apiserver saw no port-forward from the gate");
+    ensure!(attach, "the apiserver saw no attach from the gate");
     let _ = NAMESPACE;
     Ok(())
 }

@@ -53,7 +53,10 @@ const CASES: &[Case] = &[
     ("logs_follow_streams_lines", clients::logs_follow),
     ("exec_over_websocket", clients::exec_websocket),
     ("exec_over_spdy_fallback", clients::exec_spdy),
-    ("cp_and_port_forward", clients::cp_and_port_forward),
+    (
+        "cp_attach_and_port_forward",
+        clients::cp_attach_and_port_forward,
+    ),
     ("python_client_list_create_watch", clients::python_client),
     (
         "pretty_output_and_curl_user_agents",
