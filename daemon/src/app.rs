@@ -66,14 +66,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         );
     }
     let object = kernel::object_bytes(cfg.kernel.bpf_object.as_deref())?;
-    let tgid_offset = match kernel::btf::task_tgid_offset() {
-        Ok(o) => Some(o),
-        Err(e) => {
-            warn!(error = %e, "fork tracking disabled: processes that leave an agent cgroup and then fork are not followed");
-            None
-        }
-    };
-    let settings = settings(&cfg, tgid_offset);
+    let settings = settings(&cfg, kernel::btf::KernelBtf::load().ok().as_ref());
     let agent_ids: Vec<(std::path::PathBuf, u64)> = cfg
         .kernel
         .agent_cgroups
@@ -81,11 +74,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         .map(|p| cgroup::id_of(p).map(|id| (p.clone(), id)))
         .collect::<Result<_, _>>()?;
     let paths = kernel::Paths::new(&cfg.kernel.bpffs_dir);
-    let state = kernel::start(
+    let mut state = kernel::start(
         &object,
         &cfg.kernel.attach_cgroup,
         &paths,
         &state_paths.kernel_state(),
+        false,
         |maps: &mut PinnedMaps| {
             maps.write_settings(&settings)?;
             for (i, ep) in cfg.kernel.protected_endpoints.iter().enumerate() {
@@ -98,6 +92,23 @@ pub async fn run(cfg: Config) -> Result<()> {
             Ok(())
         },
     )?;
+
+    if !state.packet_guard_refuses {
+        if settings.flags & settings_flags::HAVE_SOCKET_OFFSETS == 0 {
+            anyhow::bail!(
+                "BPF LSM is unavailable and the fallback packet-socket guard cannot read sockets \
+                 (kernel BTF lacks the offsets, see the log): refusing to serve unguarded; \
+                 agents stay fail-closed"
+            );
+        }
+        if settings.flags & settings_flags::HAVE_URING_OFFSETS == 0 {
+            kernel::note_guard_gap(
+                &state_paths.kernel_state(),
+                &mut state,
+                "pc_uring_socket: io_uring offsets missing from kernel BTF",
+            )?;
+        }
+    }
 
     // Program diagnostics (aya-log) from the pinned programs, whether loaded or adopted.
     if let Some(id) = kernel::program_id(&state, "pc_connect4") {
@@ -322,7 +333,9 @@ fn flush(w: &mut JsonlWriter) {
     }
 }
 
-fn settings(cfg: &Config, tgid_offset: Option<u32>) -> Settings {
+/// The settings map: the daemon's addresses, and the kernel offsets the programs need
+/// (each group only where this kernel's BTF had it).
+fn settings(cfg: &Config, btf: Option<&kernel::btf::KernelBtf>) -> Settings {
     let mut s = Settings::default();
     if let Some(a) = cfg.listen.ipv4 {
         s.daemon_v4 = SockKey::from(a.0);
@@ -332,9 +345,30 @@ fn settings(cfg: &Config, tgid_offset: Option<u32>) -> Settings {
         s.daemon_v6 = SockKey::from(a.0);
         s.flags |= settings_flags::HAVE_DAEMON_V6;
     }
-    if let Some(off) = tgid_offset {
-        s.task_tgid_offset = off;
-        s.flags |= settings_flags::HAVE_TASK_OFFSETS;
+    let Some(btf) = btf else {
+        warn!("no kernel BTF: fork tracking and the packet-socket fallback guard are disabled");
+        return s;
+    };
+    match btf.task_tgid_offset() {
+        Ok(off) => {
+            s.task_tgid_offset = off;
+            s.flags |= settings_flags::HAVE_TASK_OFFSETS;
+        }
+        Err(e) => {
+            warn!(error = %e, "fork tracking disabled: processes that leave an agent cgroup and then fork are not followed")
+        }
+    }
+    match btf.socket_offsets(&mut s.offsets) {
+        Ok(()) => s.flags |= settings_flags::HAVE_SOCKET_OFFSETS,
+        Err(e) => {
+            warn!(error = %e, "packet-socket fallback guard cannot read sockets: it is blind where BPF LSM is unavailable")
+        }
+    }
+    match btf.uring_offsets(&mut s.offsets) {
+        Ok(()) => s.flags |= settings_flags::HAVE_URING_OFFSETS,
+        Err(e) => {
+            warn!(error = %e, "packet-socket fallback guard cannot read io_uring requests: IORING_OP_SOCKET is not covered where BPF LSM is unavailable")
+        }
     }
     s
 }

@@ -10,6 +10,7 @@ pub mod bpffs;
 pub mod btf;
 pub mod cgroup;
 pub mod doctor;
+mod effect;
 pub mod events;
 mod load;
 mod maps;
@@ -20,11 +21,32 @@ mod sys;
 
 use std::path::PathBuf;
 
-pub use load::{AttachState, Paths, object_bytes, program_id, start, unload};
+pub use effect::{Effect, Uncovered};
+pub use load::{AttachState, Paths, note_guard_gap, object_bytes, program_id, start, unload};
 pub use maps::PinnedMaps;
 pub use origin::{BpfOriginLookup, ConnOrigin, OriginLookup};
 pub use pods::PodResolver;
-pub use sys::effective_uid;
+pub use sys::{effective_uid, raise_nofile_limit};
+
+/// Checks that the programs are in effect on every enrolled cgroup.
+pub fn verify_effect(
+    attach_cgroup: &std::path::Path,
+    paths: &Paths,
+    state: &AttachState,
+    enrolled: &[u64],
+) -> Effect {
+    effect::check(attach_cgroup, paths, state, enrolled)
+}
+
+/// Checks that the programs would be in effect on `cgroup` (enrollment time).
+pub fn verify_enrollable(
+    cgroup: &std::path::Path,
+    attach_cgroup: &std::path::Path,
+    paths: &Paths,
+    state: &AttachState,
+) -> Result<(), String> {
+    effect::check_one(cgroup, attach_cgroup, paths, state)
+}
 
 use crate::config::Endpoint;
 

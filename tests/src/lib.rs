@@ -64,6 +64,8 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 /// Result of one probe run.
 #[derive(Debug)]
 pub struct Probe {
+    /// The probe's pid (the shell execs into nsenter, which execs the probe).
+    pub process: u32,
     pub status: ExitStatus,
     /// The last JSON line the probe printed (Null if none, e.g. it was killed).
     pub json: Value,
@@ -456,6 +458,7 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting pc-probe")?;
+        let process = child.id();
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(st) = child.try_wait()? {
@@ -475,6 +478,7 @@ impl Lab {
             .find_map(|l| serde_json::from_str(l).ok())
             .unwrap_or(Value::Null);
         Ok(Probe {
+            process,
             status,
             json,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),

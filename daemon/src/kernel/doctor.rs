@@ -171,16 +171,23 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
         let state = std::fs::read(cfg.state().kernel_state())
             .ok()
             .and_then(|b| serde_json::from_slice::<super::AttachState>(&b).ok());
-        let (ok, detail) = match state.as_ref().map(|s| s.packet_guard.as_str()) {
-            Some("pc_lsm_socket_create") => {
-                (true, "BPF LSM socket_create: refuses the call".to_string())
-            }
-            Some("pc_sys_enter_socket") => (
-                false,
-                "sys_enter fallback: BPF LSM programs did not load, the caller is killed"
-                    .to_string(),
+        let (ok, detail) = match state.as_ref() {
+            Some(s) if s.packet_guard == "lsm" => (
+                s.packet_guard_gaps.is_empty(),
+                "BPF LSM socket_create: refuses the call on every route".to_string(),
             ),
-            Some(other) => (false, format!("unknown guard `{other}`")),
+            Some(s) if s.packet_guard == "tracepoints" => (
+                false,
+                format!(
+                    "tracepoint fallback (sys_enter, sys_exit, io_uring_submit_req): BPF LSM programs did not load, the caller is killed{}",
+                    if s.packet_guard_gaps.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; uncovered: {}", s.packet_guard_gaps.join("; "))
+                    }
+                ),
+            ),
+            Some(s) => (false, format!("unknown guard `{}`", s.packet_guard)),
             None => (
                 false,
                 "not attached yet (start `portcullis run`)".to_string(),
