@@ -73,6 +73,19 @@ pub async fn run(cfg: Config) -> Result<()> {
         .iter()
         .map(|p| cgroup::id_of(p).map(|id| (p.clone(), id)))
         .collect::<Result<_, _>>()?;
+    for (path, _) in &agent_ids {
+        if !cgroup::is_below(path, &cfg.kernel.attach_cgroup) {
+            anyhow::bail!(
+                "kernel.agent_cgroups: {} is not below kernel.attach_cgroup {}: the programs attached there never see its sockets, so it would look enforced without being enforced",
+                path.display(),
+                cfg.kernel.attach_cgroup.display()
+            );
+        }
+    }
+    match kernel::raise_nofile_limit() {
+        Ok((before, after)) => info!(before, after, "open-file limit raised to the hard limit"),
+        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+    }
     let paths = kernel::Paths::new(&cfg.kernel.bpffs_dir);
     let mut state = kernel::start(
         &object,
@@ -182,8 +195,38 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     drop(acc_tx);
 
-    let mut kernel_log = JsonlWriter::open(&state_paths.kernel_events())?;
-    let mut conn_log = JsonlWriter::open(&state_paths.connections())?;
+    let budget = &cfg.event_logs;
+    let mut kernel_log = JsonlWriter::open_rotating(
+        &state_paths.kernel_events(),
+        budget.max_file_bytes,
+        budget.max_files,
+    )?;
+    let mut conn_log = JsonlWriter::open_rotating(
+        &state_paths.connections(),
+        budget.max_file_bytes,
+        budget.max_files,
+    )?;
+    let mut flood = kernel::flood::Aggregator::new(budget.events_per_second);
+    let counts = kernel::flood::open_counts(&paths.maps())?;
+    let clock = events::BootClock::now();
+    let mut aggregate_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    aggregate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    // Programs actually in effect, checked now and every verify_interval.
+    let (effect_tx, mut effect_rx) = mpsc::channel(16);
+    tokio::spawn(
+        kernel::watch::Watch {
+            object: object.clone(),
+            attach_cgroup: cfg.kernel.attach_cgroup.clone(),
+            paths: kernel::Paths::new(&cfg.kernel.bpffs_dir),
+            state_file: state_paths.kernel_state(),
+            effect_file: state_paths.kernel_effect(),
+            settings,
+            freeze: cfg.kernel.freeze_unenforced,
+            interval: cfg.kernel.verify_interval,
+        }
+        .run(effect_tx),
+    );
     let ready = Ready {
         pid: std::process::id(),
         mode: &state.mode,
@@ -199,13 +242,35 @@ pub async fn run(cfg: Config) -> Result<()> {
             Some(ev) = ev_rx.recv() => {
                 tracing::debug!(kind = ev.kind, hook = ev.hook, pid = ev.origin.pid, comm = %ev.origin.comm,
                       dst = %ev.dst, redirected_to = %ev.redirected_to, "kernel event");
-                if let Err(e) = kernel_log.append(&ev) {
-                    warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
+                if flood.admit(&ev) {
+                    if let Err(e) = kernel_log.append(&ev) {
+                        warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
+                    }
+                    audit.record(audit::Kind::KernelEvent, &ev);
                 }
-                audit.record(audit::Kind::KernelEvent, &ev);
                 if ev_rx.is_empty() {
                     flush(&mut kernel_log);
                 }
+            }
+            _ = aggregate_tick.tick() => {
+                flood.kernel_counts(kernel::flood::read_counts(&counts), &clock);
+                let summaries = flood.flush();
+                for s in &summaries {
+                    if let Err(e) = kernel_log.append(s) {
+                        warn!(error = %e, path = %kernel_log.path().display(), "writing aggregated kernel events");
+                    }
+                    audit.record(audit::Kind::KernelEvent, s);
+                }
+                if !summaries.is_empty() {
+                    flush(&mut kernel_log);
+                }
+            }
+            Some(report) = effect_rx.recv() => {
+                if let Err(e) = kernel_log.append(&report) {
+                    warn!(error = %e, path = %kernel_log.path().display(), "writing enforcement report");
+                }
+                flush(&mut kernel_log);
+                audit.record(audit::Kind::KernelEvent, &report);
             }
             Some(acc) = acc_rx.recv() => {
                 if let Err(e) = conn_log.append(&acc) {

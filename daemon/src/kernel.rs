@@ -12,31 +12,23 @@ pub mod cgroup;
 pub mod doctor;
 mod effect;
 pub mod events;
+pub mod flood;
 mod load;
 mod maps;
 mod origin;
 mod pods;
 #[allow(unsafe_code)]
 mod sys;
+pub mod watch;
 
 use std::path::PathBuf;
 
-pub use effect::{Effect, Uncovered};
+pub use effect::Effect;
 pub use load::{AttachState, Paths, note_guard_gap, object_bytes, program_id, start, unload};
 pub use maps::PinnedMaps;
 pub use origin::{BpfOriginLookup, ConnOrigin, OriginLookup};
 pub use pods::PodResolver;
 pub use sys::{effective_uid, raise_nofile_limit};
-
-/// Checks that the programs are in effect on every enrolled cgroup.
-pub fn verify_effect(
-    attach_cgroup: &std::path::Path,
-    paths: &Paths,
-    state: &AttachState,
-    enrolled: &[u64],
-) -> Effect {
-    effect::check(attach_cgroup, paths, state, enrolled)
-}
 
 /// Checks that the programs would be in effect on `cgroup` (enrollment time).
 pub fn verify_enrollable(

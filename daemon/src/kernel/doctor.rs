@@ -200,6 +200,29 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
             detail,
             fix: "see the BPF LSM check".into(),
         });
+        let effect = std::fs::read(cfg.state().kernel_effect())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<super::Effect>(&b).ok());
+        if let Some(e) = effect {
+            let mut detail = if e.ok {
+                format!("on all {} enrolled cgroups (checked {})", e.enrolled, e.time)
+            } else {
+                format!("NOT in effect (checked {})", e.time)
+            };
+            for p in &e.attachment {
+                detail.push_str(&format!("; {p}"));
+            }
+            for u in &e.uncovered {
+                detail.push_str(&format!("; cgroup {}: {}", u.cgroup_id, u.why));
+            }
+            checks.push(Check {
+                advisory: false,
+                name: "programs in effect",
+                ok: e.ok,
+                detail,
+                fix: "see `portcullis status`; the daemon re-attaches detached programs and freezes enrolled cgroups it cannot cover; unenroll removed cgroups".into(),
+            });
+        }
     }
 
     checks
