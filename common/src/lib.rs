@@ -82,8 +82,8 @@ pub mod layout {
     use core::mem::{align_of, offset_of, size_of};
 
     use super::{
-        ConnRecord, Enrollment, Event, EventCount, EventCountKey, GuardOffsets, Origin,
-        Protection, Settings, SockKey, StickyAgent,
+        ConnRecord, Enrollment, Event, EventCount, EventCountKey, GuardOffsets, Origin, Protection,
+        Settings, SockKey, StickyAgent,
     };
 
     /// FNV-1a, one 64-bit number at a time.
@@ -156,7 +156,14 @@ pub mod layout {
                 offsets
             }
         );
-        let h = mix_type!(h, EventCountKey { agent_cgroup, kind, hook });
+        let h = mix_type!(
+            h,
+            EventCountKey {
+                agent_cgroup,
+                kind,
+                hook
+            }
+        );
         let h = mix_type!(
             h,
             EventCount {
@@ -438,7 +445,10 @@ pub mod packet {
             assert!(creates_packet_socket(AF_XDP, 3));
             assert!(creates_packet_socket(AF_INET, SOCK_PACKET));
             // SOCK_NONBLOCK | SOCK_CLOEXEC on top of SOCK_PACKET.
-            assert!(creates_packet_socket(AF_INET, SOCK_PACKET | 0o4000 | 0o2000000));
+            assert!(creates_packet_socket(
+                AF_INET,
+                SOCK_PACKET | 0o4000 | 0o2000000
+            ));
             assert!(!creates_packet_socket(AF_INET, 1));
             assert!(!creates_packet_socket(AF_INET, 3));
             // Only PF_INET is rewritten; AF_INET6 + SOCK_PACKET fails in inet6_create.

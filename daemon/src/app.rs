@@ -147,7 +147,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         .unwrap_or_default();
     let audit_key = audit::load_or_create_key(&state_paths.audit_key())?;
     let audit_writer =
-        audit::AuditWriter::open(&state_paths.audit_dir(), audit_key, audit_cfg.segment_bytes)?;
+        audit::AuditWriter::open(&state_paths.audit_dir(), audit_key, audit_cfg.segment_bytes)?
+            .with_disk_budget(audit_cfg.max_disk_bytes);
     let audit = AuditLog::start(audit_writer, &audit_cfg).context("starting the audit writer")?;
     if let Some(sink) = &audit_cfg.sink {
         let shipper =

@@ -18,8 +18,8 @@ pub use addr::{ConcreteAddr, Endpoint, EndpointError};
 use proxy::ProxySpec;
 pub use proxy::{
     Admin, AdminHttps, AlgorithmError, Approvals, Audit, AuditLevel, AuditSink, Credential,
-    CredentialError, Encoding, Identity, Impersonate, IssuerConfig, Limits, MaskRule, Masking, Mode,
-    Proxy, Upstream, Webhook, WebhookFormat, parse_algorithm,
+    CredentialError, Encoding, Identity, Impersonate, IssuerConfig, Limits, MaskRule, Masking,
+    Mode, Proxy, Upstream, Webhook, WebhookFormat, parse_algorithm,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -111,7 +111,12 @@ pub fn detach_pinned_link(path: &Path) -> Result<()> {
     attr[0] = c.as_ptr() as u64;
     // SAFETY: BPF_OBJ_GET (7) reads the path pointer in a zeroed 128-byte bpf_attr.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), 128) };
-    ensure!(fd >= 0, "BPF_OBJ_GET {}: {}", path.display(), std::io::Error::last_os_error());
+    ensure!(
+        fd >= 0,
+        "BPF_OBJ_GET {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     let mut attr = [0u64; 16];
     attr[0] = fd as u64;
     // SAFETY: BPF_LINK_DETACH (34) reads link_fd from a zeroed bpf_attr; close takes the

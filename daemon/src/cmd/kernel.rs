@@ -142,7 +142,10 @@ pub fn status(cfg: &Config) -> Result<ExitCode> {
                 println!(
                     "  NOT ENFORCED: cgroup {} {}: {}",
                     u.cgroup_id,
-                    u.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                    u.path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                     u.why
                 );
             }

@@ -205,7 +205,10 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
             .and_then(|b| serde_json::from_slice::<super::Effect>(&b).ok());
         if let Some(e) = effect {
             let mut detail = if e.ok {
-                format!("on all {} enrolled cgroups (checked {})", e.enrolled, e.time)
+                format!(
+                    "on all {} enrolled cgroups (checked {})",
+                    e.enrolled, e.time
+                )
             } else {
                 format!("NOT in effect (checked {})", e.time)
             };

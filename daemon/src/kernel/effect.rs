@@ -54,11 +54,12 @@ pub fn check(attach_cgroup: &Path, paths: &Paths, state: &AttachState, enrolled:
     let (links, problems) = links_of(paths, state, attach_cgroup);
     e.attachment = problems;
     match std::fs::File::open(attach_cgroup) {
-        Ok(root) => e.attachment.extend(missing(&root, &links, "the attach cgroup")),
-        Err(err) => e.attachment.push(format!(
-            "attach cgroup {}: {err}",
-            attach_cgroup.display()
-        )),
+        Ok(root) => e
+            .attachment
+            .extend(missing(&root, &links, "the attach cgroup")),
+        Err(err) => e
+            .attachment
+            .push(format!("attach cgroup {}: {err}", attach_cgroup.display())),
     }
     let below = index_below(attach_cgroup);
     for &id in enrolled {

@@ -158,7 +158,11 @@ impl Aggregator {
                 },
                 aggregated: Counts {
                     count: p.count,
-                    budget: if marks.contains(&k) { "kernel" } else { "daemon" },
+                    budget: if marks.contains(&k) {
+                        "kernel"
+                    } else {
+                        "daemon"
+                    },
                     first: p.first,
                     last: p.last,
                 },

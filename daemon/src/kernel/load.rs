@@ -69,11 +69,7 @@ pub const PACKET_GUARDS: &[Guard] = &[
     Guard {
         name: "lsm",
         refuses: true,
-        programs: &[(
-            "pc_lsm_socket_create",
-            Attach::Lsm("socket_create"),
-            false,
-        )],
+        programs: &[("pc_lsm_socket_create", Attach::Lsm("socket_create"), false)],
     },
     Guard {
         name: "tracepoints",
@@ -350,7 +346,10 @@ fn attach_packet_guard(
             }
         }
         if !g.refuses {
-            warn!(guard = g.name, "BPF LSM unavailable: agents opening packet sockets (AF_PACKET, AF_XDP, SOCK_PACKET) are killed instead of refused");
+            warn!(
+                guard = g.name,
+                "BPF LSM unavailable: agents opening packet sockets (AF_PACKET, AF_XDP, SOCK_PACKET) are killed instead of refused"
+            );
         }
         return Ok((g, links, gaps));
     }

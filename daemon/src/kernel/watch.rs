@@ -92,7 +92,8 @@ impl Watch {
             }
         }
         // Fail closed: freeze what the programs do not cover; thaw what they cover again.
-        let uncovered: BTreeSet<PathBuf> = e.uncovered.iter().filter_map(|u| u.path.clone()).collect();
+        let uncovered: BTreeSet<PathBuf> =
+            e.uncovered.iter().filter_map(|u| u.path.clone()).collect();
         if self.freeze {
             for p in &uncovered {
                 if !frozen.contains(p) {

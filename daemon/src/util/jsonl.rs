@@ -68,7 +68,10 @@ impl JsonlWriter {
             }
             std::fs::rename(&self.path, self.rotated(1))?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         self.file = BufWriter::with_capacity(64 * 1024, file);
         self.size = 0;
         Ok(())
@@ -94,7 +97,8 @@ mod rotation_tests {
         let path = dir.join("events.jsonl");
         let mut w = JsonlWriter::open_rotating(&path, 4096, 2).unwrap();
         for i in 0..10_000u32 {
-            w.append(&serde_json::json!({"i": i, "pad": "x".repeat(50)})).unwrap();
+            w.append(&serde_json::json!({"i": i, "pad": "x".repeat(50)}))
+                .unwrap();
         }
         w.flush().unwrap();
         let total: u64 = std::fs::read_dir(&dir)

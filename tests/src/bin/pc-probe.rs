@@ -275,7 +275,9 @@ fn socket_route(route: &str, family: i32, ty: i32, protocol: i32) -> std::io::Re
             }
             Ok(json!({"fds": sv}))
         }
-        "compat" => Ok(json!({"fd": from_ret(int80(359, family as u32, ty as u32, protocol as u32, 0))?})),
+        "compat" => {
+            Ok(json!({"fd": from_ret(int80(359, family as u32, ty as u32, protocol as u32, 0))?}))
+        }
         "compat-pair" => {
             let page = low_page()?;
             let ret = int80(
@@ -342,13 +344,20 @@ fn socketcall_race(count: u32, max_secs: u64) -> std::io::Result<Value> {
     unsafe { std::ptr::copy_nonoverlapping(args.as_ptr(), words, 3) };
     let addr = words as usize;
     let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let started = std::sync::Arc::new(AtomicBool::new(false));
     let flipper = {
         let stop = stop.clone();
+        let started = started.clone();
         std::thread::spawn(move || {
             let family = addr as *mut u32;
             let mut i = 0u32;
+            started.store(true, Ordering::SeqCst);
             while !stop.load(Ordering::Relaxed) {
-                let f = if i % 2 == 0 { libc::AF_PACKET } else { libc::AF_INET };
+                let f = if i % 2 == 0 {
+                    libc::AF_PACKET
+                } else {
+                    libc::AF_INET
+                };
                 // SAFETY: the mapping lives until the process exits; racing writes to it
                 // are the point (the kernel copies it with copy_from_user).
                 unsafe { std::ptr::write_volatile(family, f as u32) };
@@ -356,6 +365,9 @@ fn socketcall_race(count: u32, max_secs: u64) -> std::io::Result<Value> {
             }
         })
     };
+    while !started.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
     let deadline = Instant::now() + Duration::from_secs(max_secs);
     let (mut packet, mut inet, mut calls) = (0u32, 0u32, 0u32);
     for _ in 0..count {
