@@ -242,7 +242,7 @@ async fn answer(state: &State, mut req: Request<hyper::body::Incoming>) -> Respo
                 b"{\"type\":\"BOOKMARK\",\"object\":{\"kind\":\"Event\",\"apiVersion\":\"v1\",\"metadata\":{\"resourceVersion\":\"1\"}}}\n",
             )));
             let s = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
-            let mut r = Response::new(StreamBody::new(s).boxed());
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(s)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json;stream=watch"),
