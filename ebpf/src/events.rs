@@ -58,14 +58,14 @@ fn within_budget(report: &Report, origin: &Origin, now: u64) -> bool {
         kind: report.kind as u32,
         hook: report.hook as u32,
     };
-    match PC_EVENT_COUNTS.get_ptr_mut(&key) {
+    match PC_EVENT_COUNTS.get_ptr_mut(key) {
         // SAFETY: a per-CPU value: only this CPU writes it, and the program runs with
         // preemption (migration) disabled.
         Some(c) => account(unsafe { &mut *c }, now),
         None => {
             let mut c = EventCount::default();
             let ok = account(&mut c, now);
-            let _ = PC_EVENT_COUNTS.insert(&key, &c, 0);
+            let _ = PC_EVENT_COUNTS.insert(key, c, 0);
             ok
         }
     }

@@ -52,5 +52,5 @@ pub fn settings() -> Option<&'static Settings> {
 #[inline(always)]
 pub fn protected(key: &SockKey) -> bool {
     // SAFETY: the value is only tested for presence, never held across a map update.
-    unsafe { PC_PROTECTED.get(key).is_some() || PC_PROTECTED.get(&key.with_port(0)).is_some() }
+    unsafe { PC_PROTECTED.get(key).is_some() || PC_PROTECTED.get(key.with_port(0)).is_some() }
 }

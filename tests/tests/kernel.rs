@@ -555,7 +555,7 @@ fn a_lab_leaves_nothing_behind() {
     assert!(!bpffs.exists(), "pins {} left", bpffs.display());
 }
 
-#[path = "kernel/packet.rs"]
-mod packet;
 #[path = "kernel/effect.rs"]
 mod effect;
+#[path = "kernel/packet.rs"]
+mod packet;

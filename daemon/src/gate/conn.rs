@@ -171,7 +171,11 @@ impl Gate {
                     Full::Total(n) => ("all agents", n),
                     Full::Agent(n) => ("this agent", n),
                 };
-                if self.refused_conns.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                if self
+                    .refused_conns
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(1000)
+                {
                     warn!(
                         ?agent,
                         scope,

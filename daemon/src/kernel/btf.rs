@@ -51,7 +51,7 @@ impl KernelBtf {
                 };
             }
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(err(format!("at bit {bits}, not byte aligned")));
         }
         Ok(bits / 8)

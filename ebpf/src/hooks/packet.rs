@@ -155,7 +155,7 @@ pub fn pc_sys_enter_socket(ctx: BtfTracePointContext) -> i32 {
         sock_type,
         protocol,
     );
-    let _ = PC_GUARD_KILLED.insert(&bpf_get_current_pid_tgid(), &1, 0);
+    let _ = PC_GUARD_KILLED.insert(bpf_get_current_pid_tgid(), 1, 0);
     0
 }
 
@@ -214,8 +214,8 @@ pub fn pc_sys_exit_socket(ctx: BtfTracePointContext) -> i32 {
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: presence test only.
-    if unsafe { PC_GUARD_KILLED.get(&pid_tgid) }.is_some() {
-        let _ = PC_GUARD_KILLED.remove(&pid_tgid);
+    if unsafe { PC_GUARD_KILLED.get(pid_tgid) }.is_some() {
+        let _ = PC_GUARD_KILLED.remove(pid_tgid);
         return 0;
     }
     match socket_of_fd(o, ret as u64) {

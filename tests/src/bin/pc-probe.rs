@@ -353,7 +353,7 @@ fn socketcall_race(count: u32, max_secs: u64) -> std::io::Result<Value> {
             let mut i = 0u32;
             started.store(true, Ordering::SeqCst);
             while !stop.load(Ordering::Relaxed) {
-                let f = if i % 2 == 0 {
+                let f = if i.is_multiple_of(2) {
                     libc::AF_PACKET
                 } else {
                     libc::AF_INET

@@ -204,4 +204,3 @@ fn bypass_racing_socketcall_arguments_gets_no_packet_socket() {
     assert!(b.ok(), "{} {}", b.status, b.json);
     assert!(b.json["packet_sockets"].as_u64().unwrap() > 0, "{}", b.json);
 }
-
