@@ -35,11 +35,13 @@ pub mod maps {
     pub const STICKY_TASKS: &str = "PC_STICKY_TASKS";
     /// Ring buffer of [`super::Event`].
     pub const EVENTS: &str = "PC_EVENTS";
+    /// Per-CPU event budget and counts: [`super::EventCountKey`] -> [`super::EventCount`].
+    pub const EVENT_COUNTS: &str = "PC_EVENT_COUNTS";
 }
 
 /// Layout version of the pinned maps. Pins made by a build with another layout cannot
 /// be reused; the daemon refuses to start on them and says what to do.
-pub const MAPS_LAYOUT: u32 = 3;
+pub const MAPS_LAYOUT: u32 = 4;
 
 /// Every map layout this crate has recorded, oldest first: (`MAPS_LAYOUT`, the
 /// [`layout::fingerprint`] of the pinned types in that layout). The build fails unless
@@ -48,7 +50,7 @@ pub const MAPS_LAYOUT: u32 = 3;
 /// new version. To change a pinned type: bump `MAPS_LAYOUT` and append a row with the
 /// new fingerprint (`cargo test -p portcullis-common layout -- --nocapture` prints it).
 /// Never edit a row.
-pub const MAPS_LAYOUTS: &[(u32, u64)] = &[(3, 0x356e_6f9b_7c98_a0d9)];
+pub const MAPS_LAYOUTS: &[(u32, u64)] = &[(3, 0x356e_6f9b_7c98_a0d9), (4, 0xea4f_3a86_974d_f90d)];
 
 const _: () = {
     let mut i = 1;
@@ -80,7 +82,8 @@ pub mod layout {
     use core::mem::{align_of, offset_of, size_of};
 
     use super::{
-        ConnRecord, Enrollment, Event, Origin, Protection, Settings, SockKey, StickyAgent,
+        ConnRecord, Enrollment, Event, EventCount, EventCountKey, GuardOffsets, Origin, Protection,
+        Settings, SockKey, StickyAgent,
     };
 
     /// FNV-1a, one 64-bit number at a time.
@@ -124,11 +127,53 @@ pub mod layout {
         let h = mix_type!(h, StickyAgent { agent_cgroup });
         let h = mix_type!(
             h,
+            GuardOffsets {
+                task_files,
+                files_fdt,
+                fdt_max_fds,
+                fdt_fd,
+                file_private_data,
+                socket_type,
+                socket_file,
+                socket_sk,
+                sk_family,
+                thread_status,
+                uring_opcode,
+                uring_cmd,
+                uring_sock_domain,
+                uring_sock_type,
+                uring_sock_protocol,
+                uring_op_socket
+            }
+        );
+        let h = mix_type!(
+            h,
             Settings {
                 daemon_v4,
                 daemon_v6,
                 flags,
-                task_tgid_offset
+                task_tgid_offset,
+                offsets
+            }
+        );
+        let h = mix_type!(
+            h,
+            EventCountKey {
+                agent_cgroup,
+                kind,
+                hook
+            }
+        );
+        let h = mix_type!(
+            h,
+            EventCount {
+                window_start_ns,
+                in_window,
+                _pad,
+                emitted,
+                suppressed,
+                first_ns,
+                last_ns
             }
         );
         let h = mix_type!(
@@ -313,6 +358,103 @@ pub mod settings_flags {
     pub const HAVE_DAEMON_V6: u32 = 1 << 1;
     /// Offsets for the fork tracker were resolved from kernel BTF.
     pub const HAVE_TASK_OFFSETS: u32 = 1 << 2;
+    /// [`super::GuardOffsets`] for reading a task's socket by fd and its compat-syscall
+    /// status were resolved from kernel BTF (the packet-socket fallback guard).
+    pub const HAVE_SOCKET_OFFSETS: u32 = 1 << 3;
+    /// [`super::GuardOffsets`] for io_uring requests were resolved from kernel BTF.
+    pub const HAVE_URING_OFFSETS: u32 = 1 << 4;
+}
+
+/// Byte offsets into kernel structures, resolved by the daemon from the running
+/// kernel's BTF (the Rust eBPF toolchain has no CO-RE field relocations). Used by the
+/// packet-socket fallback guard to read what socket a task really created.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct GuardOffsets {
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.max_fds`
+    pub fdt_max_fds: u32,
+    /// `fdtable.fd`
+    pub fdt_fd: u32,
+    /// `file.private_data` (a `struct socket *` for a socket file)
+    pub file_private_data: u32,
+    /// `socket.type`
+    pub socket_type: u32,
+    /// `socket.file` (points back at the file: proves `private_data` is a socket)
+    pub socket_file: u32,
+    /// `socket.sk`
+    pub socket_sk: u32,
+    /// `sock.__sk_common.skc_family`
+    pub sk_family: u32,
+    /// `task_struct.thread_info.status` (x86 `TS_COMPAT`: a 32-bit syscall)
+    pub thread_status: u32,
+    /// `io_kiocb.opcode`
+    pub uring_opcode: u32,
+    /// `io_kiocb.cmd` (where an opcode's prepared arguments live)
+    pub uring_cmd: u32,
+    /// `io_socket.domain`, `.type`, `.protocol`
+    pub uring_sock_domain: u32,
+    pub uring_sock_type: u32,
+    pub uring_sock_protocol: u32,
+    /// The value of `IORING_OP_SOCKET` in this kernel's `enum io_uring_op`.
+    pub uring_op_socket: u32,
+}
+
+/// Socket families and types that reach the link layer directly (packet sockets),
+/// bypassing every IP-level hook. Shared so the kernel guard and the tests agree.
+pub mod packet {
+    pub const AF_INET: i32 = 2;
+    pub const AF_PACKET: i32 = 17;
+    pub const AF_XDP: i32 = 44;
+    /// Obsolete packet type: `socket(AF_INET, SOCK_PACKET, ...)` is turned into a
+    /// `PF_PACKET` socket inside `__sock_create`.
+    pub const SOCK_PACKET: i32 = 10;
+    /// `type` may carry `SOCK_NONBLOCK` / `SOCK_CLOEXEC` above these bits.
+    pub const SOCK_TYPE_MASK: i32 = 0xf;
+
+    /// The family the kernel creates the socket in for these `socket()` arguments.
+    pub const fn final_family(family: i32, sock_type: i32) -> i32 {
+        if family == AF_INET && sock_type & SOCK_TYPE_MASK == SOCK_PACKET {
+            AF_PACKET
+        } else {
+            family
+        }
+    }
+
+    /// A family whose sockets send frames below IP.
+    pub const fn is_link_layer(family: i32) -> bool {
+        family == AF_PACKET || family == AF_XDP
+    }
+
+    /// Would `socket(family, type, ...)` create a packet socket?
+    pub const fn creates_packet_socket(family: i32, sock_type: i32) -> bool {
+        is_link_layer(final_family(family, sock_type))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_route_to_a_packet_socket_is_recognised() {
+            assert!(creates_packet_socket(AF_PACKET, 3));
+            assert!(creates_packet_socket(AF_PACKET, 2));
+            assert!(creates_packet_socket(AF_XDP, 3));
+            assert!(creates_packet_socket(AF_INET, SOCK_PACKET));
+            // SOCK_NONBLOCK | SOCK_CLOEXEC on top of SOCK_PACKET.
+            assert!(creates_packet_socket(
+                AF_INET,
+                SOCK_PACKET | 0o4000 | 0o2000000
+            ));
+            assert!(!creates_packet_socket(AF_INET, 1));
+            assert!(!creates_packet_socket(AF_INET, 3));
+            // Only PF_INET is rewritten; AF_INET6 + SOCK_PACKET fails in inet6_create.
+            assert!(!creates_packet_socket(10, SOCK_PACKET));
+        }
+    }
 }
 
 /// Written by the daemon into the single-slot `SETTINGS` array.
@@ -324,7 +466,45 @@ pub struct Settings {
     pub flags: u32,
     /// Byte offset of `tgid` in the kernel's `struct task_struct`, from BTF.
     pub task_tgid_offset: u32,
+    pub offsets: GuardOffsets,
 }
+
+/// Key of the event-budget map: one budget per enrolled cgroup, event kind and hook.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct EventCountKey {
+    pub agent_cgroup: u64,
+    pub kind: u32,
+    pub hook: u32,
+}
+
+/// How many events of one key the programs saw (per CPU: the daemon sums the CPUs).
+/// Each CPU sends at most [`EVENT_BUDGET_PER_WINDOW`] events of a key to the ring
+/// buffer per [`EVENT_WINDOW_NS`]; the rest are only counted here, and the daemon
+/// writes them as aggregated records (count, first and last time).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct EventCount {
+    /// `bpf_ktime_get_boot_ns` when this CPU's current window began.
+    pub window_start_ns: u64,
+    /// Events of this key in the current window on this CPU.
+    pub in_window: u32,
+    pub _pad: u32,
+    /// Sent to the ring buffer (or tried: a full ring drops them).
+    pub emitted: u64,
+    /// Over budget: counted here, never sent one by one.
+    pub suppressed: u64,
+    /// First and last event of this key on this CPU.
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Length of an event-budget window.
+pub const EVENT_WINDOW_NS: u64 = 1_000_000_000;
+/// Events of one (cgroup, kind, hook) sent one by one per window and CPU.
+pub const EVENT_BUDGET_PER_WINDOW: u32 = 20;
+/// Capacity of the event-budget map (LRU: the least recently active keys go first).
+pub const EVENT_COUNT_ENTRIES: u32 = 4_096;
 
 /// Who made a socket operation, as the kernel saw it. Nothing here comes from the agent.
 #[repr(C)]
@@ -415,8 +595,13 @@ pub enum Hook {
     SockCreate = 5,
     LsmSocketCreate = 6,
     SkbEgress = 7,
-    /// Fallback for packet sockets where BPF LSM is unavailable (the caller is killed).
+    /// Fallback for packet sockets where BPF LSM is unavailable (the caller is killed):
+    /// the arguments of `socket`/`socketpair`/compat `socketcall` before the call.
     SysEnterSocket = 8,
+    /// The same fallback after the call: the socket the call really created.
+    SysExitSocket = 9,
+    /// The same fallback for `IORING_OP_SOCKET`, at submission.
+    IoUringSocket = 10,
 }
 
 impl Hook {
@@ -430,6 +615,8 @@ impl Hook {
             6 => Hook::LsmSocketCreate,
             7 => Hook::SkbEgress,
             8 => Hook::SysEnterSocket,
+            9 => Hook::SysExitSocket,
+            10 => Hook::IoUringSocket,
             _ => return None,
         })
     }
@@ -444,6 +631,8 @@ impl Hook {
             Hook::LsmSocketCreate => "lsm/socket_create",
             Hook::SkbEgress => "cgroup_skb/egress",
             Hook::SysEnterSocket => "tp_btf/sys_enter (SIGKILL)",
+            Hook::SysExitSocket => "tp_btf/sys_exit (SIGKILL)",
+            Hook::IoUringSocket => "tp_btf/io_uring_submit_req (SIGKILL)",
         }
     }
 }

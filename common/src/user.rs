@@ -4,7 +4,10 @@ extern crate std;
 use core::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::{ConnRecord, Enrollment, Event, Origin, Protection, Settings, SockKey, StickyAgent};
+use crate::{
+    ConnRecord, Enrollment, Event, EventCount, EventCountKey, GuardOffsets, Origin, Protection,
+    Settings, SockKey, StickyAgent,
+};
 
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
 // with explicit padding fields, so every bit pattern is valid and there are no
@@ -24,6 +27,12 @@ unsafe impl aya::Pod for Origin {}
 unsafe impl aya::Pod for ConnRecord {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Event {}
+// SAFETY: as above.
+unsafe impl aya::Pod for GuardOffsets {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EventCountKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for EventCount {}
 
 impl SockKey {
     pub fn ip(&self) -> IpAddr {

@@ -66,26 +66,33 @@ pub async fn run(cfg: Config) -> Result<()> {
         );
     }
     let object = kernel::object_bytes(cfg.kernel.bpf_object.as_deref())?;
-    let tgid_offset = match kernel::btf::task_tgid_offset() {
-        Ok(o) => Some(o),
-        Err(e) => {
-            warn!(error = %e, "fork tracking disabled: processes that leave an agent cgroup and then fork are not followed");
-            None
-        }
-    };
-    let settings = settings(&cfg, tgid_offset);
+    let settings = settings(&cfg, kernel::btf::KernelBtf::load().ok().as_ref());
     let agent_ids: Vec<(std::path::PathBuf, u64)> = cfg
         .kernel
         .agent_cgroups
         .iter()
         .map(|p| cgroup::id_of(p).map(|id| (p.clone(), id)))
         .collect::<Result<_, _>>()?;
+    for (path, _) in &agent_ids {
+        if !cgroup::is_below(path, &cfg.kernel.attach_cgroup) {
+            anyhow::bail!(
+                "kernel.agent_cgroups: {} is not below kernel.attach_cgroup {}: the programs attached there never see its sockets, so it would look enforced without being enforced",
+                path.display(),
+                cfg.kernel.attach_cgroup.display()
+            );
+        }
+    }
+    match kernel::raise_nofile_limit() {
+        Ok((before, after)) => info!(before, after, "open-file limit raised to the hard limit"),
+        Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+    }
     let paths = kernel::Paths::new(&cfg.kernel.bpffs_dir);
-    let state = kernel::start(
+    let mut state = kernel::start(
         &object,
         &cfg.kernel.attach_cgroup,
         &paths,
         &state_paths.kernel_state(),
+        false,
         |maps: &mut PinnedMaps| {
             maps.write_settings(&settings)?;
             for (i, ep) in cfg.kernel.protected_endpoints.iter().enumerate() {
@@ -98,6 +105,23 @@ pub async fn run(cfg: Config) -> Result<()> {
             Ok(())
         },
     )?;
+
+    if !state.packet_guard_refuses {
+        if settings.flags & settings_flags::HAVE_SOCKET_OFFSETS == 0 {
+            anyhow::bail!(
+                "BPF LSM is unavailable and the fallback packet-socket guard cannot read sockets \
+                 (kernel BTF lacks the offsets, see the log): refusing to serve unguarded; \
+                 agents stay fail-closed"
+            );
+        }
+        if settings.flags & settings_flags::HAVE_URING_OFFSETS == 0 {
+            kernel::note_guard_gap(
+                &state_paths.kernel_state(),
+                &mut state,
+                "pc_uring_socket: io_uring offsets missing from kernel BTF",
+            )?;
+        }
+    }
 
     // Program diagnostics (aya-log) from the pinned programs, whether loaded or adopted.
     if let Some(id) = kernel::program_id(&state, "pc_connect4") {
@@ -123,7 +147,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         .unwrap_or_default();
     let audit_key = audit::load_or_create_key(&state_paths.audit_key())?;
     let audit_writer =
-        audit::AuditWriter::open(&state_paths.audit_dir(), audit_key, audit_cfg.segment_bytes)?;
+        audit::AuditWriter::open(&state_paths.audit_dir(), audit_key, audit_cfg.segment_bytes)?
+            .with_disk_budget(audit_cfg.max_disk_bytes);
     let audit = AuditLog::start(audit_writer, &audit_cfg).context("starting the audit writer")?;
     if let Some(sink) = &audit_cfg.sink {
         let shipper =
@@ -171,8 +196,38 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     drop(acc_tx);
 
-    let mut kernel_log = JsonlWriter::open(&state_paths.kernel_events())?;
-    let mut conn_log = JsonlWriter::open(&state_paths.connections())?;
+    let budget = &cfg.event_logs;
+    let mut kernel_log = JsonlWriter::open_rotating(
+        &state_paths.kernel_events(),
+        budget.max_file_bytes,
+        budget.max_files,
+    )?;
+    let mut conn_log = JsonlWriter::open_rotating(
+        &state_paths.connections(),
+        budget.max_file_bytes,
+        budget.max_files,
+    )?;
+    let mut flood = kernel::flood::Aggregator::new(budget.events_per_second);
+    let counts = kernel::flood::open_counts(&paths.maps())?;
+    let clock = events::BootClock::now();
+    let mut aggregate_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    aggregate_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    // Programs actually in effect, checked now and every verify_interval.
+    let (effect_tx, mut effect_rx) = mpsc::channel(16);
+    tokio::spawn(
+        kernel::watch::Watch {
+            object: object.clone(),
+            attach_cgroup: cfg.kernel.attach_cgroup.clone(),
+            paths: kernel::Paths::new(&cfg.kernel.bpffs_dir),
+            state_file: state_paths.kernel_state(),
+            effect_file: state_paths.kernel_effect(),
+            settings,
+            freeze: cfg.kernel.freeze_unenforced,
+            interval: cfg.kernel.verify_interval,
+        }
+        .run(effect_tx),
+    );
     let ready = Ready {
         pid: std::process::id(),
         mode: &state.mode,
@@ -188,13 +243,35 @@ pub async fn run(cfg: Config) -> Result<()> {
             Some(ev) = ev_rx.recv() => {
                 tracing::debug!(kind = ev.kind, hook = ev.hook, pid = ev.origin.pid, comm = %ev.origin.comm,
                       dst = %ev.dst, redirected_to = %ev.redirected_to, "kernel event");
-                if let Err(e) = kernel_log.append(&ev) {
-                    warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
+                if flood.admit(&ev) {
+                    if let Err(e) = kernel_log.append(&ev) {
+                        warn!(error = %e, path = %kernel_log.path().display(), "writing kernel event");
+                    }
+                    audit.record(audit::Kind::KernelEvent, &ev);
                 }
-                audit.record(audit::Kind::KernelEvent, &ev);
                 if ev_rx.is_empty() {
                     flush(&mut kernel_log);
                 }
+            }
+            _ = aggregate_tick.tick() => {
+                flood.kernel_counts(kernel::flood::read_counts(&counts), &clock);
+                let summaries = flood.flush();
+                for s in &summaries {
+                    if let Err(e) = kernel_log.append(s) {
+                        warn!(error = %e, path = %kernel_log.path().display(), "writing aggregated kernel events");
+                    }
+                    audit.record(audit::Kind::KernelEvent, s);
+                }
+                if !summaries.is_empty() {
+                    flush(&mut kernel_log);
+                }
+            }
+            Some(report) = effect_rx.recv() => {
+                if let Err(e) = kernel_log.append(&report) {
+                    warn!(error = %e, path = %kernel_log.path().display(), "writing enforcement report");
+                }
+                flush(&mut kernel_log);
+                audit.record(audit::Kind::KernelEvent, &report);
             }
             Some(acc) = acc_rx.recv() => {
                 if let Err(e) = conn_log.append(&acc) {
@@ -322,7 +399,9 @@ fn flush(w: &mut JsonlWriter) {
     }
 }
 
-fn settings(cfg: &Config, tgid_offset: Option<u32>) -> Settings {
+/// The settings map: the daemon's addresses, and the kernel offsets the programs need
+/// (each group only where this kernel's BTF had it).
+fn settings(cfg: &Config, btf: Option<&kernel::btf::KernelBtf>) -> Settings {
     let mut s = Settings::default();
     if let Some(a) = cfg.listen.ipv4 {
         s.daemon_v4 = SockKey::from(a.0);
@@ -332,9 +411,30 @@ fn settings(cfg: &Config, tgid_offset: Option<u32>) -> Settings {
         s.daemon_v6 = SockKey::from(a.0);
         s.flags |= settings_flags::HAVE_DAEMON_V6;
     }
-    if let Some(off) = tgid_offset {
-        s.task_tgid_offset = off;
-        s.flags |= settings_flags::HAVE_TASK_OFFSETS;
+    let Some(btf) = btf else {
+        warn!("no kernel BTF: fork tracking and the packet-socket fallback guard are disabled");
+        return s;
+    };
+    match btf.task_tgid_offset() {
+        Ok(off) => {
+            s.task_tgid_offset = off;
+            s.flags |= settings_flags::HAVE_TASK_OFFSETS;
+        }
+        Err(e) => {
+            warn!(error = %e, "fork tracking disabled: processes that leave an agent cgroup and then fork are not followed")
+        }
+    }
+    match btf.socket_offsets(&mut s.offsets) {
+        Ok(()) => s.flags |= settings_flags::HAVE_SOCKET_OFFSETS,
+        Err(e) => {
+            warn!(error = %e, "packet-socket fallback guard cannot read sockets: it is blind where BPF LSM is unavailable")
+        }
+    }
+    match btf.uring_offsets(&mut s.offsets) {
+        Ok(()) => s.flags |= settings_flags::HAVE_URING_OFFSETS,
+        Err(e) => {
+            warn!(error = %e, "packet-socket fallback guard cannot read io_uring requests: IORING_OP_SOCKET is not covered where BPF LSM is unavailable")
+        }
     }
     s
 }

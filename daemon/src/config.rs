@@ -18,8 +18,8 @@ pub use addr::{ConcreteAddr, Endpoint, EndpointError};
 use proxy::ProxySpec;
 pub use proxy::{
     Admin, AdminHttps, AlgorithmError, Approvals, Audit, AuditLevel, AuditSink, Credential,
-    CredentialError, Encoding, Identity, Impersonate, IssuerConfig, MaskRule, Masking, Mode, Proxy,
-    Upstream, Webhook, WebhookFormat, parse_algorithm,
+    CredentialError, Encoding, Identity, Impersonate, IssuerConfig, Limits, MaskRule, Masking,
+    Mode, Proxy, Upstream, Webhook, WebhookFormat, parse_algorithm,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,7 @@ pub struct Config {
     /// Daemon state: CA, event logs, kernel attach state (see [`StatePaths`]).
     pub state_dir: PathBuf,
     pub log: Log,
+    pub event_logs: EventLogs,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +69,8 @@ struct ConfigSpec {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub log: Log,
+    #[serde(default)]
+    pub event_logs: EventLogs,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +101,59 @@ pub struct Kernel {
     pub protected_endpoints: Vec<Endpoint>,
     /// An eBPF object to load instead of the one built into the binary.
     pub bpf_object: Option<PathBuf>,
+    /// How often the daemon checks that its programs are in effect on every enrolled
+    /// cgroup (and re-attaches them if someone detached them).
+    #[serde(
+        default = "default_verify_interval",
+        with = "proxy::humantime_serde_compat"
+    )]
+    pub verify_interval: std::time::Duration,
+    /// Freeze (cgroup.freeze) an enrolled cgroup the programs cannot be put in effect
+    /// on, until they are: fail closed instead of only reporting it.
+    #[serde(default = "default_true")]
+    pub freeze_unenforced: bool,
+}
+
+/// Disk budget of the daemon's JSON-lines logs (`kernel-events.jsonl`,
+/// `connections.jsonl`): each rotates at `max_file_bytes` and keeps `max_files`
+/// rotated files (`.1` newest), so one log never takes more than
+/// `max_file_bytes * (max_files + 1)`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventLogs {
+    #[serde(default = "default_log_file_bytes")]
+    pub max_file_bytes: u64,
+    #[serde(default = "default_log_files")]
+    pub max_files: u32,
+    /// Kernel events written one by one per second (over all agents); the rest are
+    /// counted into aggregated records (count, first and last time per agent, kind
+    /// and hook). The kernel programs already send at most 20 per second, CPU, agent
+    /// cgroup, kind and hook.
+    #[serde(default = "default_events_per_second")]
+    pub events_per_second: u32,
+}
+
+impl Default for EventLogs {
+    fn default() -> Self {
+        EventLogs {
+            max_file_bytes: default_log_file_bytes(),
+            max_files: default_log_files(),
+            events_per_second: default_events_per_second(),
+        }
+    }
+}
+
+fn default_log_file_bytes() -> u64 {
+    16 << 20
+}
+fn default_log_files() -> u32 {
+    3
+}
+fn default_events_per_second() -> u32 {
+    200
+}
+fn default_verify_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -150,6 +206,10 @@ impl StatePaths {
     /// What `kernel::start` found and did.
     pub fn kernel_state(&self) -> PathBuf {
         self.dir.join("kernel-state.json")
+    }
+    /// The last check that the programs are in effect on every enrolled cgroup.
+    pub fn kernel_effect(&self) -> PathBuf {
+        self.dir.join("kernel-effect.json")
     }
     pub fn kernel_events(&self) -> PathBuf {
         self.dir.join("kernel-events.jsonl")

@@ -17,6 +17,7 @@
 //! upgrades (exec/attach/port-forward over WebSocket or SPDY) become byte pipes once
 //! both sides agreed to switch protocols.
 mod accept;
+mod admission;
 mod authorize;
 mod conn;
 mod exchange;
@@ -56,6 +57,10 @@ pub struct Gate {
     masking: Arc<Masking>,
     records: Records,
     next_conn: AtomicU64,
+    /// Each agent's share of connections and requests (`proxy.limits`).
+    admission: admission::Admission,
+    /// Connections closed over a cap (for rate-limited logging).
+    refused_conns: AtomicU64,
 }
 
 /// What the configuration bounds about agents' connections and requests.
@@ -86,15 +91,23 @@ impl Gate {
             masking,
             records: Records::new(audit),
             next_conn: AtomicU64::new(1),
+            admission: admission::Admission::new(&cfg.limits),
+            refused_conns: AtomicU64::new(0),
         }
     }
 
     /// One request, top to bottom: its answer, and its records.
     async fn exchange(&self, req: Request<Incoming>, conn: &Arc<Conn>) -> Response<ProxyBody> {
         let mut ex = self.records.begin(&req, conn);
-        let resp = match self.pass(req, conn, &mut ex).await {
-            Ok(resp) => resp,
-            Err(refusal) => ex.refuse(refusal),
+        let busy = conn.busy();
+        let resp = match self.admission.request(conn.agent) {
+            Err(full) => ex.refuse(Refusal::AgentBusy { cap: full.cap() }),
+            Ok(permit) => match self.pass(req, conn, &mut ex).await {
+                // The agent's share and the connection's activity last as long as the
+                // response body (a watch holds them until it ends).
+                Ok(resp) => admission::hold(resp, (permit, busy)),
+                Err(refusal) => ex.refuse(refusal),
+            },
         };
         ex.log(&resp);
         resp

@@ -10,21 +10,35 @@ pub mod bpffs;
 pub mod btf;
 pub mod cgroup;
 pub mod doctor;
+mod effect;
 pub mod events;
+pub mod flood;
 mod load;
 mod maps;
 mod origin;
 mod pods;
 #[allow(unsafe_code)]
 mod sys;
+pub mod watch;
 
 use std::path::PathBuf;
 
-pub use load::{AttachState, Paths, object_bytes, program_id, start, unload};
+pub use effect::Effect;
+pub use load::{AttachState, Paths, note_guard_gap, object_bytes, program_id, start, unload};
 pub use maps::PinnedMaps;
 pub use origin::{BpfOriginLookup, ConnOrigin, OriginLookup};
 pub use pods::PodResolver;
-pub use sys::effective_uid;
+pub use sys::{effective_uid, raise_nofile_limit};
+
+/// Checks that the programs would be in effect on `cgroup` (enrollment time).
+pub fn verify_enrollable(
+    cgroup: &std::path::Path,
+    attach_cgroup: &std::path::Path,
+    paths: &Paths,
+    state: &AttachState,
+) -> Result<(), String> {
+    effect::check_one(cgroup, attach_cgroup, paths, state)
+}
 
 use crate::config::Endpoint;
 

@@ -30,7 +30,7 @@ pub fn enrolled_ancestor_of_current() -> Option<u64> {
             break;
         }
         // SAFETY: presence test only.
-        if unsafe { PC_AGENT_CGROUPS.get(&id) }.is_some() {
+        if unsafe { PC_AGENT_CGROUPS.get(id) }.is_some() {
             return Some(id);
         }
         level += 1;
@@ -50,7 +50,7 @@ pub fn enrolled_ancestor_of_skb(skb: *mut __sk_buff) -> Option<u64> {
             break;
         }
         // SAFETY: presence test only.
-        if unsafe { PC_AGENT_CGROUPS.get(&id) }.is_some() {
+        if unsafe { PC_AGENT_CGROUPS.get(id) }.is_some() {
             return Some(id);
         }
         level += 1;
@@ -82,11 +82,9 @@ pub fn current_agent() -> Option<Agent> {
 #[inline(always)]
 pub fn sticky_agent(tgid: u32) -> Option<Agent> {
     // SAFETY: the value is copied out immediately.
-    let cgroup = unsafe { PC_STICKY_TASKS.get(&tgid) }?.agent_cgroup;
+    let cgroup = unsafe { PC_STICKY_TASKS.get(tgid) }?.agent_cgroup;
     // SAFETY: presence test only.
-    if unsafe { PC_AGENT_CGROUPS.get(&cgroup) }.is_none() {
-        return None;
-    }
+    unsafe { PC_AGENT_CGROUPS.get(cgroup) }?;
     Some(Agent {
         cgroup,
         sticky: true,
@@ -96,10 +94,10 @@ pub fn sticky_agent(tgid: u32) -> Option<Agent> {
 #[inline(always)]
 pub fn mark_sticky(tgid: u32, cgroup: u64) {
     // SAFETY: presence test only.
-    if unsafe { PC_STICKY_TASKS.get(&tgid) }.is_none() {
+    if unsafe { PC_STICKY_TASKS.get(tgid) }.is_none() {
         let _ = PC_STICKY_TASKS.insert(
-            &tgid,
-            &StickyAgent {
+            tgid,
+            StickyAgent {
                 agent_cgroup: cgroup,
             },
             0,

@@ -1,12 +1,19 @@
-//! Ring-buffer reporting. A full ring buffer drops the event (and the daemon sees the
-//! gap in its lost-event counter), never the enforcement decision.
+//! Ring-buffer reporting, within a budget. Each (enrolled cgroup, kind, hook) may send
+//! `EVENT_BUDGET_PER_WINDOW` events per window and CPU one by one; past that the
+//! events are only counted (with the first and last time) in `PC_EVENT_COUNTS`, which
+//! the daemon reads into aggregated records, so a flood of refused attempts costs a
+//! bounded amount of ring buffer, disk and memory. A full ring buffer drops the event,
+//! never the enforcement decision.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::bpf_ktime_get_boot_ns,
 };
-use portcullis_common::{Event, EventKind, Hook, Origin, SockKey};
+use portcullis_common::{
+    EVENT_BUDGET_PER_WINDOW, EVENT_WINDOW_NS, Event, EventCount, EventCountKey, EventKind, Hook,
+    Origin, SockKey,
+};
 
-use crate::maps::PC_EVENTS;
+use crate::maps::{PC_EVENT_COUNTS, PC_EVENTS};
 
 /// Unread bytes in the ring buffer above which the reader is woken at once.
 const WAKE_AFTER_BYTES: u64 = 64 * 1024;
@@ -22,8 +29,55 @@ pub struct Report {
     pub socket_cookie: u64,
 }
 
+/// Counts one event of this CPU's budget; true when it may be sent one by one.
+#[inline(always)]
+fn account(c: &mut EventCount, now: u64) -> bool {
+    if c.window_start_ns == 0 || now.wrapping_sub(c.window_start_ns) >= EVENT_WINDOW_NS {
+        c.window_start_ns = now;
+        c.in_window = 0;
+    }
+    if c.first_ns == 0 {
+        c.first_ns = now;
+    }
+    c.last_ns = now;
+    c.in_window = c.in_window.saturating_add(1);
+    if c.in_window > EVENT_BUDGET_PER_WINDOW {
+        c.suppressed += 1;
+        false
+    } else {
+        c.emitted += 1;
+        true
+    }
+}
+
+/// Within the budget of this event's key?
+#[inline(always)]
+fn within_budget(report: &Report, origin: &Origin, now: u64) -> bool {
+    let key = EventCountKey {
+        agent_cgroup: origin.agent_cgroup_id,
+        kind: report.kind as u32,
+        hook: report.hook as u32,
+    };
+    match PC_EVENT_COUNTS.get_ptr_mut(key) {
+        // SAFETY: a per-CPU value: only this CPU writes it, and the program runs with
+        // preemption (migration) disabled.
+        Some(c) => account(unsafe { &mut *c }, now),
+        None => {
+            let mut c = EventCount::default();
+            let ok = account(&mut c, now);
+            let _ = PC_EVENT_COUNTS.insert(key, c, 0);
+            ok
+        }
+    }
+}
+
 #[inline(always)]
 pub fn emit(report: &Report, origin: &Origin) {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if !within_budget(report, origin, now) {
+        return;
+    }
     if let Some(mut entry) = PC_EVENTS.reserve::<Event>(0) {
         entry.write(Event {
             kind: report.kind as u32,
@@ -36,8 +90,7 @@ pub fn emit(report: &Report, origin: &Origin) {
             protocol: report.protocol,
             _pad: 0,
             socket_cookie: report.socket_cookie,
-            // SAFETY: plain helper call.
-            ktime_ns: unsafe { bpf_ktime_get_boot_ns() },
+            ktime_ns: now,
         });
         // Waking the reader on every event costs an irq_work and a wake-up inside the
         // agent's connect(); the daemon also polls every few milliseconds, so wake it

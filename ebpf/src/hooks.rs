@@ -2,5 +2,6 @@
 mod connect;
 mod datagram;
 mod egress;
+mod packet;
 mod socket;
 mod sticky;

@@ -6,11 +6,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_COMMON_LRU,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, RingBuf},
 };
 use portcullis_common::{
-    AGENT_CGROUP_ENTRIES, CONN_MAP_ENTRIES, ConnRecord, EVENTS_RING_BYTES, Enrollment,
-    PROTECTED_ENTRIES, Protection, STICKY_TASK_ENTRIES, Settings, SockKey, StickyAgent,
+    AGENT_CGROUP_ENTRIES, CONN_MAP_ENTRIES, ConnRecord, EVENT_COUNT_ENTRIES, EVENTS_RING_BYTES,
+    Enrollment, EventCount, EventCountKey, PROTECTED_ENTRIES, Protection, STICKY_TASK_ENTRIES,
+    Settings, SockKey, StickyAgent,
 };
 
 #[map]
@@ -37,6 +38,11 @@ pub static PC_STICKY_TASKS: LruHashMap<u32, StickyAgent> =
 #[map]
 pub static PC_EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
+/// Per-CPU: no lock and no atomics on the event path; the daemon sums the CPUs.
+#[map]
+pub static PC_EVENT_COUNTS: LruPerCpuHashMap<EventCountKey, EventCount> =
+    LruPerCpuHashMap::pinned(EVENT_COUNT_ENTRIES, 0);
+
 #[inline(always)]
 pub fn settings() -> Option<&'static Settings> {
     PC_SETTINGS.get(0)
@@ -46,5 +52,5 @@ pub fn settings() -> Option<&'static Settings> {
 #[inline(always)]
 pub fn protected(key: &SockKey) -> bool {
     // SAFETY: the value is only tested for presence, never held across a map update.
-    unsafe { PC_PROTECTED.get(key).is_some() || PC_PROTECTED.get(&key.with_port(0)).is_some() }
+    unsafe { PC_PROTECTED.get(key).is_some() || PC_PROTECTED.get(key.with_port(0)).is_some() }
 }

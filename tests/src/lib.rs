@@ -64,6 +64,8 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 /// Result of one probe run.
 #[derive(Debug)]
 pub struct Probe {
+    /// The probe's pid (the shell execs into nsenter, which execs the probe).
+    pub process: u32,
     pub status: ExitStatus,
     /// The last JSON line the probe printed (Null if none, e.g. it was killed).
     pub json: Value,
@@ -97,6 +99,33 @@ pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
         "kill({pid}, {sig}): {}",
         std::io::Error::last_os_error()
     );
+    Ok(())
+}
+
+/// Detaches the bpf link pinned at `path` (`bpftool link detach`), as an intruder
+/// with CAP_BPF could, behind the daemon's back. The pin stays.
+pub fn detach_pinned_link(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64;
+    // SAFETY: BPF_OBJ_GET (7) reads the path pointer in a zeroed 128-byte bpf_attr.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, attr.as_mut_ptr(), 128) };
+    ensure!(
+        fd >= 0,
+        "BPF_OBJ_GET {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    let mut attr = [0u64; 16];
+    attr[0] = fd as u64;
+    // SAFETY: BPF_LINK_DETACH (34) reads link_fd from a zeroed bpf_attr; close takes the
+    // fd BPF_OBJ_GET returned.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 34, attr.as_mut_ptr(), 128) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: as above.
+    unsafe { libc::close(fd as i32) };
+    ensure!(rc == 0, "BPF_LINK_DETACH {}: {err}", path.display());
     Ok(())
 }
 
@@ -266,7 +295,7 @@ impl Lab {
         std::fs::create_dir_all(&self.bystander_cg)?;
 
         let config = format!(
-            "listen:\n  ipv4: \"{}\"\n  ipv6: \"{}\"\nkernel:\n  attach_cgroup: {}\n  bpffs_dir: {}\n  agent_cgroups: [{}]\n  protected_endpoints: [\"{}\", \"{}\", \"{}\"]\nstate_dir: {}\nlog:\n  level: info\n",
+            "listen:\n  ipv4: \"{}\"\n  ipv6: \"{}\"\nkernel:\n  verify_interval: 1s\n  attach_cgroup: {}\n  bpffs_dir: {}\n  agent_cgroups: [{}]\n  protected_endpoints: [\"{}\", \"{}\", \"{}\"]\nstate_dir: {}\nlog:\n  level: info\n",
             self.daemon_v4(),
             self.daemon_v6(),
             self.cg_root.display(),
@@ -456,6 +485,7 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting pc-probe")?;
+        let process = child.id();
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(st) = child.try_wait()? {
@@ -475,6 +505,7 @@ impl Lab {
             .find_map(|l| serde_json::from_str(l).ok())
             .unwrap_or(Value::Null);
         Ok(Probe {
+            process,
             status,
             json,
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),

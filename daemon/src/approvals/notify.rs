@@ -13,12 +13,16 @@ use crate::{
 };
 
 const ATTEMPTS: u32 = 3;
+/// Deliveries in flight at once; past this an approval is not announced (it is still
+/// listed by `portcullis approvals list`), so a webhook that hangs cannot pile up tasks.
+const IN_FLIGHT: usize = 64;
 
 #[derive(Clone)]
 pub struct Notifier {
     url: String,
     format: WebhookFormat,
     client: HttpClient,
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Notifier {
@@ -27,6 +31,7 @@ impl Notifier {
             url: cfg.url.clone(),
             format: cfg.format,
             client: tls::https_client(cfg.ca_file.as_deref(), true)?,
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
         })
     }
 
@@ -56,7 +61,12 @@ impl Notifier {
         let this = self.clone();
         let body = serde_json::to_vec(&self.body(a)).unwrap_or_default();
         let id = a.id.clone();
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            warn!(approval = %id, limit = IN_FLIGHT, "too many approval webhooks in flight: approvers are not notified of this one; it is listed by `portcullis approvals list`");
+            return;
+        };
         tokio::spawn(async move {
+            let _permit = permit;
             for attempt in 1..=ATTEMPTS {
                 match tls::post_json(&this.client, &this.url, body.clone()).await {
                     Ok(_) => {

@@ -24,6 +24,18 @@ pub enum AuditError {
     Key { path: PathBuf, why: String },
     #[error("encoding an audit record: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The directory is at `audit.max_disk_bytes` and nothing more may be deleted.
+    #[error(
+        "the audit directory reached its disk budget (audit.max_disk_bytes = {budget} bytes, {used} used); \
+         segments are deleted only after the audit sink acknowledged them (acknowledged through seq {acknowledged}, \
+         the oldest segment ends at seq {oldest_last_seq}): wait for the sink, or archive and remove segments"
+    )]
+    DiskBudget {
+        budget: u64,
+        used: u64,
+        acknowledged: u64,
+        oldest_last_seq: u64,
+    },
 }
 
 pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {
@@ -47,6 +59,9 @@ pub enum Kind {
     Approval,
     /// A writer signed records a crashed predecessor left unsigned.
     Recovery,
+    /// Segments the sink had acknowledged were deleted to stay within the disk budget;
+    /// vouches for where the remaining chain begins.
+    Prune,
 }
 
 impl Kind {
@@ -57,6 +72,7 @@ impl Kind {
             Kind::KernelEvent => "kernel-event",
             Kind::Approval => "approval",
             Kind::Recovery => "recovery",
+            Kind::Prune => "prune",
         }
     }
 }

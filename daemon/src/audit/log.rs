@@ -19,6 +19,11 @@ use crate::config::{Audit as AuditCfg, AuditLevel};
 
 const QUEUE: usize = 8192;
 const MAX_BATCH: usize = 1024;
+/// Records waiting for room beyond the queue (tasks that wait to send). Past this a
+/// record nobody waits for is dropped, counted, and the count written into the chain
+/// when there is room again; the log reports itself unhealthy meanwhile, so reads are
+/// refused with `audit.fail_closed_reads`.
+const OVERFLOW: usize = 4096;
 
 struct Entry {
     kind: Kind,
@@ -42,6 +47,9 @@ pub enum AuditUnavailable {
 pub struct AuditLog {
     tx: mpsc::Sender<Entry>,
     healthy: Arc<AtomicBool>,
+    /// Senders waiting for room, and records dropped past [`OVERFLOW`].
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
     /// Told after each durable batch (the HTTP sink ships from the segments).
     committed: Arc<tokio::sync::Notify>,
     pub level: AuditLevel,
@@ -55,16 +63,20 @@ impl AuditLog {
         let (tx, rx) = mpsc::channel(QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
         let committed = Arc::new(tokio::sync::Notify::new());
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         {
             let healthy = healthy.clone();
             let committed = committed.clone();
+            let dropped = dropped.clone();
             std::thread::Builder::new()
                 .name("audit".into())
-                .spawn(move || write_loop(writer, rx, &healthy, &committed))?;
+                .spawn(move || write_loop(writer, rx, &healthy, &committed, &dropped))?;
         }
         Ok(Arc::new(AuditLog {
             tx,
             healthy,
+            waiting: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            dropped,
             committed,
             level: cfg.level,
             max_body_bytes: cfg.max_body_bytes,
@@ -98,10 +110,18 @@ impl AuditLog {
                 let tx = self.tx.clone();
                 match tokio::runtime::Handle::try_current() {
                     Ok(h) => {
+                        if self.waiting.fetch_add(1, Ordering::SeqCst) >= OVERFLOW {
+                            self.waiting.fetch_sub(1, Ordering::SeqCst);
+                            self.dropped.fetch_add(1, Ordering::SeqCst);
+                            self.healthy.store(false, Ordering::SeqCst);
+                            return;
+                        }
+                        let waiting = self.waiting.clone();
                         h.spawn(async move {
                             if tx.send(e).await.is_err() {
                                 warn!("audit writer stopped: a record is lost");
                             }
+                            waiting.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
                     // Outside the runtime (shutdown): wait for room on this thread.
@@ -160,6 +180,7 @@ fn write_loop(
     mut rx: mpsc::Receiver<Entry>,
     healthy: &AtomicBool,
     committed: &tokio::sync::Notify,
+    dropped: &std::sync::atomic::AtomicU64,
 ) {
     let mut batch: Vec<Entry> = Vec::with_capacity(MAX_BATCH);
     // Appended but not yet committed since this instant.
@@ -186,6 +207,22 @@ fn write_loop(
                 && let Ok(e) = rx.try_recv()
             {
                 batch.push(e);
+            }
+        }
+        let lost = dropped.swap(0, Ordering::SeqCst);
+        if lost > 0 {
+            warn!(
+                records = lost,
+                "the audit queue overflowed: records were dropped"
+            );
+            if w
+                .append(
+                    Kind::Recovery,
+                    &serde_json::json!({"reason": "the audit queue overflowed (records nobody waited for)", "dropped_records": lost}),
+                )
+                .is_err()
+            {
+                dropped.fetch_add(lost, Ordering::SeqCst);
             }
         }
         let appended: Vec<Result<u64, Arc<AuditError>>> = batch

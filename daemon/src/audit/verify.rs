@@ -30,13 +30,27 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
     let mut r = Report::default();
     let mut chain = GENESIS.to_string();
     let mut next_seq = 1u64;
+    // Leading segments deleted within the disk budget: the chain starts where the
+    // first remaining one says, and a `prune` record in the chain must vouch for it.
+    let first = segments.first().copied().unwrap_or(1);
+    let mut pruned_through: Option<(u64, String)> = None;
+    if first > 1
+        && let Some(h) = std::fs::read(head_path(dir, first))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Head>(&b).ok())
+    {
+        chain = h.chain_in.clone();
+        next_seq = h.first_seq;
+        pruned_through = Some((h.first_seq.saturating_sub(1), h.chain_in));
+    }
+    let mut prunes: Vec<(u64, String)> = Vec::new();
     for (i, &n) in segments.iter().enumerate() {
         r.segments += 1;
         let name = format!("seg-{n:06}");
-        if n != i as u64 + 1 {
+        if n != i as u64 + first {
             r.problems.push(format!(
                 "{name}: expected segment {} here: a segment is missing or renamed",
-                i + 1
+                i as u64 + first
             ));
         }
         let head: Option<Head> = match std::fs::read(head_path(dir, n)) {
@@ -96,6 +110,14 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
                 }
             };
             r.records += 1;
+            if v["kind"] == "prune"
+                && let (Some(t), Some(h)) = (
+                    v["record"]["through_seq"].as_u64(),
+                    v["record"]["chain_hash"].as_str(),
+                )
+            {
+                prunes.push((t, h.to_owned()));
+            }
             let seq = v["seq"].as_u64().unwrap_or(0);
             if seq != next_seq {
                 r.problems.push(format!(
@@ -136,6 +158,17 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
             next_seq = h.last_seq.saturating_add(1);
         }
     }
+    if first > 1 {
+        let vouched = pruned_through
+            .as_ref()
+            .is_some_and(|p| prunes.iter().any(|q| q == p));
+        if !vouched {
+            r.problems.push(format!(
+                "segments 1 to {} are missing and no prune record in the chain vouches for their deletion: segments removed",
+                first - 1
+            ));
+        }
+    }
     Ok(r)
 }
 
@@ -163,6 +196,75 @@ pub fn verify_settled(
         ));
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use ring::signature::KeyPair;
+
+    use super::*;
+    use crate::audit::{AuditWriter, Kind, load_or_create_key};
+
+    /// Past the budget, records are refused until the sink acknowledges segments; then
+    /// those are deleted, the deletion is chained, and the rest still verifies. Deleting
+    /// the first segment by hand does not verify.
+    #[test]
+    fn the_disk_budget_deletes_only_acknowledged_segments_and_stays_verifiable() {
+        let d = std::env::temp_dir().join(format!("pc-audit-budget-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let key = load_or_create_key(&d.join("audit.key")).unwrap();
+        let public = key.public_key().as_ref().to_vec();
+        let dir = d.join("audit");
+        let mut w = AuditWriter::open(&dir, key, 2048)
+            .unwrap()
+            .with_disk_budget(16 * 1024);
+        let rec = serde_json::json!({"verb": "delete", "pad": "x".repeat(200)});
+        let mut written = 0u64;
+        let err = loop {
+            match w.append(Kind::Request, &rec) {
+                Ok(seq) => written = seq,
+                Err(e) => break e,
+            }
+            w.commit().unwrap();
+            assert!(written < 10_000, "the budget never applied");
+        };
+        assert!(matches!(err, AuditError::DiskBudget { .. }), "{err}");
+        assert!(err.to_string().contains("audit.max_disk_bytes"), "{err}");
+        let used: u64 = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(used <= 16 * 1024, "{used}");
+        // Nothing was lost: every record written is still there.
+        let r = verify(&dir, &public).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.records, written);
+        // The sink acknowledges half: room again, and the chain still verifies.
+        std::fs::write(dir.join("sink.cursor"), (written / 2).to_string()).unwrap();
+        let seq = w
+            .append(Kind::Request, &rec)
+            .expect("room after the sink acknowledged");
+        w.commit().unwrap();
+        assert!(seq > written);
+        assert!(!dir.join("seg-000001.jsonl").exists());
+        let r = verify(&dir, &public).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        // Unacknowledged segments stay.
+        let first = list_segments(&dir).unwrap()[0];
+        let h: Head =
+            serde_json::from_slice(&std::fs::read(head_path(&dir, first)).unwrap()).unwrap();
+        assert!(
+            h.first_seq <= written / 2 + 1,
+            "deleted unacknowledged records: {h:?}"
+        );
+        // Removing a segment by hand is found.
+        std::fs::remove_file(seg_path(&dir, first)).unwrap();
+        std::fs::remove_file(head_path(&dir, first)).unwrap();
+        let r = verify(&dir, &public).unwrap();
+        assert!(!r.problems.is_empty(), "a removed segment verified");
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,21 @@ pub struct AuditWriter {
     last_hash: String,
     bytes: u64,
     max_segment_bytes: u64,
+    /// Bytes of every segment and head in `dir`, and the most they may take.
+    disk_bytes: u64,
+    max_disk_bytes: u64,
+}
+
+/// What `prune` records in the chain.
+#[derive(Serialize)]
+struct Pruned {
+    reason: &'static str,
+    deleted_segments: Vec<u64>,
+    /// The last record of the deleted segments, and the chain value after it (where
+    /// the first remaining segment continues from).
+    through_seq: u64,
+    chain_hash: String,
+    acknowledged_by_sink: u64,
 }
 
 impl AuditWriter {
@@ -100,7 +115,10 @@ impl AuditWriter {
             last_hash,
             bytes,
             max_segment_bytes,
+            disk_bytes: 0,
+            max_disk_bytes: u64::MAX,
         };
+        w.disk_bytes = w.measure();
         if left != (0, 0, 0) {
             // Signing a crashed writer's tail vouches for it from now on; say so in the
             // chain, so an auditor sees which records were signed late and why.
@@ -118,8 +136,104 @@ impl AuditWriter {
         Ok(w)
     }
 
+    /// Keeps the directory within `max` bytes: past it, segments the sink acknowledged
+    /// are deleted, and records are refused ([`AuditError::DiskBudget`]) while nothing
+    /// more may be deleted.
+    pub fn with_disk_budget(mut self, max: u64) -> Self {
+        self.max_disk_bytes = max;
+        self
+    }
+
+    fn measure(&self) -> u64 {
+        list_segments(&self.dir)
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|n| [seg_path(&self.dir, n), head_path(&self.dir, n)])
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// The last seq the audit sink acknowledged (0: none, or no sink).
+    fn acknowledged(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("sink.cursor"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Deletes closed segments, oldest first, whose every record the sink acknowledged;
+    /// records the deletion in the chain. Returns whether any was deleted.
+    fn prune(&mut self) -> Result<bool, AuditError> {
+        let acked = self.acknowledged();
+        let mut deleted = Vec::new();
+        let mut through = None;
+        for n in list_segments(&self.dir).map_err(io(&self.dir))? {
+            if n >= self.segment {
+                break;
+            }
+            let head: Option<Head> = std::fs::read(head_path(&self.dir, n))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let Some(head) = head else { break };
+            if head.last_seq > acked {
+                break;
+            }
+            for p in [seg_path(&self.dir, n), head_path(&self.dir, n)] {
+                let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(&p).map_err(io(&p))?;
+                self.disk_bytes = self.disk_bytes.saturating_sub(len);
+            }
+            deleted.push(n);
+            through = Some((head.last_seq, head.last_hash));
+        }
+        let Some((through_seq, chain_hash)) = through else {
+            return Ok(false);
+        };
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        self.append_unchecked(
+            Kind::Prune,
+            &Pruned {
+                reason: "audit.max_disk_bytes reached; these segments were acknowledged by the audit sink",
+                deleted_segments: deleted,
+                through_seq,
+                chain_hash,
+                acknowledged_by_sink: acked,
+            },
+        )?;
+        Ok(true)
+    }
+
     /// Appends one record (not yet durable); returns its sequence number.
     pub fn append<T: Serialize>(&mut self, kind: Kind, record: &T) -> Result<u64, AuditError> {
+        // Room for this record and a rotation's head: else make room, or refuse.
+        const SLACK: u64 = 4096;
+        if self.disk_bytes.saturating_add(SLACK) > self.max_disk_bytes
+            && !(self.prune()? && self.disk_bytes.saturating_add(SLACK) <= self.max_disk_bytes)
+        {
+            let oldest_last_seq = list_segments(&self.dir)
+                .ok()
+                .and_then(|s| s.first().copied())
+                .and_then(|n| std::fs::read(head_path(&self.dir, n)).ok())
+                .and_then(|b| serde_json::from_slice::<Head>(&b).ok())
+                .map_or(0, |h| h.last_seq);
+            return Err(AuditError::DiskBudget {
+                budget: self.max_disk_bytes,
+                used: self.disk_bytes,
+                acknowledged: self.acknowledged(),
+                oldest_last_seq,
+            });
+        }
+        self.append_unchecked(kind, record)
+    }
+
+    fn append_unchecked<T: Serialize>(
+        &mut self,
+        kind: Kind,
+        record: &T,
+    ) -> Result<u64, AuditError> {
         if self.bytes >= self.max_segment_bytes && self.seq >= self.first_seq {
             self.rotate()?;
         }
@@ -142,6 +256,7 @@ impl AuditWriter {
         self.seq += 1;
         self.last_hash = h;
         self.bytes += bytes.len() as u64;
+        self.disk_bytes += bytes.len() as u64;
         Ok(self.seq)
     }
 
@@ -182,7 +297,10 @@ impl AuditWriter {
         let mut f = File::create(&tmp).map_err(io(&tmp))?;
         f.write_all(&serde_json::to_vec(&head)?).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
+        let old = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        let new = std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
         std::fs::rename(&tmp, &p).map_err(io(&p))?;
+        self.disk_bytes = (self.disk_bytes + new).saturating_sub(old);
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;

@@ -50,15 +50,39 @@ fn maps(cfg: &Config) -> Result<PinnedMaps> {
     )?)
 }
 
+/// `portcullis enroll`: refused for a cgroup outside the attach point (the programs
+/// would never see it); checked against the kernel's effective programs afterwards.
 pub fn enroll(cfg: &Config, cgroups: &[PathBuf]) -> Result<ExitCode> {
     let mut m = maps(cfg)?;
+    let attach = &cfg.kernel.attach_cgroup;
+    let state: Option<kernel::AttachState> = std::fs::read(cfg.state().kernel_state())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let paths = kernel::Paths::new(&cfg.kernel.bpffs_dir);
+    let mut all_in_effect = true;
     for cg in cgroups {
         let id = cgroup::id_of(cg)?;
+        if !cgroup::is_below(cg, attach) {
+            anyhow::bail!(
+                "refusing to enroll {}: it is not below kernel.attach_cgroup {}, so the programs attached there never see its sockets (it would look enforced without being enforced)",
+                cg.display(),
+                attach.display()
+            );
+        }
         m.enroll(id)
             .with_context(|| format!("enrolling {}", cg.display()))?;
         println!("enrolled {} (cgroup id {id})", cg.display());
+        if let Some(state) = &state
+            && let Err(why) = kernel::verify_enrollable(cg, attach, &paths, state)
+        {
+            all_in_effect = false;
+            eprintln!(
+                "NOT ENFORCED: {}: {why} (the daemon re-attaches or freezes it at its next check)",
+                cg.display()
+            );
+        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(super::exit(all_in_effect))
 }
 
 pub fn unenroll(cfg: &Config, cgroups: &[PathBuf]) -> Result<ExitCode> {
@@ -101,6 +125,33 @@ pub fn status(cfg: &Config) -> Result<ExitCode> {
         .unwrap_or_else(|_| "(no kernel-state.json)".into());
     println!("kernel state: {state}");
     println!("enrolled cgroup ids: {:?}", m.enrolled());
+    match std::fs::read(cfg.state().kernel_effect())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<kernel::Effect>(&b).ok())
+    {
+        Some(e) if e.ok => println!(
+            "programs in effect: yes, on all {} enrolled cgroups (checked {})",
+            e.enrolled, e.time
+        ),
+        Some(e) => {
+            println!("programs in effect: NO (checked {})", e.time);
+            for p in &e.attachment {
+                println!("  attachment: {p}");
+            }
+            for u in &e.uncovered {
+                println!(
+                    "  NOT ENFORCED: cgroup {} {}: {}",
+                    u.cgroup_id,
+                    u.path
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    u.why
+                );
+            }
+        }
+        None => println!("programs in effect: not checked yet (is `portcullis run` running?)"),
+    }
     let eps: Vec<String> = m
         .protected_endpoints()
         .iter()

@@ -18,6 +18,59 @@ pub struct Proxy {
     pub accept_unredirected: bool,
     pub max_header_bytes: usize,
     pub header_timeout: std::time::Duration,
+    pub limits: Limits,
+}
+
+/// Bounds on what agents may hold open, so one agent cannot starve the others or the
+/// daemon. An agent is its enrolled cgroup (the pod), or its address for a connection
+/// the kernel did not redirect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Open agent connections in total; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections of one agent; more are closed at once.
+    #[serde(default = "default_max_connections_per_agent")]
+    pub max_connections_per_agent: usize,
+    /// Requests one agent may have in flight (watches and exec sessions included),
+    /// over all its connections; more get a 429 Status.
+    #[serde(default = "default_max_requests_per_agent")]
+    pub max_requests_per_agent: usize,
+    /// Concurrent HTTP/2 streams one connection may open.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// A connection with no request in flight for this long is closed (HTTP/2: GOAWAY).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde_compat")]
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: default_max_connections(),
+            max_connections_per_agent: default_max_connections_per_agent(),
+            max_requests_per_agent: default_max_requests_per_agent(),
+            max_streams_per_connection: default_max_streams_per_connection(),
+            idle_timeout: default_idle_timeout(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    8192
+}
+fn default_max_connections_per_agent() -> usize {
+    256
+}
+fn default_max_requests_per_agent() -> usize {
+    1024
+}
+fn default_max_streams_per_connection() -> u32 {
+    1000
+}
+fn default_idle_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
 }
 
 /// How the gate authorizes requests.
@@ -84,6 +137,9 @@ pub(super) struct ProxySpec {
     /// A client must finish sending headers (and the TLS handshake) within this.
     #[serde(default = "default_header_timeout", with = "humantime_serde_compat")]
     pub(super) header_timeout: std::time::Duration,
+    /// Connection and request caps per agent and in total, idle timeout.
+    #[serde(default)]
+    pub(super) limits: Limits,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -389,6 +445,13 @@ pub struct Audit {
     /// Segment size before rotation.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
+    /// Disk budget of the audit directory. When a record would exceed it, segments the
+    /// sink has acknowledged are deleted (oldest first, the deletion itself recorded in
+    /// the chain); if that does not make room, mutations get a 503 Status (and reads
+    /// too with `fail_closed_reads`) until the sink catches up. Without a sink nothing
+    /// is deleted: archive and remove segments yourself.
+    #[serde(default = "default_audit_disk_bytes")]
+    pub max_disk_bytes: u64,
     /// Ship records to an HTTP collector as well.
     #[serde(default)]
     pub sink: Option<AuditSink>,
@@ -401,6 +464,7 @@ impl Default for Audit {
             max_body_bytes: default_audit_body(),
             fail_closed_reads: true,
             segment_bytes: default_segment_bytes(),
+            max_disk_bytes: default_audit_disk_bytes(),
             sink: None,
         }
     }
@@ -411,6 +475,9 @@ fn default_audit_body() -> usize {
 }
 fn default_segment_bytes() -> u64 {
     64 << 20
+}
+fn default_audit_disk_bytes() -> u64 {
+    4 << 30
 }
 
 /// An HTTP collector receiving batches of records (JSON array, POST), with retries;

@@ -234,6 +234,7 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
                 accept_unredirected: p.accept_unredirected,
                 max_header_bytes: p.max_header_bytes,
                 header_timeout: p.header_timeout,
+                limits: p.limits.clone(),
             })
         }
     };
@@ -243,5 +244,6 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
         proxy,
         state_dir: raw.state_dir,
         log: raw.log,
+        event_logs: raw.event_logs,
     })
 }

@@ -13,12 +13,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::Gate;
+use super::{
+    Gate,
+    admission::{AgentKey, Full},
+};
 use crate::{k8s::PodRef, kernel::ConnOrigin, tls};
-
-/// Most concurrent HTTP/2 streams one agent connection may open (client-go multiplexes
-/// every request of a process, watches included, over one connection).
-const MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 /// Per-connection budgets against HTTP/2 "rapid reset" (CVE-2023-44487), where each
 /// stream opened and cancelled at once becomes work upstream, on the API server
@@ -71,6 +70,44 @@ pub(super) struct Conn {
     /// Over budget: requests still arriving before the GOAWAY takes effect are refused
     /// at once, never forwarded (a starved daemon may act on the budget late).
     pub closing: std::sync::atomic::AtomicBool,
+    /// Whose share the connection and its requests count against.
+    pub agent: AgentKey,
+    /// Requests in flight (until their response body ends), and since when none is.
+    pub active: std::sync::atomic::AtomicUsize,
+    pub idle_since: std::sync::Mutex<Instant>,
+}
+
+impl Conn {
+    /// A request begins: the connection is not idle until it ends (the guard drops).
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        Busy { conn: self.clone() }
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        (self.active.load(Ordering::SeqCst) == 0).then(|| {
+            self.idle_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+        })
+    }
+}
+
+/// A request in flight on its connection.
+pub(super) struct Busy {
+    conn: Arc<Conn>,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self
+            .conn
+            .idle_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.conn.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Conn {
@@ -124,6 +161,31 @@ impl Gate {
         peer: SocketAddr,
         origin: Option<ConnOrigin>,
     ) {
+        let agent = AgentKey::of(origin.as_ref(), peer.ip());
+        // Closed at once past the agent's or the total share (the agent sees a reset and
+        // retries; the daemon keeps its descriptors for the others).
+        let _share = match self.admission.connection(agent) {
+            Ok(p) => p,
+            Err(full) => {
+                let (scope, cap) = match full {
+                    Full::Total(n) => ("all agents", n),
+                    Full::Agent(n) => ("this agent", n),
+                };
+                if self
+                    .refused_conns
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(1000)
+                {
+                    warn!(
+                        ?agent,
+                        scope,
+                        cap,
+                        "connection cap reached: closing new connections (logged once per 1000)"
+                    );
+                }
+                return;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let dialled = origin.as_ref().map(|o| o.original_dst.ip());
         let accepted =
@@ -145,6 +207,9 @@ impl Gate {
             cancels: Window::new(),
             abuse: tokio::sync::Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            agent,
+            active: std::sync::atomic::AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(Instant::now()),
         });
         debug!(h2, sni = ?conn.sni, "TLS established");
         let gate = self.clone();
@@ -163,31 +228,61 @@ impl Gate {
             }
         });
         let io = TokioIo::new(accepted.stream);
-        let result = if h2 {
-            let serving = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(self.limits.max_header_bytes as u32)
-                .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-                .serve_connection(io, svc);
-            tokio::pin!(serving);
-            tokio::select! {
-                r = serving.as_mut() => r,
-                _ = conn.abuse.notified() => {
-                    warn!("closing the connection (GOAWAY)");
-                    serving.as_mut().graceful_shutdown();
-                    tokio::time::timeout(Duration::from_secs(1), serving)
-                        .await
-                        .unwrap_or(Ok(()))
+        let limits = self.admission.limits();
+        let idle = limits.idle_timeout;
+        // Serves until the connection ends; closes it (GOAWAY for HTTP/2) on abuse or
+        // once no request has been in flight for `idle_timeout`.
+        macro_rules! drive {
+            ($serving:expr) => {{
+                let serving = $serving;
+                tokio::pin!(serving);
+                let mut tick = tokio::time::interval(
+                    (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
+                );
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        r = serving.as_mut() => break r,
+                        _ = conn.abuse.notified() => {
+                            warn!("closing the connection (GOAWAY)");
+                            serving.as_mut().graceful_shutdown();
+                            break tokio::time::timeout(Duration::from_secs(1), serving)
+                                .await
+                                .unwrap_or(Ok(()));
+                        }
+                        _ = tick.tick() => {
+                            if conn.idle_for().is_some_and(|d| d >= idle) {
+                                debug!(idle_s = idle.as_secs_f64(), "closing an idle connection");
+                                serving.as_mut().graceful_shutdown();
+                                break tokio::time::timeout(Duration::from_secs(1), serving)
+                                    .await
+                                    .unwrap_or(Ok(()));
+                            }
+                        }
+                    }
                 }
-            }
+            }};
+        }
+        let result = if h2 {
+            drive!(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(self.limits.max_header_bytes as u32)
+                    .max_concurrent_streams(limits.max_streams_per_connection)
+                    // Dead peers are found by PING; idle ones by the idle timer above.
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .serve_connection(io, svc)
+            )
         } else {
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(self.limits.header_timeout)
-                .max_buf_size(self.limits.max_header_bytes.max(8192))
-                .serve_connection(io, svc)
-                .with_upgrades()
-                .await
+            drive!(
+                hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(self.limits.header_timeout)
+                    .max_buf_size(self.limits.max_header_bytes.max(8192))
+                    .serve_connection(io, svc)
+                    .with_upgrades()
+            )
         };
         if let Err(e) = result {
             debug!(error = %e, "connection ended with an error");

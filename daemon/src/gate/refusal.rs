@@ -92,6 +92,12 @@ pub enum Refusal {
         source: StoreError,
     },
 
+    /// The agent's share of in-flight requests is used up (`proxy.limits`).
+    #[error(
+        "Portcullis: this agent already has {cap} requests in flight (proxy.limits.max_requests_per_agent); retry when some have finished"
+    )]
+    AgentBusy { cap: usize },
+
     // ---- forwarding ----
     #[error("reading the request body: {why}")]
     BodyUnreadable { too_large: bool, why: String },
@@ -137,7 +143,9 @@ impl Refusal {
             HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BothFramings | Unresolvable(_) => StatusCode::BAD_REQUEST,
             NoToken | BadToken(_) => StatusCode::UNAUTHORIZED,
-            TooManyPending { .. } | ConnectionClosing => StatusCode::TOO_MANY_REQUESTS,
+            TooManyPending { .. } | ConnectionClosing | AgentBusy { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApprovalsUnavailable { .. } | AuditWriteFailed(_) | AuditUnhealthy => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -163,7 +171,8 @@ impl Refusal {
             | HeadTooLarge { .. }
             | BothFramings
             | Unresolvable(_)
-            | ConnectionClosing => Decision::Refused,
+            | ConnectionClosing
+            | AgentBusy { .. } => Decision::Refused,
             NoToken | BadToken(_) => Decision::Unauthenticated,
             Unmapped { .. } => Decision::Unmapped,
             Denied { .. } => Decision::Deny,
@@ -229,6 +238,7 @@ impl Refusal {
         use Refusal::*;
         Some(match self {
             Unredirected => "refused: connection was not redirected by the kernel",
+            AgentBusy { .. } => "refused: agent over its share of in-flight requests",
             HeadTooLarge { .. } => "refused: request head too large",
             BothFramings => "refused: both Content-Length and Transfer-Encoding",
             NoToken | BadToken(_) => "refused: agent identity",

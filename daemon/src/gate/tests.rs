@@ -10,6 +10,7 @@
 //! API server, and what the audit log says.
 mod fake_api;
 mod lab;
+mod limits;
 
 use std::time::Duration;
 

@@ -1,36 +1,120 @@
 //! Offsets into kernel structures, read from the running kernel's BTF. The Rust eBPF
-//! toolchain has no CO-RE field relocations, so the one offset the programs need
-//! (`task_struct.tgid`, for the fork tracker) is resolved here and handed over in the
-//! settings map.
+//! toolchain has no CO-RE field relocations, so the offsets the programs need are
+//! resolved here and handed over in the settings map: `task_struct.tgid` for the fork
+//! tracker, and for the packet-socket fallback guard the path from a task to the
+//! socket behind an fd, its compat-syscall flag, and io_uring's prepared socket
+//! request ([`GuardOffsets`]).
 use btf_rs::{Btf, BtfType, Type};
+use portcullis_common::GuardOffsets;
 
 use super::KernelError;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-pub fn task_tgid_offset() -> Result<u32, KernelError> {
-    let err = |m: String| KernelError::Btf(m);
-    let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| err(format!("{VMLINUX_BTF}: {e}")))?;
-    let types = btf
-        .resolve_types_by_name("task_struct")
-        .map_err(|e| err(format!("task_struct: {e}")))?;
-    for t in types {
-        if let Type::Struct(s) = t
-            && let Some(bits) = member_bit_offset(&btf, &s, "tgid", 0)
-        {
-            if bits % 8 != 0 {
-                return Err(err(format!(
-                    "task_struct.tgid at bit {bits} is not byte aligned"
-                )));
-            }
-            return Ok(bits / 8);
-        }
-    }
-    Err(err("task_struct has no tgid member".into()))
+/// The running kernel's BTF, asked for member offsets by name.
+pub struct KernelBtf {
+    btf: Btf,
 }
 
-/// Bit offset of `name` in `s`, looking through anonymous struct/union members.
-fn member_bit_offset(btf: &Btf, s: &btf_rs::Struct, name: &str, base: u32) -> Option<u32> {
+impl KernelBtf {
+    pub fn load() -> Result<KernelBtf, KernelError> {
+        let btf = Btf::from_file(VMLINUX_BTF)
+            .map_err(|e| KernelError::Btf(format!("{VMLINUX_BTF}: {e}")))?;
+        Ok(KernelBtf { btf })
+    }
+
+    /// Byte offset of `path` (members separated by dots, e.g. `__sk_common.skc_family`)
+    /// inside `struct NAME`, looking through anonymous struct/union members.
+    pub fn offset(&self, name: &str, path: &str) -> Result<u32, KernelError> {
+        let err = |m: String| KernelError::Btf(format!("{name}.{path}: {m}"));
+        let mut current = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|e| err(e.to_string()))?
+            .into_iter()
+            .find_map(|t| match t {
+                // Skip forward declarations: the definition has members.
+                Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| err("no such struct".into()))?;
+        let mut bits = 0u32;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let (off, member_type) = member_bit_offset(&self.btf, &current, part, 0)
+                .ok_or_else(|| err(format!("no member `{part}`")))?;
+            bits += off;
+            if parts.peek().is_some() {
+                current = match member_type {
+                    Some(Type::Struct(s) | Type::Union(s)) => s,
+                    _ => return Err(err(format!("`{part}` is not a struct or union"))),
+                };
+            }
+        }
+        if !bits.is_multiple_of(8) {
+            return Err(err(format!("at bit {bits}, not byte aligned")));
+        }
+        Ok(bits / 8)
+    }
+
+    /// The value of enumerator `member` of `enum NAME`.
+    pub fn enum_value(&self, name: &str, member: &str) -> Result<u32, KernelError> {
+        let err = |m: String| KernelError::Btf(format!("enum {name}::{member}: {m}"));
+        for t in self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|e| err(e.to_string()))?
+        {
+            if let Type::Enum(e) = t {
+                for m in &e.members {
+                    if self.btf.resolve_name(m).is_ok_and(|n| n == member) {
+                        return Ok(m.val());
+                    }
+                }
+            }
+        }
+        Err(err("not found".into()))
+    }
+
+    pub fn task_tgid_offset(&self) -> Result<u32, KernelError> {
+        self.offset("task_struct", "tgid")
+    }
+
+    /// Offsets for reading the socket behind a task's fd and the compat flag.
+    pub fn socket_offsets(&self, o: &mut GuardOffsets) -> Result<(), KernelError> {
+        o.task_files = self.offset("task_struct", "files")?;
+        o.files_fdt = self.offset("files_struct", "fdt")?;
+        o.fdt_max_fds = self.offset("fdtable", "max_fds")?;
+        o.fdt_fd = self.offset("fdtable", "fd")?;
+        o.file_private_data = self.offset("file", "private_data")?;
+        o.socket_type = self.offset("socket", "type")?;
+        o.socket_file = self.offset("socket", "file")?;
+        o.socket_sk = self.offset("socket", "sk")?;
+        o.sk_family = self.offset("sock", "__sk_common.skc_family")?;
+        o.thread_status = self.offset("task_struct", "thread_info.status")?;
+        Ok(())
+    }
+
+    /// Offsets for reading a prepared `IORING_OP_SOCKET` request.
+    pub fn uring_offsets(&self, o: &mut GuardOffsets) -> Result<(), KernelError> {
+        o.uring_opcode = self.offset("io_kiocb", "opcode")?;
+        o.uring_cmd = self.offset("io_kiocb", "cmd")?;
+        o.uring_sock_domain = self.offset("io_socket", "domain")?;
+        o.uring_sock_type = self.offset("io_socket", "type")?;
+        o.uring_sock_protocol = self.offset("io_socket", "protocol")?;
+        o.uring_op_socket = self.enum_value("io_uring_op", "IORING_OP_SOCKET")?;
+        Ok(())
+    }
+}
+
+/// Bit offset of `name` in `s` (and the member's type), looking through anonymous
+/// struct/union members.
+fn member_bit_offset(
+    btf: &Btf,
+    s: &btf_rs::Struct,
+    name: &str,
+    base: u32,
+) -> Option<(u32, Option<Type>)> {
     for m in &s.members {
         let mname = if m.get_name_offset().is_some_and(|o| o != 0) {
             btf.resolve_name(m).unwrap_or_default()
@@ -38,14 +122,52 @@ fn member_bit_offset(btf: &Btf, s: &btf_rs::Struct, name: &str, base: u32) -> Op
             String::new()
         };
         if mname == name {
-            return Some(base + m.bit_offset());
+            return Some((base + m.bit_offset(), resolved(btf, m)));
         }
         if mname.is_empty()
-            && let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
-            && let Some(off) = member_bit_offset(btf, &inner, name, base + m.bit_offset())
+            && let Some(Type::Struct(inner) | Type::Union(inner)) = resolved(btf, m)
+            && let Some(found) = member_bit_offset(btf, &inner, name, base + m.bit_offset())
         {
-            return Some(off);
+            return Some(found);
         }
     }
     None
+}
+
+/// A member's type with typedefs and qualifiers looked through.
+fn resolved(btf: &Btf, m: &btf_rs::Member) -> Option<Type> {
+    let mut t = btf.resolve_chained_type(m).ok()?;
+    for _ in 0..16 {
+        t = match &t {
+            Type::Typedef(x) => btf.resolve_chained_type(x).ok()?,
+            Type::Const(x) => btf.resolve_chained_type(x).ok()?,
+            Type::Volatile(x) => btf.resolve_chained_type(x).ok()?,
+            Type::Restrict(x) => btf.resolve_chained_type(x).ok()?,
+            Type::TypeTag(x) => btf.resolve_chained_type(x).ok()?,
+            _ => return Some(t),
+        };
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs where the kernel has BTF (every kernel tier machine); a no-op elsewhere.
+    #[test]
+    fn resolves_the_guard_offsets_from_this_kernel() {
+        let Ok(k) = KernelBtf::load() else { return };
+        let mut o = GuardOffsets::default();
+        k.socket_offsets(&mut o).expect("socket offsets");
+        // struct socket { socket_state state; short type; unsigned long flags; struct file *file; struct sock *sk; ... }
+        assert_eq!(o.socket_type, 4);
+        assert!(o.socket_sk > o.socket_file);
+        // thread_info is the first member of task_struct on x86.
+        assert!(o.thread_status < 64, "{o:?}");
+        k.uring_offsets(&mut o).expect("io_uring offsets");
+        assert!(o.uring_op_socket > 0);
+        assert_eq!(o.uring_sock_domain, 8);
+        assert!(k.offset("task_struct", "no_such_member").is_err());
+    }
 }

@@ -52,3 +52,11 @@ pub fn mounts_of_type(fstype: &str) -> Vec<PathBuf> {
 pub fn is_cgroup2(path: &Path) -> bool {
     cgroup2_mounts().iter().any(|m| path.starts_with(m))
 }
+
+/// Is `path` the cgroup `root` or below it (both resolved through symlinks)?
+pub fn is_below(path: &Path, root: &Path) -> bool {
+    match (std::fs::canonicalize(path), std::fs::canonicalize(root)) {
+        (Ok(p), Ok(r)) => p.starts_with(r),
+        _ => false,
+    }
+}

@@ -171,16 +171,23 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
         let state = std::fs::read(cfg.state().kernel_state())
             .ok()
             .and_then(|b| serde_json::from_slice::<super::AttachState>(&b).ok());
-        let (ok, detail) = match state.as_ref().map(|s| s.packet_guard.as_str()) {
-            Some("pc_lsm_socket_create") => {
-                (true, "BPF LSM socket_create: refuses the call".to_string())
-            }
-            Some("pc_sys_enter_socket") => (
-                false,
-                "sys_enter fallback: BPF LSM programs did not load, the caller is killed"
-                    .to_string(),
+        let (ok, detail) = match state.as_ref() {
+            Some(s) if s.packet_guard == "lsm" => (
+                s.packet_guard_gaps.is_empty(),
+                "BPF LSM socket_create: refuses the call on every route".to_string(),
             ),
-            Some(other) => (false, format!("unknown guard `{other}`")),
+            Some(s) if s.packet_guard == "tracepoints" => (
+                false,
+                format!(
+                    "tracepoint fallback (sys_enter, sys_exit, io_uring_submit_req): BPF LSM programs did not load, the caller is killed{}",
+                    if s.packet_guard_gaps.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; uncovered: {}", s.packet_guard_gaps.join("; "))
+                    }
+                ),
+            ),
+            Some(s) => (false, format!("unknown guard `{}`", s.packet_guard)),
             None => (
                 false,
                 "not attached yet (start `portcullis run`)".to_string(),
@@ -193,6 +200,32 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
             detail,
             fix: "see the BPF LSM check".into(),
         });
+        let effect = std::fs::read(cfg.state().kernel_effect())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<super::Effect>(&b).ok());
+        if let Some(e) = effect {
+            let mut detail = if e.ok {
+                format!(
+                    "on all {} enrolled cgroups (checked {})",
+                    e.enrolled, e.time
+                )
+            } else {
+                format!("NOT in effect (checked {})", e.time)
+            };
+            for p in &e.attachment {
+                detail.push_str(&format!("; {p}"));
+            }
+            for u in &e.uncovered {
+                detail.push_str(&format!("; cgroup {}: {}", u.cgroup_id, u.why));
+            }
+            checks.push(Check {
+                advisory: false,
+                name: "programs in effect",
+                ok: e.ok,
+                detail,
+                fix: "see `portcullis status`; the daemon re-attaches detached programs and freezes enrolled cgroups it cannot cover; unenroll removed cgroups".into(),
+            });
+        }
     }
 
     checks

@@ -166,9 +166,15 @@ pub async fn forward_program_log(program_id: u32) {
     }
 }
 
+/// Most records taken from the ring per wake-up or tick (the rest wait in the ring for
+/// the next one), so the reader's memory stays bounded whatever the programs send.
+const MAX_DRAIN: usize = 4096;
+
 fn drain(ring: &mut RingBuf<MapData>, clock: &BootClock) -> Vec<KernelEvent> {
     let mut out = Vec::new();
-    while let Some(item) = ring.next() {
+    while out.len() < MAX_DRAIN
+        && let Some(item) = ring.next()
+    {
         match decode(&item, clock) {
             Some(ev) => out.push(ev),
             None => warn!(len = item.len(), "undecodable kernel event"),

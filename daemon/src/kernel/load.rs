@@ -46,21 +46,71 @@ const PROGRAMS: &[(&str, Attach)] = &[
     ("pc_connect6", Attach::Cgroup),
 ];
 
-/// Packet-socket (AF_PACKET/AF_XDP) guards, best first: the BPF LSM refuses the call;
-/// where BPF LSM programs cannot be loaded (measured: EPERM before the verifier on this
-/// CI's kernel despite `bpf` in the LSM list), a sys_enter tracepoint kills the caller
-/// before the call returns. The one that attaches is pinned as `packet_guard`.
-const PACKET_GUARDS: &[(&str, Attach)] = &[
-    ("pc_lsm_socket_create", Attach::Lsm("socket_create")),
-    ("pc_sys_enter_socket", Attach::TpBtf("sys_enter")),
-];
-const PACKET_GUARD_PIN: &str = "packet_guard";
+/// One way of keeping agents from packet sockets (AF_PACKET, AF_XDP, and AF_INET +
+/// SOCK_PACKET, which the kernel turns into PF_PACKET).
+pub struct Guard {
+    /// Recorded in [`AttachState::packet_guard`].
+    pub name: &'static str,
+    /// The call fails with EPERM (true), or the agent is killed (false).
+    pub refuses: bool,
+    /// Every program, pinned under its own name; `optional` ones may be missing on a
+    /// kernel that lacks their hook (their route is then reported as a gap).
+    programs: &'static [(&'static str, Attach, bool)],
+}
 
-fn pin_names() -> impl Iterator<Item = &'static str> {
+/// Packet-socket guards, best first. BPF LSM refuses the call in
+/// `security_socket_create`, which every route reaches with the final family. Where
+/// BPF LSM programs cannot be loaded (measured on this CI's 6.18 kernel: LSM, fentry,
+/// fexit and fmod_ret programs all answer EPERM before the verifier; kprobes are not
+/// built in), tracepoints see every route and kill the caller: the syscall arguments
+/// before the call (native and 32-bit compat, socketcall included), the socket the call
+/// really created after it, and io_uring's IORING_OP_SOCKET at submission.
+pub const PACKET_GUARDS: &[Guard] = &[
+    Guard {
+        name: "lsm",
+        refuses: true,
+        programs: &[("pc_lsm_socket_create", Attach::Lsm("socket_create"), false)],
+    },
+    Guard {
+        name: "tracepoints",
+        refuses: false,
+        programs: &[
+            ("pc_sys_enter_socket", Attach::TpBtf("sys_enter"), false),
+            ("pc_sys_exit_socket", Attach::TpBtf("sys_exit"), false),
+            (
+                "pc_uring_socket",
+                Attach::TpBtf("io_uring_submit_req"),
+                true,
+            ),
+        ],
+    },
+];
+/// Pin of the single guard program of layouts before 4 (removed on unload/replace).
+const LEGACY_GUARD_PIN: &str = "packet_guard";
+
+fn guard(name: &str) -> Option<&'static Guard> {
+    PACKET_GUARDS.iter().find(|g| g.name == name)
+}
+
+/// The pins a daemon with guard `guard` keeps.
+fn pin_names(guard: &Guard) -> impl Iterator<Item = &'static str> + '_ {
     PROGRAMS
         .iter()
         .map(|(n, _)| *n)
-        .chain(std::iter::once(PACKET_GUARD_PIN))
+        .chain(guard.programs.iter().map(|(n, _, _)| *n))
+}
+
+/// Every pin any build may have made (cleanup of whatever is there).
+fn all_pin_names() -> impl Iterator<Item = &'static str> {
+    PROGRAMS
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(
+            PACKET_GUARDS
+                .iter()
+                .flat_map(|g| g.programs.iter().map(|(n, _, _)| *n)),
+        )
+        .chain(std::iter::once(LEGACY_GUARD_PIN))
 }
 
 /// What `start` found and did, also written to `kernel-state.json` in the state dir.
@@ -71,9 +121,14 @@ pub struct AttachState {
     pub mode: String,
     pub object_sha256: String,
     pub attach_cgroup: PathBuf,
-    /// Which packet-socket guard is attached (`pc_lsm_socket_create` or
-    /// `pc_sys_enter_socket`).
+    /// Which packet-socket guard is attached ([`Guard::name`]: `lsm` or `tracepoints`).
     pub packet_guard: String,
+    /// Whether that guard refuses the call (EPERM) or kills the caller.
+    #[serde(default)]
+    pub packet_guard_refuses: bool,
+    /// Routes to a packet socket the attached guard does not cover on this kernel.
+    #[serde(default)]
+    pub packet_guard_gaps: Vec<String>,
     /// [`portcullis_common::MAPS_LAYOUT`] of the pinned maps.
     #[serde(default)]
     pub maps_layout: u32,
@@ -97,7 +152,7 @@ impl Paths {
     pub fn links(&self) -> PathBuf {
         self.bpffs_dir.join("links")
     }
-    fn link(&self, program: &str) -> PathBuf {
+    pub(super) fn link(&self, program: &str) -> PathBuf {
         self.links().join(program)
     }
     /// bpffs refuses names with a dot ("reserved"), hence the prefix.
@@ -123,12 +178,14 @@ pub fn object_bytes(path: Option<&Path>) -> Result<Vec<u8>, KernelError> {
 
 /// Loads and attaches (or adopts) the programs. `prepare` runs after the maps exist and
 /// before any program is attached, so settings, endpoints and enrollments are in place
-/// when the first hook fires.
+/// when the first hook fires. `force_replace` attaches a fresh set even when the pins
+/// look adoptable (repair after verification found a program out of effect).
 pub fn start(
     object: &[u8],
     attach_cgroup: &Path,
     paths: &Paths,
     state_file: &Path,
+    force_replace: bool,
     prepare: impl FnOnce(&mut PinnedMaps) -> Result<(), KernelError>,
 ) -> Result<AttachState, KernelError> {
     let sha = hex::encode(Sha256::digest(object));
@@ -142,13 +199,24 @@ pub fn start(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     check_maps_layout(paths, previous.as_ref())?;
-    let pinned: Vec<bool> = pin_names().map(|name| paths.link(name).exists()).collect();
-
-    let all_pinned = pinned.iter().all(|&p| p);
+    let previous_guard = previous.as_ref().and_then(|p| guard(&p.packet_guard));
+    // An optional guard program that did not attach has no pin: not a reason to reload.
+    let all_pinned = previous_guard.is_some_and(|g| {
+        PROGRAMS
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(
+                g.programs
+                    .iter()
+                    .filter(|(_, _, optional)| !optional)
+                    .map(|(n, _, _)| *n),
+            )
+            .all(|name| paths.link(name).exists())
+    });
     let same = previous
         .as_ref()
         .is_some_and(|s| s.object_sha256 == sha && s.attach_cgroup == attach_cgroup);
-    if all_pinned && same {
+    if let (Some(prev), true, true, false) = (&previous, all_pinned, same, force_replace) {
         let mut maps = PinnedMaps::open(&paths.maps())?;
         prepare(&mut maps)?;
         let state = AttachState {
@@ -156,8 +224,10 @@ pub fn start(
             maps_layout: MAPS_LAYOUT,
             object_sha256: sha,
             attach_cgroup: attach_cgroup.to_owned(),
-            packet_guard: previous.map(|p| p.packet_guard).unwrap_or_default(),
-            programs: pinned_ids(paths)?,
+            packet_guard: prev.packet_guard.clone(),
+            packet_guard_refuses: prev.packet_guard_refuses,
+            packet_guard_gaps: prev.packet_guard_gaps.clone(),
+            programs: pinned_ids(paths, previous_guard.unwrap_or(&PACKET_GUARDS[0]))?,
         };
         info!(
             programs = state.programs.len(),
@@ -167,7 +237,7 @@ pub fn start(
         return Ok(state);
     }
 
-    let replacing = pinned.iter().any(|&p| p);
+    let replacing = all_pin_names().any(|name| paths.link(name).exists());
     let btf = Btf::from_sys_fs().map_err(|e| KernelError::Btf(e.to_string()))?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
@@ -190,51 +260,43 @@ pub fn start(
             paths.link(name)
         }
     };
-    let pin = |link: FdLink, name: &str, program: &str| {
+    let pin = |link: FdLink, name: &str| {
         let target = pin_target(name);
         let _ = std::fs::remove_file(&target);
         link.pin(&target)
             .map(drop)
             .map_err(|e| KernelError::Program {
-                program: program.to_string(),
+                program: name.to_string(),
                 message: format!("pinning link at {}: {e}", target.display()),
             })
     };
-    let mut packet_guard = None;
-    for (name, how) in PACKET_GUARDS {
-        match attach_one(&mut ebpf, &btf, name, *how, &cgroup) {
-            Ok(link) => {
-                pin(link, PACKET_GUARD_PIN, name)?;
-                packet_guard = Some(name.to_string());
-                break;
-            }
-            Err(e) => warn!(error = %e, "packet-socket guard unavailable, trying the next"),
-        }
-    }
-    let packet_guard = packet_guard.ok_or_else(|| KernelError::Program {
-        program: PACKET_GUARD_PIN.into(),
-        message: "no packet-socket guard could be attached".into(),
-    })?;
-    if packet_guard != PACKET_GUARDS[0].0 {
-        warn!(guard = %packet_guard, "BPF LSM unavailable: agents opening AF_PACKET/AF_XDP sockets are killed instead of refused");
+    let (chosen, links, gaps) = attach_packet_guard(&mut ebpf, &btf, &cgroup)?;
+    for (name, link) in links {
+        pin(link, name)?;
     }
     for (name, how) in PROGRAMS {
         let link = attach_one(&mut ebpf, &btf, name, *how, &cgroup)?;
-        pin(link, name, name)?;
+        pin(link, name)?;
     }
     // Replacing: the new links were pinned beside the old; both are live for a moment,
     // which is harmless (a second redirect sees the daemon's address, not a protected
     // one) and leaves no instant without enforcement. Now the old ones go.
     if replacing {
-        for name in pin_names() {
+        for name in all_pin_names() {
             let old = paths.link(name);
             if old.exists() {
                 match PinnedLink::from_pin(&old) {
                     // Unpinning and dropping the last reference detaches the old program.
                     Ok(l) => drop(l.unpin()),
-                    Err(e) => warn!(program = name, error = %e, "could not open old pinned link"),
+                    Err(e) => {
+                        warn!(program = name, error = %e, "could not open old pinned link");
+                        let _ = std::fs::remove_file(&old);
+                    }
                 }
             }
+        }
+        for name in pin_names(chosen).filter(|n| paths.staged_link(n).exists()) {
+            let old = paths.link(name);
             std::fs::rename(paths.staged_link(name), &old).map_err(|e| KernelError::State {
                 path: old.clone(),
                 message: format!("renaming staged link: {e}"),
@@ -246,12 +308,55 @@ pub fn start(
         maps_layout: MAPS_LAYOUT,
         object_sha256: sha,
         attach_cgroup: attach_cgroup.to_owned(),
-        packet_guard,
-        programs: pinned_ids(paths)?,
+        packet_guard: chosen.name.into(),
+        packet_guard_refuses: chosen.refuses,
+        packet_guard_gaps: gaps,
+        programs: pinned_ids(paths, chosen)?,
     };
     info!(mode = %state.mode, cgroup = %attach_cgroup.display(), "programs attached and pinned");
     write_state(state_file, &state)?;
     Ok(state)
+}
+
+/// Attaches the best packet-socket guard this kernel allows: its links (not yet
+/// pinned) and the routes it leaves uncovered.
+#[allow(clippy::type_complexity)]
+fn attach_packet_guard(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    cgroup: &std::fs::File,
+) -> Result<(&'static Guard, Vec<(&'static str, FdLink)>, Vec<String>), KernelError> {
+    let mut tried = Vec::new();
+    'guards: for g in PACKET_GUARDS {
+        let mut links = Vec::new();
+        let mut gaps = Vec::new();
+        for (name, how, optional) in g.programs {
+            match attach_one(ebpf, btf, name, *how, cgroup) {
+                Ok(link) => links.push((*name, link)),
+                Err(e) if *optional => {
+                    warn!(error = %e, "packet-socket guard: a route stays uncovered");
+                    gaps.push(format!("{name}: {e}"));
+                }
+                Err(e) => {
+                    warn!(guard = g.name, error = %e, "packet-socket guard unavailable, trying the next");
+                    tried.push(format!("{}: {e}", g.name));
+                    // Dropping the links attached so far detaches them.
+                    continue 'guards;
+                }
+            }
+        }
+        if !g.refuses {
+            warn!(
+                guard = g.name,
+                "BPF LSM unavailable: agents opening packet sockets (AF_PACKET, AF_XDP, SOCK_PACKET) are killed instead of refused"
+            );
+        }
+        return Ok((g, links, gaps));
+    }
+    Err(KernelError::Program {
+        program: "packet-socket guard".into(),
+        message: format!("none could be attached: {}", tried.join("; ")),
+    })
 }
 
 /// Pinned maps are reused across restarts and upgrades; maps pinned by a build with
@@ -335,8 +440,9 @@ fn attach_one(
 }
 
 /// (name, program id, link id) of every pinned link.
-fn pinned_ids(paths: &Paths) -> Result<Vec<(String, u32, u32)>, KernelError> {
-    pin_names()
+fn pinned_ids(paths: &Paths, guard: &Guard) -> Result<Vec<(String, u32, u32)>, KernelError> {
+    pin_names(guard)
+        .filter(|name| paths.link(name).exists())
         .map(|name| {
             let link: FdLink = PinnedLink::from_pin(paths.link(name))
                 .map_err(|e| KernelError::Program {
@@ -356,6 +462,19 @@ fn pinned_ids(paths: &Paths) -> Result<Vec<(String, u32, u32)>, KernelError> {
         .collect()
 }
 
+/// Records a route the attached guard does not cover (kernel-state, doctor).
+pub fn note_guard_gap(
+    state_file: &Path,
+    state: &mut AttachState,
+    gap: &str,
+) -> Result<(), KernelError> {
+    warn!(gap, "packet-socket guard: a route stays uncovered");
+    if !state.packet_guard_gaps.iter().any(|g| g == gap) {
+        state.packet_guard_gaps.push(gap.into());
+    }
+    write_state(state_file, state)
+}
+
 fn write_state(path: &Path, state: &AttachState) -> Result<(), KernelError> {
     let serr = |m: String| KernelError::State {
         path: path.to_owned(),
@@ -371,7 +490,7 @@ fn write_state(path: &Path, state: &AttachState) -> Result<(), KernelError> {
 /// Used by `portcullis unload` (uninstall) and test cleanup, never on a daemon stop.
 pub fn unload(paths: &Paths) -> Result<usize, KernelError> {
     let mut n = 0;
-    for name in pin_names() {
+    for name in all_pin_names() {
         for p in [paths.link(name), paths.staged_link(name)] {
             if p.exists() {
                 if let Ok(l) = PinnedLink::from_pin(&p) {

@@ -1,6 +1,11 @@
 //! Every `unsafe` block and every libc call of the daemon, each behind a safe function
 //! whose contract is checked here (the crate denies `unsafe` everywhere else).
-use std::{ffi::CString, io, os::unix::ffi::OsStrExt, path::Path};
+use std::{
+    ffi::CString,
+    io,
+    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    path::Path,
+};
 
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::Event;
@@ -91,4 +96,106 @@ pub fn readable_logger(logger: ProgramLogger) -> io::Result<AsyncFd<ProgramLogge
     // SAFETY: the logger owns its ring buffer map's fd for its whole life and always
     // returns that same fd from as_raw_fd.
     unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }.map_err(io::Error::from)
+}
+
+/// `bpf(2)` commands used directly (aya does not expose effective-flag queries or a
+/// cgroup link's target).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_F_QUERY_EFFECTIVE: u32 = 1;
+/// `enum bpf_link_type`: a cgroup attachment.
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-filled 128-byte buffer laid out as the command's
+    // `union bpf_attr` member; the kernel reads and writes only within the size given
+    // and keeps no pointer to it after returning.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// What the kernel says about a pinned link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub link_type: u32,
+    pub id: u32,
+    /// 0 once the link was detached (its program no longer runs).
+    pub prog_id: u32,
+    /// For a cgroup link: the cgroup it is attached to (0 when detached) and how.
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// Opens the link pinned at `path` and reads its info.
+pub fn pinned_link_facts(path: &Path) -> io::Result<LinkFacts> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = [0u64; 32];
+    let mut attr = [0u64; 16];
+    attr[0] = (fd.as_raw_fd() as u32 as u64) | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // struct bpf_link_info { u32 type; u32 id; u32 prog_id; union { struct { u64
+    // cgroup_id; u32 attach_type; } cgroup; ... } } (the union is 8-byte aligned).
+    Ok(LinkFacts {
+        link_type: info[0] as u32,
+        id: (info[0] >> 32) as u32,
+        prog_id: info[1] as u32,
+        cgroup_id: info[2],
+        attach_type: info[3] as u32,
+    })
+}
+
+/// Ids of the programs in effect on `cgroup` for `attach_type` (its own and those
+/// inherited from ancestors), as `BPF_PROG_QUERY` with `BPF_F_QUERY_EFFECTIVE` says.
+pub fn effective_prog_ids(cgroup: &std::fs::File, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 256];
+    let mut attr = [0u64; 16];
+    // { u32 target_fd; u32 attach_type; u32 query_flags; u32 attach_flags;
+    //   u64 prog_ids; u32 prog_cnt; ... }
+    attr[0] = (cgroup.as_raw_fd() as u32 as u64) | ((attach_type as u64) << 32);
+    attr[1] = BPF_F_QUERY_EFFECTIVE as u64;
+    attr[2] = ids.as_mut_ptr() as u64;
+    attr[3] = ids.len() as u64;
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    let n = (attr[3] as u32 as usize).min(ids.len());
+    ids.truncate(n);
+    Ok(ids)
+}
+
+/// Raises the soft open-file limit to the hard limit; returns (before, after).
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let before = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((before, lim.rlim_cur))
+    }
 }

@@ -155,7 +155,7 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         // SAFETY: plain helper call.
         ktime_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
-    let _ = PC_CONN_BY_COOKIE.insert(&cookie, &record, 0);
+    let _ = PC_CONN_BY_COOKIE.insert(cookie, record, 0);
     report.kind = if agent.sticky {
         EventKind::StickyAgentSeen
     } else {
@@ -182,7 +182,7 @@ fn on_getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
     // SAFETY: plain helper call on the program context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     // SAFETY: the record is copied out before anything else touches the map.
-    if let Some(rec) = unsafe { PC_CONN_BY_COOKIE.get(&cookie) } {
+    if let Some(rec) = unsafe { PC_CONN_BY_COOKIE.get(cookie) } {
         let original = rec.original_dst;
         write_addr(sa, v6, &original);
     }
@@ -194,10 +194,8 @@ fn on_getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
 pub fn pc_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => index_by_client(&ctx),
-        BPF_SOCK_OPS_STATE_CB => {
-            if ctx.arg(1) == BPF_TCP_CLOSE {
-                forget(&ctx, ctx.arg(0) == BPF_TCP_SYN_SENT);
-            }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            forget(&ctx, ctx.arg(0) == BPF_TCP_SYN_SENT);
         }
         _ => {}
     }
@@ -239,13 +237,13 @@ fn index_by_client(ctx: &SockOpsContext) {
     // while the socket lives; the client map gets its own copy for the daemon, which
     // may accept only after the agent has already closed.
     // SAFETY: the value is copied into the other map at once, not held.
-    let Some(rec) = (unsafe { PC_CONN_BY_COOKIE.get(&cookie) }) else {
+    let Some(rec) = (unsafe { PC_CONN_BY_COOKIE.get(cookie) }) else {
         return;
     };
     let Some(key) = client_key(ctx) else {
         return;
     };
-    let _ = PC_CONN_BY_CLIENT.insert(&key, rec, 0);
+    let _ = PC_CONN_BY_CLIENT.insert(key, rec, 0);
     // Ask for state callbacks so the records go when the socket closes.
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
 }
@@ -258,8 +256,8 @@ fn index_by_client(ctx: &SockOpsContext) {
 fn forget(ctx: &SockOpsContext, never_established: bool) {
     // SAFETY: plain helper call on the program context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let _ = PC_CONN_BY_COOKIE.remove(&cookie);
+    let _ = PC_CONN_BY_COOKIE.remove(cookie);
     if never_established && let Some(key) = client_key(ctx) {
-        let _ = PC_CONN_BY_CLIENT.remove(&key);
+        let _ = PC_CONN_BY_CLIENT.remove(key);
     }
 }

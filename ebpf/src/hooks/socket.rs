@@ -1,14 +1,12 @@
 //! Socket creation: raw IP sockets (cgroup/sock_create) and packet sockets (BPF LSM,
 //! because AF_PACKET never reaches the inet sock_create hook) are refused to agents.
+//! Where BPF LSM programs cannot be loaded, `packet.rs` is the fallback.
 use aya_ebpf::{
-    helpers::{
-        bpf_probe_read_kernel,
-        generated::{bpf_get_socket_cookie, bpf_send_signal},
-    },
-    macros::{btf_tracepoint, cgroup_sock, lsm},
-    programs::{BtfTracePointContext, LsmContext, SockContext},
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{cgroup_sock, lsm},
+    programs::{LsmContext, SockContext},
 };
-use portcullis_common::{EventKind, Hook, SockKey};
+use portcullis_common::{EventKind, Hook, SockKey, packet};
 
 use crate::{
     agent::{current_agent, current_origin},
@@ -16,8 +14,6 @@ use crate::{
 };
 
 const SOCK_RAW: u32 = 3;
-const AF_PACKET: i32 = 17;
-const AF_XDP: i32 = 44;
 const EPERM: i32 = 1;
 
 #[cgroup_sock(sock_create)]
@@ -50,6 +46,8 @@ pub fn pc_sock_create(ctx: SockContext) -> i32 {
 }
 
 // LSM_HOOK(int, 0, socket_create, int family, int type, int protocol, int kern)
+// Every route to a socket (socket, socketpair, compat socketcall, io_uring) meets this
+// hook, with the family already final (AF_INET + SOCK_PACKET arrives as PF_PACKET).
 #[lsm(hook = "socket_create")]
 pub fn pc_lsm_socket_create(ctx: LsmContext) -> i32 {
     let family: i32 = ctx.arg(0);
@@ -60,7 +58,7 @@ pub fn pc_lsm_socket_create(ctx: LsmContext) -> i32 {
     if retval != 0 {
         return retval;
     }
-    if kern != 0 || (family != AF_PACKET && family != AF_XDP) {
+    if kern != 0 || !packet::creates_packet_socket(family, sock_type) {
         return 0;
     }
     let Some(agent) = current_agent() else {
@@ -71,7 +69,7 @@ pub fn pc_lsm_socket_create(ctx: LsmContext) -> i32 {
 }
 
 #[inline(always)]
-fn report_packet_socket(
+pub(super) fn report_packet_socket(
     hook: Hook,
     family: i32,
     sock_type: i32,
@@ -92,45 +90,4 @@ fn report_packet_socket(
         },
         &current_origin(agent, 0),
     );
-}
-
-const NR_SOCKET: i64 = 41;
-const SIGKILL: u32 = 9;
-/// Offsets of the first three syscall arguments (rdi, rsi, rdx) in x86-64's
-/// `struct pt_regs`, a fixed layout.
-const PT_REGS_DI: usize = 14 * 8;
-const PT_REGS_SI: usize = 13 * 8;
-const PT_REGS_DX: usize = 12 * 8;
-
-/// Fallback for kernels where BPF LSM programs cannot be loaded (the daemon attaches
-/// this only then): an agent calling socket(AF_PACKET|AF_XDP, ...) is killed with
-/// SIGKILL before the call returns to user space, so it never holds the socket.
-// TP: sys_enter(struct pt_regs *regs, long id)
-#[btf_tracepoint(function = "sys_enter")]
-pub fn pc_sys_enter_socket(ctx: BtfTracePointContext) -> i32 {
-    let id: i64 = ctx.arg(1);
-    if id != NR_SOCKET {
-        return 0;
-    }
-    let regs: *const u8 = ctx.arg(0);
-    // SAFETY: `regs` is the tracepoint's pt_regs pointer; probe_read tolerates faults.
-    let family =
-        unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_DI) as *const u64) }.unwrap_or(0) as i32;
-    if family != AF_PACKET && family != AF_XDP {
-        return 0;
-    }
-    let Some(agent) = current_agent() else {
-        return 0;
-    };
-    // SAFETY: as above.
-    let (sock_type, protocol) = unsafe {
-        (
-            bpf_probe_read_kernel(regs.add(PT_REGS_SI) as *const u64).unwrap_or(0) as i32,
-            bpf_probe_read_kernel(regs.add(PT_REGS_DX) as *const u64).unwrap_or(0) as i32,
-        )
-    };
-    report_packet_socket(Hook::SysEnterSocket, family, sock_type, protocol, &agent);
-    // SAFETY: plain helper call; sys_enter runs in the calling task's context.
-    unsafe { bpf_send_signal(SIGKILL) };
-    0
 }

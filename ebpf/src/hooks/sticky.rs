@@ -59,7 +59,7 @@ pub fn pc_sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
     // Only the thread-group leader's exit ends the process's mark (pid reuse would
     // otherwise make an unrelated process an agent).
     if pid_tgid as u32 == (pid_tgid >> 32) as u32 {
-        let _ = PC_STICKY_TASKS.remove(&((pid_tgid >> 32) as u32));
+        let _ = PC_STICKY_TASKS.remove((pid_tgid >> 32) as u32);
     }
     0
 }

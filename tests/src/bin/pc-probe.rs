@@ -38,9 +38,33 @@ enum Cmd {
     Raw { addr: SocketAddr },
     /// socket(AF_PACKET, SOCK_RAW, ETH_P_ALL).
     Packet,
+    /// Create a socket by one route: `native` socket(2), `pair` socketpair(2),
+    /// `compat` the 32-bit socket syscall (int 0x80, nr 359), `socketcall` the 32-bit
+    /// socketcall(SYS_SOCKET) (int 0x80, nr 102, arguments in memory below 4 GiB),
+    /// `compat-pair` the 32-bit socketpair (nr 360), `uring` IORING_OP_SOCKET.
+    /// Family, type and protocol as numbers; `--protocol-be` byte-swaps the protocol
+    /// (ETH_P_* values are big-endian).
+    Socket {
+        route: String,
+        family: i32,
+        sock_type: i32,
+        #[arg(default_value_t = 0)]
+        protocol: i32,
+        #[arg(long)]
+        protocol_be: bool,
+    },
     /// Write our pid into another cgroup's cgroup.procs, then TCP connect; a child forked
     /// after the move connects too.
     Leave { procs: String, addr: SocketAddr },
+    /// 32-bit socketcall(SYS_SOCKET) while a second thread flips the argument block in
+    /// memory between AF_INET and AF_PACKET (a check that reads the arguments before
+    /// the kernel copies them can be raced). Bounded: `count` calls or `max_secs`.
+    SocketcallRace {
+        #[arg(long, default_value_t = 5000)]
+        count: u32,
+        #[arg(long, default_value_t = 3)]
+        max_secs: u64,
+    },
     /// Connect now; on each stdin line `send` write 64 bytes and report; `quit` ends.
     Hold { addr: SocketAddr },
     /// Bounded connect loop; reports latency percentiles.
@@ -199,6 +223,184 @@ fn packet() -> std::io::Result<Value> {
         Some(Protocol::from((libc::ETH_P_ALL as u16).to_be() as i32)),
     )?;
     Ok(json!({"fd": s.as_raw_fd()}))
+}
+
+/// A 32-bit syscall through the compat entry (`int 0x80`) from this 64-bit process:
+/// the same path and syscall table a 32-bit x86 program uses. Returns eax.
+fn int80(nr: u32, a: u32, b: u32, c: u32, d: u32) -> i32 {
+    let ret: i32;
+    // rbx is reserved by LLVM: swap the first argument in and out around the call.
+    // SAFETY: int 0x80 reads eax/ebx/ecx/edx and writes eax; rbx is restored by the
+    // second xchg; r8-r11 are declared clobbered in case the kernel does not keep them.
+    unsafe {
+        std::arch::asm!(
+            "xchg {tmp}, rbx",
+            "int 0x80",
+            "xchg {tmp}, rbx",
+            tmp = inout(reg) a as u64 => _,
+            inlateout("eax") nr as i32 => ret,
+            in("ecx") b,
+            in("edx") c,
+            in("esi") d,
+            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+        );
+    }
+    ret
+}
+
+fn from_ret(ret: i32) -> std::io::Result<i32> {
+    if ret < 0 {
+        Err(std::io::Error::from_raw_os_error(-ret))
+    } else {
+        Ok(ret)
+    }
+}
+
+fn socket_route(route: &str, family: i32, ty: i32, protocol: i32) -> std::io::Result<Value> {
+    match route {
+        "native" => {
+            // SAFETY: socket(2) takes integers only.
+            let fd = unsafe { libc::socket(family, ty, protocol) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(json!({"fd": fd}))
+        }
+        "pair" => {
+            let mut sv = [-1i32; 2];
+            // SAFETY: socketpair writes two ints into `sv`, which we own.
+            let rc = unsafe { libc::socketpair(family, ty, protocol, sv.as_mut_ptr()) };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(json!({"fds": sv}))
+        }
+        "compat" => {
+            Ok(json!({"fd": from_ret(int80(359, family as u32, ty as u32, protocol as u32, 0))?}))
+        }
+        "compat-pair" => {
+            let page = low_page()?;
+            let ret = int80(
+                360,
+                family as u32,
+                ty as u32,
+                protocol as u32,
+                page as usize as u32,
+            );
+            Ok(json!({"ret": from_ret(ret)?}))
+        }
+        "socketcall" => {
+            let page = low_page()?;
+            let args = [family as u32, ty as u32, protocol as u32];
+            // SAFETY: `page` is a writable mapping of at least 12 bytes below 4 GiB.
+            unsafe { std::ptr::copy_nonoverlapping(args.as_ptr(), page.cast::<u32>(), 3) };
+            let ret = int80(102, 1, page as usize as u32, 0, 0);
+            Ok(json!({"fd": from_ret(ret)?}))
+        }
+        "uring" => {
+            use io_uring::{IoUring, opcode};
+            let mut ring = IoUring::new(4)?;
+            let entry = opcode::Socket::new(family, ty, protocol)
+                .build()
+                .user_data(7);
+            // SAFETY: the entry refers to no memory of ours.
+            unsafe { ring.submission().push(&entry) }.map_err(std::io::Error::other)?;
+            ring.submit_and_wait(1)?;
+            let cqe = ring
+                .completion()
+                .next()
+                .ok_or_else(|| std::io::Error::other("no completion"))?;
+            Ok(json!({"fd": from_ret(cqe.result())?}))
+        }
+        other => Err(std::io::Error::other(format!("unknown route {other}"))),
+    }
+}
+
+/// A page below 4 GiB (32-bit syscalls take 32-bit pointers).
+fn low_page() -> std::io::Result<*mut u8> {
+    // SAFETY: an anonymous private mapping; no existing memory is touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
+fn socketcall_race(count: u32, max_secs: u64) -> std::io::Result<Value> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let page = low_page()?;
+    let words = page.cast::<u32>();
+    let args = [libc::AF_INET as u32, libc::SOCK_DGRAM as u32, 0];
+    // SAFETY: `page` is a writable mapping of at least 12 bytes below 4 GiB.
+    unsafe { std::ptr::copy_nonoverlapping(args.as_ptr(), words, 3) };
+    let addr = words as usize;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let started = std::sync::Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let stop = stop.clone();
+        let started = started.clone();
+        std::thread::spawn(move || {
+            let family = addr as *mut u32;
+            let mut i = 0u32;
+            started.store(true, Ordering::SeqCst);
+            while !stop.load(Ordering::Relaxed) {
+                let f = if i.is_multiple_of(2) {
+                    libc::AF_PACKET
+                } else {
+                    libc::AF_INET
+                };
+                // SAFETY: the mapping lives until the process exits; racing writes to it
+                // are the point (the kernel copies it with copy_from_user).
+                unsafe { std::ptr::write_volatile(family, f as u32) };
+                i = i.wrapping_add(1);
+            }
+        })
+    };
+    while !started.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    let deadline = Instant::now() + Duration::from_secs(max_secs);
+    let (mut packet, mut inet, mut calls) = (0u32, 0u32, 0u32);
+    for _ in 0..count {
+        if Instant::now() > deadline {
+            break;
+        }
+        calls += 1;
+        let fd = int80(102, 1, addr as u32, 0, 0);
+        if fd < 0 {
+            continue;
+        }
+        let mut domain: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes an int into `domain`; close takes an fd we own.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                (&mut domain as *mut libc::c_int).cast(),
+                &mut len,
+            );
+            libc::close(fd);
+        }
+        if domain == libc::AF_PACKET {
+            packet += 1;
+        } else {
+            inet += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = flipper.join();
+    Ok(json!({"calls": calls, "packet_sockets": packet, "inet_sockets": inet}))
 }
 
 fn leave(procs: &str, addr: SocketAddr) -> std::io::Result<Value> {
@@ -378,6 +580,26 @@ fn main() -> Result<()> {
         Cmd::Uring { addr } => finish(base("uring"), uring(addr)),
         Cmd::Raw { addr } => finish(base("raw"), raw(addr)),
         Cmd::Packet => finish(base("packet"), packet()),
+        Cmd::SocketcallRace { count, max_secs } => {
+            finish(base("socketcall-race"), socketcall_race(count, max_secs))
+        }
+        Cmd::Socket {
+            route,
+            family,
+            sock_type,
+            protocol,
+            protocol_be,
+        } => {
+            let protocol = if protocol_be {
+                (protocol as u16).to_be() as i32
+            } else {
+                protocol
+            };
+            finish(
+                base("socket"),
+                socket_route(&route, family, sock_type, protocol),
+            )
+        }
         Cmd::Leave { procs, addr } => finish(base("leave"), leave(&procs, addr)),
         Cmd::Hold { addr } => hold(addr)?,
         Cmd::BenchConnect {

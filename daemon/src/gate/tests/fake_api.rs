@@ -235,6 +235,20 @@ async fn answer(state: &State, mut req: Request<hyper::body::Incoming>) -> Respo
             state.jwks.clone(),
         ),
         "/api/v1/namespaces/e2e/secrets/s" => reply(StatusCode::OK, JSON, SECRET),
+        // A watch that stays open with nothing to say (it holds its stream).
+        "/api/v1/namespaces/e2e/events" if query.contains("watch=1") => {
+            use futures_util::StreamExt;
+            let first: Result<Frame<Bytes>, Infallible> = Ok(Frame::data(Bytes::from_static(
+                b"{\"type\":\"BOOKMARK\",\"object\":{\"kind\":\"Event\",\"apiVersion\":\"v1\",\"metadata\":{\"resourceVersion\":\"1\"}}}\n",
+            )));
+            let s = futures_util::stream::iter([first]).chain(futures_util::stream::pending());
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(s)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json;stream=watch"),
+            );
+            r
+        }
         "/api/v1/namespaces/e2e/secrets" if query.contains("watch=1") => chunked(
             "application/json;stream=watch",
             &[

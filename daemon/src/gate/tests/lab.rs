@@ -107,6 +107,10 @@ pub enum Mode {
 pub struct Options {
     pub mode: Mode,
     pub pending_ttl: &'static str,
+    /// `proxy.limits` as a YAML flow mapping (e.g. `{max_requests_per_agent: 4}`).
+    pub limits: &'static str,
+    /// `proxy.audit` as a YAML flow mapping.
+    pub audit: &'static str,
 }
 
 impl Options {
@@ -114,6 +118,8 @@ impl Options {
         Options {
             mode,
             pending_ttl: "1h",
+            limits: "{}",
+            audit: "{level: Request}",
         }
     }
 }
@@ -231,8 +237,9 @@ proxy:
 {mode}  approvals: {{pending_ttl: {ttl}}}
   masking:
     rules: [{{api_groups: [""], resources: [configmaps], paths: [data.dsn]}}]
-  audit: {{level: Request}}
+  audit: {audit}
   max_header_bytes: 8192
+  limits: {limits}
 "#,
             cg = cgroup_root.display(),
             state = state.display(),
@@ -240,6 +247,8 @@ proxy:
             ca = api.ca_file.display(),
             token = dir.join("daemon-token").display(),
             ttl = opts.pending_ttl,
+            limits = opts.limits,
+            audit = opts.audit,
         );
         let cfg = Config::parse(&yaml, Path::new("lab.yaml")).unwrap();
         let pcfg = cfg.proxy.clone().unwrap();
@@ -250,8 +259,9 @@ proxy:
         let minter = Arc::new(LeafMinter::load(&ca_paths, pcfg.tls_names.clone()).unwrap());
         let upstream = Arc::new(Upstream::new(&pcfg).unwrap());
         let key = load_or_create_key(&state.join("audit.key")).unwrap();
-        let writer =
-            AuditWriter::open(&state.join("audit"), key, pcfg.audit.segment_bytes).unwrap();
+        let writer = AuditWriter::open(&state.join("audit"), key, pcfg.audit.segment_bytes)
+            .unwrap()
+            .with_disk_budget(pcfg.audit.max_disk_bytes);
         let audit = AuditLog::start(writer, &pcfg.audit).unwrap();
         let mut approvals = None;
         let authorizer = match &pcfg.mode {
@@ -380,6 +390,9 @@ proxy:
             cancels: crate::gate::conn::Window::new(),
             abuse: tokio::sync::Notify::new(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            agent: crate::gate::admission::AgentKey::Addr([127, 0, 0, 1].into()),
+            active: std::sync::atomic::AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -412,6 +425,32 @@ proxy:
             .connect(ServerName::try_from("kubernetes.default").unwrap(), tcp)
             .await
             .unwrap()
+    }
+
+    /// A TLS connection attempt from `from` that may fail (the gate closed it).
+    pub async fn dial_result(&self, from: From) -> std::io::Result<()> {
+        let sock = TcpSocket::new_v4()?;
+        sock.bind("127.0.0.1:0".parse().unwrap())?;
+        if let Some(o) = self.origin(from) {
+            self.lookup
+                .by_peer
+                .lock()
+                .unwrap()
+                .insert(sock.local_addr()?, o);
+        }
+        let tcp = sock.connect(self.addr).await?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.agent_ca.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("kubernetes.default").unwrap(), tcp)
+            .await
+            .map(drop)
     }
 
     /// Sends one request on a new connection (HTTP/2 or HTTP/1.1) and reads the whole
