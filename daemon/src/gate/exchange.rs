@@ -19,7 +19,7 @@ use crate::{
     config::AuditLevel,
     identity::Identity,
     k8s::RequestInfo,
-    mask::{JsonMasker, Plan},
+    mask::{self, Plan},
     util::{self, ProxyBody},
 };
 
@@ -122,28 +122,21 @@ impl Exchange {
             )
     }
 
-    /// Keeps the request body in the record: JSON masked like a response of its
-    /// resource; other encodings (protobuf) cannot be masked and are not kept.
+    /// Keeps the request body in the record, decoded from whatever encoding it came
+    /// in (JSON, YAML, CBOR, protobuf) and masked like a response of its resource;
+    /// a body that cannot be decoded is noted with its size, never kept raw.
     pub fn record_body(&mut self, bytes: &[u8], plan: Option<&Arc<Plan>>) {
         if bytes.is_empty() {
             return;
         }
-        let media = util::media_type(&self.rec.content_type);
-        let v = match (util::is_json(&media), plan) {
-            (true, Some(plan)) => {
-                let mut m = JsonMasker::new(plan.clone());
-                match m.feed(bytes).and_then(|mut o| {
-                    o.extend(m.finish()?);
-                    Ok(o)
-                }) {
-                    Ok(masked) => body_value(&masked, self.audit.max_body_bytes),
-                    Err(e) => {
-                        serde_json::json!({ "omitted": format!("not valid JSON: {e}"), "bytes": bytes.len() })
-                    }
-                }
-            }
-            _ => serde_json::json!({
-                "omitted": format!("a {media} body cannot be masked, so it is not recorded"),
+        let masked = match plan {
+            Some(plan) => mask::masked_record(bytes, &self.rec.content_type, plan),
+            None => Err("no masking plan applies".to_owned()),
+        };
+        let v = match masked {
+            Ok(masked) => body_value(&masked, self.audit.max_body_bytes),
+            Err(why) => serde_json::json!({
+                "omitted": format!("not recorded: {why}"),
                 "bytes": bytes.len(),
             }),
         };

@@ -117,6 +117,21 @@ pub enum Refusal {
     },
     #[error("Portcullis: {0}")]
     Unmaskable(#[source] Unmaskable),
+    /// A write whose body carries a masking placeholder: forwarding it would store the
+    /// placeholder over the real value.
+    #[error(
+        "Portcullis refuses {attrs}: the request body carries a masking placeholder at {field}. Portcullis masked that value when it was read, and writing the placeholder back would replace the real value. Send the real value or leave the field out (apply a manifest rather than the output of `get -o yaml`; `kubectl edit` and `replace` send back what was read, masked values and the last-applied annotation included)"
+    )]
+    PlaceholderWriteBack {
+        attrs: Box<Attributes>,
+        field: String,
+    },
+    /// A compressed request body: the gate cannot check it (and the API server does
+    /// not take one).
+    #[error(
+        "Portcullis cannot inspect a request body with Content-Encoding {0}; send it uncompressed"
+    )]
+    EncodedRequestBody(String),
 }
 
 impl Refusal {
@@ -143,6 +158,8 @@ impl Refusal {
                 }
             }
             Credential(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            PlaceholderWriteBack { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            EncodedRequestBody(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             UpstreamUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamFailed { .. } | Unmaskable(_) => StatusCode::BAD_GATEWAY,
         }
@@ -164,6 +181,8 @@ impl Refusal {
             ApprovalExpired { .. } => Decision::Expired,
             TooManyPending { .. } => Decision::TooManyPending,
             ApprovalsUnavailable { .. } => Decision::Refused,
+            // The gate stopped what policy allowed: not forwarded, never replayed.
+            PlaceholderWriteBack { .. } | EncodedRequestBody(_) => Decision::Refused,
             BodyUnreadable { .. }
             | AuditWriteFailed(_)
             | AuditUnhealthy
@@ -204,6 +223,9 @@ impl Refusal {
     pub fn record_error(&self) -> Option<String> {
         match self {
             Refusal::Unmaskable(why) => Some(why.to_string()),
+            Refusal::PlaceholderWriteBack { field, .. } => {
+                Some(format!("masking placeholder written back at {field}"))
+            }
             _ => None,
         }
     }
@@ -230,6 +252,8 @@ impl Refusal {
             UpstreamUnreachable { .. } => "API server unreachable",
             UpstreamFailed { .. } => "API server request failed",
             Unmaskable(_) => "refused: response cannot be masked",
+            PlaceholderWriteBack { .. } => "refused: a masking placeholder written back",
+            EncodedRequestBody(_) => "refused: compressed request body",
             Unresolvable(_)
             | Unmapped { .. }
             | Denied { .. }
