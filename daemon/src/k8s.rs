@@ -12,6 +12,8 @@ mod user;
 
 pub use attributes::Attributes;
 pub use pod::PodRef;
+#[cfg(test)]
+pub(crate) use protobuf::encode as protobuf_encode;
 pub use protobuf::{ProtobufError, protobuf_to_json};
 pub use request_info::{RequestInfo, RequestInfoError, resolve};
 pub use status::Status;
