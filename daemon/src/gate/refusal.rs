@@ -120,7 +120,7 @@ pub enum Refusal {
     /// A write whose body carries a masking placeholder: forwarding it would store the
     /// placeholder over the real value.
     #[error(
-        "Portcullis refuses {attrs}: the request body carries a masking placeholder at {field}. Portcullis masked that value when it was read, and writing the placeholder back would replace the real value. Send the real value or leave the field out (apply a manifest rather than the output of `get -o yaml`; `kubectl edit` and `replace` send back what was read, masked values and the last-applied annotation included)"
+        "Portcullis refuses {attrs}: the request body carries a masking placeholder at {field}. Portcullis masked that value when it was read, and writing the placeholder back would replace the real value. Send the real value or leave the field out (apply a manifest rather than the output of `get -o yaml`; `replace` and `edit --save-config` send back what was read, and editing a partly masked string sends its placeholder along)"
     )]
     PlaceholderWriteBack {
         attrs: Box<Attributes>,

@@ -446,10 +446,14 @@ impl JsonMasker {
         }
         let secret = match col.key.as_slice() {
             b"name" => is_credential_name(&self.sbuf),
+            // A custom resource's printer column describes itself as `Custom resource
+            // definition column (in JSONPath format): .spec.auth.apiToken`; built-in
+            // columns describe themselves in prose, which says nothing here.
             b"description" => {
-                let field = self.sbuf.rsplit(|&b| b == b'.').next().unwrap_or(&[]);
+                let path = self.sbuf.rsplit(|&b| b == b' ').next().unwrap_or(&[]);
+                let field = path.rsplit(|&b| b == b'.').next().unwrap_or(&[]);
                 let field = field.split(|&b| b == b'[').next().unwrap_or(&[]);
-                self.sbuf.contains(&b'.') && is_credential_name(field)
+                path.first() == Some(&b'.') && is_credential_name(field)
             }
             _ => return None,
         };

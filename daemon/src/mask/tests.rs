@@ -204,6 +204,15 @@ fn table_columns_that_show_credentials() {
         {"name": "Replicas", "type": "integer",
          "description": "Custom resource definition column (in JSONPath format): .spec.replicas"}
     ]);
+    // Built-in columns describe themselves in prose: a Secret's `Type` column says
+    // "secret" and must stay.
+    let secrets = json!({"kind": "Table", "columnDefinitions": [
+        {"name": "Name", "type": "string", "description": "Name must be unique within a namespace."},
+        {"name": "Type", "type": "string", "description": "Used to facilitate programmatic handling of secret data. More info: https://kubernetes.io/docs/concepts/configuration/secret/#secret-types"},
+        {"name": "Data", "type": "string", "description": "Data contains the secret data."}
+    ], "rows": [{"cells": ["s", "Opaque", 2]}]});
+    let m: Value = serde_json::from_str(&mask(&secrets.to_string())).unwrap();
+    assert_eq!(m["rows"][0]["cells"], json!(["s", "Opaque", 2]));
     let row = |n: &str| json!({"cells": [n, "canary-col-1", "canary-col-2", 3]});
     // Tables stand at the top of a response or in a watch event (never in a list).
     let table = json!({"kind": "Table", "columnDefinitions": defs, "rows": [row("a"), row("b")]});

@@ -1,6 +1,7 @@
 //! Masking never destroys data, and never leaves a body raw in the audit log, on the
 //! real node:
-//! - masking placeholders written back (`get -o yaml | apply`, `replace`, `edit`, JSON
+//! - masking placeholders written back (`get -o yaml | apply`, `replace`, `edit
+//!   --save-config`, `edit` of a partly masked string, JSON
 //!   patch, server-side apply, a detector's `[masked]`) are refused and the stored
 //!   values stay; writes of real values (a manifest over a masked object, `edit` of
 //!   an unmasked field, `set env`, a label, a protobuf create) go through;
@@ -74,6 +75,11 @@ pub fn placeholder_write_back(env: &mut Env) -> Result<()> {
     ])?;
     let editor = env.file("edit_label.sh", EDIT_LABEL)?;
     let editor = format!("sh {editor}");
+    let host_editor = env.file(
+        "edit_host.sh",
+        "#!/bin/sh\nsed -i 's/db.host=db$/db.host=db2/' \"$1\"\n",
+    )?;
+    let host_editor = format!("sh {host_editor}");
 
     type Env2<'a> = Vec<(&'a str, &'a str)>;
     let refused: Vec<(&str, String, Env2)> = vec![
@@ -86,7 +92,18 @@ pub fn placeholder_write_back(env: &mut Env) -> Result<()> {
             "kubectl get secret wb-secret -o yaml --show-managed-fields=false | kubectl apply --server-side --force-conflicts --field-manager=agent -f -".into(),
             vec![],
         ),
-        ("edit (rewrites last-applied)", "kubectl edit secret wb-secret".into(), vec![("KUBE_EDITOR", editor.as_str())]),
+        // `--save-config` writes what was read (masked) into the last-applied annotation.
+        (
+            "edit --save-config",
+            "kubectl edit --save-config secret wb-secret".into(),
+            vec![("KUBE_EDITOR", editor.as_str())],
+        ),
+        // Editing a string that holds a masked part sends the whole string back.
+        (
+            "edit of a partly masked value",
+            "kubectl edit configmap wb-cm".into(),
+            vec![("KUBE_EDITOR", host_editor.as_str())],
+        ),
         (
             "JSON patch",
             format!(
@@ -149,6 +166,13 @@ pub fn placeholder_write_back(env: &mut Env) -> Result<()> {
             "kubectl edit deployment wb-deploy",
             vec![("KUBE_EDITOR", editor.as_str())],
         ),
+        // Without --save-config kubectl sends only the difference: the masked data
+        // stays out of the patch.
+        (
+            "edit of a label of the masked Secret",
+            "kubectl edit secret wb-secret",
+            vec![("KUBE_EDITOR", editor.as_str())],
+        ),
         (
             "set env",
             "kubectl set env deployment/wb-deploy MODE=fast",
@@ -174,6 +198,17 @@ pub fn placeholder_write_back(env: &mut Env) -> Result<()> {
         let o = agent_sh(env, script, envs)?;
         ensure!(o.status.success(), "{what}: {}", stderr(&o));
     }
+    let labels = env.admin_ok(&[
+        "get",
+        "secret",
+        "wb-secret",
+        "-o",
+        "jsonpath={.metadata.labels}",
+    ])?;
+    ensure!(
+        labels.contains("edited") && labels.contains("reviewed"),
+        "the allowed edits of wb-secret did not land: {labels}"
+    );
     ensure!(
         secret_value(env, "wb-secret", "token")? == "pc-leak-wb-5",
         "the manifest did not apply"
@@ -279,33 +314,71 @@ pub fn request_bodies_recorded_masked(env: &mut Env) -> Result<()> {
         .filter(|r| r["kind"] == "request")
         .map(|r| r["record"].clone())
         .collect();
-    let body_of = |method: &str, path: &str| -> Result<(String, Value)> {
-        let r = records
+    // The last record of `method` on `path` whose body came as `ctype`.
+    let body_of = |method: &str, path: &str, ctype: &str| -> Result<Value> {
+        records
             .iter()
-            .rfind(|r| r["method"] == method && r["path"] == path)
-            .with_context(|| format!("no record of {method} {path}"))?;
-        Ok((
-            r["content_type"].as_str().unwrap_or("").to_owned(),
-            r["request_body"].clone(),
-        ))
+            .rfind(|r| {
+                r["method"] == method
+                    && r["path"] == path
+                    && r["content_type"].as_str().unwrap_or("").starts_with(ctype)
+            })
+            .map(|r| r["request_body"].clone())
+            .with_context(|| format!("no record of {method} {path} with a {ctype} body"))
     };
     let mut kinds = Vec::new();
-    for (method, path) in [
-        ("PATCH", "/api/v1/namespaces/e2e/secrets/au-ssa"),
-        ("POST", "/api/v1/namespaces/e2e/secrets"),
-        ("POST", "/apis/apps/v1/namespaces/e2e/deployments"),
+    for (method, path, ctype) in [
+        (
+            "PATCH",
+            "/api/v1/namespaces/e2e/secrets/au-ssa",
+            "application/apply-patch+yaml",
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/e2e/secrets",
+            "application/vnd.kubernetes.protobuf",
+        ),
+        ("POST", "/apis/apps/v1/namespaces/e2e/deployments", ""),
+        (
+            "PATCH",
+            "/api/v1/namespaces/e2e/secrets/au-pb",
+            "application/json-patch+json",
+        ),
+        (
+            "PATCH",
+            "/api/v1/namespaces/e2e/secrets/au-ssa",
+            "application/merge-patch+json",
+        ),
     ] {
-        let (ctype, body) = body_of(method, path)?;
+        let body = body_of(method, path, ctype)?;
         ensure!(
             body.get("omitted").is_none() && !body.is_null(),
             "{method} {path} ({ctype}): {body}"
         );
-        kinds.push(ctype);
+        kinds.push(format!("{method} {ctype}"));
     }
-    let (ctype, pb) = body_of("POST", "/api/v1/namespaces/e2e/secrets")?;
+    let pb = body_of(
+        "POST",
+        "/api/v1/namespaces/e2e/secrets",
+        "application/vnd.kubernetes.protobuf",
+    )?;
     ensure!(
         pb["metadata"]["name"] == "au-pb" && pb["data"]["k"] == crate::masking::PLACEHOLDER_B64,
-        "the {ctype} Secret as recorded: {pb}"
+        "the protobuf Secret as recorded: {pb}"
+    );
+    let ssa = body_of(
+        "PATCH",
+        "/api/v1/namespaces/e2e/secrets/au-ssa",
+        "application/apply-patch+yaml",
+    )?;
+    ensure!(
+        ssa["metadata"]["name"] == "au-ssa" && ssa["stringData"]["token"] == "portcullis-masked",
+        "the server-side apply as recorded: {ssa}"
+    );
+    let d = body_of("POST", "/apis/apps/v1/namespaces/e2e/deployments", "")?;
+    ensure!(
+        d.to_string().contains("--db-password") && d.to_string().contains("portcullis-masked"),
+        "the deployment as recorded: {d}"
     );
     println!("    bodies recorded decoded and masked: {kinds:?}");
     Ok(())
