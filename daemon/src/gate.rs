@@ -87,8 +87,8 @@ impl Gate {
                 header_timeout: cfg.header_timeout,
                 max_header_bytes: cfg.max_header_bytes,
             },
+            records: Records::new(audit, masking.clone()),
             masking,
-            records: Records::new(audit),
             next_conn: AtomicU64::new(1),
         }
     }

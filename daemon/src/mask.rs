@@ -30,6 +30,7 @@ mod media;
 mod names;
 mod paths;
 mod plan;
+mod query;
 mod request;
 #[cfg(test)]
 mod tests;

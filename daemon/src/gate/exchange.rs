@@ -19,24 +19,26 @@ use crate::{
     config::AuditLevel,
     identity::Identity,
     k8s::RequestInfo,
-    mask::{self, Plan},
+    mask::{self, Masking, Plan},
     util::{self, ProxyBody},
 };
 
 /// Where exchanges begin: the audit log and the request IDs (a random prefix per
-/// daemon start, and a counter).
+/// daemon start, and a counter); masking, for the recorded query.
 pub(super) struct Records {
     audit: Arc<AuditLog>,
+    masking: Arc<Masking>,
     id_prefix: String,
     next: AtomicU64,
 }
 
 impl Records {
-    pub fn new(audit: Arc<AuditLog>) -> Records {
+    pub fn new(audit: Arc<AuditLog>, masking: Arc<Masking>) -> Records {
         let mut r = [0u8; 6];
         let _ = getrandom::fill(&mut r);
         Records {
             audit,
+            masking,
             id_prefix: format!("req-{}", hex::encode(r)),
             next: AtomicU64::new(1),
         }
@@ -61,7 +63,8 @@ impl Records {
                 origin: origin_of(conn),
                 method: req.method().to_string(),
                 path: req.uri().path().to_owned(),
-                query: req.uri().query().unwrap_or("").to_owned(),
+                // An exec's command line is argv: masked like one.
+                query: self.masking.mask_query(req.uri().query().unwrap_or("")),
                 attributes: RequestInfo::default(),
                 upgrade: super::precheck::is_upgrade(req),
                 mutating: false,

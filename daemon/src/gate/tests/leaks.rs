@@ -361,6 +361,21 @@ async fn interactive_byte_streams_only_where_policy_allows_them() {
             .seen_at("GET", "/api/v1/namespaces/e2e/pods/p/exec")
             .is_empty()
     );
+    // The refused exec's command line is in the record, masked as argv.
+    let (head, _) = lab
+        .upgrade(
+            From::PodA,
+            "GET",
+            "/api/v1/namespaces/e2e/pods/q/exec?command=mysql&command=--password&command=CANARY-q&command=-e&command=select",
+            &[("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Authorization", &auth)],
+        )
+        .await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (rec, _) = lab
+        .records("GET", "/api/v1/namespaces/e2e/pods/q/exec")
+        .await;
+    assert!(!rec.query.contains("CANARY"), "{}", rec.query);
+    assert!(rec.query.contains("command=select"), "{}", rec.query);
     // A watch allowed as a read is masked, not piped.
     let mut h = ws_headers(None, &[]);
     h.push(("Authorization", &auth));
