@@ -16,5 +16,5 @@ pub use pod::PodRef;
 pub(crate) use protobuf::encode as protobuf_encode;
 pub use protobuf::{ProtobufError, protobuf_to_json};
 pub use request_info::{RequestInfo, RequestInfoError, resolve};
-pub use status::Status;
+pub use status::{Status, StatusCause, StatusDetails};
 pub use user::UserInfo;

@@ -8,7 +8,7 @@ use crate::{
     approvals::StoreError,
     audit::{AuditUnavailable, Decision},
     identity::AuthError,
-    k8s::{Attributes, RequestInfoError, Status},
+    k8s::{Attributes, RequestInfoError, Status, StatusCause, StatusDetails},
     mask::Unmaskable,
     upstream::UpstreamError,
     util::{ProxyBody, source_chain},
@@ -265,9 +265,30 @@ impl Refusal {
         })
     }
 
+    /// The fields at fault, for a Status kubectl shows field by field.
+    fn details(&self) -> Option<StatusDetails> {
+        match self {
+            Refusal::PlaceholderWriteBack { attrs, field } => Some(StatusDetails {
+                name: attrs.name.clone(),
+                group: attrs.api_group.clone(),
+                kind: attrs.resource.clone(),
+                causes: vec![StatusCause {
+                    reason: "FieldValueInvalid".into(),
+                    message: self.to_string(),
+                    field: field.clone(),
+                }],
+            }),
+            _ => None,
+        }
+    }
+
     /// The answer: a metav1.Status.
     pub fn response(&self) -> Response<ProxyBody> {
-        let mut r = Status::failure(self.code(), self.to_string()).response();
+        let mut status = Status::failure(self.code(), self.to_string());
+        if let Some(d) = self.details() {
+            status = status.with_details(d);
+        }
+        let mut r = status.response();
         if self.closes() {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

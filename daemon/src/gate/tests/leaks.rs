@@ -500,6 +500,7 @@ async fn writes_that_carry_a_placeholder_are_refused_in_every_encoding() {
             reply.body
         );
         assert_eq!(reply.json()["reason"], "Invalid");
+        assert_eq!(reply.json()["details"]["causes"][0]["field"], field);
         let msg = reply.message();
         assert!(
             msg.contains(&format!("masking placeholder at {field}.")),
