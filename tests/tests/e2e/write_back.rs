@@ -333,8 +333,9 @@ pub fn request_bodies_recorded_masked(env: &mut Env) -> Result<()> {
         .filter(|r| r["kind"] == "request")
         .map(|r| r["record"].clone())
         .collect();
-    // The last record of `method` on `path` whose body came as `ctype`.
-    let body_of = |method: &str, path: &str, ctype: &str| -> Result<Value> {
+    // The last record of `method` on `path` whose body came as `ctype`: its content
+    // type and body.
+    let body_of = |method: &str, path: &str, ctype: &str| -> Result<(String, Value)> {
         records
             .iter()
             .rfind(|r| {
@@ -342,7 +343,12 @@ pub fn request_bodies_recorded_masked(env: &mut Env) -> Result<()> {
                     && r["path"] == path
                     && r["content_type"].as_str().unwrap_or("").starts_with(ctype)
             })
-            .map(|r| r["request_body"].clone())
+            .map(|r| {
+                (
+                    r["content_type"].as_str().unwrap_or("").to_owned(),
+                    r["request_body"].clone(),
+                )
+            })
             .with_context(|| format!("no record of {method} {path} with a {ctype} body"))
     };
     let mut kinds = Vec::new();
@@ -369,14 +375,14 @@ pub fn request_bodies_recorded_masked(env: &mut Env) -> Result<()> {
             "application/merge-patch+json",
         ),
     ] {
-        let body = body_of(method, path, ctype)?;
+        let (ctype, body) = body_of(method, path, ctype)?;
         ensure!(
             body.get("omitted").is_none() && !body.is_null(),
             "{method} {path} ({ctype}): {body}"
         );
         kinds.push(format!("{method} {ctype}"));
     }
-    let pb = body_of(
+    let (_, pb) = body_of(
         "POST",
         "/api/v1/namespaces/e2e/secrets",
         "application/vnd.kubernetes.protobuf",
@@ -385,7 +391,7 @@ pub fn request_bodies_recorded_masked(env: &mut Env) -> Result<()> {
         pb["metadata"]["name"] == "au-pb" && pb["data"]["k"] == crate::masking::PLACEHOLDER_B64,
         "the protobuf Secret as recorded: {pb}"
     );
-    let ssa = body_of(
+    let (_, ssa) = body_of(
         "PATCH",
         "/api/v1/namespaces/e2e/secrets/au-ssa",
         "application/apply-patch+yaml",
@@ -394,7 +400,7 @@ pub fn request_bodies_recorded_masked(env: &mut Env) -> Result<()> {
         ssa["metadata"]["name"] == "au-ssa" && ssa["stringData"]["token"] == "portcullis-masked",
         "the server-side apply as recorded: {ssa}"
     );
-    let d = body_of("POST", "/apis/apps/v1/namespaces/e2e/deployments", "")?;
+    let (_, d) = body_of("POST", "/apis/apps/v1/namespaces/e2e/deployments", "")?;
     ensure!(
         d.to_string().contains("--db-password") && d.to_string().contains("portcullis-masked"),
         "the deployment as recorded: {d}"
