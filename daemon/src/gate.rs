@@ -13,9 +13,11 @@
 //! every audit record of the gate is written by `exchange.rs`.
 //!
 //! Bodies are streamed frame by frame in both directions (watches, `logs -f` and
-//! chunked lists are never buffered), long-running requests have no idle timeout, and
-//! upgrades (exec/attach/port-forward over WebSocket or SPDY) become byte pipes once
-//! both sides agreed to switch protocols.
+//! chunked lists are never buffered), long-running requests have no idle timeout.
+//! Upgrades (`upgrade.rs`): exec/attach/port-forward and the proxies (over WebSocket
+//! or SPDY) become byte pipes once both sides agreed to switch protocols; a watch or
+//! log sent as a WebSocket is masked message by message; any other upgrade request is
+//! served as a plain one.
 mod accept;
 mod admission;
 mod authorize;
@@ -25,6 +27,7 @@ mod forward;
 mod precheck;
 mod refusal;
 mod relay;
+mod upgrade;
 
 #[cfg(test)]
 mod tests;
@@ -47,6 +50,7 @@ use crate::{
 };
 use conn::Conn;
 use exchange::{Exchange, Records};
+use upgrade::Upgrade;
 
 /// Serves redirected agents: everything a request passes through, built once.
 pub struct Gate {
@@ -88,8 +92,8 @@ impl Gate {
                 header_timeout: cfg.header_timeout,
                 max_header_bytes: cfg.max_header_bytes,
             },
+            records: Records::new(audit, masking.clone()),
             masking,
-            records: Records::new(audit),
             next_conn: AtomicU64::new(1),
             admission: admission::Admission::new(&cfg.limits),
             refused_conns: AtomicU64::new(0),
@@ -127,10 +131,21 @@ impl Gate {
         ex.identified(caller.identity());
         let authorized = caller.authorize(&admitted).await?;
         ex.authorized(&authorized);
-        if admitted.upgrade {
-            self.upgrade(req, conn, ex, &admitted, &authorized).await
-        } else {
-            self.forward(req, conn, ex, &admitted, &authorized).await
+        let mut req = req;
+        match admitted.upgrade {
+            Some(Upgrade::Interactive) => {
+                self.upgrade(req, conn, ex, &admitted, &authorized, None)
+                    .await
+            }
+            Some(Upgrade::Masked(content)) => {
+                self.upgrade(req, conn, ex, &admitted, &authorized, Some(content))
+                    .await
+            }
+            Some(Upgrade::Stripped) => {
+                upgrade::strip(&mut req);
+                self.forward(req, conn, ex, &admitted, &authorized).await
+            }
+            None => self.forward(req, conn, ex, &admitted, &authorized).await,
         }
     }
 }

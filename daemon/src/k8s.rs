@@ -1,15 +1,20 @@
 //! Kubernetes' own vocabulary, with Kubernetes' own names: a request's attributes as
 //! the apiserver's RequestInfo resolver computes them, the attributes a grant is
-//! scoped to, who a user is (authentication.k8s.io UserInfo), which pod, and the
-//! metav1.Status errors are sent as. Pure data and functions; no I/O.
+//! scoped to, who a user is (authentication.k8s.io UserInfo), which pod, the
+//! metav1.Status errors are sent as, and the protobuf encoding of the objects where
+//! credentials live. Pure data and functions; no I/O.
 mod attributes;
 mod pod;
+mod protobuf;
 mod request_info;
 mod status;
 mod user;
 
 pub use attributes::Attributes;
 pub use pod::PodRef;
+#[cfg(test)]
+pub(crate) use protobuf::encode as protobuf_encode;
+pub use protobuf::{ProtobufError, protobuf_to_json};
 pub use request_info::{RequestInfo, RequestInfoError, resolve};
-pub use status::Status;
+pub use status::{Status, StatusCause, StatusDetails};
 pub use user::UserInfo;

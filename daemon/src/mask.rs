@@ -23,19 +23,29 @@
 //! Placeholders never contain or derive from the value, unless a fingerprint key is
 //! configured: then they carry a keyed HMAC-SHA256 fingerprint (8 bytes), so equal
 //! values can be recognised without being revealed.
+mod context;
 mod detectors;
 mod json;
 mod media;
+mod names;
 mod paths;
 mod plan;
+mod query;
+mod request;
+#[cfg(test)]
+mod tests;
 mod text;
+mod websocket;
 
 pub use detectors::{Detectors, luhn};
 pub use json::JsonMasker;
 pub use media::{BodyMasker, ForResponse, Unmaskable, json_accept};
-pub use paths::{Path, is_secret_name};
+pub use names::{is_credential_flag, is_credential_name};
+pub use paths::Path;
 pub use plan::{MaskConfigError, Masking, Plan, ResourceRule};
+pub use request::{Undecodable, decode, find_placeholder, masked_record};
 pub use text::TextMasker;
+pub use websocket::{MAX_MESSAGE, WsCodec, WsContent, WsMasker, read_messages, server_frame};
 
 pub use crate::config::Encoding;
 
@@ -64,6 +74,8 @@ pub enum MaskError {
     TooLong,
     #[error("path rule {rule:?}: {why}")]
     Rule { rule: String, why: &'static str },
+    #[error("the WebSocket stream cannot be masked: {0}")]
+    WebSocket(&'static str),
 }
 
 /// [`PLACEHOLDER`] in base64 (what Secret `data` values become).

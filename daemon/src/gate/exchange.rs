@@ -19,24 +19,26 @@ use crate::{
     config::AuditLevel,
     identity::Identity,
     k8s::RequestInfo,
-    mask::{JsonMasker, Plan},
+    mask::{self, Masking, Plan},
     util::{self, ProxyBody},
 };
 
 /// Where exchanges begin: the audit log and the request IDs (a random prefix per
-/// daemon start, and a counter).
+/// daemon start, and a counter); masking, for the recorded query.
 pub(super) struct Records {
     audit: Arc<AuditLog>,
+    masking: Arc<Masking>,
     id_prefix: String,
     next: AtomicU64,
 }
 
 impl Records {
-    pub fn new(audit: Arc<AuditLog>) -> Records {
+    pub fn new(audit: Arc<AuditLog>, masking: Arc<Masking>) -> Records {
         let mut r = [0u8; 6];
         let _ = getrandom::fill(&mut r);
         Records {
             audit,
+            masking,
             id_prefix: format!("req-{}", hex::encode(r)),
             next: AtomicU64::new(1),
         }
@@ -61,7 +63,8 @@ impl Records {
                 origin: origin_of(conn),
                 method: req.method().to_string(),
                 path: req.uri().path().to_owned(),
-                query: req.uri().query().unwrap_or("").to_owned(),
+                // An exec's command line is argv: masked like one.
+                query: self.masking.mask_query(req.uri().query().unwrap_or("")),
                 attributes: RequestInfo::default(),
                 upgrade: super::precheck::is_upgrade(req),
                 mutating: false,
@@ -122,28 +125,21 @@ impl Exchange {
             )
     }
 
-    /// Keeps the request body in the record: JSON masked like a response of its
-    /// resource; other encodings (protobuf) cannot be masked and are not kept.
+    /// Keeps the request body in the record, decoded from whatever encoding it came
+    /// in (JSON, YAML, CBOR, protobuf) and masked like a response of its resource;
+    /// a body that cannot be decoded is noted with its size, never kept raw.
     pub fn record_body(&mut self, bytes: &[u8], plan: Option<&Arc<Plan>>) {
         if bytes.is_empty() {
             return;
         }
-        let media = util::media_type(&self.rec.content_type);
-        let v = match (util::is_json(&media), plan) {
-            (true, Some(plan)) => {
-                let mut m = JsonMasker::new(plan.clone());
-                match m.feed(bytes).and_then(|mut o| {
-                    o.extend(m.finish()?);
-                    Ok(o)
-                }) {
-                    Ok(masked) => body_value(&masked, self.audit.max_body_bytes),
-                    Err(e) => {
-                        serde_json::json!({ "omitted": format!("not valid JSON: {e}"), "bytes": bytes.len() })
-                    }
-                }
-            }
-            _ => serde_json::json!({
-                "omitted": format!("a {media} body cannot be masked, so it is not recorded"),
+        let masked = match plan {
+            Some(plan) => mask::masked_record(bytes, &self.rec.content_type, plan),
+            None => Err("no masking plan applies".to_owned()),
+        };
+        let v = match masked {
+            Ok(masked) => body_value(&masked, self.audit.max_body_bytes),
+            Err(why) => serde_json::json!({
+                "omitted": format!("not recorded: {why}"),
                 "bytes": bytes.len(),
             }),
         };

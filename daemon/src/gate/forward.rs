@@ -1,25 +1,24 @@
 //! The last stages: the authorized request to the API server as the subject's scoped
-//! identity (its record durable first when it changes something), and the answer back
-//! to the agent, masked as it streams; or, for an upgrade, the two connections joined
-//! into a byte pipe once both sides agreed to switch.
+//! identity (its record durable first when it changes something; a write carrying a
+//! masking placeholder refused), and the answer back to the agent, masked as it
+//! streams. Upgrades that switch are `upgrade.rs`.
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tracing::{Instrument, debug, info_span, warn};
 
 use super::{Admitted, Authorized, Conn, Gate, Refusal, exchange::Exchange, relay::Relay};
 use crate::{
+    k8s::Attributes,
     mask::{self, ForResponse, Plan},
     upstream,
     util::{self, BoxError, ProxyBody},
 };
 
-/// Largest request body buffered to record it before a mutation is forwarded (the API
-/// server's own limit is 3 MiB).
-const MAX_RECORDED_REQUEST: usize = 3 << 20;
+/// Largest request body read whole (to check and record it) before it is forwarded:
+/// the API server's own limit, 3 MiB.
+const MAX_REQUEST_BODY: usize = 3 << 20;
 
 impl Gate {
     pub(super) async fn forward(
@@ -31,7 +30,7 @@ impl Gate {
         authorized: &Authorized,
     ) -> Result<Response<ProxyBody>, Refusal> {
         let (mut parts, body) = req.into_parts();
-        let body = self.recorded_body(body, ex, admitted).await?;
+        let body = self.checked_body(&parts, body, ex, admitted).await?;
         ex.record_request().await?;
         self.upstream
             .rewrite(&mut parts, false, &authorized.impersonate)
@@ -53,18 +52,34 @@ impl Gate {
         self.relay(resp, admitted.plan.as_ref(), ex, conn, head)
     }
 
-    /// The body to forward; if the audit level keeps request bodies, read whole (up
-    /// to the API server's own limit) and kept in the record, masked.
-    async fn recorded_body(
+    /// The body to forward. A write's (POST, PUT, PATCH) is read whole, up to the API
+    /// server's own limit: one that carries a masking placeholder where a value would
+    /// be stored is refused (whatever its encoding: the placeholder text is found in
+    /// JSON, YAML, CBOR and protobuf alike, also base64-encoded), so masking never
+    /// overwrites a real value. If the audit level keeps request bodies, the body is
+    /// kept in the record, decoded and masked. Other bodies stream.
+    async fn checked_body(
         &self,
+        parts: &http::request::Parts,
         body: Incoming,
         ex: &mut Exchange,
         admitted: &Admitted,
     ) -> Result<ProxyBody, Refusal> {
-        if !ex.wants_body() {
+        let write = matches!(
+            parts.method,
+            http::Method::POST | http::Method::PUT | http::Method::PATCH
+        );
+        if !write && !ex.wants_body() {
             return Ok(body.map_err(BoxError::from).boxed());
         }
-        let bytes = http_body_util::Limited::new(body, MAX_RECORDED_REQUEST)
+        if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING)
+            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            return Err(Refusal::EncodedRequestBody(
+                String::from_utf8_lossy(enc.as_bytes()).into_owned(),
+            ));
+        }
+        let bytes = http_body_util::Limited::new(body, MAX_REQUEST_BODY)
             .collect()
             .await
             .map_err(|e| Refusal::BodyUnreadable {
@@ -74,13 +89,28 @@ impl Gate {
                 why: e.to_string(),
             })?
             .to_bytes();
-        ex.record_body(&bytes, admitted.plan.as_ref());
+        if ex.wants_body() {
+            ex.record_body(&bytes, admitted.plan.as_ref());
+        }
+        if write {
+            let ctype = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if let Some(field) = mask::find_placeholder(&bytes, ctype) {
+                return Err(Refusal::PlaceholderWriteBack {
+                    attrs: Box::new(Attributes::from(&admitted.info)),
+                    field,
+                });
+            }
+        }
         Ok(util::full(bytes))
     }
 
     /// The API server's answer on its way to the agent: masked, and its outcome
     /// recorded when it ends.
-    fn relay(
+    pub(super) fn relay(
         &self,
         resp: Response<Incoming>,
         plan: Option<&Arc<Plan>>,
@@ -92,91 +122,29 @@ impl Gate {
         let treatment = self.masking.for_response(plan, code, resp.headers(), head);
         let (mut p, body) = resp.into_parts();
         upstream::strip_hop_by_hop(&mut p.headers);
-        let masker = match treatment {
-            ForResponse::Pass => None,
-            ForResponse::Mask(m) => {
-                p.headers.remove(header::CONTENT_LENGTH);
-                Some(m)
-            }
-            ForResponse::Refuse(why) => return Err(Refusal::Unmaskable(why)),
-        };
         let abandoned = conn.clone();
         let outcome = ex
             .outcome(code.as_u16())
             .on_abandon(move || abandoned.note_cancel());
-        Ok(Response::from_parts(
-            p,
-            Relay::new(body, masker, Some(outcome)).boxed(),
-        ))
-    }
-
-    pub(super) async fn upgrade(
-        &self,
-        mut req: Request<Incoming>,
-        conn: &Arc<Conn>,
-        ex: &mut Exchange,
-        admitted: &Admitted,
-        authorized: &Authorized,
-    ) -> Result<Response<ProxyBody>, Refusal> {
-        // The session's start: durable before the session exists.
-        ex.record_request().await?;
-        let downstream = hyper::upgrade::on(&mut req);
-        let (mut parts, _body) = req.into_parts();
-        self.upstream
-            .rewrite(&mut parts, true, &authorized.impersonate)
-            .map_err(Refusal::Credential)?;
-        // Upgrade requests carry no body (SPDY's POST included).
-        let mut resp = self
-            .upstream
-            .send(Request::from_parts(parts, util::empty()), true)
-            .await
-            .map_err(|e| self.upstream_error(e))?;
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            // The API server refused (e.g. no such pod): relay its (masked) answer.
-            return self.relay(resp, admitted.plan.as_ref(), ex, conn, false);
-        }
-        let upstream = hyper::upgrade::on(&mut resp);
-        let session = ex.outcome(StatusCode::SWITCHING_PROTOCOLS.as_u16());
-        tokio::spawn(
-            async move {
-                let (d, u) = match tokio::try_join!(downstream, upstream) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "upgrade did not complete");
-                        session.session_failed(format!("upgrade did not complete: {e}"));
-                        return;
-                    }
-                };
-                let mut d = TokioIo::new(d);
-                let mut u = TokioIo::new(u);
-                let (bytes, error) = match tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                    Ok((to_up, to_agent)) => {
-                        debug!(to_up, to_agent, "upgraded stream closed");
-                        ((to_up, to_agent), None)
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "upgraded stream ended with an error");
-                        ((0, 0), Some(e.to_string()))
-                    }
-                };
-                // The session's end.
-                session.end_session(bytes, error);
+        let body = match treatment {
+            ForResponse::Pass => {
+                Relay::new(body.map_err(BoxError::from).boxed(), None, Some(outcome))
             }
-            .instrument(info_span!("upgrade", conn = conn.id)),
-        );
-        let (mut p, _) = resp.into_parts();
-        // Keep the switch headers; drop other hop-by-hop ones.
-        let upgrade_to = p.headers.get(header::UPGRADE).cloned();
-        upstream::strip_hop_by_hop(&mut p.headers);
-        p.headers
-            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        if let Some(u) = upgrade_to {
-            p.headers.insert(header::UPGRADE, u);
-        }
-        Ok(Response::from_parts(p, util::empty()))
+            ForResponse::NoBody => Relay::new(util::empty(), None, Some(outcome)),
+            ForResponse::Mask(m) => {
+                p.headers.remove(header::CONTENT_LENGTH);
+                self.masking.mask_headers(&mut p.headers);
+                Relay::new(body.map_err(BoxError::from).boxed(), Some(m), Some(outcome))
+            }
+            ForResponse::Refuse(why) => {
+                drop(outcome);
+                return Err(Refusal::Unmaskable(why));
+            }
+        };
+        Ok(Response::from_parts(p, body.boxed()))
     }
 
-    fn upstream_error(&self, error: hyper_util::client::legacy::Error) -> Refusal {
+    pub(super) fn upstream_error(&self, error: hyper_util::client::legacy::Error) -> Refusal {
         let base = self.upstream.base().to_string();
         let connect = error.is_connect();
         let error = Box::new(error);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::{Request, header};
 
-use super::{Conn, Gate, Refusal};
+use super::{Conn, Gate, Refusal, upgrade::Upgrade};
 use crate::{
     k8s::{self, RequestInfo},
     mask::Plan,
@@ -16,9 +16,10 @@ use crate::{
 pub struct Admitted {
     /// Its Kubernetes attributes (verb, resource, namespace, name, ...).
     pub info: RequestInfo,
-    /// An HTTP/1.1 upgrade (exec, attach, port-forward).
-    pub upgrade: bool,
-    /// It may change something (every verb but get, list and watch; every upgrade).
+    /// An HTTP/1.1 upgrade request, and what it becomes.
+    pub upgrade: Option<Upgrade>,
+    /// It may change something (every verb but get, list and watch; every upgrade
+    /// that switches).
     pub mutating: bool,
     /// How its response (and its recorded body) is masked; `None` for the schema
     /// documents, which carry no object data.
@@ -57,11 +58,16 @@ impl Gate {
             return Err(Refusal::BothFramings);
         }
         let info = k8s::resolve(req.method().as_str(), req.uri().path(), req.uri().query())?;
-        let upgrade = is_upgrade(req);
-        let info = if upgrade { info.upgraded() } else { info };
+        let upgrade = is_upgrade(req).then(|| Upgrade::of(req, &info));
+        let info = if upgrade == Some(Upgrade::Interactive) {
+            info.upgraded()
+        } else {
+            info
+        };
         Ok(Admitted {
             upgrade,
-            mutating: upgrade || !matches!(info.verb.as_str(), "get" | "list" | "watch"),
+            mutating: upgrade.is_some_and(Upgrade::switches)
+                || !matches!(info.verb.as_str(), "get" | "list" | "watch"),
             plan: self.masking.plan(&info),
             info,
         })

@@ -8,7 +8,7 @@ use crate::{
     approvals::StoreError,
     audit::{AuditUnavailable, Decision},
     identity::AuthError,
-    k8s::{Attributes, RequestInfoError, Status},
+    k8s::{Attributes, RequestInfoError, Status, StatusCause, StatusDetails},
     mask::Unmaskable,
     upstream::UpstreamError,
     util::{ProxyBody, source_chain},
@@ -129,6 +129,21 @@ pub enum Refusal {
     },
     #[error("Portcullis: {0}")]
     Unmaskable(#[source] Unmaskable),
+    /// A write whose body carries a masking placeholder: forwarding it would store the
+    /// placeholder over the real value.
+    #[error(
+        "Portcullis refuses {attrs}: the request body carries a masking placeholder at {field}. Portcullis masked that value when it was read, and writing the placeholder back would replace the real value. Send the real value or leave the field out (apply a manifest rather than the output of `get -o yaml`; `replace` and `edit --save-config` send back what was read, and editing a partly masked string sends its placeholder along)"
+    )]
+    PlaceholderWriteBack {
+        attrs: Box<Attributes>,
+        field: String,
+    },
+    /// A compressed request body: the gate cannot check it (and the API server does
+    /// not take one).
+    #[error(
+        "Portcullis cannot inspect a request body with Content-Encoding {0}; send it uncompressed"
+    )]
+    EncodedRequestBody(String),
 }
 
 impl Refusal {
@@ -157,6 +172,8 @@ impl Refusal {
                 }
             }
             Credential(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            PlaceholderWriteBack { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            EncodedRequestBody(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             UpstreamUnreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamFailed { .. } | Unmaskable(_) => StatusCode::BAD_GATEWAY,
         }
@@ -181,6 +198,8 @@ impl Refusal {
             ApprovalExpired { .. } => Decision::Expired,
             TooManyPending { .. } => Decision::TooManyPending,
             ApprovalsUnavailable { .. } => Decision::Refused,
+            // The gate stopped what policy allowed: not forwarded, never replayed.
+            PlaceholderWriteBack { .. } | EncodedRequestBody(_) => Decision::Refused,
             BodyUnreadable { .. }
             | AuditWriteFailed(_)
             | AuditUnhealthy
@@ -221,6 +240,9 @@ impl Refusal {
     pub fn record_error(&self) -> Option<String> {
         match self {
             Refusal::Unmaskable(why) => Some(why.to_string()),
+            Refusal::PlaceholderWriteBack { field, .. } => {
+                Some(format!("masking placeholder written back at {field}"))
+            }
             _ => None,
         }
     }
@@ -248,6 +270,8 @@ impl Refusal {
             UpstreamUnreachable { .. } => "API server unreachable",
             UpstreamFailed { .. } => "API server request failed",
             Unmaskable(_) => "refused: response cannot be masked",
+            PlaceholderWriteBack { .. } => "refused: a masking placeholder written back",
+            EncodedRequestBody(_) => "refused: compressed request body",
             Unresolvable(_)
             | ConnectionClosing
             | Unmapped { .. }
@@ -260,9 +284,30 @@ impl Refusal {
         })
     }
 
+    /// The fields at fault, for a Status kubectl shows field by field.
+    fn details(&self) -> Option<StatusDetails> {
+        match self {
+            Refusal::PlaceholderWriteBack { attrs, field } => Some(StatusDetails {
+                name: attrs.name.clone(),
+                group: attrs.api_group.clone(),
+                kind: attrs.resource.clone(),
+                causes: vec![StatusCause {
+                    reason: "FieldValueInvalid".into(),
+                    message: self.to_string(),
+                    field: field.clone(),
+                }],
+            }),
+            _ => None,
+        }
+    }
+
     /// The answer: a metav1.Status.
     pub fn response(&self) -> Response<ProxyBody> {
-        let mut r = Status::failure(self.code(), self.to_string()).response();
+        let mut status = Status::failure(self.code(), self.to_string());
+        if let Some(d) = self.details() {
+            status = status.with_details(d);
+        }
+        let mut r = status.response();
         if self.closes() {
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

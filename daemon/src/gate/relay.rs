@@ -1,7 +1,7 @@
 //! The API server's body on its way to the agent, masked chunk by chunk, with its
 //! outcome recorded when it ends (delivered whole, abandoned by the agent, or failed).
 //! Nothing uninspected passes: a masking error ends the stream with an error instead
-//! of forwarding the bytes.
+//! of forwarding the bytes, and trailers are dropped.
 use std::{
     pin::Pin,
     task::{Context, Poll, ready},
@@ -71,9 +71,10 @@ where
             }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => {
-                    let data = match frame.into_data() {
-                        Ok(d) => d,
-                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    // Trailers (header fields after a chunked body) are the API server's
+                    // free text, never needed by Kubernetes clients: dropped.
+                    let Ok(data) = frame.into_data() else {
+                        continue;
                     };
                     let out = match &mut this.masker {
                         None => data,

@@ -10,6 +10,29 @@ use crate::util::{self, ProxyBody};
 pub struct Status {
     pub code: StatusCode,
     pub message: String,
+    /// What the failure is about, field by field (kubectl shows the causes of an
+    /// `Invalid` Status, e.g. in the header of `kubectl edit`'s re-opened file).
+    pub details: Option<StatusDetails>,
+}
+
+/// `metav1.StatusDetails`: the object and the fields at fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusDetails {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub kind: String,
+    pub causes: Vec<StatusCause>,
+}
+
+/// `metav1.StatusCause`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatusCause {
+    pub reason: String,
+    pub message: String,
+    pub field: String,
 }
 
 #[derive(Serialize)]
@@ -21,6 +44,8 @@ struct Wire<'a> {
     status: &'static str,
     message: &'a str,
     reason: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<&'a StatusDetails>,
     code: u16,
 }
 
@@ -32,7 +57,13 @@ impl Status {
         Status {
             code,
             message: message.into(),
+            details: None,
         }
+    }
+
+    pub fn with_details(mut self, details: StatusDetails) -> Status {
+        self.details = Some(details);
+        self
     }
 
     /// The metav1.StatusReason the apiserver uses for the code.
@@ -65,6 +96,7 @@ impl Status {
             status: "Failure",
             message: &self.message,
             reason: self.reason(),
+            details: self.details.as_ref(),
             code: self.code.as_u16(),
         })
         .unwrap_or_default()
@@ -104,5 +136,21 @@ mod tests {
         assert_eq!(v["code"], 503);
         assert_eq!(v["message"], "upstream down");
         assert_eq!(s.response().headers()["retry-after"], "1");
+        assert!(v.get("details").is_none());
+        let s =
+            Status::failure(StatusCode::UNPROCESSABLE_ENTITY, "m").with_details(StatusDetails {
+                name: "s".into(),
+                group: String::new(),
+                kind: "secrets".into(),
+                causes: vec![StatusCause {
+                    reason: "FieldValueInvalid".into(),
+                    message: "m".into(),
+                    field: "data.k".into(),
+                }],
+            });
+        let v: serde_json::Value = serde_json::from_slice(&s.body()).unwrap();
+        assert_eq!(v["reason"], "Invalid");
+        assert_eq!(v["details"]["causes"][0]["field"], "data.k");
+        assert_eq!(v["details"]["kind"], "secrets");
     }
 }

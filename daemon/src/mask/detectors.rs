@@ -1,11 +1,15 @@
 //! Pattern detectors for credentials inside strings and text: PEM private keys, JWTs,
-//! cloud and SaaS access keys, `password=`/`token:` pairs, card numbers passing the
-//! Luhn check. Built for throughput: one SIMD literal pass says whether any token
-//! pattern can match, pair keywords are found from their separators, and the card
-//! prefilter skips most of a text.
+//! cloud and SaaS access keys, `Authorization:` values and `Bearer` tokens,
+//! `password=`/`token:` pairs, card numbers passing the Luhn check; and, from
+//! `context.rs`, pairs and flags whose name is a credential's (`DB_PASS=x`,
+//! `--db-password x`) and URL userinfo passwords. Built for throughput: one SIMD
+//! literal pass says whether any token pattern can match, pair keywords are found from
+//! their separators, and the card prefilter skips most of a text.
 use std::borrow::Cow;
 
 use regex::bytes::Regex;
+
+use super::context;
 
 /// Pattern detectors for credentials inside strings and text.
 #[derive(Debug)]
@@ -21,6 +25,8 @@ pub struct Detectors {
     card: Regex,
     pub(super) pem_begin: Regex,
     pub(super) pem_end: Regex,
+    /// `://`, where a URL's userinfo may start.
+    url: memchr::memmem::Finder<'static>,
 }
 
 /// Every spelling the pair pattern's keyword group accepts (ASCII case-insensitive,
@@ -53,7 +59,24 @@ const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access
 impl Detectors {
     pub fn new() -> Self {
         let re = |s: &str| Regex::new(s).expect("static pattern");
+        // Header values first: `Authorization: Bearer <jwt>` loses the whole value.
+        // Case variants are spelled out so every pattern keeps a literal prefix (the
+        // combined prefilter needs one from each).
         let patterns = vec![
+            (
+                re(
+                    r#"((?:Authorization|authorization|AUTHORIZATION)(?:\\?["'])?\s*[:=]\s*(?:\\?["'])?(?:(?:Basic|basic|Bearer|bearer|Token|token|Digest|digest)\s+)?)[^\s"'\\,;\[]+"#,
+                ),
+                "${1}[masked]",
+            ),
+            (
+                re(r"\b((?:Bearer|bearer|BEARER)\s+)[A-Za-z0-9._~+/-]{8,}=*"),
+                "${1}[masked]",
+            ),
+            (
+                re(r"hooks\.slack\.com/services/[A-Za-z0-9/_-]+"),
+                "[masked:slack-webhook]",
+            ),
             (
                 re(
                     r"(?s)-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\z)",
@@ -91,17 +114,24 @@ impl Detectors {
             ),
             pem_begin: re(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----"),
             pem_end: re(r"-----END[A-Z0-9 ]*PRIVATE KEY-----"),
+            url: memchr::memmem::Finder::new("://"),
         }
     }
 
-    /// Where detectors could match in `s`: whether a token pattern does, and the start
-    /// of every pair keyword that stands before a separator, ascending.
-    fn scan(&self, s: &[u8]) -> (bool, Vec<usize>) {
+    /// Where detectors could match in `s`: whether a token pattern does, the start of
+    /// every pair keyword that stands before a separator (ascending), and whether some
+    /// other separator follows a credential's name.
+    fn scan(&self, s: &[u8]) -> (bool, Vec<usize>, bool) {
         let token = self.token_any.is_match(s);
-        let keys = memchr::memchr2_iter(b'=', b':', s)
-            .filter_map(|sep| pair_keyword_before(&self.pair_tails, s, sep))
-            .collect();
-        (token, keys)
+        let mut keys = Vec::new();
+        let mut names = false;
+        for sep in memchr::memchr2_iter(b'=', b':', s) {
+            match pair_keyword_before(&self.pair_tails, s, sep) {
+                Some(k) => keys.push(k),
+                None => names = names || context::credential_before(s, sep),
+            }
+        }
+        (token, keys, names)
     }
 
     /// `s` with every `password=value` pair's value masked, trying the pattern only at
@@ -142,8 +172,10 @@ impl Detectors {
             return Cow::Borrowed(s);
         }
         let card = card_candidate(s);
-        let (token, mut keys) = self.scan(s);
-        if !token && keys.is_empty() && !card {
+        let (token, mut keys, names) = self.scan(s);
+        let flags = context::flag_candidate(s);
+        let url = context::url_candidate(s, &self.url);
+        if !token && keys.is_empty() && !card && !names && !flags && !url {
             return Cow::Borrowed(s);
         }
         let mut cur: Cow<[u8]> = Cow::Borrowed(s);
@@ -160,6 +192,15 @@ impl Detectors {
         }
         if !keys.is_empty() {
             cur = self.mask_pairs(cur, &keys);
+        }
+        if url {
+            cur = context::mask_url_passwords(cur, &self.url);
+        }
+        if flags {
+            cur = context::mask_flags(cur);
+        }
+        if names {
+            cur = context::mask_name_pairs(cur);
         }
         if card && self.card.is_match(&cur) {
             let replaced = self.card.replace_all(&cur, |c: &regex::bytes::Captures| {
@@ -434,7 +475,7 @@ mod tests {
         let mut masked = 0;
         for s in fuzz_inputs(&alphabet, 20_000) {
             let want = plain.replace_all(&s, &b"${1}[masked]"[..]);
-            let (_, keys) = d.scan(&s);
+            let (_, keys, _) = d.scan(&s);
             let got = d.mask_pairs(Cow::Borrowed(&s[..]), &keys);
             masked += usize::from(matches!(want, Cow::Owned(_)));
             assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&s));

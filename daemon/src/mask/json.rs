@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use super::{
     Encoding, LAST_APPLIED, MAX_DEPTH, MAX_STRING, MaskError, PLACEHOLDER, Plan,
-    paths::{EXEMPT_KEYS, ROOTS, Seg, is_secret_name},
+    names::{is_credential_flag, is_credential_name},
+    paths::{EXEMPT_KEYS, ROOTS, Seg},
 };
 
 /// How the value now starting is treated.
@@ -18,6 +19,8 @@ enum Mode {
     Mask(Encoding),
     /// The last-applied annotation: parsed and masked as an object.
     LastApplied,
+    /// A Table cell in a column that shows a credential: replaced.
+    Cell,
     /// An identifier clients depend on: passed as is.
     Exempt,
 }
@@ -30,8 +33,35 @@ struct Frame {
     /// Set when the whole container is masked.
     masked: Option<Encoding>,
     expect_key: bool,
-    /// A `name` field in this object named a credential: its `value` is masked.
+    /// A `name` (or `key`) field in this object named a credential: its `value` is
+    /// masked.
     secret_name: bool,
+    /// A `name` or `key` field was seen in this object.
+    name_seen: bool,
+    /// A `value` string written before any `name`: where it is in the output (held
+    /// until the object closes, then masked if the name turns out a credential's).
+    value_span: Option<(usize, usize)>,
+    /// Arrays: the index of the current element.
+    index: usize,
+    /// Arrays: the previous element was a credential flag (`--db-password`), so this
+    /// one is its value.
+    after_flag: bool,
+}
+
+impl Frame {
+    fn new(array: bool, key: Vec<u8>, masked: Option<Encoding>) -> Frame {
+        Frame {
+            array,
+            key,
+            masked,
+            expect_key: !array,
+            secret_name: false,
+            name_seen: false,
+            value_span: None,
+            index: 0,
+            after_flag: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +83,11 @@ pub struct JsonMasker {
     spare_keys: Vec<Vec<u8>>,
     offset: u64,
     out: Vec<u8>,
+    /// Output from here on is held back (a `value` whose `name` is still to come).
+    hold: Option<usize>,
+    /// Table columns (by index) that show a credential, from the Table's
+    /// `columnDefinitions`; kept across a watch's events (later ones omit them).
+    secret_columns: Vec<bool>,
 }
 
 impl JsonMasker {
@@ -65,6 +100,8 @@ impl JsonMasker {
             spare_keys: Vec::new(),
             offset: 0,
             out: Vec::new(),
+            hold: None,
+            secret_columns: Vec::new(),
         }
     }
 
@@ -80,37 +117,42 @@ impl JsonMasker {
                         b' ' | b'\t' | b'\r' | b'\n' => self.out.push(b),
                         b'{' | b'[' => {
                             let mode = self.value_mode(true);
+                            self.element_starts();
                             if self.frames.len() >= MAX_DEPTH {
                                 return Err(MaskError::TooDeep);
                             }
                             let masked = match mode {
                                 Mode::Mask(e) => Some(e),
+                                Mode::Cell => Some(Encoding::Text),
                                 _ => None,
                             };
+                            if b == b'[' && masked.is_none() && self.at_column_definitions() {
+                                self.secret_columns.clear();
+                            }
                             let mut key = self.spare_keys.pop().unwrap_or_default();
                             key.clear();
-                            self.frames.push(Frame {
-                                array: b == b'[',
-                                key,
-                                masked,
-                                expect_key: b == b'{',
-                                secret_name: false,
-                            });
+                            self.frames.push(Frame::new(b == b'[', key, masked));
                             self.out.push(b);
                         }
                         b'}' | b']' => {
-                            match self.frames.pop() {
-                                Some(f) if f.array == (b == b']') => self.spare_keys.push(f.key),
+                            let f = match self.frames.pop() {
+                                Some(f) if f.array == (b == b']') => f,
                                 _ => return Err(self.syntax(i, "unbalanced bracket")),
+                            };
+                            if let Some(span) = f.value_span {
+                                self.settle_value(span, f.secret_name);
                             }
+                            self.spare_keys.push(f.key);
                             self.out.push(b);
                         }
                         b':' => self.out.push(b),
                         b',' => {
-                            if let Some(f) = self.frames.last_mut()
-                                && !f.array
-                            {
-                                f.expect_key = true;
+                            if let Some(f) = self.frames.last_mut() {
+                                if f.array {
+                                    f.index += 1;
+                                } else {
+                                    f.expect_key = true;
+                                }
                             }
                             self.out.push(b);
                         }
@@ -120,7 +162,9 @@ impl JsonMasker {
                             let mode = if is_key {
                                 Mode::Exempt
                             } else {
-                                self.value_mode(false)
+                                let m = self.value_mode(false);
+                                self.element_starts();
+                                m
                             };
                             if mode == Mode::Exempt && !is_key {
                                 self.out.push(b'"');
@@ -133,8 +177,10 @@ impl JsonMasker {
                             };
                         }
                         b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
-                            let masked = matches!(self.value_mode(false), Mode::Mask(_))
-                                && (b == b'-' || b.is_ascii_digit());
+                            let masked =
+                                matches!(self.value_mode(false), Mode::Mask(_) | Mode::Cell)
+                                    && (b == b'-' || b.is_ascii_digit());
+                            self.element_starts();
                             self.out.push(if masked { b'0' } else { b });
                             self.lex = Lex::Lit { masked };
                         }
@@ -203,7 +249,53 @@ impl JsonMasker {
             }
         }
         self.offset += input.len() as u64;
-        Ok(std::mem::take(&mut self.out))
+        Ok(self.ready())
+    }
+
+    /// The output that can go now: all of it, or what precedes a held `value`.
+    fn ready(&mut self) -> Vec<u8> {
+        let Some(h) = self.hold else {
+            return std::mem::take(&mut self.out);
+        };
+        let rest = self.out.split_off(h);
+        let ready = std::mem::replace(&mut self.out, rest);
+        // What stays is now at the front: every held span moves with it.
+        for f in &mut self.frames {
+            if let Some((a, b)) = &mut f.value_span {
+                *a -= h;
+                *b -= h;
+            }
+        }
+        self.hold = Some(0);
+        ready
+    }
+
+    /// A new value starts in the current container: an array's element after a
+    /// credential flag has been decided on.
+    fn element_starts(&mut self) {
+        if let Some(f) = self.frames.last_mut()
+            && f.array
+        {
+            f.after_flag = false;
+        }
+    }
+
+    /// An object that held a `value` closes: the value is masked if a `name` beside it
+    /// named a credential, and released.
+    fn settle_value(&mut self, (a, b): (usize, usize), secret: bool) {
+        if secret {
+            let mut placeholder = Vec::new();
+            self.plan
+                .placeholder(Encoding::Text, &self.out[a + 1..b - 1], &mut placeholder);
+            self.out.splice(a..b, placeholder);
+        }
+        // Held while an enclosing object holds a value of its own (spans of closed
+        // objects are settled already).
+        self.hold = self
+            .frames
+            .iter()
+            .filter_map(|f| f.value_span.map(|s| s.0))
+            .min();
     }
 
     /// The end of the body: what remains, or an error if it ended inside a value.
@@ -213,7 +305,10 @@ impl JsonMasker {
             _ if !self.frames.is_empty() => {
                 Err(self.syntax(0, "the body ends inside an object or array"))
             }
-            _ => Ok(std::mem::take(&mut self.out)),
+            _ => {
+                self.hold = None;
+                Ok(std::mem::take(&mut self.out))
+            }
         }
     }
 
@@ -261,54 +356,170 @@ impl JsonMasker {
                 self.plan.placeholder(enc, &sbuf, &mut self.out);
                 self.sbuf = sbuf;
             }
+            Mode::Cell => {
+                let sbuf = std::mem::take(&mut self.sbuf);
+                self.plan.placeholder(Encoding::Text, &sbuf, &mut self.out);
+                self.sbuf = sbuf;
+            }
             Mode::LastApplied => {
-                let masked = self.mask_embedded();
+                let masked = self.mask_embedded(true);
                 self.out.extend_from_slice(&masked);
             }
-            Mode::Plain => {
-                if let Some(f) = self.frames.last_mut()
-                    && !f.array
-                    && f.key == b"name"
-                    && is_secret_name(&self.sbuf)
-                {
-                    f.secret_name = true;
-                }
-                self.out.push(b'"');
-                match &self.plan.detectors {
-                    Some(d) => {
-                        let masked = d.apply(&self.sbuf);
-                        self.out.extend_from_slice(&masked);
-                    }
-                    None => self.out.extend_from_slice(&self.sbuf),
-                }
-                self.out.push(b'"');
-            }
+            Mode::Plain => self.plain_string(),
         }
         Ok(())
     }
 
-    /// The last-applied annotation (in `sbuf`, escaped): the object inside masked with
-    /// the same plan, re-encoded as a JSON string. If it is not JSON, detectors only.
-    fn mask_embedded(&self) -> Vec<u8> {
+    /// A string no rule replaces whole: what it says about its neighbours is noted (a
+    /// credential's `name`, a credential flag, a Table column), then it is written
+    /// with the detectors applied (or, if it holds a JSON document, masked as one).
+    fn plain_string(&mut self) {
+        let start = self.out.len();
+        let mut value_first = false;
+        let depth = self.frames.len();
+        if let Some(f) = self.frames.last_mut() {
+            if f.array {
+                if is_credential_flag(&self.sbuf) {
+                    f.after_flag = true;
+                }
+            } else if f.key == b"name" || f.key == b"key" {
+                f.name_seen = true;
+                if is_credential_name(&self.sbuf) {
+                    f.secret_name = true;
+                }
+            } else if f.key == b"value" && !f.name_seen && f.value_span.is_none() {
+                // Only objects in arrays (env, parameters) pair a name with a value.
+                value_first = depth >= 2 && self.frames[depth - 2].array;
+            }
+        }
+        if let Some((idx, secret)) = self.column_definition() {
+            if self.secret_columns.len() <= idx {
+                self.secret_columns.resize(idx + 1, false);
+            }
+            self.secret_columns[idx] |= secret;
+        }
+        let embedded = self.sbuf.first().is_some_and(|&b| b == b'{' || b == b'[')
+            && self.sbuf.last().is_some_and(|&b| b == b'}' || b == b']');
+        if embedded {
+            let masked = self.mask_embedded(false);
+            self.out.extend_from_slice(&masked);
+        } else {
+            self.out.push(b'"');
+            match &self.plan.detectors {
+                Some(d) => {
+                    let masked = d.apply(&self.sbuf);
+                    self.out.extend_from_slice(&masked);
+                }
+                None => self.out.extend_from_slice(&self.sbuf),
+            }
+            self.out.push(b'"');
+        }
+        if value_first && let Some(f) = self.frames.last_mut() {
+            f.value_span = Some((start, self.out.len()));
+            self.hold = Some(self.hold.map_or(start, |h| h.min(start)));
+        }
+    }
+
+    /// Whether the current container is a Table's `columnDefinitions` (of a Table
+    /// document, or of a watch event's Table).
+    fn at_column_definitions(&self) -> bool {
+        let n = self.frames.len();
+        let table_root = n == 1 || (n == 2 && self.frames[0].key == b"object");
+        table_root && !self.frames[n - 1].array && self.frames[n - 1].key == b"columnDefinitions"
+    }
+
+    /// A string that is a Table column's `name` or `description`: the column's index
+    /// and whether it shows a credential (by its name, or the last field of the
+    /// JSONPath a custom resource's column describes itself with).
+    fn column_definition(&self) -> Option<(usize, bool)> {
+        let n = self.frames.len();
+        if !(n == 3 || (n == 4 && self.frames[0].key == b"object")) {
+            return None;
+        }
+        let (defs, list, col) = (
+            &self.frames[n - 3],
+            &self.frames[n - 2],
+            &self.frames[n - 1],
+        );
+        if defs.array || defs.key != b"columnDefinitions" || !list.array || col.array {
+            return None;
+        }
+        let secret = match col.key.as_slice() {
+            b"name" => is_credential_name(&self.sbuf),
+            // A custom resource's printer column describes itself as `Custom resource
+            // definition column (in JSONPath format): .spec.auth.apiToken`; built-in
+            // columns describe themselves in prose, which says nothing here.
+            b"description" => {
+                let path = self.sbuf.rsplit(|&b| b == b' ').next().unwrap_or(&[]);
+                let field = path.rsplit(|&b| b == b'.').next().unwrap_or(&[]);
+                let field = field.split(|&b| b == b'[').next().unwrap_or(&[]);
+                path.first() == Some(&b'.') && is_credential_name(field)
+            }
+            _ => return None,
+        };
+        Some((list.index, secret))
+    }
+
+    /// Whether the value starting now is a cell of a Table row, in a column that shows
+    /// a credential.
+    fn secret_cell(&self) -> bool {
+        let n = self.frames.len();
+        if self.secret_columns.is_empty()
+            || !(n == 4 || (n == 5 && self.frames[0].key == b"object"))
+        {
+            return false;
+        }
+        let (rows, row, cells) = (
+            &self.frames[n - 4],
+            &self.frames[n - 3],
+            &self.frames[n - 1],
+        );
+        !rows.array
+            && rows.key == b"rows"
+            && row.array
+            && !self.frames[n - 2].array
+            && self.frames[n - 2].key == b"cells"
+            && cells.array
+            && self
+                .secret_columns
+                .get(cells.index)
+                .copied()
+                .unwrap_or(false)
+    }
+
+    /// A string (in `sbuf`, escaped) that holds a JSON document: the last-applied
+    /// annotation (`last_applied`), or any string that starts and ends like one
+    /// (another tool's copy of an object, a ConfigMap's `config.json`). The document
+    /// is masked with the same plan and re-encoded as a JSON string (the original
+    /// bytes if nothing changed). If it is not JSON, detectors only; a last-applied
+    /// annotation without detectors is hidden whole.
+    fn mask_embedded(&self, last_applied: bool) -> Vec<u8> {
         let mut quoted = Vec::with_capacity(self.sbuf.len() + 2);
         quoted.push(b'"');
         quoted.extend_from_slice(&self.sbuf);
         quoted.push(b'"');
-        let inner: Option<String> = serde_json::from_slice(&quoted).ok();
+        let inner: Option<String> =
+            serde_json::from_str::<String>(std::str::from_utf8(&quoted).unwrap_or("")).ok();
         let masked = inner.and_then(|doc| {
             let mut m = JsonMasker::new(self.plan.clone());
             let mut out = m.feed(doc.as_bytes()).ok()?;
             out.extend(m.finish().ok()?);
-            String::from_utf8(out).ok()
+            if out == doc.as_bytes() {
+                return Some(None);
+            }
+            String::from_utf8(out).ok().map(Some)
         });
         match masked {
-            Some(s) => serde_json::to_vec(&s).unwrap_or_else(|_| b"\"\"".to_vec()),
+            Some(Some(s)) => serde_json::to_vec(&s).unwrap_or_else(|_| b"\"\"".to_vec()),
+            Some(None) => quoted,
             None => {
-                // Not JSON: treat it as text. Without detectors, hide it whole.
+                // Not JSON: treat it as text. Without detectors, the annotation is
+                // hidden whole.
                 let mut out = vec![b'"'];
                 match &self.plan.detectors {
                     Some(d) => out.extend_from_slice(&d.apply(&self.sbuf)),
-                    None => out.extend_from_slice(PLACEHOLDER.as_bytes()),
+                    None if last_applied => out.extend_from_slice(PLACEHOLDER.as_bytes()),
+                    None => out.extend_from_slice(&self.sbuf),
                 }
                 out.push(b'"');
                 out
@@ -324,6 +535,12 @@ impl JsonMasker {
         };
         if let Some(e) = top.masked {
             return Mode::Mask(e);
+        }
+        if top.array && top.after_flag && !container {
+            return Mode::Mask(Encoding::Text);
+        }
+        if top.array && self.secret_cell() {
+            return Mode::Cell;
         }
         if !top.array && !container {
             if top.key == b"value" && top.secret_name {
@@ -366,7 +583,7 @@ impl JsonMasker {
         }
         // A credential-named field: its scalar value (a nested object keeps its
         // structure and is checked field by field).
-        if !top.array && !container && is_secret_name(&top.key) {
+        if !top.array && !container && is_credential_name(&top.key) {
             return Mode::Mask(Encoding::Text);
         }
         Mode::Plain

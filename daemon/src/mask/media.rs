@@ -29,8 +29,11 @@ impl BodyMasker {
 
 /// The decision for one response.
 pub enum ForResponse {
-    /// Nothing to inspect (no body, or a schema document).
+    /// A schema document (no plan): passed as it is.
     Pass,
+    /// A response without a body (HEAD, 204, 304, `Content-Length: 0`): whatever
+    /// bytes still come are dropped.
+    NoBody,
     Mask(BodyMasker),
     /// A body that cannot be inspected: refused, with the reason.
     Refuse(Unmaskable),
@@ -47,9 +50,42 @@ pub enum Unmaskable {
         "the API server answered with {0}, which Portcullis cannot inspect for masking; request application/json"
     )]
     MediaType(String),
+    /// A protocol switch the gate cannot mask (an unknown WebSocket subprotocol, an
+    /// extension, a 101 to a request that asked for none).
+    #[error("the API server switched to {0}, which Portcullis cannot mask")]
+    Upgrade(String),
 }
 
 impl Masking {
+    /// The pattern detectors, if configured.
+    pub fn detectors(&self) -> Option<&Arc<super::Detectors>> {
+        self.detectors.as_ref()
+    }
+
+    /// Response headers whose values are free text from the API server (`Warning`,
+    /// from admission webhooks among others) with the detectors applied.
+    pub fn mask_headers(&self, h: &mut http::HeaderMap) {
+        let Some(d) = &self.detectors else {
+            return;
+        };
+        let warnings: Vec<http::HeaderValue> = h
+            .get_all(http::header::WARNING)
+            .iter()
+            .map(|v| {
+                let masked = d.apply(v.as_bytes());
+                http::HeaderValue::from_bytes(&masked)
+                    .unwrap_or_else(|_| http::HeaderValue::from_static("299 - \"[masked]\""))
+            })
+            .collect();
+        if warnings.is_empty() {
+            return;
+        }
+        h.remove(http::header::WARNING);
+        for w in warnings {
+            h.append(http::header::WARNING, w);
+        }
+    }
+
     /// How to treat a response with these headers under `plan`.
     pub fn for_response(
         &self,
@@ -58,6 +94,11 @@ impl Masking {
         headers: &http::HeaderMap,
         head_request: bool,
     ) -> ForResponse {
+        if status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return ForResponse::Refuse(Unmaskable::Upgrade(
+                "another protocol for a request that asked for no switch".into(),
+            ));
+        }
         let Some(plan) = plan else {
             return ForResponse::Pass;
         };
@@ -68,7 +109,7 @@ impl Masking {
                 .get(http::header::CONTENT_LENGTH)
                 .is_some_and(|v| v.as_bytes() == b"0");
         if no_body {
-            return ForResponse::Pass;
+            return ForResponse::NoBody;
         }
         if let Some(enc) = headers.get(http::header::CONTENT_ENCODING)
             && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
@@ -101,7 +142,8 @@ impl Masking {
 }
 
 /// The agent's Accept header with every encoding the daemon cannot mask (protobuf,
-/// YAML) asked for as JSON instead, parameters kept (`as=Table;g=meta.k8s.io;v=v1`).
+/// YAML, CBOR) asked for as JSON instead, parameters kept
+/// (`as=Table;g=meta.k8s.io;v=v1`).
 pub fn json_accept(v: &http::HeaderValue) -> http::HeaderValue {
     let Ok(s) = v.to_str() else {
         return http::HeaderValue::from_static("application/json");
@@ -112,7 +154,10 @@ pub fn json_accept(v: &http::HeaderValue) -> http::HeaderValue {
         let (media, params) = entry.split_once(';').unwrap_or((entry, ""));
         let media = media.trim().to_ascii_lowercase();
         let json = match media.as_str() {
-            "application/vnd.kubernetes.protobuf" | "application/yaml" => "application/json",
+            "application/vnd.kubernetes.protobuf"
+            | "application/yaml"
+            | "application/cbor"
+            | "application/cbor-seq" => "application/json",
             _ => {
                 if !out.iter().any(|e| e == entry) {
                     out.push(entry.to_owned());
@@ -166,6 +211,7 @@ mod tests {
         };
         let kind = |r: ForResponse| match r {
             ForResponse::Pass => "pass",
+            ForResponse::NoBody => "none",
             ForResponse::Mask(BodyMasker::Json(_)) => "json",
             ForResponse::Mask(BodyMasker::Text(_)) => "text",
             ForResponse::Refuse(_) => "refuse",
@@ -182,6 +228,6 @@ mod tests {
         let text = h(&[("content-type", "text/plain; charset=utf-8")]);
         assert_eq!(kind(m.for_response(Some(&plan), ok, &text, false)), "text");
         assert_eq!(kind(m.for_response(None, ok, &pb, false)), "pass");
-        assert_eq!(kind(m.for_response(Some(&plan), ok, &pb, true)), "pass");
+        assert_eq!(kind(m.for_response(Some(&plan), ok, &pb, true)), "none");
     }
 }

@@ -61,7 +61,7 @@ pub(super) const ROOTS: &[&[Option<&str>]] = &[
 
 /// Key names whose string values are credentials (compared case-insensitively, as the
 /// whole key or its ending: `clientSecret`, `DB_PASSWORD`, `api-key`). Each ends in
-/// d, t, n, y, s or l ([`is_secret_name`] relies on it; tested).
+/// d, t, n, y, s or l (`names::is_credential_name` relies on it; tested).
 pub(super) const SECRET_KEY_ENDINGS: &[&str] = &[
     "password",
     "passwd",
@@ -90,35 +90,29 @@ pub(super) const EXEMPT_KEYS: &[&[u8]] = &[
     b"generateName",
 ];
 
-/// A key that names a credential: `password`, `clientSecret`, `DB_PASSWORD`, but not
-/// `secretName` (a reference, not a value).
-pub fn is_secret_name(key: &[u8]) -> bool {
-    // Every ending ends in one of these letters: most keys are out at once.
-    if !key
-        .last()
-        .is_some_and(|b| matches!(b | 0x20, b'd' | b't' | b'n' | b'y' | b's' | b'l'))
-    {
-        return false;
-    }
-    SECRET_KEY_ENDINGS.iter().any(|e| {
-        key.len() >= e.len() && key[key.len() - e.len()..].eq_ignore_ascii_case(e.as_bytes())
-    })
-}
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn secret_names_are_recognised_by_every_ending() {
+        use crate::mask::is_credential_name;
         for e in SECRET_KEY_ENDINGS {
-            assert!(is_secret_name(e.as_bytes()), "{e}");
             assert!(
-                is_secret_name(format!("DB_{}", e.to_uppercase()).as_bytes()),
+                matches!(
+                    e.as_bytes().last(),
+                    Some(b'd' | b't' | b'n' | b'y' | b's' | b'l')
+                ),
+                "{e}"
+            );
+            assert!(is_credential_name(e.as_bytes()), "{e}");
+            assert!(
+                is_credential_name(format!("DB_{}", e.to_uppercase()).as_bytes()),
                 "{e}"
             );
         }
         for k in ["secretName", "name", "value", "tokenRef", ""] {
-            assert!(!is_secret_name(k.as_bytes()), "{k}");
+            assert!(!is_credential_name(k.as_bytes()), "{k}");
         }
     }
 

@@ -11,7 +11,8 @@
 //! e2e -- FILTER` runs the cases whose name contains FILTER. One file per concern:
 //! `clients` (transparent proxy with real clients), `current_api` (what only a current
 //! apiserver exposes), `hardening` (hostile clients, outages), `identity`, `policy`,
-//! `approvals`, `masking`, `audit`. Needs root.
+//! `approvals`, `masking`, `leaks` (masking on every response path), `write_back`
+//! (placeholders refused, bodies recorded masked), `audit`. Needs root.
 use std::{
     io::Write,
     path::Path,
@@ -29,8 +30,10 @@ mod clients;
 mod current_api;
 mod hardening;
 mod identity;
+mod leaks;
 mod masking;
 mod policy;
+mod write_back;
 
 /// Shared by every case.
 pub type Env = Gate;
@@ -134,6 +137,23 @@ const CASES: &[Case] = &[
         policy::admin_socket_and_policy_cli,
     ),
     ("masking_canaries_never_reach_the_agent", masking::canaries),
+    // After `masking`: these start further rounds of the target's canary log.
+    (
+        "websocket_watch_and_logs_are_masked_per_message",
+        leaks::websocket_watch_and_logs,
+    ),
+    (
+        "structured_credentials_in_workloads_are_masked",
+        leaks::structured_credentials,
+    ),
+    (
+        "placeholder_write_back_is_refused",
+        write_back::placeholder_write_back,
+    ),
+    (
+        "request_bodies_are_recorded_decoded_and_masked",
+        write_back::request_bodies_recorded_masked,
+    ),
     (
         "audit_records_requests_and_mutations_before_they_act",
         audit::requests,

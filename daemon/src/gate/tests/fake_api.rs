@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::{body::Frame, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{
@@ -22,7 +22,7 @@ use rcgen::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::{io::AsyncWriteExt, net::TcpListener, task::JoinHandle};
 
-type Body = BoxBody<Bytes, Infallible>;
+use super::fake_shapes::Body;
 
 /// One request as it reached the API server.
 #[derive(Debug, Clone)]
@@ -198,7 +198,42 @@ async fn answer(state: &State, mut req: Request<hyper::body::Incoming>) -> Respo
         durable_before,
     });
     const JSON: &str = "application/json";
-    if let Some(on) = on_upgrade {
+    let script = on_upgrade.is_some().then(|| {
+        super::fake_shapes::ws_script(&path, &query, &super::fake_shapes::offered(&parts.headers))
+    });
+    if let Some(Some(script)) = script
+        && let Some(on) = on_upgrade
+    {
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let _ = io.write_all(&script.frames).await;
+                let _ = io.shutdown().await;
+            }
+        });
+        let mut r = Response::new(full(Bytes::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_static("accepted"),
+        );
+        if let Some(p) = script.protocol {
+            h.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_str(&p).unwrap(),
+            );
+        }
+        if let Some(e) = script.extension {
+            h.insert(
+                header::SEC_WEBSOCKET_EXTENSIONS,
+                HeaderValue::from_static(e),
+            );
+        }
+        return r;
+    } else if let Some(on) = on_upgrade {
         // Exec and friends: switch, then echo what the agent sends.
         tokio::spawn(async move {
             if let Ok(up) = on.await {
@@ -227,6 +262,9 @@ async fn answer(state: &State, mut req: Request<hyper::body::Incoming>) -> Respo
             body
         };
         return reply(StatusCode::CREATED, JSON, echoed);
+    }
+    if let Some(r) = super::fake_shapes::answer(&path, &method) {
+        return r;
     }
     match path.as_str() {
         "/openid/v1/jwks" => reply(

@@ -161,6 +161,8 @@ pub struct Reply {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: String,
+    /// Trailers after the body, if any reached the agent.
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Reply {
@@ -474,12 +476,68 @@ proxy:
             s.send_request(req).await.unwrap()
         };
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.unwrap().to_bytes();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        let body = collected.to_bytes();
         Reply {
             status: parts.status,
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
+            trailers,
         }
+    }
+
+    /// An HTTP/1.1 request with upgrade headers (and `headers`), written raw: the
+    /// response head as text, and every byte after it until the gate closes.
+    pub async fn upgrade(
+        &self,
+        from: From,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (String, Vec<u8>) {
+        let mut tls = self.dial(from, b"http/1.1").await;
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: kubernetes.default\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+                Err(_) => panic!(
+                    "the gate kept the connection open: {}",
+                    String::from_utf8_lossy(&all)
+                ),
+            }
+            // A plain answer with its whole body: done (keep-alive would not close).
+            if let Some(end) = all.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&all[..end]).to_lowercase();
+                if !head.starts_with("http/1.1 101")
+                    && (head.contains("content-length") || all.ends_with(b"0\r\n\r\n"))
+                {
+                    let cl: Option<usize> = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok());
+                    if cl.is_none_or(|cl| all.len() >= end + 4 + cl) {
+                        break;
+                    }
+                }
+            }
+        }
+        let end = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(all.len(), |e| e + 4);
+        (
+            String::from_utf8_lossy(&all[..end]).into_owned(),
+            all[end..].to_vec(),
+        )
     }
 
     /// `method path` with the agent's token (if any) over HTTP/1.1.

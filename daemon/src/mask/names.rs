@@ -1,0 +1,403 @@
+//! Names that say their value is a credential: object keys (`clientSecret`,
+//! `DB_PASSWORD`), the `name` beside an env `value`, command-line flags
+//! (`--db-password`). One rule for all three, so a credential is recognised by its name
+//! wherever a name stands next to it.
+//!
+//! A name is a credential's when
+//! - it ends in one of [`SECRET_KEY_ENDINGS`] (`dbpassword`, `x-api-key`), or
+//! - split into words (`_`, `-`, `.`, `/`, camelCase), one word is a credential word
+//!   ([`STRONG`]: `password`, `secret`, `token`, ...) and the last word does not say the
+//!   value is about the credential rather than the credential itself ([`ABOUT`]:
+//!   `secretName`, `TOKEN_FILE`, `passwordSecretRef`, `tokenExpirationSeconds`), or
+//! - its last word is a weak one ([`WEAK_LAST`]: `pass`, `pwd`, `pw`) after another word
+//!   (`DB_PASS`, `MYSQL_PWD`; not `PWD`, the shell's working directory), or
+//! - its last word is `key` after a word that makes it a credential ([`KEY_KINDS`]:
+//!   `apiKey`, `SSH_KEY`, `signingKey`; not `topologyKey`, `kubeletConfigKey`), or, for
+//!   an environment-style name (upper case and `_`), after any word but a few
+//!   ([`NOT_KEY_KINDS`]: `STRIPE_KEY` yes, `PUBLIC_KEY` no).
+use super::paths::SECRET_KEY_ENDINGS;
+
+/// Words that make a name a credential's wherever they stand.
+const STRONG: &[&str] = &[
+    "password",
+    "passwords",
+    "passwd",
+    "passphrase",
+    "secret",
+    "secrets",
+    "token",
+    "tokens",
+    "credential",
+    "credentials",
+    "creds",
+    "apikey",
+    "apikeys",
+    "privatekey",
+    "secretkey",
+    "accesskey",
+    "authkey",
+];
+
+/// Words that make a name a credential's only as its last word, after another word.
+const WEAK_LAST: &[&str] = &["pass", "pwd", "pw"];
+
+/// Last words that say the value is about a credential, not the credential: where it
+/// is (`secretName`, `TOKEN_FILE`, `tokenUrl`), what it is (`tokenType`), how long it
+/// lives (`tokenExpirationSeconds`), whether it is on (`passwordEnabled`).
+const ABOUT: &[&str] = &[
+    "name",
+    "names",
+    "ref",
+    "refs",
+    "file",
+    "files",
+    "path",
+    "paths",
+    "dir",
+    "namespace",
+    "url",
+    "uri",
+    "endpoint",
+    "header",
+    "prefix",
+    "type",
+    "kind",
+    "class",
+    "format",
+    "version",
+    "enabled",
+    "disabled",
+    "required",
+    "mode",
+    "policy",
+    "ttl",
+    "seconds",
+    "expiration",
+    "duration",
+    "timeout",
+    "length",
+    "len",
+    "size",
+    "count",
+    "audience",
+    "audiences",
+    "issuer",
+    "provider",
+    "source",
+    "selector",
+    "id",
+    "requests",
+    "rotation",
+];
+
+/// Words before `key` that make it a credential (`apiKey`, `SSH_KEY`, `signingKey`).
+const KEY_KINDS: &[&str] = &[
+    "api",
+    "access",
+    "secret",
+    "private",
+    "ssh",
+    "signing",
+    "encryption",
+    "master",
+    "client",
+    "auth",
+    "license",
+    "hmac",
+    "account",
+    "storage",
+    "session",
+    "service",
+    "app",
+    "admin",
+    "crypt",
+];
+
+/// Words before `KEY` in an environment-style name that do not make it a credential.
+const NOT_KEY_KINDS: &[&str] = &[
+    "public",
+    "pub",
+    "partition",
+    "sort",
+    "primary",
+    "routing",
+    "cache",
+    "topology",
+    "config",
+    "label",
+    "node",
+    "group",
+    "idempotency",
+    "object",
+    "foreign",
+];
+
+/// Longest name split into words; longer names are judged by their ending only.
+const MAX_NAME: usize = 128;
+
+/// Whether `name` names a credential (see the module documentation).
+pub fn is_credential_name(name: &[u8]) -> bool {
+    // Every word and ending the rules know holds one of a few letter pairs: most
+    // names (`status`, `duration`, `image`) are out after one pass.
+    if name.len() < 3 || !might_hold_a_word(name) {
+        return false;
+    }
+    if ends_in_secret(name) {
+        return true;
+    }
+    if name.len() > MAX_NAME {
+        return false;
+    }
+    let (spans, n) = word_spans(name);
+    if n == 0 {
+        return false;
+    }
+    let word = |i: usize| &name[spans[i].0..spans[i].1];
+    let is = |w: &[u8], set: &[&str]| set.iter().any(|s| w.eq_ignore_ascii_case(s.as_bytes()));
+    let last = word(n - 1);
+    if is(last, ABOUT) {
+        return false;
+    }
+    if (0..n).any(|i| is(word(i), STRONG)) {
+        return true;
+    }
+    if n < 2 {
+        return false;
+    }
+    let prev = word(n - 2);
+    if is(last, WEAK_LAST) {
+        return true;
+    }
+    if last.eq_ignore_ascii_case(b"key") {
+        return is(prev, KEY_KINDS) || (env_style(name) && !is(prev, NOT_KEY_KINDS));
+    }
+    false
+}
+
+/// A command-line flag naming a credential, with its value in the next argument:
+/// `--db-password`, `-token`, `--api-key` (not `--password-file`, not `--db-password=x`,
+/// whose value the text detectors find).
+pub fn is_credential_flag(arg: &[u8]) -> bool {
+    let name = match arg {
+        [b'-', b'-', rest @ ..] => rest,
+        [b'-', rest @ ..] => rest,
+        _ => return false,
+    };
+    name.len() >= 3
+        && name[0].is_ascii_alphanumeric()
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && is_credential_name(name)
+}
+
+/// The built-in endings, compared case-insensitively (`DBPASSWORD`, `x-api-key`).
+fn ends_in_secret(key: &[u8]) -> bool {
+    // Every ending ends in one of these letters: most keys are out at once.
+    if !key
+        .last()
+        .is_some_and(|b| matches!(b | 0x20, b'd' | b't' | b'n' | b'y' | b's' | b'l'))
+    {
+        return false;
+    }
+    SECRET_KEY_ENDINGS.iter().any(|e| {
+        key.len() >= e.len() && key[key.len() - e.len()..].eq_ignore_ascii_case(e.as_bytes())
+    })
+}
+
+/// A quick no: every word and ending the rules know holds one of these letter pairs
+/// (tested against the lists).
+fn might_hold_a_word(name: &[u8]) -> bool {
+    name.windows(2).any(|w| {
+        matches!(
+            [w[0] | 0x20, w[1] | 0x20],
+            [b'p', b'a'] | [b'p', b'w'] | [b's', b'e'] | [b't', b'o'] | [b'c', b'r'] | [b'k', b'e']
+        )
+    })
+}
+
+/// An environment-variable-style name: upper case letters, digits and `_`.
+fn env_style(name: &[u8]) -> bool {
+    name.iter()
+        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_')
+}
+
+/// Most words a name is split into; the rest of a longer name is one word.
+const MAX_WORDS: usize = 16;
+
+/// Where the words of `name` are: split at separators and camelCase boundaries
+/// (`dbPassword` → db, Password; `APIKey` → API, Key; `DB_PASS` → DB, PASS).
+fn word_spans(name: &[u8]) -> ([(usize, usize); MAX_WORDS], usize) {
+    let mut spans = [(0, 0); MAX_WORDS];
+    let mut n = 0;
+    let mut start: Option<usize> = None;
+    for (i, &b) in name.iter().enumerate() {
+        let boundary = if !b.is_ascii_alphanumeric() {
+            true
+        } else if b.is_ascii_uppercase() && start.is_some() && n + 1 < MAX_WORDS {
+            let prev = name[i - 1];
+            let next_lower = name.get(i + 1).is_some_and(u8::is_ascii_lowercase);
+            prev.is_ascii_lowercase()
+                || prev.is_ascii_digit()
+                || (prev.is_ascii_uppercase() && next_lower)
+        } else {
+            false
+        };
+        if boundary && let Some(s) = start.take() {
+            spans[n] = (s, i);
+            n += 1;
+            if n == MAX_WORDS {
+                return (spans, n);
+            }
+        }
+        if b.is_ascii_alphanumeric() && start.is_none() {
+            start = Some(i);
+        }
+    }
+    if let Some(s) = start {
+        spans[n] = (s, name.len());
+        n += 1;
+    }
+    (spans, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(name: &str) -> Vec<&str> {
+        let (spans, n) = word_spans(name.as_bytes());
+        spans[..n].iter().map(|&(s, e)| &name[s..e]).collect()
+    }
+
+    #[test]
+    fn words_split_at_separators_and_camel_case() {
+        assert_eq!(words("dbPassword"), ["db", "Password"]);
+        assert_eq!(words("APIKey"), ["API", "Key"]);
+        assert_eq!(words("DB_PASS"), ["DB", "PASS"]);
+        assert_eq!(
+            words("example.com/db-token"),
+            ["example", "com", "db", "token"]
+        );
+        assert_eq!(
+            words("gmsaCredentialSpecName"),
+            ["gmsa", "Credential", "Spec", "Name"]
+        );
+        assert_eq!(words("--x"), ["x"]);
+    }
+
+    #[test]
+    fn credential_names() {
+        for n in [
+            "password",
+            "DB_PASSWORD",
+            "dbPassword",
+            "clientSecret",
+            "token",
+            "GITHUB_TOKEN",
+            "api-key",
+            "apiKey",
+            "APIKey",
+            "OPENAI_API_KEY",
+            "AWS_SECRET_ACCESS_KEY",
+            "SECRET_KEY_BASE",
+            "JWT_SECRET",
+            "DB_PASS",
+            "dbPass",
+            "MYSQL_PWD",
+            "REDIS_PW",
+            "STRIPE_KEY",
+            "SSH_KEY",
+            "sshKey",
+            "signingKey",
+            "db.password",
+            "example.com/db-password",
+            "credentials",
+            "REGISTRY_CREDS",
+            "passphrase",
+            "db-passwords",
+        ] {
+            assert!(is_credential_name(n.as_bytes()), "{n}");
+        }
+        for n in [
+            "",
+            "name",
+            "value",
+            "key",
+            "KEY",
+            "PWD",
+            "pass",
+            "bypass",
+            "passThrough",
+            "secretName",
+            "SECRET_NAME",
+            "secretRef",
+            "secretKeyRef",
+            "secretNamespace",
+            "secretFile",
+            "TOKEN_FILE",
+            "passwordFile",
+            "tokenExpirationSeconds",
+            "serviceAccountName",
+            "topologyKey",
+            "kubeletConfigKey",
+            "capacityKey",
+            "pkixPublicKey",
+            "PUBLIC_KEY",
+            "CACHE_KEY",
+            "keyring",
+            "keyPath",
+            "gmsaCredentialSpecName",
+            "credentialBundlePath",
+            "secretProviderClass",
+            "image",
+            "resourceVersion",
+            "tokenRef",
+        ] {
+            assert!(!is_credential_name(n.as_bytes()), "{n}");
+        }
+    }
+
+    #[test]
+    fn every_listed_word_passes_the_quick_check() {
+        for w in STRONG
+            .iter()
+            .chain(WEAK_LAST)
+            .chain(SECRET_KEY_ENDINGS)
+            .chain(["key"].iter())
+        {
+            assert!(might_hold_a_word(w.as_bytes()), "{w}");
+        }
+    }
+
+    #[test]
+    fn credential_flags() {
+        for f in [
+            "--db-password",
+            "--password",
+            "-password",
+            "--token",
+            "--api-key",
+            "--client-secret",
+            "--bearer-token",
+            "--db-pass",
+            "--AWS_SECRET_ACCESS_KEY",
+        ] {
+            assert!(is_credential_flag(f.as_bytes()), "{f}");
+        }
+        for f in [
+            "--password-file",
+            "--db-password=x",
+            "--key",
+            "--tls-private-key-file",
+            "-p",
+            "password",
+            "--secret-name",
+            "--",
+            "---password",
+            "--verbose",
+        ] {
+            assert!(!is_credential_flag(f.as_bytes()), "{f}");
+        }
+    }
+}
