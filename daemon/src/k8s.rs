@@ -10,6 +10,6 @@ mod user;
 
 pub use attributes::Attributes;
 pub use pod::PodRef;
-pub use request_info::{RequestInfo, RequestInfoError, resolve};
+pub use request_info::{RequestInfo, RequestInfoError, field_selector_value, resolve};
 pub use status::Status;
 pub use user::UserInfo;

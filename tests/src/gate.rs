@@ -227,10 +227,8 @@ impl Gate {
     pub fn start(tag: &str, opts: GateOptions) -> Result<Gate> {
         // Per process: another harness may be waiting for (or holding) the node.
         clean_old_gate_dirs();
-        let dir = std::env::temp_dir().join(format!(
-            "portcullis-gate-{tag}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("portcullis-gate-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let daemon = Daemon::new(&dir);

@@ -116,7 +116,7 @@ impl Caller<'_> {
             });
         };
         let impersonate = Impersonation::new(&scoped.user, &scoped.groups);
-        let d = policy.decide(&id.user, &admitted.info);
+        let d = policy.decide_plain(&id.user, &admitted.info);
         let attrs = Box::new(Attributes::from(&admitted.info));
         let rule = match (d.action, d.rule) {
             (Action::Deny, rule) => {

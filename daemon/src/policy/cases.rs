@@ -177,7 +177,7 @@ pub fn run(policy_path: &Path, cases_path: &Path) -> Result<Report, CasesError> 
                     source,
                 }
             })?;
-        let d = policy.decide(&user, &info);
+        let d = policy.decide_plain(&user, &info);
         let mut wrong = Vec::new();
         if d.action != c.expect {
             wrong.push(format!("decision {:?}, expected {:?}", d.action, c.expect));
