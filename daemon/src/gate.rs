@@ -19,6 +19,7 @@
 mod accept;
 mod authorize;
 mod conn;
+mod effect;
 mod exchange;
 mod forward;
 mod precheck;
@@ -112,12 +113,48 @@ impl Gate {
         ex.admitted(&admitted);
         let caller = self.authorizer.authenticate(&req, conn).await?;
         ex.identified(caller.identity());
-        let authorized = caller.authorize(&admitted).await?;
-        ex.authorized(&authorized);
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
         if admitted.upgrade {
-            self.upgrade(req, conn, ex, &admitted, &authorized).await
-        } else {
-            self.forward(req, conn, ex, &admitted, &authorized).await
+            // Upgrade requests carry no body (SPDY's POST included).
+            let none = bytes::Bytes::new();
+            let wire = effect::Wire {
+                method: req.method(),
+                path: req.uri().path(),
+                query: req.uri().query().unwrap_or(""),
+                content_type: &content_type,
+                body: &none,
+            };
+            let authorized = caller.authorize(&admitted, &wire, &self.upstream).await?;
+            ex.authorized(&authorized);
+            return self.upgrade(req, conn, ex, &admitted, &authorized).await;
         }
+        let (parts, body) = req.into_parts();
+        // A mutation's body is read whole before anything is decided: a grant covers
+        // its digest, conditions may need its dry run, the audit keeps it.
+        let body = if admitted.mutating {
+            forward::Outgoing::Whole(forward::read_body(body).await?)
+        } else {
+            forward::Outgoing::Stream(body)
+        };
+        let none = bytes::Bytes::new();
+        let wire = effect::Wire {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or(""),
+            content_type: &content_type,
+            body: match &body {
+                forward::Outgoing::Whole(b) => b,
+                forward::Outgoing::Stream(_) => &none,
+            },
+        };
+        let authorized = caller.authorize(&admitted, &wire, &self.upstream).await?;
+        ex.authorized(&authorized);
+        self.forward(parts, body, conn, ex, &admitted, &authorized)
+            .await
     }
 }

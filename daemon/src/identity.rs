@@ -25,6 +25,9 @@ pub struct Identity {
     /// groups); prefix + claim for OIDC (with the prefixed groups claim).
     pub user: UserInfo,
     pub issuer: String,
+    /// The token's `sub` claim: with `issuer`, who this is, whatever user name the
+    /// issuer's claims map to.
+    pub subject: String,
     /// `jti` when the token has one, else the first 16 hex digits of its SHA-256: enough
     /// to correlate records, useless to replay.
     pub token_id: String,

@@ -154,6 +154,8 @@ impl Admin {
                     username: as_name.unwrap_or_else(|| format!("node-admin:uid-{uid}")),
                     groups: Vec::new(),
                 },
+                issuer: String::new(),
+                subject: String::new(),
                 node_admin: true,
             }),
             Caller::Remote { .. } => {
@@ -189,6 +191,8 @@ impl Admin {
                 }
                 Ok(Approver {
                     user: id.user,
+                    issuer: id.issuer,
+                    subject: id.subject,
                     node_admin: false,
                 })
             }

@@ -4,7 +4,8 @@
 //! into a byte pipe once both sides agreed to switch.
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header, request};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -17,21 +18,66 @@ use crate::{
     util::{self, BoxError, ProxyBody},
 };
 
-/// Largest request body buffered to record it before a mutation is forwarded (the API
-/// server's own limit is 3 MiB).
-const MAX_RECORDED_REQUEST: usize = 3 << 20;
+/// Largest mutation body read before it is decided and forwarded (the API server's
+/// own limit is 3 MiB).
+const MAX_REQUEST_BODY: usize = 3 << 20;
+
+/// A request's body on its way upstream.
+pub(super) enum Outgoing {
+    /// A mutation's, read whole.
+    Whole(Bytes),
+    /// Anything else's, streamed.
+    Stream(Incoming),
+}
+
+/// Reads a mutation's body whole, up to the API server's own limit.
+pub(super) async fn read_body(body: Incoming) -> Result<Bytes, Refusal> {
+    Ok(http_body_util::Limited::new(body, MAX_REQUEST_BODY)
+        .collect()
+        .await
+        .map_err(|e| Refusal::BodyUnreadable {
+            too_large: e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some(),
+            why: e.to_string(),
+        })?
+        .to_bytes())
+}
 
 impl Gate {
     pub(super) async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut parts: request::Parts,
+        body: Outgoing,
         conn: &Arc<Conn>,
         ex: &mut Exchange,
         admitted: &Admitted,
         authorized: &Authorized,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let (mut parts, body) = req.into_parts();
-        let body = self.recorded_body(body, ex, admitted).await?;
+        let body = match body {
+            Outgoing::Whole(bytes) => {
+                if ex.wants_body() {
+                    // The agent's body as it sent it, masked.
+                    ex.record_body(&bytes, admitted.plan.as_ref());
+                }
+                // The same request made conditional on the checked object, if so.
+                let send = authorized.body.clone().unwrap_or(bytes);
+                if parts.headers.contains_key(header::CONTENT_LENGTH) || !send.is_empty() {
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(send.len()));
+                }
+                if authorized.body.is_some() && !parts.headers.contains_key(header::CONTENT_TYPE) {
+                    // A DELETE without a body gets DeleteOptions.
+                    parts.headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                }
+                util::full(send)
+            }
+            Outgoing::Stream(incoming) => incoming.map_err(BoxError::from).boxed(),
+        };
         ex.record_request().await?;
         self.upstream
             .rewrite(&mut parts, false, &authorized.impersonate)
@@ -51,31 +97,6 @@ impl Gate {
             .await
             .map_err(|e| self.upstream_error(e))?;
         self.relay(resp, admitted.plan.as_ref(), ex, conn, head)
-    }
-
-    /// The body to forward; if the audit level keeps request bodies, read whole (up
-    /// to the API server's own limit) and kept in the record, masked.
-    async fn recorded_body(
-        &self,
-        body: Incoming,
-        ex: &mut Exchange,
-        admitted: &Admitted,
-    ) -> Result<ProxyBody, Refusal> {
-        if !ex.wants_body() {
-            return Ok(body.map_err(BoxError::from).boxed());
-        }
-        let bytes = http_body_util::Limited::new(body, MAX_RECORDED_REQUEST)
-            .collect()
-            .await
-            .map_err(|e| Refusal::BodyUnreadable {
-                too_large: e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some(),
-                why: e.to_string(),
-            })?
-            .to_bytes();
-        ex.record_body(&bytes, admitted.plan.as_ref());
-        Ok(util::full(bytes))
     }
 
     /// The API server's answer on its way to the agent: masked, and its outcome

@@ -527,6 +527,8 @@ pub fn alice() -> Approver {
             username: "alice".into(),
             groups: vec!["oncall".into()],
         },
+        issuer: String::new(),
+        subject: String::new(),
         node_admin: true,
     }
 }
