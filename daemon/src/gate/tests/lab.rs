@@ -107,6 +107,8 @@ pub enum Mode {
 pub struct Options {
     pub mode: Mode,
     pub pending_ttl: &'static str,
+    /// The policy document (default [`POLICY`]).
+    pub policy: &'static str,
 }
 
 impl Options {
@@ -114,6 +116,7 @@ impl Options {
         Options {
             mode,
             pending_ttl: "1h",
+            policy: POLICY,
         }
     }
 }
@@ -207,7 +210,7 @@ impl Lab {
         .to_string();
         let api = FakeApi::start(&dir, state.join("audit"), jwks).await;
         std::fs::write(dir.join("daemon-token"), "daemon-token\n").unwrap();
-        std::fs::write(dir.join("policy.yaml"), POLICY).unwrap();
+        std::fs::write(dir.join("policy.yaml"), opts.policy).unwrap();
         let mode = match opts.mode {
             Mode::PassThrough => {
                 "  impersonate: {user: \"portcullis:agent\", groups: [\"portcullis:agents\", \"second\"]}\n".to_string()
