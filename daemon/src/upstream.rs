@@ -1,6 +1,8 @@
 //! The API server side: pooled TLS connections (HTTP/2 when the API server offers it,
 //! HTTP/1.1 for upgrades), the daemon's own credential, and the rewrite that removes
-//! everything the agent sent to claim an identity and adds the scoped impersonation.
+//! everything the agent sent to claim an identity and adds the scoped impersonation;
+//! the daemon's own calls (policy reads as a scoped identity, the audit anchor).
+mod anchor;
 mod headers;
 mod token;
 
@@ -16,6 +18,7 @@ use hyper_util::{
 };
 use rustls::ClientConfig;
 
+pub use anchor::ConfigMapAnchor;
 pub use headers::{Impersonation, strip_hop_by_hop};
 
 use crate::{

@@ -47,6 +47,9 @@ pub enum Kind {
     Approval,
     /// A writer signed records a crashed predecessor left unsigned.
     Recovery,
+    /// A writer found the log damaged (cut, edited, a head missing or forged) when it
+    /// opened it, or its anchors vouched for records the log no longer holds.
+    Damage,
 }
 
 impl Kind {
@@ -57,6 +60,7 @@ impl Kind {
             Kind::KernelEvent => "kernel-event",
             Kind::Approval => "approval",
             Kind::Recovery => "recovery",
+            Kind::Damage => "damage",
         }
     }
 }

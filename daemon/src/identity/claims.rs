@@ -149,6 +149,7 @@ mod tests {
         IssuerConfig {
             issuer: "https://issuer.test".into(),
             kubernetes,
+            token_review: kubernetes,
             jwks_url: None,
             ca_file: None,
             audiences: vec!["aud".into()],
