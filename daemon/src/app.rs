@@ -328,7 +328,7 @@ async fn authorizer(
         });
         keys.push(k);
     }
-    let authn = Arc::new(Authenticator::new(idc, keys));
+    let authn = Arc::new(Authenticator::new(idc, keys).with_reviews(upstream.clone()));
     let policy = PolicyHandle::load(policy_file)?;
     tokio::spawn(policy.clone().watch(std::time::Duration::from_secs(1)));
     let store = Arc::new(RedbStore::open(&cfg.state().approvals_db())?);

@@ -243,6 +243,31 @@ async fn a_grant_covers_only_the_request_that_was_approved() {
     assert_eq!(pending, 4);
 }
 
+/// A service-account token keeps its signature after its service account or pod is
+/// deleted; TokenReview tells, and the gate asks it (answers reused for a short TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_the_api_server_no_longer_authenticates_is_refused() {
+    let lab = lab().await;
+    let t = lab.agent_token();
+    let path = "/api/v1/namespaces/e2e/configmaps";
+    let r = lab.call(From::PodA, Some(&t), "GET", path).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let reviews = lab
+        .api
+        .seen_at("POST", "/apis/authentication.k8s.io/v1/tokenreviews");
+    assert_eq!(reviews.len(), 1);
+    assert!(!reviews[0].headers.contains_key("impersonate-user"));
+    // Within the TTL the answer is reused.
+    let r = lab.call(From::PodA, Some(&t), "GET", path).await;
+    assert_eq!(r.status, StatusCode::OK);
+    lab.api.revoke(super::lab::AGENT);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = lab.call(From::PodA, Some(&t), "GET", path).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert!(r.message().contains("no longer valid"), "{}", r.body);
+    assert!(r.message().contains("invalidated"), "{}", r.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_cannot_carry_the_precondition_is_refused() {
     let lab = lab().await;

@@ -44,8 +44,13 @@ pub struct FakeApi {
     pub ca_file: PathBuf,
     seen: Arc<Mutex<Vec<Seen>>>,
     objects: Objects,
+    revoked: Revoked,
     task: JoinHandle<()>,
 }
+
+/// Subjects whose tokens TokenReview no longer authenticates (their service account
+/// or pod was deleted).
+type Revoked = Arc<Mutex<std::collections::HashSet<String>>>;
 
 type Objects = Arc<Mutex<HashMap<String, serde_json::Value>>>;
 
@@ -54,6 +59,7 @@ struct State {
     jwks: String,
     seen: Arc<Mutex<Vec<Seen>>>,
     objects: Objects,
+    revoked: Revoked,
 }
 
 pub const SECRET: &str = r#"{"kind":"Secret","apiVersion":"v1","metadata":{"name":"s","namespace":"e2e","resourceVersion":"42"},"data":{"k":"Q0FOQVJZ"},"stringData":{"p":"CANARY-TEXT"},"type":"Opaque"}"#;
@@ -96,11 +102,13 @@ impl FakeApi {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let objects: Objects = Arc::default();
+        let revoked: Revoked = Arc::default();
         let state = Arc::new(State {
             audit_dir,
             jwks,
             seen: seen.clone(),
             objects: objects.clone(),
+            revoked: revoked.clone(),
         });
         let task = tokio::spawn(async move {
             loop {
@@ -127,8 +135,15 @@ impl FakeApi {
             ca_file,
             seen,
             objects,
+            revoked,
             task,
         }
+    }
+
+    /// TokenReview stops authenticating `subject`'s tokens (as after deleting its
+    /// service account).
+    pub fn revoke(&self, subject: &str) {
+        self.revoked.lock().unwrap().insert(subject.to_owned());
     }
 
     /// Stores `object` at `path` (its resourceVersion set to `rv`).
@@ -218,6 +233,9 @@ async fn answer(state: &State, mut req: Request<hyper::body::Incoming>) -> Respo
         durable_before,
     });
     const JSON: &str = "application/json";
+    if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        return token_review(state, &body);
+    }
     if let Some(r) = stored(state, &method, &path, &query, &body) {
         return r;
     }
@@ -305,6 +323,31 @@ async fn answer(state: &State, mut req: Request<hyper::body::Incoming>) -> Respo
             r#"{"kind":"ConfigMapList","apiVersion":"v1","metadata":{},"items":[]}"#,
         ),
     }
+}
+
+/// The API server's TokenReview: authenticated unless the token's subject was revoked
+/// (the signature was checked by the gate already).
+fn token_review(state: &State, body: &Bytes) -> Response<Body> {
+    use base64::Engine;
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let token = v["spec"]["token"].as_str().unwrap_or("");
+    let claims: serde_json::Value = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let sub = claims["sub"].as_str().unwrap_or("").to_owned();
+    let status = if state.revoked.lock().unwrap().contains(&sub) {
+        serde_json::json!({"authenticated": false, "error": "service account token has been invalidated"})
+    } else {
+        serde_json::json!({"authenticated": true, "user": {"username": sub}, "audiences": v["spec"]["audiences"]})
+    };
+    reply(
+        StatusCode::CREATED,
+        "application/json",
+        serde_json::to_vec(&serde_json::json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "status": status})).unwrap(),
+    )
 }
 
 /// RFC 7386 merge patch.

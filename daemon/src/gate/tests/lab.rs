@@ -216,7 +216,7 @@ impl Lab {
                 "  impersonate: {user: \"portcullis:agent\", groups: [\"portcullis:agents\", \"second\"]}\n".to_string()
             }
             Mode::Gated => format!(
-                "  identity:\n    issuers:\n    - {{issuer: \"{ISSUER}\", kubernetes: true, audiences: [api], algorithms: [ES256]}}\n  policy_file: {}\n",
+                "  identity:\n    token_review_ttl: 300ms\n    issuers:\n    - {{issuer: \"{ISSUER}\", kubernetes: true, audiences: [api], algorithms: [ES256]}}\n  policy_file: {}\n",
                 dir.join("policy.yaml").display()
             ),
         };
@@ -269,7 +269,8 @@ proxy:
                     ISSUER,
                     Source::ApiServer(upstream.clone()),
                 ))];
-                let authn = Arc::new(Authenticator::new(identity, keys));
+                let authn =
+                    Arc::new(Authenticator::new(identity, keys).with_reviews(upstream.clone()));
                 let policy = PolicyHandle::load(policy_file).unwrap();
                 let store = Arc::new(RedbStore::open(&cfg.state().approvals_db()).unwrap());
                 let a = Arc::new(
