@@ -666,6 +666,51 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// The requester is recognised by issuer and `sub`, not by the user name the
+    /// policy maps a token to (which an IdP claim such as an email can change).
+    #[tokio::test]
+    async fn self_approval_is_refused_by_identity_not_by_name() {
+        let d = tmp("identity");
+        let ap = open(&d);
+        let mut alice = agent();
+        alice.issuer = "https://idp.test".into();
+        alice.subject = "u-1234".into();
+        alice.user.username = "oidc:alice@old.example".into();
+        let Held::Pending { approval_id } = ap
+            .hold(&alice, &attrs("a"), &scope("a"), "r", "m", &spec(10, 60))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        // The same person, now named by another email, in an approver group.
+        let same = Approver {
+            user: UserInfo {
+                username: "oidc:alice@new.example".into(),
+                groups: vec!["oncall".into()],
+            },
+            issuer: "https://idp.test".into(),
+            subject: "u-1234".into(),
+            node_admin: false,
+        };
+        assert!(matches!(
+            ap.approve(&approval_id, &same, None),
+            Err(DecideError::SelfApproval { .. })
+        ));
+        // Another subject of the same issuer may.
+        let bob = Approver {
+            user: UserInfo {
+                username: "oidc:bob@example".into(),
+                groups: vec!["oncall".into()],
+            },
+            issuer: "https://idp.test".into(),
+            subject: "u-9".into(),
+            node_admin: false,
+        };
+        ap.approve(&approval_id, &bob, None).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[tokio::test]
     async fn one_subject_cannot_open_unbounded_approvals() {
         let d = tmp("cap");

@@ -334,7 +334,11 @@ fn token_review(state: &State, body: &Bytes) -> Response<Body> {
     let claims: serde_json::Value = token
         .split('.')
         .nth(1)
-        .and_then(|p| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
     let sub = claims["sub"].as_str().unwrap_or("").to_owned();
