@@ -11,7 +11,8 @@
 //! e2e -- FILTER` runs the cases whose name contains FILTER. One file per concern:
 //! `clients` (transparent proxy with real clients), `current_api` (what only a current
 //! apiserver exposes), `hardening` (hostile clients, outages), `identity`, `policy`,
-//! `approvals`, `masking`, `audit`. Needs root.
+//! `content` (policy on what requests do: the shipped policy, the check-to-write race,
+//! exact grants, TokenReview), `approvals`, `masking`, `audit`. Needs root.
 use std::{
     io::Write,
     path::Path,
@@ -26,6 +27,7 @@ use portcullis_tests::gate::{Gate, GateOptions, NAMESPACE};
 mod approvals;
 mod audit;
 mod clients;
+mod content;
 mod current_api;
 mod hardening;
 mod identity;
@@ -130,6 +132,22 @@ const CASES: &[Case] = &[
         "admin_socket_is_root_only_and_policy_test_exits_nonzero",
         policy::admin_socket_and_policy_cli,
     ),
+    (
+        "shipped_policy_closes_exfiltration_and_destructive_paths",
+        content::shipped_policy_closes_exfiltration_and_destructive_paths,
+    ),
+    (
+        "policy_race_change_between_check_and_write_is_a_conflict",
+        content::a_change_between_check_and_write_is_a_conflict,
+    ),
+    (
+        "grants_cover_only_the_approved_request",
+        content::grants_cover_only_the_approved_request,
+    ),
+    (
+        "tokenreview_revokes_deleted_service_accounts_and_pods",
+        content::tokenreview_revokes_deleted_service_accounts_and_pods,
+    ),
     ("masking_canaries_never_reach_the_agent", masking::canaries),
     (
         "audit_records_requests_and_mutations_before_they_act",
@@ -143,6 +161,10 @@ const CASES: &[Case] = &[
     (
         "audit_chain_of_kernel_events_verifies_then_detects_a_tamper",
         audit::chain_tamper,
+    ),
+    (
+        "audit_tamper_across_stops_is_caught_against_the_anchor",
+        audit::tamper_across_stops_is_caught_against_the_anchor,
     ),
     // Last: stops the apiserver.
     ("apiserver_down_is_a_503_status", hardening::apiserver_down),
