@@ -32,6 +32,7 @@
 mod cases;
 mod condition;
 mod document;
+pub mod fuzz;
 mod handle;
 mod input;
 mod library;
