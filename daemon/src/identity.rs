@@ -69,4 +69,6 @@ pub enum AuthError {
     Revoked(String),
     #[error("token cannot be checked with the API server's TokenReview: {0}")]
     ReviewUnavailable(String),
+    #[error("cannot reach the Kubernetes API server to check the token (TokenReview): {0}")]
+    ReviewUnreachable(String),
 }

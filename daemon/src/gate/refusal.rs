@@ -142,6 +142,10 @@ impl Refusal {
             ApprovalDenied { .. } | ApprovalExpired { .. } => StatusCode::FORBIDDEN,
             HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BothFramings | Unresolvable(_) => StatusCode::BAD_REQUEST,
+            // The token could not be checked: an outage, not the agent's fault.
+            BadToken(AuthError::ReviewUnavailable(_) | AuthError::ReviewUnreachable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             NoToken | BadToken(_) => StatusCode::UNAUTHORIZED,
             TooManyPending { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApprovalsUnavailable { .. }

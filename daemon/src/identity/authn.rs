@@ -122,7 +122,13 @@ impl Authenticator {
                 1 << 20,
             )
             .await
-            .map_err(|e| AuthError::ReviewUnavailable(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::upstream::UpstreamError::Request { .. }
+                | crate::upstream::UpstreamError::Timeout { .. } => {
+                    AuthError::ReviewUnreachable(e.to_string())
+                }
+                e => AuthError::ReviewUnavailable(e.to_string()),
+            })?;
         if !code.is_success() {
             return Err(AuthError::ReviewUnavailable(format!(
                 "TokenReview answered {}",
