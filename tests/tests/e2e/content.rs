@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use portcullis_tests::{
-    gate::{NAMESPACE, OTHER_POD, POD, TARGET_POD},
+    gate::{NAMESPACE, OTHER_POD, POD, POD_CA, POD_TOKEN, TARGET_POD},
     node::AGENT_IMAGE,
 };
 
@@ -24,9 +24,10 @@ pub fn use_policy(env: &Env, policy: &str, name: &str) -> Result<()> {
     loop {
         let log = env.daemon_log();
         let new = log.get(before..).unwrap_or("");
+        // (The log may colour field names, so the name is looked for on its own.)
         if new
             .lines()
-            .any(|l| l.contains("policy reloaded") && l.contains(&format!("name={name}")))
+            .any(|l| l.contains("policy reloaded") && l.contains(name))
         {
             return Ok(());
         }
@@ -99,13 +100,12 @@ fn workload(kind: &str, api: &str, name: &str, pod_spec: &str) -> String {
         "CronJob" => format!(
             "apiVersion: {api}\nkind: CronJob\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  schedule: \"0 0 1 1 *\"\n  jobTemplate:\n    spec:\n{}",
             tmpl.lines()
-                .map(|l| format!("    {l}\n"))
+                .map(|l| format!("  {l}\n"))
                 .collect::<String>()
         ),
         "Job" => format!(
             "apiVersion: {api}\nkind: Job\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  suspend: true\n{}",
-            tmpl.replacen("    template:", "  template:", 1)
-                .lines()
+            tmpl.lines()
                 .map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l)))
                 .collect::<String>()
         ),
@@ -483,12 +483,11 @@ pub fn grants_cover_only_the_approved_request(env: &mut Env) -> Result<()> {
     let o = env.gate(&["delete", "configmap", "held-scope"])?;
     refused(&o, "is pending", "the first delete")?;
     let e = stderr(&o);
-    let id = e
-        .split("approval ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .context("no approval id")?
-        .to_owned();
+    let at = e.find("approval apr-").context("no approval id")? + "approval ".len();
+    let id: String = e[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
     pc(env, &["approvals", "approve", &id, "--as", "oncall-human"])?;
     // The same attributes, another request each: still held.
     let variants: Vec<(&str, Output)> = vec![
