@@ -9,9 +9,15 @@ use crate::k8s::{self, UserInfo};
 /// Requests every parsed policy is asked about.
 const REQUESTS: &[(&str, &str)] = &[
     ("GET", "/api/v1/namespaces/prod-a/pods"),
-    ("GET", "/api/v1/pods?watch=1&fieldSelector=metadata.namespace%3Dprod-a"),
+    (
+        "GET",
+        "/api/v1/pods?watch=1&fieldSelector=metadata.namespace%3Dprod-a",
+    ),
     ("POST", "/api/v1/namespaces/prod-a/pods"),
-    ("PATCH", "/apis/apps/v1/namespaces/prod-a/deployments/keep-web"),
+    (
+        "PATCH",
+        "/apis/apps/v1/namespaces/prod-a/deployments/keep-web",
+    ),
     ("DELETE", "/api/v1/namespaces/prod-a/configmaps"),
     ("POST", "/api/v1/namespaces/prod-a/pods/p/exec"),
     ("GET", "/version"),
@@ -54,7 +60,11 @@ pub fn condition(data: &[u8]) {
         return;
     };
     let user = UserInfo::service_account("prod-a", "agent");
-    let info = match k8s::resolve("PATCH", "/apis/apps/v1/namespaces/prod-a/deployments/keep-web", None) {
+    let info = match k8s::resolve(
+        "PATCH",
+        "/apis/apps/v1/namespaces/prod-a/deployments/keep-web",
+        None,
+    ) {
         Ok(i) => i,
         Err(_) => return,
     };
@@ -82,7 +92,11 @@ mod tests {
             })
             .collect();
         out.sort();
-        assert!(out.len() >= 5, "a corpus of {} seeds for {target}", out.len());
+        assert!(
+            out.len() >= 5,
+            "a corpus of {} seeds for {target}",
+            out.len()
+        );
         out
     }
 
@@ -94,7 +108,11 @@ mod tests {
             .filter(|(_, b)| Policy::parse(&String::from_utf8_lossy(b), Path::new("s")).is_ok())
             .count();
         // Both kinds of seed are there: documents that parse and that do not.
-        assert!(parsed >= 2 && parsed < seeds.len(), "{parsed} of {}", seeds.len());
+        assert!(
+            parsed >= 2 && parsed < seeds.len(),
+            "{parsed} of {}",
+            seeds.len()
+        );
         for (_, b) in &seeds {
             document(b);
         }
@@ -107,7 +125,11 @@ mod tests {
             .iter()
             .filter(|(_, b)| Condition::compile("s".into(), &String::from_utf8_lossy(b)).is_ok())
             .count();
-        assert!(compiled >= 5 && compiled < seeds.len(), "{compiled} of {}", seeds.len());
+        assert!(
+            compiled >= 5 && compiled < seeds.len(),
+            "{compiled} of {}",
+            seeds.len()
+        );
         for (_, b) in &seeds {
             condition(b);
         }

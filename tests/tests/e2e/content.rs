@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use portcullis_tests::{
-    gate::{NAMESPACE, OTHER_POD, POD, POD_CA, POD_TOKEN, TARGET_POD},
+    gate::{NAMESPACE, OTHER_POD, POD, TARGET_POD},
     node::AGENT_IMAGE,
 };
 
@@ -99,9 +99,7 @@ fn workload(kind: &str, api: &str, name: &str, pod_spec: &str) -> String {
     match kind {
         "CronJob" => format!(
             "apiVersion: {api}\nkind: CronJob\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  schedule: \"0 0 1 1 *\"\n  jobTemplate:\n    spec:\n{}",
-            tmpl.lines()
-                .map(|l| format!("  {l}\n"))
-                .collect::<String>()
+            tmpl.lines().map(|l| format!("  {l}\n")).collect::<String>()
         ),
         "Job" => format!(
             "apiVersion: {api}\nkind: Job\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  suspend: true\n{}",
@@ -581,7 +579,8 @@ pub fn tokenreview_revokes_deleted_service_accounts_and_pods(env: &mut Env) -> R
     }
     use_policy(env, &policy, "e2e-any-sa")?;
     let _restore = Restore(env);
-    // Straight through containerd: works while the pod object is gone.
+    // Straight through containerd (the container's own environment and in-cluster
+    // configuration): works while the pod object is gone.
     let in_container = |id: &str| -> Result<Output> {
         let mut c = std::process::Command::new(env.node.parts.bin("ctr"));
         c.arg("-a")
