@@ -59,6 +59,7 @@ fn record(i: u64) -> RequestRecord {
         grant: String::new(),
         content_type: String::new(),
         request_body: None,
+        precondition: String::new(),
     }
 }
 

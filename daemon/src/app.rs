@@ -25,7 +25,7 @@ use crate::{
     mask::Masking,
     policy::PolicyHandle,
     tls::{self, CaPaths, LeafMinter},
-    upstream::{Impersonation, Upstream},
+    upstream::{ConfigMapAnchor, Impersonation, Upstream},
     util::JsonlWriter,
 };
 
@@ -146,6 +146,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         .map(|p| p.audit.clone())
         .unwrap_or_default();
     let audit_key = audit::load_or_create_key(&state_paths.audit_key())?;
+    let audit_public = {
+        use ring::signature::KeyPair;
+        hex::encode(audit_key.public_key().as_ref())
+    };
     let audit_writer =
         audit::AuditWriter::open(&state_paths.audit_dir(), audit_key, audit_cfg.segment_bytes)?
             .with_disk_budget(audit_cfg.max_disk_bytes);
@@ -156,6 +160,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::spawn(shipper.run(audit.committed()));
     }
 
+    let mut anchor: Option<Arc<dyn audit::AnchorStore>> = None;
     let gate = match &cfg.proxy {
         Some(pcfg) => {
             let minter = Arc::new(LeafMinter::load(
@@ -164,6 +169,21 @@ pub async fn run(cfg: Config) -> Result<()> {
             )?);
             let upstream =
                 Arc::new(Upstream::new(pcfg).context("setting up the API server connection")?);
+            if let Some(a) = &audit_cfg.anchor {
+                let store: Arc<dyn audit::AnchorStore> = Arc::new(ConfigMapAnchor::new(
+                    upstream.clone(),
+                    &a.namespace,
+                    &a.name,
+                ));
+                tokio::spawn(anchor_task(
+                    store.clone(),
+                    audit.clone(),
+                    state_paths.audit_dir(),
+                    audit_public.clone(),
+                    a.every,
+                ));
+                anchor = Some(store);
+            }
             let authorizer = authorizer(&cfg, pcfg, &upstream, &minter, &audit).await?;
             let masking = Arc::new(Masking::from_config(&pcfg.masking)?);
             info!(upstream = %upstream.base(), "proxying agents to the API server");
@@ -287,10 +307,58 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
     flush(&mut kernel_log);
     flush(&mut conn_log);
+    if let Some(store) = &anchor {
+        // What was written until now leaves the node before the daemon does (the
+        // writer commits within its interval).
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            audit::publish_last(store.as_ref(), &state_paths.audit_dir(), &audit_public),
+        )
+        .await;
+    }
     // Programs stay attached and pinned: agents fail closed until the next start adopts.
     let _ = std::fs::remove_file(&ready_file);
     info!("stopping; kernel enforcement stays in place (pinned)");
     Ok(())
+}
+
+/// The off-node anchor: first the log is checked against the last anchor (records
+/// it vouches for that are gone or changed are recorded as damage), then every new
+/// signed head is published.
+async fn anchor_task(
+    store: Arc<dyn audit::AnchorStore>,
+    log: Arc<AuditLog>,
+    dir: std::path::PathBuf,
+    public: String,
+    every: std::time::Duration,
+) {
+    match store.fetch().await {
+        Ok(Some(a)) => {
+            let key = hex::decode(&public).unwrap_or_default();
+            let findings = audit::check_anchor(&dir, &a, &key);
+            if findings.is_empty() {
+                info!(anchor = %store.describe(), seq = a.head.last_seq, "the audit log holds what its anchor vouches for");
+            } else {
+                warn!(anchor = %store.describe(), ?findings, "the audit log does not hold what its off-node anchor vouches for");
+                log.record(
+                    audit::Kind::Damage,
+                    &serde_json::json!({
+                        "reason": "the off-node anchor vouches for records this log does not hold unchanged",
+                        "anchor": store.describe(),
+                        "anchored_seq": a.head.last_seq,
+                        "anchored_at": a.updated,
+                        "findings": findings,
+                    }),
+                );
+            }
+        }
+        Ok(None) => info!(anchor = %store.describe(), "no audit anchor yet; publishing the first"),
+        Err(e) => {
+            warn!(anchor = %store.describe(), error = %e, "the audit anchor cannot be read; the log is not checked against it")
+        }
+    }
+    audit::publish_heads(store, dir, public, log.committed(), every).await;
 }
 
 /// How the gate authorizes: pass-through, or identity, policy and approvals (with
@@ -337,7 +405,7 @@ async fn authorizer(
         });
         keys.push(k);
     }
-    let authn = Arc::new(Authenticator::new(idc, keys));
+    let authn = Arc::new(Authenticator::new(idc, keys).with_reviews(upstream.clone()));
     let policy = PolicyHandle::load(policy_file)?;
     tokio::spawn(policy.clone().watch(std::time::Duration::from_secs(1)));
     let store = Arc::new(RedbStore::open(&cfg.state().approvals_db())?);

@@ -26,9 +26,26 @@ use crate::k8s::UserInfo;
 #[derive(Debug, Clone)]
 pub struct Approver {
     pub user: UserInfo,
+    /// The issuer and `sub` of the approver's token (empty on the node socket, where
+    /// root names the human it acts for).
+    pub issuer: String,
+    pub subject: String,
     /// Root on the node, through the admin socket: may decide any approval (still
     /// not one requested under the same name).
     pub node_admin: bool,
+}
+
+impl Approver {
+    /// Whether this approver is the subject that asked: the same identity (issuer and
+    /// `sub`), or (for root acting for a named human, who has no token here) the same
+    /// name.
+    pub fn is(&self, s: &model::SubjectRecord) -> bool {
+        let same_identity = !self.issuer.is_empty()
+            && !self.subject.is_empty()
+            && self.issuer == s.issuer
+            && self.subject == s.subject;
+        same_identity || self.user.username == s.username
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

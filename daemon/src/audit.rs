@@ -21,21 +21,32 @@
 //! - `kernel-event`: a redirect or a blocked bypass attempt from the kernel ring buffer.
 //! - `approval`: a state change of a just-in-time approval or grant.
 //! - `recovery`: a writer signed the tail a crashed predecessor left unsigned.
+//! - `damage`: a writer found the log damaged when it opened it (records cut or
+//!   edited, a head missing or forged), or the off-node anchor vouches for records the
+//!   log no longer holds; `verify` reports every such record as a problem.
 //!
 //! By job: `chain` (kinds, lines, heads, the key), `writer` (appending, group commit),
+//! `reopen` (checking what a predecessor left before signing anything), `anchor`
+//! (heads published off the node, and a log checked against them),
 //! `log` (the daemon's handle: one writer thread, durable or queued records),
 //! `records` (the gate's records and decisions), `verify`, `read` (records back,
 //! exchanges, sessions, Kubernetes audit events), `sink` (shipping to a collector),
 //! `replay` (a recorded session against a sandbox cluster).
+mod anchor;
 mod chain;
 mod log;
 mod read;
 mod records;
+mod reopen;
 mod replay;
 mod sink;
 mod verify;
 mod writer;
 
+pub use anchor::{
+    Anchor, AnchorError, AnchorStore, check as check_anchor, latest_head, publish_heads,
+    publish_last,
+};
 pub use chain::{AuditError, Head, Kind, head_path, list_segments, load_or_create_key, seg_path};
 pub use log::{AuditLog, AuditUnavailable};
 pub use read::{

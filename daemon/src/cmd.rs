@@ -150,13 +150,20 @@ enum CaCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
-    /// Check every segment's hash chain and signed head; non-zero exit on any problem.
+    /// Check every segment's hash chain and signed head, and the log against its
+    /// off-node anchor; non-zero exit on any problem.
     Verify {
         /// The audit directory (segments and heads).
         dir: PathBuf,
-        /// The daemon's audit public key (hex); default: DIR/../audit.pub.
+        /// The daemon's audit public key (hex), from somewhere other than the node;
+        /// default: the anchor's, else DIR/../audit.pub (which proves little: whoever
+        /// can edit the log can replace it).
         #[arg(long)]
         key: Option<PathBuf>,
+        /// The anchor the daemon published off the node: its ConfigMap as
+        /// `kubectl get configmap NAME -o json|yaml` prints it (or its `data`).
+        #[arg(long)]
+        anchor: Option<PathBuf>,
     },
     /// List agent sessions: one subject from one pod until idle for --idle.
     Sessions {
@@ -225,8 +232,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Approvals { conn, cmd } => admin::approvals(&conn, cmd),
         Cmd::Grants { conn, cmd } => admin::grants(&conn, cmd),
         Cmd::Audit {
-            cmd: AuditCmd::Verify { dir, key },
-        } => audit::verify(&dir, key),
+            cmd: AuditCmd::Verify { dir, key, anchor },
+        } => audit::verify(&dir, key, anchor),
         Cmd::Audit {
             cmd: AuditCmd::Sessions { dir, idle, output },
         } => audit::sessions(&dir, idle, output),

@@ -17,8 +17,9 @@ use serde::Deserialize;
 pub use addr::{ConcreteAddr, Endpoint, EndpointError};
 use proxy::ProxySpec;
 pub use proxy::{
-    Admin, AdminHttps, AlgorithmError, Approvals, Audit, AuditLevel, AuditSink, Credential,
-    CredentialError, Encoding, Identity, Impersonate, IssuerConfig, Limits, MaskRule, Masking,
+    Admin, AdminHttps, AlgorithmError, Approvals, Audit, AuditAnchor, AuditLevel, AuditSink,
+    Credential, CredentialError, Encoding, Identity, Impersonate, IssuerConfig, Limits, MaskRule,
+    Masking,
     Mode, Proxy, Upstream, Webhook, WebhookFormat, parse_algorithm,
 };
 

@@ -22,6 +22,7 @@ mod accept;
 mod admission;
 mod authorize;
 mod conn;
+mod effect;
 mod exchange;
 mod forward;
 mod precheck;
@@ -129,23 +130,60 @@ impl Gate {
         ex.admitted(&admitted);
         let caller = self.authorizer.authenticate(&req, conn).await?;
         ex.identified(caller.identity());
-        let authorized = caller.authorize(&admitted).await?;
-        ex.authorized(&authorized);
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
         let mut req = req;
-        match admitted.upgrade {
-            Some(Upgrade::Interactive) => {
-                self.upgrade(req, conn, ex, &admitted, &authorized, None)
-                    .await
-            }
-            Some(Upgrade::Masked(content)) => {
-                self.upgrade(req, conn, ex, &admitted, &authorized, Some(content))
-                    .await
-            }
+        let content = match admitted.upgrade {
+            Some(Upgrade::Interactive) => Some(None),
+            Some(Upgrade::Masked(content)) => Some(Some(content)),
             Some(Upgrade::Stripped) => {
                 upgrade::strip(&mut req);
-                self.forward(req, conn, ex, &admitted, &authorized).await
+                None
             }
-            None => self.forward(req, conn, ex, &admitted, &authorized).await,
+            None => None,
+        };
+        if let Some(content) = content {
+            // Upgrade requests carry no body (SPDY's POST included).
+            let none = bytes::Bytes::new();
+            let wire = effect::Wire {
+                method: req.method(),
+                path: req.uri().path(),
+                query: req.uri().query().unwrap_or(""),
+                content_type: &content_type,
+                body: &none,
+            };
+            let authorized = caller.authorize(&admitted, &wire, &self.upstream).await?;
+            ex.authorized(&authorized);
+            return self
+                .upgrade(req, conn, ex, &admitted, &authorized, content)
+                .await;
         }
+        let (parts, body) = req.into_parts();
+        // A mutation's body is read whole before anything is decided: a grant covers
+        // its digest, conditions may need its dry run, the audit keeps it.
+        let body = if admitted.mutating || ex.wants_body() {
+            forward::Outgoing::Whole(forward::read_body(&parts.headers, body).await?)
+        } else {
+            forward::Outgoing::Stream(body)
+        };
+        let none = bytes::Bytes::new();
+        let wire = effect::Wire {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or(""),
+            content_type: &content_type,
+            body: match &body {
+                forward::Outgoing::Whole(b) => b,
+                forward::Outgoing::Stream(_) => &none,
+            },
+        };
+        let authorized = caller.authorize(&admitted, &wire, &self.upstream).await?;
+        ex.authorized(&authorized);
+        self.forward(parts, body, conn, ex, &admitted, &authorized)
+            .await
     }
 }

@@ -8,7 +8,8 @@
 //! OIDC identity providers (configurable username and groups claims).
 //!
 //! By job: `authn` (verifying a token: issuer, algorithm, key, claims; a cache of
-//! verified tokens), `claims` (claims to an identity, per issuer kind; the pod
+//! verified tokens; TokenReview for service-account tokens, so revocation by deleting
+//! the pod or service account takes effect), `claims` (claims to an identity, per issuer kind; the pod
 //! binding), `jwks` (issuers' keys: discovery, cache, refresh on rotation).
 mod authn;
 mod claims;
@@ -25,6 +26,9 @@ pub struct Identity {
     /// groups); prefix + claim for OIDC (with the prefixed groups claim).
     pub user: UserInfo,
     pub issuer: String,
+    /// The token's `sub` claim: with `issuer`, who this is, whatever user name the
+    /// issuer's claims map to.
+    pub subject: String,
     /// `jti` when the token has one, else the first 16 hex digits of its SHA-256: enough
     /// to correlate records, useless to replay.
     pub token_id: String,
@@ -61,4 +65,10 @@ pub enum AuthError {
         "token is bound to pod {token_pod} but the connection comes from {kernel}: a token is only valid from its own pod"
     )]
     PodMismatch { token_pod: String, kernel: String },
+    #[error("token is no longer valid (TokenReview): {0}")]
+    Revoked(String),
+    #[error("token cannot be checked with the API server's TokenReview: {0}")]
+    ReviewUnavailable(String),
+    #[error("cannot reach the Kubernetes API server to check the token (TokenReview): {0}")]
+    ReviewUnreachable(String),
 }

@@ -1,6 +1,8 @@
 //! The API server side: pooled TLS connections (HTTP/2 when the API server offers it,
 //! HTTP/1.1 for upgrades), the daemon's own credential, and the rewrite that removes
-//! everything the agent sent to claim an identity and adds the scoped impersonation.
+//! everything the agent sent to claim an identity and adds the scoped impersonation;
+//! the daemon's own calls (policy reads as a scoped identity, the audit anchor).
+mod anchor;
 mod headers;
 mod token;
 
@@ -16,6 +18,7 @@ use hyper_util::{
 };
 use rustls::ClientConfig;
 
+pub use anchor::ConfigMapAnchor;
 pub use headers::{Impersonation, strip_hop_by_hop};
 
 use crate::{
@@ -81,6 +84,16 @@ pub enum UpstreamError {
 }
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// A request the daemon makes itself (see [`Upstream::call`]).
+pub struct Call<'a> {
+    pub method: http::Method,
+    /// `/api/...?...`
+    pub path_and_query: &'a str,
+    pub accept: &'a str,
+    pub content_type: Option<&'a str>,
+    pub body: bytes::Bytes,
+}
 
 pub struct Upstream {
     /// `https://host:port`, what request paths are appended to.
@@ -190,20 +203,68 @@ impl Upstream {
     /// GET `path` from the API server with the daemon's own credential (no
     /// impersonation): the service-account issuer's keys.
     pub async fn get_raw(&self, path: &str, limit: usize) -> Result<bytes::Bytes, UpstreamError> {
-        let uri = format!("{}{}", self.base.to_string().trim_end_matches('/'), path);
         // The apiserver serves its JWKS only as application/jwk-set+json (406 otherwise).
-        let mut b = http::Request::get(&uri)
-            .header(header::ACCEPT, "application/jwk-set+json, application/json");
-        if let Some(t) = &self.token {
-            b = b.header(header::AUTHORIZATION, t.bearer()?);
+        let (code, body) = self
+            .call(
+                None,
+                Call {
+                    method: http::Method::GET,
+                    path_and_query: path,
+                    accept: "application/jwk-set+json, application/json",
+                    content_type: None,
+                    body: bytes::Bytes::new(),
+                },
+                limit,
+            )
+            .await?;
+        if !code.is_success() {
+            return Err(UpstreamError::Status {
+                uri: path.to_owned(),
+                code,
+                body: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+            });
         }
-        let req = b
-            .body(util::empty())
+        Ok(body)
+    }
+
+    /// One request of the daemon's own, answered whole (up to `limit` bytes) within
+    /// 10 s: as the daemon (`imp` None: its TokenReviews, its audit anchor) or as a
+    /// subject's scoped identity (the objects a policy decision reads). Any status is
+    /// returned; the caller decides what it means.
+    pub async fn call(
+        &self,
+        imp: Option<&Impersonation>,
+        call: Call<'_>,
+        limit: usize,
+    ) -> Result<(http::StatusCode, bytes::Bytes), UpstreamError> {
+        let uri = format!(
+            "{}{}",
+            self.base.to_string().trim_end_matches('/'),
+            call.path_and_query
+        );
+        let mut b = http::Request::builder()
+            .method(call.method)
+            .uri(&uri)
+            .header(header::ACCEPT, call.accept);
+        if let Some(ct) = call.content_type {
+            b = b.header(header::CONTENT_TYPE, ct);
+        }
+        let mut req = b
+            .body(util::full(call.body))
             .map_err(|source| UpstreamError::Build {
                 uri: uri.clone(),
                 source,
             })?;
-        let call = async {
+        let credential = self.token.as_ref().map(TokenFile::bearer).transpose()?;
+        match imp {
+            Some(imp) => headers::impersonate(req.headers_mut(), credential, imp),
+            None => {
+                if let Some(c) = credential {
+                    req.headers_mut().insert(header::AUTHORIZATION, c);
+                }
+            }
+        }
+        let fetch = async {
             let resp = self
                 .client
                 .request(req)
@@ -218,16 +279,9 @@ impl Upstream {
                     source,
                 })?
                 .to_bytes();
-            if !code.is_success() {
-                return Err(UpstreamError::Status {
-                    uri: uri.clone(),
-                    code,
-                    body: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-                });
-            }
-            Ok(body)
+            Ok((code, body))
         };
-        tokio::time::timeout(Duration::from_secs(10), call)
+        tokio::time::timeout(Duration::from_secs(10), fetch)
             .await
             .map_err(|_| UpstreamError::Timeout { uri: uri.clone() })?
     }

@@ -1,7 +1,9 @@
 //! Plumbing every layer shares and that knows nothing of Portcullis: the body type
 //! that crosses the proxy, error chains, clocks and timestamps, media types, random
-//! identifiers, append-only JSON-lines files, the accept loop's retry.
+//! identifiers, append-only JSON-lines files, the accept loop's retry, text made safe
+//! to show a human.
 mod body;
+mod display;
 mod error;
 mod jsonl;
 mod media;
@@ -9,6 +11,7 @@ mod net;
 mod time;
 
 pub use body::{BoxError, ProxyBody, empty, full};
+pub use display::{escape_json, escape_text, slack_code};
 pub use error::source_chain;
 pub use jsonl::JsonlWriter;
 pub use media::{is_json, media_type};

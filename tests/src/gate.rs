@@ -54,8 +54,14 @@ pub const ADMIN_ADDR: &str = "127.0.0.1:18444";
 pub const POD_CA: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
 pub const POD_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
-/// The gated daemon's audit settings: request bodies (masked) are recorded.
-pub const AUDIT_SECTION: &str = "  audit:\n    level: Request\n";
+/// Where the daemon anchors its signed heads off the node (a ConfigMap it writes with
+/// its own credential).
+pub const ANCHOR_NAMESPACE: &str = "portcullis-system";
+pub const ANCHOR_NAME: &str = "portcullis-audit-e2e";
+
+/// The gated daemon's audit settings: request bodies (masked) are recorded, signed
+/// heads are anchored in a ConfigMap.
+pub const AUDIT_SECTION: &str = "  audit:\n    level: Request\n    anchor: {namespace: portcullis-system, name: portcullis-audit-e2e, every: 1s}\n";
 
 /// The daemon, run on the node (in its network namespace).
 pub struct Daemon {
@@ -124,6 +130,26 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and waits for the daemon to exit (it publishes its last anchor).
+    pub fn stop(&self) -> Result<()> {
+        if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            crate::signal(c.id(), libc::SIGTERM)?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if c.try_wait()?.is_some() {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    bail!("portcullis run did not stop within 15 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
     }
 
     /// SIGKILL: no chance to clean up, as in a crash or OOM kill.
@@ -744,6 +770,54 @@ kind: ClusterRoleBinding
 metadata:
   name: portcullis-issuer-keys
 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-issuer-keys}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {DAEMON_USER}}}
+---
+# The daemon checks agents' service-account tokens with TokenReview (a deleted pod or
+# service account stops working).
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: portcullis-token-review
+rules:
+- apiGroups: ["authentication.k8s.io"]
+  resources: ["tokenreviews"]
+  verbs: ["create"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: portcullis-token-review
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-token-review}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {DAEMON_USER}}}
+---
+# The daemon anchors its signed audit heads off the node, in its own namespace.
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: {ANCHOR_NAMESPACE}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: portcullis-audit-anchor
+  namespace: {ANCHOR_NAMESPACE}
+rules:
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  resourceNames: ["{ANCHOR_NAME}"]
+  verbs: ["get", "update", "patch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: portcullis-audit-anchor
+  namespace: {ANCHOR_NAMESPACE}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: portcullis-audit-anchor}}
 subjects:
 - {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {DAEMON_USER}}}
 ---

@@ -29,7 +29,10 @@ struct DecideBody {
     as_name: Option<String>,
 }
 
-fn reply(code: StatusCode, v: serde_json::Value) -> Response<Body> {
+/// Answers are read by people (the CLI prints them, consoles show them): every string
+/// in them is escaped for display.
+fn reply(code: StatusCode, mut v: serde_json::Value) -> Response<Body> {
+    crate::util::escape_json(&mut v);
     let mut r = Response::new(Full::new(Bytes::from(
         serde_json::to_vec_pretty(&v).unwrap_or_default(),
     )));
@@ -154,6 +157,8 @@ impl Admin {
                     username: as_name.unwrap_or_else(|| format!("node-admin:uid-{uid}")),
                     groups: Vec::new(),
                 },
+                issuer: String::new(),
+                subject: String::new(),
                 node_admin: true,
             }),
             Caller::Remote { .. } => {
@@ -189,6 +194,8 @@ impl Admin {
                 }
                 Ok(Approver {
                     user: id.user,
+                    issuer: id.issuer,
+                    subject: id.subject,
                     node_admin: false,
                 })
             }

@@ -3,7 +3,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     identity::Identity,
-    k8s::{Attributes, PodRef},
+    k8s::{Attributes, PodRef, RequestScope},
     policy::SubjectSpec,
 };
 
@@ -12,6 +12,10 @@ pub struct SubjectRecord {
     pub username: String,
     pub groups: Vec<String>,
     pub issuer: String,
+    /// The token's `sub`: with `issuer`, who the subject is (a user name is only how
+    /// the policy maps them).
+    #[serde(default)]
+    pub subject: String,
     pub token_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<PodRef>,
@@ -23,6 +27,7 @@ impl From<&Identity> for SubjectRecord {
             username: id.user.username.clone(),
             groups: id.user.groups.clone(),
             issuer: id.issuer.clone(),
+            subject: id.subject.clone(),
             token_id: id.token_id.clone(),
             pod: id.kernel_pod.clone().or_else(|| id.token_pod.clone()),
         }
@@ -68,6 +73,9 @@ pub struct Approval {
     pub expires_at: u64,
     pub subject: SubjectRecord,
     pub request: Attributes,
+    /// Exactly which request: the grant covers this and nothing else.
+    #[serde(default)]
+    pub scope: RequestScope,
     pub rule: String,
     pub message: String,
     pub approvers: Vec<SubjectSpec>,
@@ -83,7 +91,15 @@ pub struct Grant {
     pub id: String,
     pub approval_id: String,
     pub username: String,
+    /// The subject's issuer and `sub`: a grant is for that identity.
+    #[serde(default)]
+    pub issuer: String,
+    #[serde(default)]
+    pub subject: String,
     pub request: Attributes,
+    /// Exactly which request it lets through (method, path, query, body digest, pod).
+    #[serde(default)]
+    pub scope: RequestScope,
     pub approved_by: String,
     pub created_at: u64,
     pub expires_at: u64,

@@ -10,6 +10,7 @@ use super::Approval;
 use crate::{
     config::{Webhook, WebhookFormat},
     tls::{self, HttpClient},
+    util::{escape_json, slack_code},
 };
 
 const ATTEMPTS: u32 = 3;
@@ -35,22 +36,39 @@ impl Notifier {
         })
     }
 
+    /// The message. Every field an agent or its token chose (names, paths, the
+    /// subject) is escaped for the reader: no control characters or invisible
+    /// reordering anywhere; in Slack, each inside a code span with no markup, links or
+    /// mentions.
     pub fn body(&self, a: &Approval) -> serde_json::Value {
         let approve = format!("portcullis approvals approve {}", a.id);
         let deny = format!("portcullis approvals deny {} --reason '...'", a.id);
         match self.format {
-            WebhookFormat::Generic => json!({
-                "kind": "ApprovalRequested",
-                "approval": a,
-                "approveCommand": approve,
-                "denyCommand": deny,
-            }),
+            WebhookFormat::Generic => {
+                let mut v = json!({
+                    "kind": "ApprovalRequested",
+                    "approval": a,
+                    "approveCommand": approve,
+                    "denyCommand": deny,
+                });
+                escape_json(&mut v);
+                v
+            }
             WebhookFormat::Slack => json!({
                 "text": format!(
-                    ":lock: Portcullis approval {id}: {who} wants to {req} (rule {rule}: {msg}). \
-                     Approve: `{approve}` · Deny: `{deny}` · expires <t:{exp}>",
-                    id = a.id, who = a.subject.username, req = a.request, rule = a.rule,
-                    msg = a.message, exp = a.expires_at,
+                    ":lock: Portcullis approval {id}: {who} wants to {req} ({method} {path}{q}) (rule {rule}: {msg}). \
+                     Approve: {approve} · Deny: {deny} · expires <!date^{exp}^{{date_short_pretty}} {{time}}|{exp}>",
+                    id = slack_code(&a.id),
+                    who = slack_code(&a.subject.username),
+                    req = slack_code(&a.request.to_string()),
+                    method = slack_code(&a.scope.method),
+                    path = slack_code(&a.scope.path),
+                    q = if a.scope.query.is_empty() { String::new() } else { format!(" ?{}", slack_code(&a.scope.query)) },
+                    rule = slack_code(&a.rule),
+                    msg = slack_code(&a.message),
+                    approve = slack_code(&approve),
+                    deny = slack_code(&deny),
+                    exp = a.expires_at,
                 ),
             }),
         }
@@ -101,6 +119,7 @@ mod tests {
                 username: "system:serviceaccount:e2e:agent".into(),
                 groups: vec![],
                 issuer: "k8s".into(),
+                subject: "system:serviceaccount:e2e:agent".into(),
                 token_id: "t".into(),
                 pod: None,
             },
@@ -113,6 +132,7 @@ mod tests {
                 name: "web".into(),
                 path: String::new(),
             },
+            scope: Default::default(),
             rule: "workload-deletes".into(),
             message: "needs a human".into(),
             approvers: vec![],
@@ -129,6 +149,40 @@ mod tests {
             ca_file: None,
         })
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn fields_an_agent_chose_cannot_ping_link_or_escape_the_terminal() {
+        let mut a = approval();
+        a.request.name =
+            "web <!channel> <https://evil.example|approve here> @here \u{1b}[2J`".into();
+        a.subject.username = "system:serviceaccount:e2e:agent\u{202e}".into();
+        let s = notify(WebhookFormat::Slack).body(&a);
+        let text = s["text"].as_str().unwrap();
+        assert!(
+            !text.contains("<!channel>") && !text.contains("<https://evil"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("@here") && !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+            "{text}"
+        );
+        assert!(
+            text.contains("&lt;!channel&gt;") && text.contains("\\u{1b}[2J"),
+            "{text}"
+        );
+        // Only the daemon's own date markup remains.
+        assert_eq!(text.matches('<').count(), 1, "{text}");
+        let g = notify(WebhookFormat::Generic).body(&a);
+        let name = g["approval"]["request"]["name"].as_str().unwrap();
+        assert!(
+            !name.contains('\u{1b}') && name.contains("\\u{1b}"),
+            "{name}"
+        );
+    }
+
+    fn notify(f: WebhookFormat) -> Notifier {
+        notifier(f)
     }
 
     #[tokio::test]

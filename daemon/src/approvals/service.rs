@@ -16,7 +16,7 @@ use super::{
 use crate::{
     audit::AuditLog,
     identity::Identity,
-    k8s::Attributes,
+    k8s::{Attributes, RequestScope},
     policy::{ApprovalSpec, Policy},
     util::{random_id as new_id, unix_secs as now},
 };
@@ -96,13 +96,19 @@ impl Approvals {
         self.journal.record(event, id, by, a, g);
     }
 
-    /// An active grant for this subject and these attributes.
-    pub fn active_grant(&self, username: &str, attrs: &Attributes) -> Option<String> {
+    /// An active grant for this identity and exactly this request.
+    pub fn active_grant(&self, id: &Identity, scope: &RequestScope) -> Option<String> {
         let t = now();
         self.inner()
             .grants
             .values()
-            .find(|g| g.username == username && &g.request == attrs && g.active(t))
+            .find(|g| {
+                g.username == id.user.username
+                    && g.issuer == id.issuer
+                    && g.subject == id.subject
+                    && &g.scope == scope
+                    && g.active(t)
+            })
             .map(|g| g.id.clone())
     }
 
@@ -113,11 +119,12 @@ impl Approvals {
         &self,
         id: &Identity,
         attrs: &Attributes,
+        scope: &RequestScope,
         rule: &str,
         message: &str,
         spec: &ApprovalSpec,
     ) -> Result<Held, StoreError> {
-        if let Some(grant_id) = self.active_grant(&id.user.username, attrs) {
+        if let Some(grant_id) = self.active_grant(id, scope) {
             return Ok(Held::Granted { grant_id });
         }
         let (approval_id, mut rx) = {
@@ -128,7 +135,8 @@ impl Approvals {
                 .find(|a| {
                     a.state == State::Pending
                         && a.subject.username == id.user.username
-                        && &a.request == attrs
+                        && a.subject.issuer == id.issuer
+                        && &a.scope == scope
                         && a.expires_at > now()
                 })
                 .map(|a| a.id.clone());
@@ -154,6 +162,7 @@ impl Approvals {
                         expires_at: t.saturating_add(self.pending_ttl.as_secs()),
                         subject: id.into(),
                         request: attrs.clone(),
+                        scope: scope.clone(),
                         rule: rule.into(),
                         message: message.into(),
                         approvers: spec.approvers.clone(),
@@ -194,7 +203,7 @@ impl Approvals {
         };
         Ok(match state {
             State::Pending => Held::Pending { approval_id },
-            State::Approved { .. } => match self.active_grant(&id.user.username, attrs) {
+            State::Approved { .. } => match self.active_grant(id, scope) {
                 Some(grant_id) => Held::Granted { grant_id },
                 // Approved but the grant is already gone (revoked at once).
                 None => Held::Pending { approval_id },
@@ -227,7 +236,7 @@ impl Approvals {
     }
 
     fn check_decider(&self, a: &Approval, who: &Approver) -> Result<(), DecideError> {
-        if a.subject.username == who.user.username {
+        if who.is(&a.subject) {
             return Err(DecideError::SelfApproval {
                 who: who.user.username.clone(),
                 id: a.id.clone(),
@@ -272,7 +281,10 @@ impl Approvals {
             id: new_id("grt"),
             approval_id: a.id.clone(),
             username: a.subject.username.clone(),
+            issuer: a.subject.issuer.clone(),
+            subject: a.subject.subject.clone(),
             request: a.request.clone(),
+            scope: a.scope.clone(),
             approved_by: who.user.username.clone(),
             created_at: t,
             expires_at: t.saturating_add(a.grant_ttl_secs),
@@ -434,6 +446,7 @@ mod tests {
     fn agent() -> Identity {
         Identity {
             issuer: "k8s".into(),
+            subject: "system:serviceaccount:e2e:agent".into(),
             user: UserInfo {
                 username: "system:serviceaccount:e2e:agent".into(),
                 groups: vec![],
@@ -455,6 +468,17 @@ mod tests {
             name: name.into(),
             path: String::new(),
         }
+    }
+
+    fn scope(name: &str) -> RequestScope {
+        RequestScope::new(
+            "DELETE",
+            &format!("/api/v1/namespaces/e2e/configmaps/{name}"),
+            "",
+            "",
+            b"",
+            "pod-a",
+        )
     }
 
     fn spec(hold_ms: u64, ttl_s: u64) -> ApprovalSpec {
@@ -488,6 +512,8 @@ mod tests {
                 username: "alice".into(),
                 groups: vec![],
             },
+            issuer: String::new(),
+            subject: String::new(),
             node_admin: true,
         }
     }
@@ -506,7 +532,14 @@ mod tests {
             }
         });
         let held = ap
-            .hold(&agent(), &attrs("a"), "r", "m", &spec(5000, 60))
+            .hold(
+                &agent(),
+                &attrs("a"),
+                &scope("a"),
+                "r",
+                "m",
+                &spec(5000, 60),
+            )
             .await
             .unwrap();
         let (_, g) = approver.await.unwrap();
@@ -515,15 +548,25 @@ mod tests {
             "{held:?}"
         );
         // Scoped: the same subject and attributes only.
-        assert!(
-            ap.active_grant(&agent().user.username, &attrs("a"))
-                .is_some()
+        assert!(ap.active_grant(&agent(), &scope("a")).is_some());
+        assert!(ap.active_grant(&agent(), &scope("b")).is_none());
+        let mut someone_else = agent();
+        someone_else.subject = "system:serviceaccount:e2e:other".into();
+        someone_else.user.username = someone_else.subject.clone();
+        assert!(ap.active_grant(&someone_else, &scope("a")).is_none());
+        // The same request from another pod, or with another body, is not covered.
+        let mut other_pod = scope("a");
+        other_pod.pod_uid = "pod-b".into();
+        assert!(ap.active_grant(&agent(), &other_pod).is_none());
+        let other_body = RequestScope::new(
+            "DELETE",
+            "/api/v1/namespaces/e2e/configmaps/a",
+            "",
+            "application/json",
+            br#"{"propagationPolicy":"Orphan"}"#,
+            "pod-a",
         );
-        assert!(
-            ap.active_grant(&agent().user.username, &attrs("b"))
-                .is_none()
-        );
-        assert!(ap.active_grant("someone-else", &attrs("a")).is_none());
+        assert!(ap.active_grant(&agent(), &other_body).is_none());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -532,14 +575,14 @@ mod tests {
         let d = tmp("restart");
         let ap = open(&d);
         let h = ap
-            .hold(&agent(), &attrs("a"), "r", "m", &spec(50, 60))
+            .hold(&agent(), &attrs("a"), &scope("a"), "r", "m", &spec(50, 60))
             .await
             .unwrap();
         let Held::Pending { approval_id } = h else {
             panic!("{h:?}")
         };
         let h2 = ap
-            .hold(&agent(), &attrs("a"), "r", "m", &spec(50, 60))
+            .hold(&agent(), &attrs("a"), &scope("a"), "r", "m", &spec(50, 60))
             .await
             .unwrap();
         assert!(matches!(h2, Held::Pending { approval_id: ref b } if *b == approval_id));
@@ -550,7 +593,7 @@ mod tests {
         drop(ap);
         let ap = open(&d);
         let h3 = ap
-            .hold(&agent(), &attrs("a"), "r", "m", &spec(50, 60))
+            .hold(&agent(), &attrs("a"), &scope("a"), "r", "m", &spec(50, 60))
             .await
             .unwrap();
         assert!(matches!(h3, Held::Granted { .. }), "{h3:?}");
@@ -565,7 +608,7 @@ mod tests {
         let d = tmp("rules");
         let ap = open(&d);
         let Held::Pending { approval_id } = ap
-            .hold(&agent(), &attrs("a"), "r", "m", &spec(10, 60))
+            .hold(&agent(), &attrs("a"), &scope("a"), "r", "m", &spec(10, 60))
             .await
             .unwrap()
         else {
@@ -576,6 +619,8 @@ mod tests {
                 username: agent().user.username,
                 groups: vec!["oncall".into()],
             },
+            issuer: String::new(),
+            subject: String::new(),
             node_admin: true,
         };
         assert!(matches!(
@@ -587,6 +632,8 @@ mod tests {
                 username: "bob".into(),
                 groups: vec!["devs".into()],
             },
+            issuer: String::new(),
+            subject: String::new(),
             node_admin: false,
         };
         assert!(matches!(
@@ -598,6 +645,8 @@ mod tests {
                 username: "carol".into(),
                 groups: vec!["oncall".into()],
             },
+            issuer: String::new(),
+            subject: String::new(),
             node_admin: false,
         };
         ap.deny(&approval_id, &oncall, "no".into()).unwrap();
@@ -606,7 +655,7 @@ mod tests {
             Err(DecideError::NotPending { .. })
         ));
         let h = ap
-            .hold(&agent(), &attrs("a"), "r", "m", &spec(10, 60))
+            .hold(&agent(), &attrs("a"), &scope("a"), "r", "m", &spec(10, 60))
             .await
             .unwrap();
         // A denial is final for that approval; a new request opens a new one.
@@ -617,19 +666,78 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// The requester is recognised by issuer and `sub`, not by the user name the
+    /// policy maps a token to (which an IdP claim such as an email can change).
+    #[tokio::test]
+    async fn self_approval_is_refused_by_identity_not_by_name() {
+        let d = tmp("identity");
+        let ap = open(&d);
+        let mut alice = agent();
+        alice.issuer = "https://idp.test".into();
+        alice.subject = "u-1234".into();
+        alice.user.username = "oidc:alice@old.example".into();
+        let Held::Pending { approval_id } = ap
+            .hold(&alice, &attrs("a"), &scope("a"), "r", "m", &spec(10, 60))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        // The same person, now named by another email, in an approver group.
+        let same = Approver {
+            user: UserInfo {
+                username: "oidc:alice@new.example".into(),
+                groups: vec!["oncall".into()],
+            },
+            issuer: "https://idp.test".into(),
+            subject: "u-1234".into(),
+            node_admin: false,
+        };
+        assert!(matches!(
+            ap.approve(&approval_id, &same, None),
+            Err(DecideError::SelfApproval { .. })
+        ));
+        // Another subject of the same issuer may.
+        let bob = Approver {
+            user: UserInfo {
+                username: "oidc:bob@example".into(),
+                groups: vec!["oncall".into()],
+            },
+            issuer: "https://idp.test".into(),
+            subject: "u-9".into(),
+            node_admin: false,
+        };
+        ap.approve(&approval_id, &bob, None).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     #[tokio::test]
     async fn one_subject_cannot_open_unbounded_approvals() {
         let d = tmp("cap");
         let ap = open(&d);
         for i in 0..MAX_PENDING_PER_SUBJECT {
             let h = ap
-                .hold(&agent(), &attrs(&format!("n{i}")), "r", "m", &spec(1, 60))
+                .hold(
+                    &agent(),
+                    &attrs(&format!("n{i}")),
+                    &scope(&format!("n{i}")),
+                    "r",
+                    "m",
+                    &spec(1, 60),
+                )
                 .await
                 .unwrap();
             assert!(matches!(h, Held::Pending { .. }), "{h:?}");
         }
         let h = ap
-            .hold(&agent(), &attrs("one-more"), "r", "m", &spec(1, 60))
+            .hold(
+                &agent(),
+                &attrs("one-more"),
+                &scope("one-more"),
+                "r",
+                "m",
+                &spec(1, 60),
+            )
             .await
             .unwrap();
         assert!(
@@ -639,7 +747,7 @@ mod tests {
         assert_eq!(ap.list().len(), MAX_PENDING_PER_SUBJECT);
         // A retry of an existing one still reuses it.
         let h = ap
-            .hold(&agent(), &attrs("n0"), "r", "m", &spec(1, 60))
+            .hold(&agent(), &attrs("n0"), &scope("n0"), "r", "m", &spec(1, 60))
             .await
             .unwrap();
         assert!(matches!(h, Held::Pending { .. }), "{h:?}");
@@ -651,39 +759,27 @@ mod tests {
         let d = tmp("ttl");
         let ap = open(&d);
         let Held::Pending { approval_id } = ap
-            .hold(&agent(), &attrs("a"), "r", "m", &spec(10, 1))
+            .hold(&agent(), &attrs("a"), &scope("a"), "r", "m", &spec(10, 1))
             .await
             .unwrap()
         else {
             panic!()
         };
         let (_, g) = ap.approve(&approval_id, &root(), None).unwrap();
-        assert!(
-            ap.active_grant(&agent().user.username, &attrs("a"))
-                .is_some()
-        );
+        assert!(ap.active_grant(&agent(), &scope("a")).is_some());
         ap.revoke(&g.id, &root()).unwrap();
-        assert!(
-            ap.active_grant(&agent().user.username, &attrs("a"))
-                .is_none()
-        );
+        assert!(ap.active_grant(&agent(), &scope("a")).is_none());
         let Held::Pending { approval_id } = ap
-            .hold(&agent(), &attrs("b"), "r", "m", &spec(10, 1))
+            .hold(&agent(), &attrs("b"), &scope("b"), "r", "m", &spec(10, 1))
             .await
             .unwrap()
         else {
             panic!()
         };
         ap.approve(&approval_id, &root(), None).unwrap();
-        assert!(
-            ap.active_grant(&agent().user.username, &attrs("b"))
-                .is_some()
-        );
+        assert!(ap.active_grant(&agent(), &scope("b")).is_some());
         tokio::time::sleep(Duration::from_millis(2100)).await;
-        assert!(
-            ap.active_grant(&agent().user.username, &attrs("b"))
-                .is_none()
-        );
+        assert!(ap.active_grant(&agent(), &scope("b")).is_none());
         ap.expire_due();
         let log = std::fs::read_to_string(d.join("approvals.jsonl")).unwrap();
         assert!(log.contains("grant.expired") && log.contains("grant.revoked"));

@@ -62,6 +62,9 @@ pub enum Kind {
     /// Segments the sink had acknowledged were deleted to stay within the disk budget;
     /// vouches for where the remaining chain begins.
     Prune,
+    /// A writer found the log damaged (cut, edited, a head missing or forged) when it
+    /// opened it, or its anchors vouched for records the log no longer holds.
+    Damage,
 }
 
 impl Kind {
@@ -73,6 +76,7 @@ impl Kind {
             Kind::Approval => "approval",
             Kind::Recovery => "recovery",
             Kind::Prune => "prune",
+            Kind::Damage => "damage",
         }
     }
 }

@@ -160,6 +160,10 @@ pub struct RequestRecord {
     /// The masked request body (level Request and above), or a note why it is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_body: Option<serde_json::Value>,
+    /// The resourceVersion the write was made conditional on: the version of the
+    /// object the policy decision read (`object`/`oldObject`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub precondition: String,
 }
 
 /// The `response` record.

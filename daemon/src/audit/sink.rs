@@ -4,7 +4,9 @@
 //! chained lines, so the collector can check the chain itself), and moves the cursor
 //! only on a 2xx. While the collector is down nothing is dropped: records wait in the
 //! segments and go out, in order, when it answers again. Only committed (durable)
-//! records are shipped: a segment's signed head bounds what is read.
+//! records are shipped: a segment's signed head bounds what is read, and each batch
+//! ends with that head (`{"head": {...}}`), so the collector holds signed anchors
+//! the node cannot take back (see `anchor`).
 use std::{
     io::{BufRead, BufReader, Seek, SeekFrom},
     path::{Path, PathBuf},
@@ -58,10 +60,22 @@ impl Shipper {
         std::fs::rename(&tmp, &p)
     }
 
-    /// Committed lines with seq > `after`, at most `self.batch`: (last seq, lines).
+    /// Committed lines with seq > `after`, at most `self.batch`, then the signed head
+    /// that covers them: (last seq, lines).
     fn read_after(&mut self, after: u64) -> std::io::Result<Option<(u64, Vec<String>)>> {
+        let batch = self.read_records(after)?;
+        Ok(batch.map(|(last, mut lines, head)| {
+            if let Ok(h) = serde_json::to_string(&head) {
+                lines.push(format!("{{\"head\":{h}}}"));
+            }
+            (last, lines)
+        }))
+    }
+
+    fn read_records(&mut self, after: u64) -> std::io::Result<Option<(u64, Vec<String>, Head)>> {
         let mut lines = Vec::new();
         let mut last = after;
+        let mut covering: Option<Head> = None;
         for n in list_segments(&self.dir)? {
             let head: Head = match std::fs::read(head_path(&self.dir, n))
                 .ok()
@@ -100,13 +114,16 @@ impl Shipper {
                     lines.push(line.trim_end().to_owned());
                     last = seq;
                     self.pos = Some((n, off));
+                    covering = Some(head.clone());
                     if lines.len() >= self.batch {
-                        return Ok(Some((last, lines)));
+                        return Ok(Some((last, lines, head)));
                     }
                 }
             }
         }
-        Ok((!lines.is_empty()).then_some((last, lines)))
+        Ok(covering
+            .filter(|_| !lines.is_empty())
+            .map(|h| (last, lines, h)))
     }
 
     pub async fn run(mut self, committed: Arc<tokio::sync::Notify>) {

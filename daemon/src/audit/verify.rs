@@ -119,6 +119,12 @@ pub fn verify(dir: &Path, public_key: &[u8]) -> Result<Report, AuditError> {
                 prunes.push((t, h.to_owned()));
             }
             let seq = v["seq"].as_u64().unwrap_or(0);
+            if v["kind"] == "damage" {
+                r.problems.push(format!(
+                    "{at} (seq {seq}): the daemon recorded damage it found: {}",
+                    v["record"]["findings"]
+                ));
+            }
             if seq != next_seq {
                 r.problems.push(format!(
                     "{at}: seq {seq} where {next_seq} was expected: records deleted or reordered"
@@ -501,6 +507,59 @@ mod tests {
         h.last_seq = u64::MAX;
         std::fs::write(&hp, serde_json::to_vec(&h).unwrap()).unwrap();
         assert!(!problems(&dir, &key).is_empty());
+    }
+
+    /// Records cut from the last segment while no daemon ran: the next writer must
+    /// not sign over the gap.
+    #[test]
+    fn records_cut_or_edited_while_stopped_are_recorded_as_damage_not_absorbed() {
+        for tamper in ["cut", "edit", "head"] {
+            let (dir, key) = fixture(&format!("stopped-{tamper}"));
+            let last = *list_segments(&dir).unwrap().last().unwrap();
+            let p = seg_path(&dir, last);
+            let mut l = lines(&p);
+            match tamper {
+                "cut" => {
+                    l.pop();
+                }
+                "edit" => {
+                    let n = l.len() - 1;
+                    l[n] = l[n].replace("\"get\"", "\"put\"");
+                }
+                _ => std::fs::remove_file(head_path(&dir, last)).unwrap(),
+            }
+            write_lines(&p, &l);
+            let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
+            let mut w = AuditWriter::open(&dir, k, 1 << 20).unwrap();
+            w.append(Kind::Request, &serde_json::json!({"after": "restart"}))
+                .unwrap();
+            w.commit().unwrap();
+            let r = verify(&dir, &key).unwrap();
+            assert!(!r.problems.is_empty(), "{tamper}: absorbed: {r:?}");
+            assert!(
+                r.problems
+                    .iter()
+                    .any(|p| p.contains("the daemon recorded damage")),
+                "{tamper}: {:?}",
+                r.problems
+            );
+            // The damaged segment keeps its head; the writer went on in a new one,
+            // which continues the chain (no problem is reported for it).
+            let segs = list_segments(&dir).unwrap();
+            assert_eq!(*segs.last().unwrap(), last + 1, "{tamper}");
+            assert!(
+                !r.problems
+                    .iter()
+                    .any(|p| p.contains(&format!("seg-{:06}: does not continue", last + 1))),
+                "{tamper}: {:?}",
+                r.problems
+            );
+            // A second restart does not make the damage go away.
+            let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
+            drop(AuditWriter::open(&dir, k, 1 << 20).unwrap());
+            let again = verify(&dir, &key).unwrap();
+            assert!(!again.problems.is_empty(), "{tamper}: {again:?}");
+        }
     }
 
     #[test]

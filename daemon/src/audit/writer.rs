@@ -9,11 +9,15 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use ring::signature::Ed25519KeyPair;
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::Serialize;
+use tracing::warn;
 
-use super::chain::{
-    AuditError, GENESIS, Head, Kind, Line, hash_line, head_path, io, list_segments, seg_path,
+use super::{
+    chain::{
+        AuditError, GENESIS, Head, Kind, Line, hash_line, head_path, io, list_segments, seg_path,
+    },
+    reopen,
 };
 
 /// Appends records; `commit` makes everything appended so far durable (fsync) and
@@ -48,8 +52,10 @@ struct Pruned {
 }
 
 impl AuditWriter {
-    /// Opens `dir`, continuing the chain of its last segment (a torn last line from a
-    /// crash is cut back to the last complete record first).
+    /// Opens `dir`, continuing the chain of its last segment once it checked it
+    /// against its signed head (see `reopen`): a torn last line from a crash is cut, an
+    /// unsigned tail that continues the chain is signed late with a `recovery` record,
+    /// and damage is left as found, recorded in a `damage` record in a new segment.
     pub fn open(
         dir: &Path,
         key: Ed25519KeyPair,
@@ -57,45 +63,40 @@ impl AuditWriter {
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let segments = list_segments(dir).map_err(io(dir))?;
-        // What the previous writer left: records past its signed head, bytes of a torn line.
-        let mut left = (0u64, 0u64, 0usize);
-        let (segment, first_seq, chain_in, seq, last_hash, bytes) = match segments.last() {
-            None => (1, 1, GENESIS.to_string(), 0, GENESIS.to_string(), 0),
+        let found = match segments.last() {
+            None => None,
             Some(&n) => {
-                let p = seg_path(dir, n);
-                let text = std::fs::read(&p).map_err(io(&p))?;
-                let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-                if complete < text.len() {
-                    let f = OpenOptions::new().write(true).open(&p).map_err(io(&p))?;
-                    f.set_len(complete as u64).map_err(io(&p))?;
+                let prev = segments.len().checked_sub(2).map(|i| segments[i]);
+                Some(reopen::inspect(dir, n, prev, key.public_key().as_ref())?)
+            }
+        };
+        let damaged = found.as_ref().is_some_and(|f| !f.damage.is_empty());
+        let (segment, first_seq, chain_in, seq, last_hash, bytes) = match &found {
+            None => (1, 1, GENESIS.to_string(), 0, GENESIS.to_string(), 0),
+            // Never re-sign a damaged segment: continue in a new one, from what the
+            // damaged one's signed head vouched for (or its last record without one).
+            Some(f) if damaged => (
+                f.segment + 1,
+                f.seq + 1,
+                f.last_hash.clone(),
+                f.seq,
+                f.last_hash.clone(),
+                0,
+            ),
+            Some(f) => {
+                if f.torn > 0 {
+                    let p = seg_path(dir, f.segment);
+                    let file = OpenOptions::new().write(true).open(&p).map_err(io(&p))?;
+                    file.set_len(f.complete).map_err(io(&p))?;
                 }
-                let head: Option<Head> = std::fs::read(head_path(dir, n))
-                    .ok()
-                    .and_then(|b| serde_json::from_slice(&b).ok());
-                let mut seq = head.as_ref().map_or(0, |h| h.first_seq.saturating_sub(1));
-                let mut last = head
-                    .as_ref()
-                    .map_or(GENESIS.to_string(), |h| h.chain_in.clone());
-                let first_seq = seq.saturating_add(1);
-                let chain_in = last.clone();
-                for l in text[..complete]
-                    .split(|b| *b == b'\n')
-                    .filter(|l| !l.is_empty())
-                {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) {
-                        seq = v["seq"].as_u64().unwrap_or(seq.saturating_add(1));
-                    }
-                    last = hash_line(l);
-                }
-                let signed_to = head
-                    .as_ref()
-                    .map_or(first_seq.saturating_sub(1), |h| h.last_seq);
-                if seq > signed_to {
-                    left = (signed_to.saturating_add(1), seq, text.len() - complete);
-                } else if complete < text.len() {
-                    left = (0, 0, text.len() - complete);
-                }
-                (n, first_seq, chain_in, seq, last, complete as u64)
+                (
+                    f.segment,
+                    f.first_seq,
+                    f.chain_in.clone(),
+                    f.seq,
+                    f.last_hash.clone(),
+                    f.complete,
+                )
             }
         };
         let p = seg_path(dir, segment);
@@ -119,18 +120,32 @@ impl AuditWriter {
             max_disk_bytes: u64::MAX,
         };
         w.disk_bytes = w.measure();
-        if left != (0, 0, 0) {
-            // Signing a crashed writer's tail vouches for it from now on; say so in the
-            // chain, so an auditor sees which records were signed late and why.
-            let (from, to, torn) = left;
-            w.append(
-                Kind::Recovery,
-                &serde_json::json!({
-                    "reason": "the previous writer stopped before committing (crash or kill)",
-                    "signed_late": if to > 0 { serde_json::json!({"from_seq": from, "to_seq": to}) } else { serde_json::Value::Null },
-                    "torn_bytes_cut": torn,
-                }),
-            )?;
+        match found {
+            Some(f) if damaged => {
+                warn!(segment = f.segment, findings = ?f.damage, "the audit log was damaged while no writer had it open; recorded, not signed over");
+                w.append(
+                    Kind::Damage,
+                    &serde_json::json!({
+                        "reason": "the previous writer's log does not match its signed head(s)",
+                        "segment": f.segment,
+                        "findings": f.damage,
+                        "continues_after_seq": f.seq,
+                    }),
+                )?;
+            }
+            Some(f) if f.tail.is_some() || f.torn > 0 => {
+                // Signing a crashed writer's tail vouches for it from now on; say so in
+                // the chain, so an auditor sees which records were signed late and why.
+                w.append(
+                    Kind::Recovery,
+                    &serde_json::json!({
+                        "reason": "the previous writer stopped before committing (crash or kill)",
+                        "signed_late": f.tail.map(|(from, to)| serde_json::json!({"from_seq": from, "to_seq": to})),
+                        "torn_bytes_cut": f.torn,
+                    }),
+                )?;
+            }
+            _ => {}
         }
         w.commit()?;
         Ok(w)

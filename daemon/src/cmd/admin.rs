@@ -10,7 +10,7 @@ use super::{DEFAULT_CONFIG, Output};
 use crate::{
     admin::{AdminClient, Endpoint},
     config::Config,
-    util::unix_secs,
+    util::{escape_json, escape_text, unix_secs},
 };
 
 #[derive(clap::Args)]
@@ -140,16 +140,19 @@ pub fn grants(conn: &Conn, cmd: GrantsCmd) -> Result<ExitCode> {
 }
 
 fn print_call(c: &Conn, method: &str, path: &str, body: Option<Value>) -> Result<ExitCode> {
-    let v = client(c)?.call(method, path, body)?;
+    let mut v = client(c)?.call(method, path, body)?;
+    // A daemon escapes what it sends; a terminal is not left to trust that.
+    escape_json(&mut v);
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(ExitCode::SUCCESS)
 }
 
+/// A field for a table cell, escaped for the terminal.
 fn s(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => escape_text(s).into_owned(),
         Value::Null => "-".into(),
-        other => other.to_string(),
+        other => escape_text(&other.to_string()).into_owned(),
     }
 }
 
@@ -169,11 +172,17 @@ fn request_text(r: &Value) -> String {
         .filter(|n| !n.is_empty())
         .unwrap_or("-");
     let name = r["name"].as_str().filter(|n| !n.is_empty()).unwrap_or("-");
-    format!("{} {res} {ns}/{name}", s(&r["verb"]))
+    format!(
+        "{} {res} {}/{}",
+        s(&r["verb"]),
+        escape_text(ns),
+        escape_text(name)
+    )
 }
 
 fn list(c: &Conn, path: &str, output: Output) -> Result<ExitCode> {
-    let v = client(c)?.call("GET", path, None)?;
+    let mut v = client(c)?.call("GET", path, None)?;
+    escape_json(&mut v);
     if let Output::Json = output {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);

@@ -18,20 +18,48 @@ pub enum ExportFormat {
 }
 
 /// `portcullis audit verify`: each problem, then the totals; exit 1 on any problem.
-pub fn verify(dir: &Path, key: Option<PathBuf>) -> Result<ExitCode> {
-    let key_path = key.unwrap_or_else(|| dir.join("../audit.pub"));
-    let hexkey = std::fs::read_to_string(&key_path)
-        .with_context(|| format!("reading the audit public key {}", key_path.display()))?;
-    let public = hex::decode(hexkey.trim())
-        .with_context(|| format!("{} is not a hex public key", key_path.display()))?;
-    let r = audit::verify_settled(dir, &public, Duration::from_secs(2))?;
+pub fn verify(dir: &Path, key: Option<PathBuf>, anchor: Option<PathBuf>) -> Result<ExitCode> {
+    let anchor = anchor
+        .map(|p| {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("reading the anchor {}", p.display()))?;
+            audit::Anchor::parse(&text).with_context(|| format!("{}", p.display()))
+        })
+        .transpose()?;
+    let hexkey = match (&key, &anchor) {
+        (Some(k), _) => std::fs::read_to_string(k)
+            .with_context(|| format!("reading the audit public key {}", k.display()))?,
+        (None, Some(a)) => a.public_key.clone(),
+        (None, None) => {
+            let beside = dir.join("../audit.pub");
+            println!(
+                "NOTE  using the key beside the log ({}): whoever can edit the log can replace it; pass --anchor or --key",
+                beside.display()
+            );
+            std::fs::read_to_string(&beside)
+                .with_context(|| format!("reading the audit public key {}", beside.display()))?
+        }
+    };
+    let public = hex::decode(hexkey.trim()).context("the audit public key is not hex")?;
+    let mut r = audit::verify_settled(dir, &public, Duration::from_secs(2))?;
+    if let Some(a) = &anchor {
+        r.problems.extend(
+            audit::check_anchor(dir, a, &public)
+                .into_iter()
+                .map(|p| format!("anchor: {p}")),
+        );
+    }
     for p in &r.problems {
         println!("FAIL  {p}");
     }
     println!(
-        "{} segments, {} records: {}",
+        "{} segments, {} records{}: {}",
         r.segments,
         r.records,
+        anchor
+            .as_ref()
+            .map(|a| format!(", anchored up to seq {}", a.head.last_seq))
+            .unwrap_or_default(),
         if r.problems.is_empty() {
             "intact".to_string()
         } else {

@@ -221,7 +221,16 @@ pub struct Identity {
     /// Clock skew tolerated on exp/nbf.
     #[serde(default = "default_leeway", with = "humantime_serde_compat")]
     pub leeway: std::time::Duration,
+    /// How long a TokenReview's answer for a service-account token (by `jti`) is
+    /// reused: a deleted pod or service account stops working within this (plus the
+    /// API server's own token cache, 10 s).
+    #[serde(default = "default_review_ttl", with = "humantime_serde_compat")]
+    pub token_review_ttl: std::time::Duration,
     pub issuers: Vec<IssuerConfig>,
+}
+
+fn default_review_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(3)
 }
 
 fn default_leeway() -> std::time::Duration {
@@ -239,6 +248,11 @@ pub struct IssuerConfig {
     /// `system:serviceaccount:NS:NAME` and projected tokens are bound to their pod.
     #[serde(default)]
     pub kubernetes: bool,
+    /// Kubernetes issuers: every token is also checked with the API server's
+    /// TokenReview (cached by `jti` for `token_review_ttl`), so a token whose pod or
+    /// service account was deleted stops working. On by default.
+    #[serde(default = "yes")]
+    pub token_review: bool,
     /// OIDC: the JWKS URL (default: from `<issuer>/.well-known/openid-configuration`).
     #[serde(default)]
     pub jwks_url: Option<String>,
@@ -455,6 +469,25 @@ pub struct Audit {
     /// Ship records to an HTTP collector as well.
     #[serde(default)]
     pub sink: Option<AuditSink>,
+    /// Publish each signed head off the node, to a Kubernetes object.
+    #[serde(default)]
+    pub anchor: Option<AuditAnchor>,
+}
+
+/// The ConfigMap the daemon writes its newest signed head and public key to, with its
+/// own credential (grant it get/create/update/patch on that ConfigMap).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditAnchor {
+    pub namespace: String,
+    pub name: String,
+    /// At most one write per interval (and one when the daemon stops).
+    #[serde(default = "default_anchor_every", with = "humantime_serde_compat")]
+    pub every: std::time::Duration,
+}
+
+fn default_anchor_every() -> std::time::Duration {
+    std::time::Duration::from_secs(2)
 }
 
 impl Default for Audit {
@@ -466,6 +499,7 @@ impl Default for Audit {
             segment_bytes: default_segment_bytes(),
             max_disk_bytes: default_audit_disk_bytes(),
             sink: None,
+            anchor: None,
         }
     }
 }

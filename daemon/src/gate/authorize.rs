@@ -6,15 +6,20 @@ use std::{sync::Arc, time::Duration};
 
 use http::{Request, header};
 
-use super::{Admitted, Conn, Refusal};
+use bytes::Bytes;
+
+use super::{
+    Admitted, Conn, Refusal,
+    effect::{self, Wire},
+};
 use crate::{
     approvals::{Approvals, Held},
     audit::Decision,
     identity::{Authenticator, Identity},
-    k8s::Attributes,
+    k8s::{self, Attributes, RequestScope},
     kernel::ConnOrigin,
-    policy::{Action, ApprovalSpec, PolicyHandle},
-    upstream::Impersonation,
+    policy::{self, Action, ApprovalSpec, PolicyHandle},
+    upstream::{Impersonation, Upstream},
     {k8s::PodRef, kernel::PodResolver},
 };
 
@@ -53,6 +58,11 @@ pub struct Authorized {
     pub rule: Option<String>,
     /// The grant an approval created, when it passed on one.
     pub grant: Option<String>,
+    /// The body to forward instead of the agent's: the same request, conditional on
+    /// the version of the object the decision read.
+    pub body: Option<Bytes>,
+    /// That version (the write's resourceVersion precondition).
+    pub precondition: Option<String>,
 }
 
 impl Authorizer {
@@ -94,7 +104,12 @@ impl Caller<'_> {
         }
     }
 
-    pub(super) async fn authorize(self, admitted: &Admitted) -> Result<Authorized, Refusal> {
+    pub(super) async fn authorize(
+        self,
+        admitted: &Admitted,
+        wire: &Wire<'_>,
+        upstream: &Upstream,
+    ) -> Result<Authorized, Refusal> {
         let (id, gated) = match self {
             Caller::Agent(imp) => {
                 return Ok(Authorized {
@@ -102,6 +117,8 @@ impl Caller<'_> {
                     decision: Decision::PassThrough,
                     rule: None,
                     grant: None,
+                    body: None,
+                    precondition: None,
                 });
             }
             Caller::Identified { id, gated } => (*id, gated),
@@ -116,8 +133,36 @@ impl Caller<'_> {
             });
         };
         let impersonate = Impersonation::new(&scoped.user, &scoped.groups);
-        let d = policy.decide(&id.user, &admitted.info);
-        let attrs = Box::new(Attributes::from(&admitted.info));
+        let info = &admitted.info;
+        let pod = id.kernel_pod.as_ref().or(id.token_pod.as_ref());
+        let request = policy::Request {
+            user: &id.user,
+            info,
+            query: wire.query,
+            create_name: (info.verb == "create" && info.subresource.is_empty())
+                .then(|| k8s::parse_body(wire.content_type, wire.body))
+                .flatten()
+                .and_then(|v| v["metadata"]["name"].as_str().map(str::to_owned)),
+            pod,
+        };
+        // Only what a rule that could decide reads is fetched (most requests: nothing).
+        let needs = policy.needs(&request);
+        let effect = if needs.any() {
+            effect::obtain(upstream, &impersonate, wire, info, needs).await?
+        } else {
+            effect::Effect::default()
+        };
+        let d = policy.decide(
+            &request,
+            &request.inputs(
+                effect.object.as_ref(),
+                effect.old_object.as_ref(),
+                effect.missing.clone(),
+            ),
+        );
+        let body = effect::conditional_body(wire, info, &effect)?;
+        let precondition = body.as_ref().and(effect.resource_version.clone());
+        let attrs = Box::new(Attributes::from(info));
         let rule = match (d.action, d.rule) {
             (Action::Deny, rule) => {
                 return Err(Refusal::Denied {
@@ -133,6 +178,8 @@ impl Caller<'_> {
                     decision: Decision::Allow,
                     rule,
                     grant: None,
+                    body,
+                    precondition,
                 });
             }
             (Action::Approve, rule) => rule.unwrap_or_default(),
@@ -142,9 +189,18 @@ impl Caller<'_> {
             hold: Duration::ZERO,
             grant_ttl: Duration::from_secs(60),
         });
+        // The grant covers exactly this request: method, path, query, body, pod.
+        let scope = RequestScope::new(
+            wire.method.as_str(),
+            wire.path,
+            wire.query,
+            wire.content_type,
+            wire.body,
+            pod.map(|p| p.uid.as_str()).unwrap_or(""),
+        );
         let held = gated
             .approvals
-            .hold(&id, &attrs, &rule, &d.message, &spec)
+            .hold(&id, &attrs, &scope, &rule, &d.message, &spec)
             .await;
         match held {
             Ok(Held::Granted { grant_id }) => Ok(Authorized {
@@ -152,6 +208,8 @@ impl Caller<'_> {
                 decision: Decision::Approved,
                 rule: Some(rule),
                 grant: Some(grant_id),
+                body,
+                precondition,
             }),
             Ok(Held::Pending { approval_id }) => Err(Refusal::Pending {
                 attrs,

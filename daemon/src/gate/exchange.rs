@@ -80,6 +80,7 @@ impl Records {
                     .unwrap_or("")
                     .to_owned(),
                 request_body: None,
+                precondition: String::new(),
             },
         }
     }
@@ -113,6 +114,7 @@ impl Exchange {
         self.rec.decision = a.decision.clone();
         self.rec.rule = a.rule.clone().unwrap_or_default();
         self.rec.grant = a.grant.clone().unwrap_or_default();
+        self.rec.precondition = a.precondition.clone().unwrap_or_default();
     }
 
     /// Whether the audit level keeps this request's body (mutations with one).

@@ -4,7 +4,8 @@
 //! streams. Upgrades that switch are `upgrade.rs`.
 use std::sync::Arc;
 
-use http::{Request, Response, header};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, header, request};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -16,21 +17,98 @@ use crate::{
     util::{self, BoxError, ProxyBody},
 };
 
-/// Largest request body read whole (to check and record it) before it is forwarded:
-/// the API server's own limit, 3 MiB.
+/// Largest request body read whole (to decide, check and record it) before it is
+/// forwarded: the API server's own limit, 3 MiB.
 const MAX_REQUEST_BODY: usize = 3 << 20;
+
+/// A request's body on its way upstream.
+pub(super) enum Outgoing {
+    /// A mutation's (or any body the audit keeps), read whole.
+    Whole(Bytes),
+    /// Anything else's, streamed.
+    Stream(Incoming),
+}
+
+/// Reads a body whole, up to the API server's own limit. An encoded one (gzip...) is
+/// refused: what is decided, checked for placeholders and recorded must be what the
+/// API server stores.
+pub(super) async fn read_body(
+    headers: &http::HeaderMap,
+    body: Incoming,
+) -> Result<Bytes, Refusal> {
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING)
+        && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(Refusal::EncodedRequestBody(
+            String::from_utf8_lossy(enc.as_bytes()).into_owned(),
+        ));
+    }
+    Ok(http_body_util::Limited::new(body, MAX_REQUEST_BODY)
+        .collect()
+        .await
+        .map_err(|e| Refusal::BodyUnreadable {
+            too_large: e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some(),
+            why: e.to_string(),
+        })?
+        .to_bytes())
+}
 
 impl Gate {
     pub(super) async fn forward(
         &self,
-        req: Request<Incoming>,
+        mut parts: request::Parts,
+        body: Outgoing,
         conn: &Arc<Conn>,
         ex: &mut Exchange,
         admitted: &Admitted,
         authorized: &Authorized,
     ) -> Result<Response<ProxyBody>, Refusal> {
-        let (mut parts, body) = req.into_parts();
-        let body = self.checked_body(&parts, body, ex, admitted).await?;
+        let body = match body {
+            Outgoing::Whole(bytes) => {
+                if ex.wants_body() {
+                    // The agent's body as it sent it, masked.
+                    ex.record_body(&bytes, admitted.plan.as_ref());
+                }
+                if matches!(
+                    parts.method,
+                    http::Method::POST | http::Method::PUT | http::Method::PATCH
+                ) {
+                    // A write carrying a masking placeholder where a value would be
+                    // stored is refused (whatever its encoding: the placeholder text is
+                    // found in JSON, YAML, CBOR and protobuf alike, also base64-encoded),
+                    // so masking never overwrites a real value.
+                    let ctype = parts
+                        .headers
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    if let Some(field) = mask::find_placeholder(&bytes, ctype) {
+                        return Err(Refusal::PlaceholderWriteBack {
+                            attrs: Box::new(Attributes::from(&admitted.info)),
+                            field,
+                        });
+                    }
+                }
+                // The same request made conditional on the checked object, if so.
+                let send = authorized.body.clone().unwrap_or(bytes);
+                if parts.headers.contains_key(header::CONTENT_LENGTH) || !send.is_empty() {
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(send.len()));
+                }
+                if authorized.body.is_some() && !parts.headers.contains_key(header::CONTENT_TYPE) {
+                    // A DELETE without a body gets DeleteOptions.
+                    parts.headers.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                }
+                util::full(send)
+            }
+            Outgoing::Stream(incoming) => incoming.map_err(BoxError::from).boxed(),
+        };
         ex.record_request().await?;
         self.upstream
             .rewrite(&mut parts, false, &authorized.impersonate)
@@ -50,62 +128,6 @@ impl Gate {
             .await
             .map_err(|e| self.upstream_error(e))?;
         self.relay(resp, admitted.plan.as_ref(), ex, conn, head)
-    }
-
-    /// The body to forward. A write's (POST, PUT, PATCH) is read whole, up to the API
-    /// server's own limit: one that carries a masking placeholder where a value would
-    /// be stored is refused (whatever its encoding: the placeholder text is found in
-    /// JSON, YAML, CBOR and protobuf alike, also base64-encoded), so masking never
-    /// overwrites a real value. If the audit level keeps request bodies, the body is
-    /// kept in the record, decoded and masked. Other bodies stream.
-    async fn checked_body(
-        &self,
-        parts: &http::request::Parts,
-        body: Incoming,
-        ex: &mut Exchange,
-        admitted: &Admitted,
-    ) -> Result<ProxyBody, Refusal> {
-        let write = matches!(
-            parts.method,
-            http::Method::POST | http::Method::PUT | http::Method::PATCH
-        );
-        if !write && !ex.wants_body() {
-            return Ok(body.map_err(BoxError::from).boxed());
-        }
-        if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING)
-            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
-        {
-            return Err(Refusal::EncodedRequestBody(
-                String::from_utf8_lossy(enc.as_bytes()).into_owned(),
-            ));
-        }
-        let bytes = http_body_util::Limited::new(body, MAX_REQUEST_BODY)
-            .collect()
-            .await
-            .map_err(|e| Refusal::BodyUnreadable {
-                too_large: e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some(),
-                why: e.to_string(),
-            })?
-            .to_bytes();
-        if ex.wants_body() {
-            ex.record_body(&bytes, admitted.plan.as_ref());
-        }
-        if write {
-            let ctype = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if let Some(field) = mask::find_placeholder(&bytes, ctype) {
-                return Err(Refusal::PlaceholderWriteBack {
-                    attrs: Box::new(Attributes::from(&admitted.info)),
-                    field,
-                });
-            }
-        }
-        Ok(util::full(bytes))
     }
 
     /// The API server's answer on its way to the agent: masked, and its outcome

@@ -8,7 +8,9 @@ use crate::{
     approvals::StoreError,
     audit::{AuditUnavailable, Decision},
     identity::AuthError,
-    k8s::{Attributes, RequestInfoError, Status, StatusCause, StatusDetails},
+    k8s::{
+        Attributes, PreconditionError, RequestInfoError, Status, StatusCause, StatusDetails,
+    },
     mask::Unmaskable,
     upstream::UpstreamError,
     util::{ProxyBody, source_chain},
@@ -91,6 +93,18 @@ pub enum Refusal {
         #[source]
         source: StoreError,
     },
+    /// The API server refused the dry run of the request (what the policy's
+    /// conditions would have read): the request itself would fare the same.
+    #[error(
+        "Portcullis decides this request on its effect, and the API server's dry run of it answered {}: {message}",
+        code.as_u16()
+    )]
+    DryRunRefused { code: StatusCode, message: String },
+    #[error("Portcullis cannot obtain what this request would change from the API server: {0}")]
+    EffectUnavailable(#[source] UpstreamError),
+    /// The write must carry the checked version, and its body cannot say it.
+    #[error("Portcullis: {0}")]
+    NoPrecondition(#[source] PreconditionError),
 
     /// The agent's share of in-flight requests is used up (`proxy.limits`).
     #[error(
@@ -157,13 +171,21 @@ impl Refusal {
             ApprovalDenied { .. } | ApprovalExpired { .. } => StatusCode::FORBIDDEN,
             HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BothFramings | Unresolvable(_) => StatusCode::BAD_REQUEST,
+            // The token could not be checked: an outage, not the agent's fault.
+            BadToken(AuthError::ReviewUnavailable(_) | AuthError::ReviewUnreachable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             NoToken | BadToken(_) => StatusCode::UNAUTHORIZED,
             TooManyPending { .. } | ConnectionClosing | AgentBusy { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApprovalsUnavailable { .. } | AuditWriteFailed(_) | AuditUnhealthy => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApprovalsUnavailable { .. }
+            | AuditWriteFailed(_)
+            | AuditUnhealthy
+            | EffectUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            DryRunRefused { code, .. } => *code,
+            NoPrecondition(PreconditionError::Encoding(_)) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            NoPrecondition(PreconditionError::Invalid { .. }) => StatusCode::BAD_REQUEST,
             BodyUnreadable { too_large, .. } => {
                 if *too_large {
                     StatusCode::PAYLOAD_TOO_LARGE
@@ -197,7 +219,10 @@ impl Refusal {
             ApprovalDenied { .. } => Decision::Denied,
             ApprovalExpired { .. } => Decision::Expired,
             TooManyPending { .. } => Decision::TooManyPending,
-            ApprovalsUnavailable { .. } => Decision::Refused,
+            ApprovalsUnavailable { .. }
+            | DryRunRefused { .. }
+            | EffectUnavailable(_)
+            | NoPrecondition(_) => Decision::Refused,
             // The gate stopped what policy allowed: not forwarded, never replayed.
             PlaceholderWriteBack { .. } | EncodedRequestBody(_) => Decision::Refused,
             BodyUnreadable { .. }
@@ -265,6 +290,7 @@ impl Refusal {
             BothFramings => "refused: both Content-Length and Transfer-Encoding",
             NoToken | BadToken(_) => "refused: agent identity",
             ApprovalsUnavailable { .. } => "approval store unavailable",
+            EffectUnavailable(_) => "the request's effect could not be obtained",
             AuditWriteFailed(_) | AuditUnhealthy => "refused: the audit log cannot be written",
             Credential(_) => "daemon credential unavailable",
             UpstreamUnreachable { .. } => "API server unreachable",
@@ -280,6 +306,8 @@ impl Refusal {
             | ApprovalDenied { .. }
             | ApprovalExpired { .. }
             | TooManyPending { .. }
+            | DryRunRefused { .. }
+            | NoPrecondition(_)
             | BodyUnreadable { .. } => return None,
         })
     }

@@ -8,6 +8,7 @@
 //! order "the audit record is durable before the mutation is forwarded" are checked
 //! here against what the agent sees (status, metav1.Status message), what reached the
 //! API server, and what the audit log says.
+mod effect;
 mod fake_api;
 mod fake_shapes;
 mod lab;

@@ -1,6 +1,8 @@
 //! Verifying an agent's bearer token against the configured issuers (signature from
 //! the issuer's keys, issuer, audience, expiry, not-before, algorithm), with a cache
-//! of tokens already verified.
+//! of tokens already verified. A service-account token is also put to the API
+//! server's TokenReview (answers cached by `jti` for `token_review_ttl`): a signature
+//! stays valid after its pod or service account is deleted, the review does not.
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -20,6 +22,7 @@ use super::{
 use crate::{
     config::{self, IssuerConfig},
     k8s::PodRef,
+    upstream::{Call, Upstream},
     util::unix_secs as now,
 };
 
@@ -43,6 +46,11 @@ pub struct Authenticator {
     issuers: HashMap<String, Issuer>,
     leeway: Duration,
     cache: Mutex<HashMap<[u8; 32], Arc<Cached>>>,
+    /// Where TokenReviews go (the API server, with the daemon's credential).
+    reviewer: Option<Arc<Upstream>>,
+    review_ttl: Duration,
+    /// `(issuer, jti)` → when the API server last confirmed the token.
+    reviewed: Mutex<HashMap<(String, String), std::time::Instant>>,
 }
 
 const CACHE_MAX: usize = 4096;
@@ -60,7 +68,97 @@ impl Authenticator {
             issuers,
             leeway: cfg.leeway,
             cache: Mutex::new(HashMap::new()),
+            reviewer: None,
+            review_ttl: cfg.token_review_ttl,
+            reviewed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Checks the tokens of issuers with `token_review` against this API server.
+    pub fn with_reviews(mut self, upstream: Arc<Upstream>) -> Self {
+        self.reviewer = Some(upstream);
+        self
+    }
+
+    /// Asks the API server whether `token` is still valid (its pod, service account,
+    /// secret or node still exist), unless it said so within `review_ttl`.
+    async fn review(&self, token: &str, id: &Identity) -> Result<(), AuthError> {
+        let Some(issuer) = self.issuers.get(&id.issuer) else {
+            return Ok(());
+        };
+        if !(issuer.cfg.kubernetes && issuer.cfg.token_review) {
+            return Ok(());
+        }
+        let Some(up) = &self.reviewer else {
+            return Err(AuthError::ReviewUnavailable(
+                "no API server to send TokenReviews to".into(),
+            ));
+        };
+        let key = (id.issuer.clone(), id.token_id.clone());
+        {
+            let mut seen = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = seen.get(&key) {
+                if t.elapsed() < self.review_ttl {
+                    return Ok(());
+                }
+                seen.remove(&key);
+            }
+        }
+        let body = serde_json::json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": issuer.cfg.audiences},
+        });
+        let (code, answer) = up
+            .call(
+                None,
+                Call {
+                    method: http::Method::POST,
+                    path_and_query: "/apis/authentication.k8s.io/v1/tokenreviews",
+                    accept: "application/json",
+                    content_type: Some("application/json"),
+                    body: bytes::Bytes::from(body.to_string()),
+                },
+                1 << 20,
+            )
+            .await
+            .map_err(|e| match e {
+                crate::upstream::UpstreamError::Request { .. }
+                | crate::upstream::UpstreamError::Timeout { .. } => {
+                    AuthError::ReviewUnreachable(e.to_string())
+                }
+                e => AuthError::ReviewUnavailable(e.to_string()),
+            })?;
+        if !code.is_success() {
+            return Err(AuthError::ReviewUnavailable(format!(
+                "TokenReview answered {}",
+                code.as_u16()
+            )));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&answer)
+            .map_err(|e| AuthError::ReviewUnavailable(format!("TokenReview answer: {e}")))?;
+        let status = &v["status"];
+        if status["authenticated"] != true {
+            return Err(AuthError::Revoked(
+                status["error"]
+                    .as_str()
+                    .unwrap_or("the API server does not authenticate it")
+                    .to_owned(),
+            ));
+        }
+        if status["user"]["username"].as_str() != Some(id.user.username.as_str()) {
+            return Err(AuthError::Revoked(format!(
+                "the API server knows it as {}, not {}",
+                status["user"]["username"], id.user.username
+            )));
+        }
+        let mut seen = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= CACHE_MAX {
+            let ttl = self.review_ttl;
+            seen.retain(|_, t| t.elapsed() < ttl);
+        }
+        seen.insert(key, std::time::Instant::now());
+        Ok(())
     }
 
     /// Verifies `token` and binds it to `kernel_pod`, the pod whose cgroup opened the
@@ -108,6 +206,7 @@ impl Authenticator {
             }
         };
         bind_to_pod(&mut identity, kernel_pod)?;
+        self.review(token, &identity).await?;
         Ok(identity)
     }
 

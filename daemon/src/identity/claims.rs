@@ -51,6 +51,7 @@ pub(super) fn identity_from_claims(
         }
         Ok(Identity {
             issuer: cfg.issuer.clone(),
+            subject: username.clone(),
             user: UserInfo {
                 username,
                 groups: vec![
@@ -103,6 +104,7 @@ pub(super) fn identity_from_claims(
         groups.push("system:authenticated".into());
         Ok(Identity {
             issuer: cfg.issuer.clone(),
+            subject: claims["sub"].as_str().unwrap_or("").to_owned(),
             user: UserInfo {
                 username: format!("{}{raw}", cfg.username_prefix),
                 groups,
@@ -147,6 +149,7 @@ mod tests {
         IssuerConfig {
             issuer: "https://issuer.test".into(),
             kubernetes,
+            token_review: kubernetes,
             jwks_url: None,
             ca_file: None,
             audiences: vec!["aud".into()],
@@ -214,6 +217,7 @@ mod tests {
         };
         let mut id = Identity {
             issuer: "i".into(),
+            subject: "u".into(),
             user: UserInfo {
                 username: "u".into(),
                 groups: vec![],

@@ -204,6 +204,19 @@ impl ListOptions {
     }
 }
 
+/// The value a field selector in `query` pins `field` to (`field=v` or `field==v`),
+/// if the selector parses and has such a term.
+pub fn field_selector_value(query: &str, field: &str) -> Option<String> {
+    let selector = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "fieldSelector")
+        .map(|(_, v)| v.into_owned())?;
+    parse_field_selector(&selector)
+        .ok()?
+        .into_iter()
+        .find(|t| t.field == field && t.op != Op::NotEquals)
+        .map(|t| t.value)
+}
+
 fn parse_go_int64(v: &str) -> Option<i64> {
     // strconv.ParseInt(v, 10, 64): optional sign, decimal digits.
     let digits = v.strip_prefix(['+', '-']).unwrap_or(v);

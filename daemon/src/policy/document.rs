@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     API_VERSION, KIND, MAX_HOLD, PolicyError,
+    condition::Condition,
     rules::{Policy, Rule, Subject, glob},
 };
 
@@ -103,6 +104,17 @@ struct RuleSpec {
     message: Option<String>,
     #[serde(default)]
     approval: Option<ApprovalSpecRaw>,
+    /// CEL expressions over `object`, `oldObject` and `request`; all must hold.
+    #[serde(default)]
+    conditions: Vec<ConditionSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConditionSpec {
+    #[serde(default)]
+    name: Option<String>,
+    expression: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,7 +305,21 @@ impl Policy {
                 }
                 (_, None) => None,
             };
+            let mut conditions = Vec::new();
+            for (j, c) in r.conditions.iter().enumerate() {
+                let name = c.name.clone().unwrap_or_else(|| format!("{}[{j}]", r.name));
+                conditions.push(Condition::compile(name, &c.expression).map_err(|e| {
+                    field_err(at(&format!("conditions[{j}].expression")), e.to_string())
+                })?);
+            }
+            if !conditions.is_empty() && !r.non_resource_urls.is_empty() {
+                return Err(field_err(
+                    at("conditions"),
+                    "conditions are for resource rules (non-resource URLs have no objects)".into(),
+                ));
+            }
             rules.push(Rule {
+                conditions,
                 subjects: r
                     .subjects
                     .iter()

@@ -1,13 +1,13 @@
 //! Audit evidence: per-request records (durable before a mutation acts, even across a
 //! kill -9), the HTTP sink, sessions, export, replay, and the hash chain's tamper check.
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Output, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
-use portcullis_tests::gate::{AUDIT_SECTION, POD, SA_ISSUER};
+use portcullis_tests::gate::{ANCHOR_NAME, ANCHOR_NAMESPACE, AUDIT_SECTION, POD, SA_ISSUER};
 
 use crate::{Clients, Env, masking::assert_no_canary, python, stderr};
 
@@ -443,6 +443,189 @@ pub fn chain_tamper(env: &mut Env) -> Result<()> {
     ensure!(
         !o.status.success() && out.contains("FAIL  seg-000001"),
         "tamper not detected: {out}"
+    );
+    Ok(())
+}
+
+/// The anchor ConfigMap as `kubectl get -o json` prints it.
+fn anchor_json(env: &Env) -> Result<String> {
+    env.node.kubectl_ok(&[
+        "-n",
+        ANCHOR_NAMESPACE,
+        "get",
+        "configmap",
+        ANCHOR_NAME,
+        "-o",
+        "json",
+    ])
+}
+
+fn anchored_seq(cm: &str) -> Result<u64> {
+    let v: serde_json::Value = serde_json::from_str(cm)?;
+    let head: serde_json::Value = serde_json::from_str(
+        v["data"]["head"]
+            .as_str()
+            .context("no head in the anchor")?,
+    )?;
+    head["last_seq"].as_u64().context("no last_seq")
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// What root on the node can do while the daemon is stopped: cut the last `n` records
+/// of the newest segment and, with the node's key, sign a head over what is left.
+fn cut_and_resign(state: &Path, n: usize, resign: bool) -> Result<()> {
+    let dir = state.join("audit");
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    segs.sort();
+    let seg = segs.last().context("no segment")?;
+    let text = std::fs::read_to_string(seg)?;
+    let lines: Vec<&str> = text.lines().collect();
+    ensure!(lines.len() > n, "too few records to cut");
+    let kept = &lines[..lines.len() - n];
+    std::fs::write(
+        seg,
+        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )?;
+    if resign {
+        let head_path = seg.with_extension("head.json");
+        let h: serde_json::Value = serde_json::from_slice(&std::fs::read(&head_path)?)?;
+        let last: serde_json::Value = serde_json::from_str(kept.last().context("empty")?)?;
+        let unsigned = format!(
+            r#"{{"segment":{},"first_seq":{},"last_seq":{},"chain_in":"{}","last_hash":"{}","sig":""}}"#,
+            h["segment"],
+            h["first_seq"],
+            last["seq"],
+            h["chain_in"].as_str().unwrap_or(""),
+            sha256_hex(kept.last().context("empty")?.as_bytes())
+        );
+        let key =
+            ring::signature::Ed25519KeyPair::from_pkcs8(&std::fs::read(state.join("audit.key"))?)
+                .map_err(|e| anyhow::anyhow!("audit key: {e}"))?;
+        let sig: String = key
+            .sign(unsigned.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        std::fs::write(
+            &head_path,
+            unsigned.replace(r#""sig":"""#, &format!(r#""sig":"{sig}""#)),
+        )?;
+    }
+    Ok(())
+}
+
+/// Records cut from the log while the daemon is stopped: with the head re-signed by
+/// the node's key the log verifies on its own, but not against the anchor the daemon
+/// published off the node (nor does the restarted daemon sign over it: it records the
+/// damage); cut without the key, the restarted daemon records the damage itself.
+pub fn tamper_across_stops_is_caught_against_the_anchor(env: &mut Env) -> Result<()> {
+    for _ in 0..3 {
+        env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    }
+    let state = env.state_dir().to_owned();
+    let dir = state.join("audit");
+    let dir_s = dir.display().to_string();
+    env.daemon.stop()?;
+    // The anchor after a clean stop vouches for the last records (a record written
+    // in the last moments of the stop may follow it).
+    let cm = anchor_json(env).context("the daemon published no anchor")?;
+    let last_local = chain(env)?
+        .last()
+        .and_then(|r| r["seq"].as_u64())
+        .context("empty log")?;
+    let anchored = anchored_seq(&cm)?;
+    ensure!(
+        anchored <= last_local && anchored + 2 >= last_local,
+        "the anchor vouches for seq {anchored} but the log ends at {last_local}"
+    );
+    let cut = (last_local - anchored) as usize + 3;
+    let saved = state.join("audit.saved");
+    let _ = std::fs::remove_dir_all(&saved);
+    let o = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&dir)
+        .arg(&saved)
+        .output()?;
+    ensure!(o.status.success(), "saving the log");
+    let anchor_file = env.dir.join("anchor.json");
+    std::fs::write(&anchor_file, &cm)?;
+    let anchor_s = anchor_file.display().to_string();
+    let o = cli(env, &["audit", "verify", &dir_s, "--anchor", &anchor_s])?;
+    ensure!(
+        o.status.success(),
+        "intact log against its anchor: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    // Root with the node's key.
+    cut_and_resign(&state, cut, true)?;
+    let o = cli(env, &["audit", "verify", &dir_s])?;
+    ensure!(
+        o.status.success(),
+        "the re-signed log should verify on its own (which is why anchors exist): {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = cli(env, &["audit", "verify", &dir_s, "--anchor", &anchor_s])?;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        !o.status.success() && out.contains("records were cut"),
+        "cut records not caught against the anchor: {out}"
+    );
+    // The restarted daemon checks itself against the anchor and records the damage.
+    env.daemon.start()?;
+    env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let o = cli(env, &["audit", "verify", &dir_s])?;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        !o.status.success()
+            && out.contains("the daemon recorded damage")
+            && out.contains("records were cut"),
+        "the restarted daemon did not record the cut: {out}"
+    );
+    // Without the key: a plain cut, found by the daemon itself when it reopens.
+    env.daemon.stop()?;
+    cut_and_resign(&state, 2, false)?;
+    env.daemon.start()?;
+    env.gate_ok(&["get", "configmaps", "-o", "name"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let recs = chain(env)?;
+    let damage: Vec<&serde_json::Value> = recs.iter().filter(|r| r["kind"] == "damage").collect();
+    ensure!(
+        damage
+            .iter()
+            .any(|d| d["record"]["findings"].to_string().contains("were cut")),
+        "no damage record for the plain cut: {damage:?}"
+    );
+    println!(
+        "    cut + re-signed: verifies alone, fails against the anchor (seq {anchored}); both cuts recorded as damage by the restarted daemon ({} damage records)",
+        damage.len()
+    );
+    // Put the evidence back as it was before this case (and forget the anchor of the
+    // damaged log), so later cases start from an intact log.
+    env.daemon.stop()?;
+    std::fs::remove_dir_all(&dir)?;
+    std::fs::rename(&saved, &dir)?;
+    env.node
+        .kubectl_ok(&["-n", ANCHOR_NAMESPACE, "delete", "configmap", ANCHOR_NAME])?;
+    env.daemon.start()?;
+    let o = cli(env, &["audit", "verify", &dir_s])?;
+    ensure!(
+        o.status.success(),
+        "restored log: {}",
+        String::from_utf8_lossy(&o.stdout)
     );
     Ok(())
 }

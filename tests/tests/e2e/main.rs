@@ -11,8 +11,10 @@
 //! e2e -- FILTER` runs the cases whose name contains FILTER. One file per concern:
 //! `clients` (transparent proxy with real clients), `current_api` (what only a current
 //! apiserver exposes), `hardening` (hostile clients, outages), `identity`, `policy`,
-//! `approvals`, `masking`, `leaks` (masking on every response path), `write_back`
-//! (placeholders refused, bodies recorded masked), `audit`. Needs root.
+//! `content` (policy on what requests do: the shipped policy, the check-to-write race,
+//! exact grants, TokenReview), `approvals`, `masking`, `leaks` (masking on every
+//! response path), `write_back` (placeholders refused, bodies recorded masked),
+//! `audit`. Needs root.
 use std::{
     io::Write,
     path::Path,
@@ -27,6 +29,7 @@ use portcullis_tests::gate::{Gate, GateOptions, NAMESPACE};
 mod approvals;
 mod audit;
 mod clients;
+mod content;
 mod current_api;
 mod hardening;
 mod identity;
@@ -136,6 +139,22 @@ const CASES: &[Case] = &[
         "admin_socket_is_root_only_and_policy_test_exits_nonzero",
         policy::admin_socket_and_policy_cli,
     ),
+    (
+        "shipped_policy_closes_exfiltration_and_destructive_paths",
+        content::shipped_policy_closes_exfiltration_and_destructive_paths,
+    ),
+    (
+        "policy_race_change_between_check_and_write_is_a_conflict",
+        content::a_change_between_check_and_write_is_a_conflict,
+    ),
+    (
+        "grants_cover_only_the_approved_request",
+        content::grants_cover_only_the_approved_request,
+    ),
+    (
+        "tokenreview_revokes_deleted_service_accounts_and_pods",
+        content::tokenreview_revokes_deleted_service_accounts_and_pods,
+    ),
     ("masking_canaries_never_reach_the_agent", masking::canaries),
     // After `masking`: these start further rounds of the target's canary log.
     (
@@ -166,6 +185,10 @@ const CASES: &[Case] = &[
     (
         "audit_chain_of_kernel_events_verifies_then_detects_a_tamper",
         audit::chain_tamper,
+    ),
+    (
+        "audit_tamper_across_stops_is_caught_against_the_anchor",
+        audit::tamper_across_stops_is_caught_against_the_anchor,
     ),
     // Last: stops the apiserver.
     ("apiserver_down_is_a_503_status", hardening::apiserver_down),

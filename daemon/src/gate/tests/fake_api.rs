@@ -2,8 +2,11 @@
 //! and HTTP/1.1 (upgrades included), canned answers in every shape the gate masks, and
 //! a record of what reached it. For each mutation it notes whether the gate's audit
 //! log already held that request's record, committed, when the request arrived: the
-//! "audit before act" order seen from the far side.
+//! "audit before act" order seen from the far side. Objects put in its store are
+//! served as the API server serves them: GET, merge PATCH, PUT and DELETE with
+//! resourceVersion preconditions (409 on a stale one) and `dryRun=All`.
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -40,13 +43,23 @@ pub struct FakeApi {
     pub addr: SocketAddr,
     pub ca_file: PathBuf,
     seen: Arc<Mutex<Vec<Seen>>>,
+    objects: Objects,
+    revoked: Revoked,
     task: JoinHandle<()>,
 }
+
+/// Subjects whose tokens TokenReview no longer authenticates (their service account
+/// or pod was deleted).
+type Revoked = Arc<Mutex<std::collections::HashSet<String>>>;
+
+type Objects = Arc<Mutex<HashMap<String, serde_json::Value>>>;
 
 struct State {
     audit_dir: PathBuf,
     jwks: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    objects: Objects,
+    revoked: Revoked,
 }
 
 pub const SECRET: &str = r#"{"kind":"Secret","apiVersion":"v1","metadata":{"name":"s","namespace":"e2e","resourceVersion":"42"},"data":{"k":"Q0FOQVJZ"},"stringData":{"p":"CANARY-TEXT"},"type":"Opaque"}"#;
@@ -88,10 +101,14 @@ impl FakeApi {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let objects: Objects = Arc::default();
+        let revoked: Revoked = Arc::default();
         let state = Arc::new(State {
             audit_dir,
             jwks,
             seen: seen.clone(),
+            objects: objects.clone(),
+            revoked: revoked.clone(),
         });
         let task = tokio::spawn(async move {
             loop {
@@ -117,8 +134,26 @@ impl FakeApi {
             addr,
             ca_file,
             seen,
+            objects,
+            revoked,
             task,
         }
+    }
+
+    /// TokenReview stops authenticating `subject`'s tokens (as after deleting its
+    /// service account).
+    pub fn revoke(&self, subject: &str) {
+        self.revoked.lock().unwrap().insert(subject.to_owned());
+    }
+
+    /// Stores `object` at `path` (its resourceVersion set to `rv`).
+    pub fn put_object(&self, path: &str, mut object: serde_json::Value, rv: u64) {
+        object["metadata"]["resourceVersion"] = serde_json::json!(rv.to_string());
+        self.objects.lock().unwrap().insert(path.to_owned(), object);
+    }
+
+    pub fn object(&self, path: &str) -> Option<serde_json::Value> {
+        self.objects.lock().unwrap().get(path).cloned()
     }
 
     pub fn url(&self) -> String {
@@ -198,6 +233,12 @@ async fn answer(state: &State, mut req: Request<hyper::body::Incoming>) -> Respo
         durable_before,
     });
     const JSON: &str = "application/json";
+    if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        return token_review(state, &body);
+    }
+    if let Some(r) = stored(state, &method, &path, &query, &body) {
+        return r;
+    }
     let script = on_upgrade.is_some().then(|| {
         super::fake_shapes::ws_script(&path, &query, &super::fake_shapes::offered(&parts.headers))
     });
@@ -334,6 +375,117 @@ async fn answer(state: &State, mut req: Request<hyper::body::Incoming>) -> Respo
             r#"{"kind":"ConfigMapList","apiVersion":"v1","metadata":{},"items":[]}"#,
         ),
     }
+}
+
+/// The API server's TokenReview: authenticated unless the token's subject was revoked
+/// (the signature was checked by the gate already).
+fn token_review(state: &State, body: &Bytes) -> Response<Body> {
+    use base64::Engine;
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let token = v["spec"]["token"].as_str().unwrap_or("");
+    let claims: serde_json::Value = token
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let sub = claims["sub"].as_str().unwrap_or("").to_owned();
+    let status = if state.revoked.lock().unwrap().contains(&sub) {
+        serde_json::json!({"authenticated": false, "error": "service account token has been invalidated"})
+    } else {
+        serde_json::json!({"authenticated": true, "user": {"username": sub}, "audiences": v["spec"]["audiences"]})
+    };
+    reply(
+        StatusCode::CREATED,
+        "application/json",
+        serde_json::to_vec(&serde_json::json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "status": status})).unwrap(),
+    )
+}
+
+/// RFC 7386 merge patch.
+fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+fn rv_of(v: &serde_json::Value) -> Option<&str> {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+}
+
+/// Requests on a stored object, answered as the API server would.
+fn stored(
+    state: &State,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: &Bytes,
+) -> Option<Response<Body>> {
+    let mut objects = state.objects.lock().unwrap();
+    let current = objects.get(path)?.clone();
+    let json = |code: StatusCode, v: &serde_json::Value| {
+        reply(code, "application/json", serde_json::to_vec(v).unwrap())
+    };
+    let conflict = || {
+        json(
+            StatusCode::CONFLICT,
+            &serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": "Conflict", "code": 409,
+                "message": "the object has been modified; please apply your changes to the latest version and try again"}),
+        )
+    };
+    let dry = query.contains("dryRun=All");
+    let cur_rv: u64 = rv_of(&current).and_then(|r| r.parse().ok()).unwrap_or(0);
+    let parsed: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    Some(match *method {
+        Method::GET => json(StatusCode::OK, &current),
+        Method::PATCH | Method::PUT => {
+            let mut next = if *method == Method::PUT {
+                parsed.clone()
+            } else {
+                let mut n = current.clone();
+                merge(&mut n, &parsed);
+                n
+            };
+            if rv_of(&next).is_some_and(|r| r != cur_rv.to_string()) {
+                return Some(conflict());
+            }
+            next["metadata"]["resourceVersion"] = serde_json::json!(cur_rv.to_string());
+            if !dry {
+                next["metadata"]["resourceVersion"] = serde_json::json!((cur_rv + 1).to_string());
+                objects.insert(path.to_owned(), next.clone());
+            }
+            json(StatusCode::OK, &next)
+        }
+        Method::DELETE => {
+            if parsed["preconditions"]["resourceVersion"]
+                .as_str()
+                .is_some_and(|r| r != cur_rv.to_string())
+            {
+                return Some(conflict());
+            }
+            if !dry {
+                objects.remove(path);
+            }
+            json(StatusCode::OK, &current)
+        }
+        _ => return None,
+    })
 }
 
 /// Whether `dir` holds a committed `request` record for `method` on `path`: in a

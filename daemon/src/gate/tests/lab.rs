@@ -111,6 +111,8 @@ pub struct Options {
     pub limits: &'static str,
     /// `proxy.audit` as a YAML flow mapping.
     pub audit: &'static str,
+    /// The policy document (default [`POLICY`]).
+    pub policy: &'static str,
 }
 
 impl Options {
@@ -120,6 +122,7 @@ impl Options {
             pending_ttl: "1h",
             limits: "{}",
             audit: "{level: Request}",
+            policy: POLICY,
         }
     }
 }
@@ -215,13 +218,13 @@ impl Lab {
         .to_string();
         let api = FakeApi::start(&dir, state.join("audit"), jwks).await;
         std::fs::write(dir.join("daemon-token"), "daemon-token\n").unwrap();
-        std::fs::write(dir.join("policy.yaml"), POLICY).unwrap();
+        std::fs::write(dir.join("policy.yaml"), opts.policy).unwrap();
         let mode = match opts.mode {
             Mode::PassThrough => {
                 "  impersonate: {user: \"portcullis:agent\", groups: [\"portcullis:agents\", \"second\"]}\n".to_string()
             }
             Mode::Gated => format!(
-                "  identity:\n    issuers:\n    - {{issuer: \"{ISSUER}\", kubernetes: true, audiences: [api], algorithms: [ES256]}}\n  policy_file: {}\n",
+                "  identity:\n    token_review_ttl: 300ms\n    issuers:\n    - {{issuer: \"{ISSUER}\", kubernetes: true, audiences: [api], algorithms: [ES256]}}\n  policy_file: {}\n",
                 dir.join("policy.yaml").display()
             ),
         };
@@ -278,7 +281,8 @@ proxy:
                     ISSUER,
                     Source::ApiServer(upstream.clone()),
                 ))];
-                let authn = Arc::new(Authenticator::new(identity, keys));
+                let authn =
+                    Arc::new(Authenticator::new(identity, keys).with_reviews(upstream.clone()));
                 let policy = PolicyHandle::load(policy_file).unwrap();
                 let store = Arc::new(RedbStore::open(&cfg.state().approvals_db()).unwrap());
                 let a = Arc::new(
@@ -625,6 +629,8 @@ pub fn alice() -> Approver {
             username: "alice".into(),
             groups: vec!["oncall".into()],
         },
+        issuer: String::new(),
+        subject: String::new(),
         node_admin: true,
     }
 }
