@@ -19,6 +19,7 @@ struct Cli {
 mod bench_kernel;
 mod bench_proxy;
 mod bench_watches;
+mod lab_load;
 mod procs;
 
 #[derive(Subcommand)]
@@ -30,6 +31,10 @@ enum Cmd {
     /// 10,000 concurrent watches through one daemon against the stand-in upstream:
     /// memory, CPU, event delivery latency (see bench_watches.rs).
     BenchWatches(bench_watches::Opts),
+    /// One workload through the daemon on the kernel lab against the stand-in: the
+    /// daemon's CPU per request in seconds, optionally under `perf record` (for
+    /// profiling and before/after figures; see lab_load.rs).
+    LabLoad(lab_load::Opts),
     /// An agent redirected through the gate, its bypass attempts blocked, kernel events.
     Demo,
     /// Starts the real node, runs one agent pod and one command in it, stops (a quick
@@ -63,6 +68,7 @@ fn main() -> Result<()> {
         Cmd::GateShell { secs } => gate_shell(secs),
         Cmd::BenchProxy(opts) => bench_proxy::run(opts),
         Cmd::BenchWatches(opts) => bench_watches::run(opts),
+        Cmd::LabLoad(opts) => lab_load::run(opts),
         Cmd::BenchKernel {
             count,
             events,
