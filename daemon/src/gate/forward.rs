@@ -13,7 +13,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::{Admitted, Authorized, Conn, Gate, Refusal, exchange::Exchange, relay::Relay};
 use crate::{
     mask::{self, ForResponse, Plan},
-    upstream,
+    upstream::{self, UpstreamBody},
     util::{self, BoxError, ProxyBody},
 };
 
@@ -82,7 +82,7 @@ impl Gate {
     /// recorded when it ends.
     fn relay(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         plan: Option<&Arc<Plan>>,
         ex: &Exchange,
         conn: &Arc<Conn>,

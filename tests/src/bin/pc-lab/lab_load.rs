@@ -30,9 +30,12 @@ pub struct Opts {
     /// Audit level of the daemon.
     #[arg(long, default_value = "Metadata")]
     pub audit: String,
-    /// `perf record` the daemon over the measured part of the first round, to this file.
+    /// A command attached to the daemon over the measured part of the first round
+    /// (`{pid}` becomes the daemon's pid), stopped with SIGINT; e.g.
+    /// `perf record -F 2000 --call-graph dwarf,32768 -o /tmp/small.data -p {pid}` or
+    /// `perf stat -e 'syscalls:sys_enter_*' -p {pid}`.
     #[arg(long)]
-    pub perf: Option<PathBuf>,
+    pub attach: Option<String>,
 }
 
 const NS: &str = "e2e";
@@ -155,22 +158,19 @@ pub fn run(o: Opts) -> Result<()> {
         let mut d = Driven::spawn(c, "pc-load".into(), lab.dir.join("load.stderr"))?;
         let r = d.line()?;
         ensure!(r["ready"] == true, "pc-load not ready: {r}");
-        let perf = match (&o.perf, round) {
-            (Some(out), 0) => Some(
-                std::process::Command::new("perf")
-                    .args(["record", "-F", "2000", "--call-graph", "dwarf,32768", "-p"])
-                    .arg(pid.to_string())
-                    .arg("-o")
-                    .arg(out)
+        let perf = match (&o.attach, round) {
+            (Some(cmd), 0) => Some(
+                std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("exec {}", cmd.replace("{pid}", &pid.to_string())))
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
                     .spawn()
-                    .context("starting perf record")?,
+                    .context("starting the attached command")?,
             ),
             _ => None,
         };
         if perf.is_some() {
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            std::thread::sleep(std::time::Duration::from_millis(1000));
         }
         let c0 = procs::sample(&[pid]);
         d.go()?;

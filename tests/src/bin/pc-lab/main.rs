@@ -32,7 +32,7 @@ enum Cmd {
     /// memory, CPU, event delivery latency (see bench_watches.rs).
     BenchWatches(bench_watches::Opts),
     /// One workload through the daemon on the kernel lab against the stand-in: the
-    /// daemon's CPU per request in seconds, optionally under `perf record` (for
+    /// daemon's CPU per request in seconds, optionally with `perf` attached (for
     /// profiling and before/after figures; see lab_load.rs).
     LabLoad(lab_load::Opts),
     /// An agent redirected through the gate, its bypass attempts blocked, kernel events.
