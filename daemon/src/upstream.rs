@@ -1,16 +1,17 @@
 //! The API server side: pooled TLS connections (HTTP/2 when the API server offers it,
-//! HTTP/1.1 for upgrades), the daemon's own credential, and the rewrite that removes
-//! everything the agent sent to claim an identity and adds the scoped impersonation;
-//! the daemon's own calls (policy reads as a scoped identity, the audit anchor).
+//! another connection when those open have no stream left (`pool.rs`); HTTP/1.1 for
+//! upgrades), the daemon's own credential, and the rewrite that removes everything the
+//! agent sent to claim an identity and adds the scoped impersonation; the daemon's own
+//! calls (policy reads as a scoped identity, the audit anchor).
 mod anchor;
 mod headers;
+mod pool;
 mod token;
 
 use std::{path::PathBuf, time::Duration};
 
 use http::{HeaderValue, Uri, Version, header, request};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -20,6 +21,7 @@ use rustls::ClientConfig;
 
 pub use anchor::ConfigMapAnchor;
 pub use headers::{Impersonation, strip_hop_by_hop};
+pub use pool::UpstreamBody;
 
 use crate::{
     config::{self, Credential},
@@ -98,7 +100,7 @@ pub struct Call<'a> {
 pub struct Upstream {
     /// `https://host:port`, what request paths are appended to.
     base: Uri,
-    client: HttpsClient,
+    lanes: pool::Lanes,
     upgrade_client: HttpsClient,
     token: Option<TokenFile>,
 }
@@ -149,9 +151,12 @@ impl Upstream {
                 None,
             ),
         };
+        let h2_tls = tls.clone();
         Ok(Upstream {
             base,
-            client: build_client(tls.clone(), true),
+            lanes: pool::Lanes::new(pool::STREAMS_PER_CONNECTION, move || {
+                build_client(h2_tls.clone(), true)
+            }),
             upgrade_client: build_client(tls, false),
             token,
         })
@@ -266,7 +271,7 @@ impl Upstream {
         }
         let fetch = async {
             let resp = self
-                .client
+                .lanes
                 .request(req)
                 .await
                 .map_err(|error| UpstreamError::Request { error })?;
@@ -290,11 +295,15 @@ impl Upstream {
         &self,
         req: http::Request<ProxyBody>,
         upgrade: bool,
-    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+    ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
         if upgrade {
-            self.upgrade_client.request(req).await
+            Ok(self
+                .upgrade_client
+                .request(req)
+                .await?
+                .map(UpstreamBody::unpooled))
         } else {
-            self.client.request(req).await
+            self.lanes.request(req).await
         }
     }
 }

@@ -469,6 +469,24 @@ impl Gate {
         self.restart(&section)
     }
 
+    /// Restarts the daemon gated or in pass-through mode, forwarding to `url` instead of
+    /// the API server (the benchmark's stand-in; its certificate from the node's CA).
+    pub fn switch_upstream(&self, gated: bool, url: &str) -> Result<()> {
+        let section = if gated {
+            self.gated
+                .clone()
+                .context("no policy was given to Gate::start")?
+        } else {
+            self.pass_through.clone()
+        };
+        let from = format!("url: {}\n", self.api_url());
+        ensure!(
+            section.contains(&from),
+            "no upstream url in the daemon's config"
+        );
+        self.restart(&section.replacen(&from, &format!("url: {url}\n"), 1))
+    }
+
     /// A command inside an agent pod (`kubectl exec` from the node). Bounded inside the
     /// pod too (`timeout`), so nothing the test abandons keeps running there.
     pub fn in_pod(&self, pod: &str, argv: &[&str]) -> Command {

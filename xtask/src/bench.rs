@@ -7,6 +7,8 @@ use crate::{node, test};
 pub fn run(what: &str, args: &[String]) -> Result<()> {
     match what {
         "kernel" => test::lab(&["bench-kernel"], args, false),
+        // The kernel lab and the stand-in upstream: no node needed.
+        "watches" => test::lab(&["bench-watches"], args, false),
         "proxy" => {
             let nginx = node::nginx()?;
             test::lab_with_env(&["bench-proxy"], args, true, &[("PORTCULLIS_NGINX", nginx)])
@@ -21,6 +23,8 @@ pub fn run(what: &str, args: &[String]) -> Result<()> {
             )?;
             Ok(())
         }
-        other => bail!("unknown benchmark `{other}`; available: kernel, proxy, mask, audit"),
+        other => {
+            bail!("unknown benchmark `{other}`; available: kernel, proxy, watches, mask, audit")
+        }
     }
 }

@@ -54,7 +54,7 @@ enum Cmd {
     },
     /// Benchmarks, reported as ratios against a baseline measured in the same run.
     Bench {
-        /// Which benchmark: `kernel`.
+        /// Which benchmark: `kernel`, `proxy`, `watches`, `mask` or `audit`.
         what: String,
         /// Extra arguments passed to the benchmark.
         #[arg(last = true)]

@@ -13,7 +13,7 @@ use super::{Admitted, Authorized, Conn, Gate, Refusal, exchange::Exchange, relay
 use crate::{
     k8s::Attributes,
     mask::{self, ForResponse, Plan},
-    upstream,
+    upstream::{self, UpstreamBody},
     util::{self, BoxError, ProxyBody},
 };
 
@@ -134,7 +134,7 @@ impl Gate {
     /// recorded when it ends.
     pub(super) fn relay(
         &self,
-        resp: Response<Incoming>,
+        resp: Response<UpstreamBody>,
         plan: Option<&Arc<Plan>>,
         ex: &Exchange,
         conn: &Arc<Conn>,

@@ -180,7 +180,7 @@ impl Gate {
     /// subprotocol this build can read, no extension).
     fn ws_masker(
         &self,
-        resp: &Response<Incoming>,
+        resp: &Response<upstream::UpstreamBody>,
         content: WsContent,
         admitted: &Admitted,
     ) -> Result<WsMasker, Refusal> {

@@ -1,59 +1,127 @@
-//! pc-load: the load generator behind `cargo xtask bench proxy`. One HTTP/2 connection
-//! (as client-go uses), bounded in requests and in time; prints one JSON line.
+//! pc-load: the load generator behind `cargo xtask bench proxy|watches`. HTTP/2 over
+//! `--connections` connections (one, as client-go uses, unless told), bounded in
+//! requests and in time; prints one JSON line of results.
+//!
+//! - `get`: closed loop (`--concurrency` requests in flight), a fixed count;
+//! - `rate`: open loop at a fixed rate, each request's latency counted from the time
+//!   it was MEANT to be sent (a slow answer does not delay the next request, so there
+//!   is no coordinated omission);
+//! - `watch`: watches on a collection; each event's delivery latency is counted from
+//!   the wall-clock stamp its creator put in the object (`data.sent`, microseconds
+//!   modulo 10^9: every process on this machine shares the clock);
+//! - `create`: ConfigMaps stamped so, at a fixed rate (the events of `watch`);
+//! - `invoke`: a command run N times (e.g. kubectl), wall time of each.
+//!
+//! With `--go` it prints `{"ready":...}` once connected and warmed up, waits for a line
+//! on stdin, measures, prints the results, then waits for stdin to close: the caller
+//! reads the processes' CPU time around exactly the measured part.
 //! Test-only: nothing here is part of the product.
 use std::{
-    collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
 use rustls_pki_types::{CertificateDer, pem::PemObject};
-use serde_json::json;
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Mode {
-    /// Repeated GETs of `path`; latency = until the whole body is read.
-    Get,
-    /// `watchers` watches on `path`; then `count` creates of labelled ConfigMaps;
-    /// latency = from the create to each watcher seeing its ADDED event.
-    Watch,
-}
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(Parser)]
 struct Cli {
-    #[arg(long)]
+    #[arg(long, default_value = "")]
     url: String,
     #[arg(long)]
-    ca: PathBuf,
+    ca: Option<PathBuf>,
     #[arg(long)]
     token: Option<String>,
     /// Extra header NAME:VALUE (repeatable), e.g. impersonation for the direct baseline.
     #[arg(long)]
     header: Vec<String>,
-    #[arg(long, value_enum)]
-    mode: Mode,
-    #[arg(long)]
-    path: String,
-    #[arg(long, default_value_t = 1000)]
-    count: u32,
-    #[arg(long, default_value_t = 8)]
-    concurrency: u32,
-    #[arg(long, default_value_t = 20)]
-    watchers: u32,
-    #[arg(long, default_value_t = 30)]
+    /// HTTP/2 connections; requests and watches are spread over them in turn.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Bound on the measured part.
+    #[arg(long, default_value_t = 60)]
     max_secs: u64,
-    /// Tag for object names (watch mode), so rounds do not collide.
-    #[arg(long, default_value = "w")]
-    tag: String,
+    /// Report ready, wait for a line on stdin, measure, then wait for stdin to close.
+    #[arg(long)]
+    go: bool,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Clone)]
+enum Mode {
+    /// Closed loop: `count` GETs of `path`, `concurrency` in flight; latency until the
+    /// whole body is read.
+    Get {
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        count: u32,
+        #[arg(long, default_value_t = 4)]
+        concurrency: u32,
+        #[arg(long, default_value_t = 10)]
+        warmup: u32,
+    },
+    /// Open loop: `count` GETs at `rate` per second; latency from each request's
+    /// intended send time until its whole body is read.
+    Rate {
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, default_value_t = 10)]
+        warmup: u32,
+    },
+    /// `watchers` watches of `path`; each waits for `events` ADDED events of objects
+    /// labelled `bench=<tag>`.
+    Watch {
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        watchers: usize,
+        #[arg(long)]
+        events: usize,
+        #[arg(long)]
+        tag: String,
+        /// Ready once every watch has its response head, or after this long (a proxy
+        /// may hold a watch's head until its first event).
+        #[arg(long, default_value_t = 3000)]
+        settle_ms: u64,
+    },
+    /// `count` ConfigMaps labelled `bench=<tag>`, POSTed to `path` at `rate` per second.
+    Create {
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        tag: String,
+    },
+    /// Runs the command after `--` `count` times, one after another (`{i}` in an
+    /// argument becomes the run's number).
+    Invoke {
+        #[arg(long)]
+        count: u32,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
 }
 
 type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
@@ -84,6 +152,12 @@ fn client(ca: &PathBuf) -> Result<C> {
         .build(conn))
 }
 
+/// One client per connection: each keeps its own single HTTP/2 connection.
+fn clients(cli: &Cli) -> Result<Vec<C>> {
+    let ca = cli.ca.as_ref().context("--ca is required")?;
+    (0..cli.connections.max(1)).map(|_| client(ca)).collect()
+}
+
 fn request(
     cli: &Cli,
     method: &str,
@@ -111,179 +185,483 @@ fn request(
     Ok(b.body(body)?)
 }
 
-fn percentiles(mut v: Vec<Duration>) -> (u64, u64) {
+/// p50, p90, p99, max of microsecond samples.
+fn percentiles(mut v: Vec<u64>) -> Value {
     if v.is_empty() {
-        return (0, 0);
+        return json!({"p50_us": 0, "p90_us": 0, "p99_us": 0, "max_us": 0});
     }
-    v.sort();
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_micros() as u64;
-    (at(0.5), at(0.99))
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    json!({"p50_us": at(0.5), "p90_us": at(0.9), "p99_us": at(0.99), "max_us": v[v.len() - 1]})
 }
 
-async fn get(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
+fn merge(mut a: Value, b: Value) -> Value {
+    if let (Some(a), Some(b)) = (a.as_object_mut(), b.as_object()) {
+        for (k, v) in b {
+            a.insert(k.clone(), v.clone());
+        }
+    }
+    a
+}
+
+/// Wall-clock microseconds modulo 10^9 (nine digits: never mistaken for a card number
+/// by the gate's detectors; wraps every 16 minutes, which `since` accounts for).
+fn stamp() -> u64 {
+    (SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros()
+        % 1_000_000_000) as u64
+}
+
+/// The creator's stamp in an `ADDED` event of an object labelled so (found by bytes:
+/// a full JSON parse per event would make the client the bottleneck at 10,000 watches).
+fn event_stamp(line: &[u8], label: &str) -> Option<u64> {
+    let find = |needle: &[u8]| line.windows(needle.len()).position(|w| w == needle);
+    find(br#""type":"ADDED""#)?;
+    find(label.as_bytes())?;
+    let key = br#""sent":""#;
+    let at = find(key)? + key.len();
+    let digits = line[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&line[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// One GET: (latency from `from`, body bytes) or why it failed.
+async fn get_once(cli: &Cli, c: &C, path: &str, from: Instant) -> Result<(u64, usize), String> {
+    let req = request(cli, "GET", path, None).map_err(|e| e.to_string())?;
+    match c.request(req).await {
+        Ok(resp) if resp.status().is_success() => {
+            let b = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            Ok((from.elapsed().as_micros() as u64, b.len()))
+        }
+        Ok(resp) => {
+            let st = resp.status();
+            let b = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Err(format!(
+                "{st}: {}",
+                String::from_utf8_lossy(&b)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            ))
+        }
+        Err(e) => Err(format!("{e:?}")),
+    }
+}
+
+/// Sends `n` requests on every connection, so connections and TLS are set up and the
+/// far side is warm before measuring.
+async fn warm(cli: &Cli, cs: &[C], path: &str, n: u32) -> Result<()> {
+    for c in cs {
+        for _ in 0..n.max(1) {
+            get_once(cli, c, path, Instant::now())
+                .await
+                .map_err(|e| anyhow::anyhow!("warm-up GET {path}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+struct Tally {
+    lat: Vec<u64>,
+    bytes: u64,
+    errors: u32,
+    why: Vec<String>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            lat: Vec::new(),
+            bytes: 0,
+            errors: 0,
+            why: Vec::new(),
+        }
+    }
+    fn add(&mut self, r: Result<(u64, usize), String>) {
+        match r {
+            Ok((us, b)) => {
+                self.lat.push(us);
+                self.bytes += b as u64;
+            }
+            Err(e) => {
+                self.errors += 1;
+                if self.why.len() < 3 {
+                    self.why.push(e);
+                }
+            }
+        }
+    }
+    fn report(self, secs: f64) -> Value {
+        let n = self.lat.len();
+        merge(
+            json!({"requests": n, "errors": self.errors, "first_errors": self.why,
+                "rps": n as f64 / secs, "elapsed_s": secs,
+                "bytes_per_response": if n > 0 { self.bytes / n as u64 } else { 0 }}),
+            percentiles(self.lat),
+        )
+    }
+}
+
+async fn closed_loop(
+    cli: Arc<Cli>,
+    cs: Arc<Vec<C>>,
+    path: String,
+    count: u32,
+    concurrency: u32,
+) -> Result<Value> {
     let deadline = Instant::now() + Duration::from_secs(cli.max_secs);
     let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..cli.concurrency {
-        let (cli, c, next) = (cli.clone(), c.clone(), next.clone());
+    for w in 0..concurrency as usize {
+        let (cli, cs, next, path) = (cli.clone(), cs.clone(), next.clone(), path.clone());
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let (mut errors, mut bytes) = (0u32, 0u64);
-            let mut why: Vec<String> = Vec::new();
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < cli.count
-                && Instant::now() < deadline
-            {
-                let t = Instant::now();
-                let req = request(&cli, "GET", &cli.path, None)?;
-                match c.request(req).await {
-                    Ok(resp) if resp.status().is_success() => {
-                        let b = resp.into_body().collect().await?.to_bytes();
-                        bytes += b.len() as u64;
-                        lat.push(t.elapsed());
-                    }
-                    Ok(resp) => {
-                        errors += 1;
-                        let st = resp.status();
-                        let b = resp.into_body().collect().await?.to_bytes();
-                        why.push(format!(
-                            "{st}: {}",
-                            String::from_utf8_lossy(&b)
-                                .chars()
-                                .take(200)
-                                .collect::<String>()
-                        ));
-                    }
-                    Err(e) => {
-                        errors += 1;
-                        why.push(format!("{e:?}"));
-                    }
-                }
+            let c = &cs[w % cs.len()];
+            let mut t = Tally::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count && Instant::now() < deadline {
+                t.add(get_once(&cli, c, &path, Instant::now()).await);
             }
-            Ok::<_, anyhow::Error>((lat, errors, bytes, why))
+            t
         }));
     }
-    let (mut lat, mut errors, mut bytes, mut whys) = (Vec::new(), 0, 0, Vec::new());
+    let mut all = Tally::new();
     for t in tasks {
-        let (l, e, b, w) = t.await??;
-        lat.extend(l);
-        errors += e;
-        bytes += b;
-        whys.extend(w);
+        let t = t.await?;
+        all.lat.extend(t.lat);
+        all.bytes += t.bytes;
+        all.errors += t.errors;
+        all.why.extend(t.why);
     }
-    whys.truncate(3);
-    let secs = t0.elapsed().as_secs_f64();
-    let n = lat.len();
-    let (p50, p99) = percentiles(lat);
-    Ok(
-        json!({"requests": n, "errors": errors, "first_errors": whys, "p50_us": p50, "p99_us": p99,
-              "rps": n as f64 / secs, "bytes_per_response": if n > 0 { bytes / n as u64 } else { 0 }}),
-    )
+    all.why.truncate(3);
+    Ok(all.report(t0.elapsed().as_secs_f64()))
 }
 
-async fn watch(cli: Arc<Cli>, c: C) -> Result<serde_json::Value> {
-    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+async fn open_loop(
+    cli: Arc<Cli>,
+    cs: Arc<Vec<C>>,
+    path: String,
+    count: u32,
+    rate: f64,
+) -> Result<Value> {
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+    let t0 = Instant::now() + Duration::from_millis(5);
+    let deadline = t0 + Duration::from_secs(cli.max_secs);
+    let mut tasks = Vec::with_capacity(count as usize);
+    let mut late_max = Duration::ZERO;
+    for i in 0..count {
+        let at = t0 + period * i;
+        if at > deadline {
+            break;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        late_max = late_max.max(at.elapsed());
+        let (cli, cs, path) = (cli.clone(), cs.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = &cs[i as usize % cs.len()];
+            get_once(&cli, c, &path, at).await
+        }));
+    }
+    let mut all = Tally::new();
+    for t in tasks {
+        all.add(t.await?);
+    }
+    let mut v = all.report(t0.elapsed().as_secs_f64());
+    v["rate"] = json!(rate);
+    v["sender_late_max_us"] = json!(late_max.as_micros() as u64);
+    Ok(v)
+}
+
+/// Watches: returns (ready report, the handles that finish with each watch's
+/// latencies).
+#[allow(clippy::type_complexity)]
+async fn watches(
+    cli: &Arc<Cli>,
+    cs: &Arc<Vec<C>>,
+    path: &str,
+    watchers: usize,
+    events: usize,
+    tag: &str,
+    settle: Duration,
+) -> Result<(
+    Value,
+    Vec<tokio::task::JoinHandle<Result<Vec<u64>, String>>>,
+)> {
     let deadline = Instant::now() + Duration::from_secs(cli.max_secs);
-    let watch_path = format!("{}?watch=true&labelSelector=bench%3D{}", cli.path, cli.tag);
-    let mut watchers = Vec::new();
-    // Each watcher awaits its own response head: a proxy may hold the head back until
-    // the first event (nginx over HTTP/2 does), so waiting for every head before the
-    // first create would deadlock.
-    for _ in 0..cli.watchers {
-        let req = request(&cli, "GET", &watch_path, None)?;
-        let (created, want, c) = (created.clone(), cli.count as usize, c.clone());
-        watchers.push(tokio::spawn(async move {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let watch_path = format!("{path}{sep}watch=true&labelSelector=bench%3D{tag}");
+    let heads = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut handles = Vec::with_capacity(watchers);
+    for i in 0..watchers {
+        let req = request(cli, "GET", &watch_path, None)?;
+        let (cs, heads, tag) = (cs.clone(), heads.clone(), tag.to_string());
+        handles.push(tokio::spawn(async move {
+            let c = &cs[i % cs.len()];
             let resp = match tokio::time::timeout_at(deadline.into(), c.request(req)).await {
                 Ok(Ok(r)) if r.status().is_success() => r,
                 Ok(Ok(r)) => return Err(format!("watch answered {}", r.status())),
-                Ok(Err(e)) => return Err(format!("watch: {e}")),
+                Ok(Err(e)) => return Err(format!("watch: {e:?}")),
                 Err(_) => return Err("watch: no response head before the deadline".into()),
             };
+            heads.fetch_add(1, Ordering::Relaxed);
             let mut body = resp.into_body();
-            let mut buf = Vec::new();
-            let mut lat = Vec::new();
-            while lat.len() < want && Instant::now() < deadline {
+            let mut buf: Vec<u8> = Vec::new();
+            let mut lat = Vec::with_capacity(events);
+            let label = format!("\"bench\":\"{tag}\"");
+            while lat.len() < events {
                 let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
                     Ok(Some(Ok(f))) => f,
                     _ => break,
                 };
+                // Stamped on arrival, before any parsing: the client's own work does
+                // not count.
+                let now = stamp();
                 if let Ok(d) = frame.into_data() {
                     buf.extend_from_slice(&d);
                 }
                 while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = buf.drain(..=pos).collect();
-                    let now = Instant::now();
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line)
-                        && v["type"] == "ADDED"
-                        && let Some(name) = v["object"]["metadata"]["name"].as_str()
-                        && let Some(t) = created.lock().unwrap().get(name)
-                    {
-                        lat.push(now - *t);
+                    if let Some(sent) = event_stamp(&line, &label) {
+                        lat.push((now + 1_000_000_000 - sent) % 1_000_000_000);
                     }
                 }
             }
             Ok(lat)
         }));
     }
-    // Let every watch be established upstream before the first event.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let settle_by = Instant::now() + settle;
+    while heads.load(Ordering::Relaxed) < watchers && Instant::now() < settle_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let established = heads.load(Ordering::Relaxed);
+    Ok((
+        json!({"ready": true, "watches": watchers, "heads": established,
+            "establish_ms": t0.elapsed().as_millis() as u64}),
+        handles,
+    ))
+}
+
+async fn finish_watches(
+    handles: Vec<tokio::task::JoinHandle<Result<Vec<u64>, String>>>,
+    watchers: usize,
+    events: usize,
+) -> Result<Value> {
+    let mut lat = Vec::new();
+    let mut failed = Vec::new();
+    for h in handles {
+        match h.await? {
+            Ok(l) => lat.extend(l),
+            Err(e) => failed.push(e),
+        }
+    }
+    let expected = watchers * events;
+    let n = lat.len();
+    failed.truncate(3);
+    Ok(merge(
+        json!({"events": n, "expected": expected, "missing": expected - n.min(expected),
+            "failed_watches": failed}),
+        percentiles(lat),
+    ))
+}
+
+async fn create(cli: Arc<Cli>, c: C, path: String, count: u32, rate: f64, tag: String) -> Value {
+    let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
     let t0 = Instant::now();
-    for i in 0..cli.count {
+    let deadline = t0 + Duration::from_secs(cli.max_secs);
+    let mut tasks = Vec::new();
+    for i in 0..count {
+        let at = t0 + period * i;
+        if at > deadline {
+            break;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        let (cli, c, path, tag) = (cli.clone(), c.clone(), path.clone(), tag.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": format!("bench-{tag}-{i}"), "labels": {"bench": tag}},
+                "data": {"sent": stamp().to_string()}});
+            let req =
+                request(&cli, "POST", &path, Some(body.to_string())).map_err(|e| e.to_string())?;
+            let resp = c.request(req).await.map_err(|e| format!("{e:?}"))?;
+            let st = resp.status();
+            let _ = resp.into_body().collect().await;
+            if st.is_success() {
+                Ok(())
+            } else {
+                Err(format!("create: {st}"))
+            }
+        }));
+    }
+    let (mut ok, mut why) = (0u32, Vec::new());
+    for t in tasks {
+        match t.await {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) => why.push(e),
+            Err(e) => why.push(e.to_string()),
+        }
+    }
+    let errors = why.len();
+    why.truncate(3);
+    json!({"created": ok, "errors": errors, "first_errors": why})
+}
+
+async fn invoke(count: u32, argv: &[String], max_secs: u64) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(max_secs);
+    let mut wall = Vec::new();
+    let mut why: Vec<String> = Vec::new();
+    for i in 0..count {
         if Instant::now() > deadline {
             break;
         }
-        let name = format!("bench-{}-{i}", cli.tag);
-        let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": name, "labels": {"bench": cli.tag}}, "data": {"i": i.to_string()}});
-        created.lock().unwrap().insert(name.clone(), Instant::now());
-        let resp = c
-            .request(request(&cli, "POST", &cli.path, Some(body.to_string()))?)
-            .await?;
-        let st = resp.status();
-        resp.into_body().collect().await?;
-        if !st.is_success() {
-            bail!("create {name}: {st}");
+        let args: Vec<String> = argv
+            .iter()
+            .map(|a| a.replace("{i}", &i.to_string()))
+            .collect();
+        let t = Instant::now();
+        let out = tokio::process::Command::new(&args[0])
+            .args(&args[1..])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running {}", args[0]))?;
+        if out.status.success() {
+            wall.push(t.elapsed().as_micros() as u64);
+        } else if why.len() < 3 {
+            why.push(
+                String::from_utf8_lossy(&out.stderr)
+                    .chars()
+                    .take(300)
+                    .collect(),
+            );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut lat = Vec::new();
-    let mut watch_errors = Vec::new();
-    for w in watchers {
-        match w.await? {
-            Ok(l) => lat.extend(l),
-            Err(e) => watch_errors.push(e),
+    let n = wall.len();
+    let mean = if n > 0 {
+        wall.iter().sum::<u64>() / n as u64
+    } else {
+        0
+    };
+    Ok(merge(
+        json!({"runs": n, "errors": count as usize - n, "first_errors": why, "mean_us": mean}),
+        percentiles(wall),
+    ))
+}
+
+async fn line(stdin: &mut tokio::io::Lines<BufReader<tokio::io::Stdin>>) -> Result<()> {
+    stdin.next_line().await?;
+    Ok(())
+}
+
+async fn run(cli: Arc<Cli>) -> Result<Value> {
+    let mut stdin = BufReader::new(tokio::io::stdin()).lines();
+    let go = cli.go;
+    // Set up (not measured), then `ready`, then measure.
+    let ready = |v: Value| {
+        if go {
+            println!("{v}");
         }
+    };
+    let result = match cli.mode.clone() {
+        Mode::Get {
+            path,
+            count,
+            concurrency,
+            warmup,
+        } => {
+            let cs = Arc::new(clients(&cli)?);
+            warm(&cli, &cs, &path, warmup).await?;
+            ready(json!({"ready": true}));
+            if go {
+                line(&mut stdin).await?;
+            }
+            closed_loop(cli.clone(), cs, path, count, concurrency).await?
+        }
+        Mode::Rate {
+            path,
+            count,
+            rate,
+            warmup,
+        } => {
+            let cs = Arc::new(clients(&cli)?);
+            warm(&cli, &cs, &path, warmup).await?;
+            ready(json!({"ready": true}));
+            if go {
+                line(&mut stdin).await?;
+            }
+            open_loop(cli.clone(), cs, path, count, rate).await?
+        }
+        Mode::Watch {
+            path,
+            watchers,
+            events,
+            tag,
+            settle_ms,
+        } => {
+            let cs = Arc::new(clients(&cli)?);
+            let settle = Duration::from_millis(settle_ms);
+            let (r, handles) = watches(&cli, &cs, &path, watchers, events, &tag, settle).await?;
+            let heads = r["heads"].clone();
+            let establish = r["establish_ms"].clone();
+            ready(r);
+            if go {
+                line(&mut stdin).await?;
+            }
+            let mut v = finish_watches(handles, watchers, events).await?;
+            v["heads"] = heads;
+            v["establish_ms"] = establish;
+            v
+        }
+        Mode::Create {
+            path,
+            count,
+            rate,
+            tag,
+        } => {
+            let c = clients(&cli)?.remove(0);
+            ready(json!({"ready": true}));
+            if go {
+                line(&mut stdin).await?;
+            }
+            create(cli.clone(), c, path, count, rate, tag).await
+        }
+        Mode::Invoke { count, argv } => {
+            ready(json!({"ready": true}));
+            if go {
+                line(&mut stdin).await?;
+            }
+            invoke(count, &argv, cli.max_secs).await?
+        }
+    };
+    println!("{result}");
+    if go {
+        // Stay until the caller has read what it measures around us.
+        while stdin.next_line().await?.is_some() {}
     }
-    if let Some(e) = watch_errors.first() {
-        bail!(
-            "{} of {} watches failed, first: {e}",
-            watch_errors.len(),
-            cli.watchers
-        );
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    let expected = cli.count as usize * cli.watchers as usize;
-    let n = lat.len();
-    let (p50, p99) = percentiles(lat);
-    Ok(
-        json!({"events": n, "expected": expected, "missing": expected - n.min(expected),
-              "p50_us": p50, "p99_us": p99, "rps": n as f64 / secs}),
-    )
+    Ok(result)
 }
 
 fn main() -> Result<()> {
     let cli = Arc::new(Cli::parse());
+    if cli.url.is_empty() && !matches!(cli.mode, Mode::Invoke { .. }) {
+        bail!("--url is required");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let v = rt.block_on(async {
-        let c = client(&cli.ca)?;
-        match cli.mode {
-            Mode::Get => get(cli.clone(), c).await,
-            Mode::Watch => watch(cli.clone(), c).await,
-        }
-    })?;
-    println!("{v}");
-    Ok(())
+    rt.block_on(run(cli)).map(drop)
 }

@@ -83,6 +83,19 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         max_secs: u64,
     },
+    /// Bounded loop of one operation, for `bench kernel`'s cost to non-agents:
+    /// `syscall` (getppid), `socket` (a UDP socket opened and closed), `udp` (a
+    /// datagram to `addr`), `connect` (TCP to `addr`), `fork` (fork + exec + exit of
+    /// /bin/true). Reports how many and how long.
+    BenchOps {
+        op: String,
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        #[arg(long, default_value_t = 10_000)]
+        count: u32,
+        #[arg(long, default_value_t = 10)]
+        max_secs: u64,
+    },
     /// Stand-in API server / sink: accept TCP and UDP on `addrs`, log to `log`.
     Serve {
         #[arg(long)]
@@ -511,6 +524,55 @@ fn bench_events(addr: SocketAddr, count: u32, max_secs: u64) -> Result<()> {
     Ok(())
 }
 
+fn bench_ops(op: &str, addr: Option<SocketAddr>, count: u32, max_secs: u64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(max_secs);
+    let need = || addr.context("this op needs --addr");
+    let udp = if op == "udp" {
+        let a = need()?;
+        Some(UdpSocket::bind(if a.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        })?)
+    } else {
+        None
+    };
+    let t = Instant::now();
+    let (mut done, mut errors) = (0u32, 0u32);
+    for _ in 0..count {
+        if Instant::now() > deadline {
+            break;
+        }
+        let ok = match op {
+            "syscall" => std::os::unix::process::parent_id() > 0,
+            "socket" => Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).is_ok(),
+            "udp" => match &udp {
+                Some(s) => s.send_to(b"x", need()?).is_ok(),
+                None => false,
+            },
+            "connect" => {
+                let a = need()?;
+                let s = Socket::new(Domain::for_address(a), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_linger(Some(Duration::ZERO))?;
+                s.connect(&a.into()).is_ok()
+            }
+            "fork" => std::process::Command::new("/bin/true")
+                .status()
+                .is_ok_and(|s| s.success()),
+            other => bail!("unknown op `{other}`: syscall, socket, udp, connect, fork"),
+        };
+        done += 1;
+        if !ok {
+            errors += 1;
+        }
+    }
+    out(
+        json!({"probe": "bench-ops", "op": op, "n": done, "errors": errors,
+        "elapsed_ns": t.elapsed().as_nanos() as u64}),
+    );
+    Ok(())
+}
+
 fn serve(log: &str, addrs: &[SocketAddr]) -> Result<()> {
     let logf = std::sync::Arc::new(std::sync::Mutex::new(
         std::fs::OpenOptions::new()
@@ -612,6 +674,12 @@ fn main() -> Result<()> {
             count,
             max_secs,
         } => bench_events(addr, count, max_secs)?,
+        Cmd::BenchOps {
+            op,
+            addr,
+            count,
+            max_secs,
+        } => bench_ops(&op, addr, count, max_secs)?,
         Cmd::Serve { log, addrs } => serve(&log, &addrs)?,
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! pc-lab: the lab behind `cargo xtask demo` and `cargo xtask bench kernel`. Needs root.
+//! pc-lab: the lab behind `cargo xtask demo` and `cargo xtask bench kernel|proxy|watches`.
+//! Needs root.
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -6,9 +7,8 @@ use clap::{Parser, Subcommand};
 use portcullis_tests::{
     Lab, Probe,
     gate::{self, Gate, GateOptions},
-    wait_for,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 #[derive(Parser)]
 struct Cli {
@@ -16,17 +16,25 @@ struct Cli {
     cmd: Cmd,
 }
 
+mod bench_kernel;
 mod bench_proxy;
+mod bench_watches;
+mod lab_load;
+mod procs;
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Direct vs nginx vs Portcullis in front of the real apiserver: small GET, 1 MB
-    /// list, watch fan-out; latency and throughput as ratios.
-    BenchProxy {
-        /// Rounds; each runs every target once, in turn. Medians are reported.
-        #[arg(long, default_value_t = 3)]
-        rounds: u32,
-    },
+    /// Direct vs nginx vs Portcullis (pass-through and gated) in front of the real
+    /// apiserver and a stand-in: CPU per request, fixed-rate latency, watch events,
+    /// kubectl invocations (see bench_proxy.rs).
+    BenchProxy(bench_proxy::Opts),
+    /// 10,000 concurrent watches through one daemon against the stand-in upstream:
+    /// memory, CPU, event delivery latency (see bench_watches.rs).
+    BenchWatches(bench_watches::Opts),
+    /// One workload through the daemon on the kernel lab against the stand-in: the
+    /// daemon's CPU per request in seconds, optionally with `perf` attached (for
+    /// profiling and before/after figures; see lab_load.rs).
+    LabLoad(lab_load::Opts),
     /// An agent redirected through the gate, its bypass attempts blocked, kernel events.
     Demo,
     /// Starts the real node, runs one agent pod and one command in it, stops (a quick
@@ -38,7 +46,8 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         secs: u64,
     },
-    /// connect() latency with and without the programs, and ring-buffer events/s.
+    /// connect() latency with and without the programs, per-hook cost (bpf_stats) and
+    /// size, the cost to non-agent processes, ring-buffer events/s.
     BenchKernel {
         /// Connects per measurement (bounded; each measurement also stops after 20 s).
         #[arg(long, default_value_t = 1000)]
@@ -57,12 +66,14 @@ fn main() -> Result<()> {
         Cmd::Demo => demo(),
         Cmd::NodeSmoke => node_smoke(),
         Cmd::GateShell { secs } => gate_shell(secs),
-        Cmd::BenchProxy { rounds } => bench_proxy::run(rounds),
+        Cmd::BenchProxy(opts) => bench_proxy::run(opts),
+        Cmd::BenchWatches(opts) => bench_watches::run(opts),
+        Cmd::LabLoad(opts) => lab_load::run(opts),
         Cmd::BenchKernel {
             count,
             events,
             rounds,
-        } => bench(count, events, rounds),
+        } => bench_kernel::bench(count, events, rounds),
     }
 }
 
@@ -632,230 +643,6 @@ fn judge(lab: &Lab, p: &Probe) -> (bool, String) {
             "NOT redirected".into()
         },
     )
-}
-
-struct Stat {
-    p50: f64,
-    p99: f64,
-    n: u64,
-}
-
-fn connect_stat(lab: &Lab, addr: std::net::SocketAddr, count: u32) -> Result<Stat> {
-    let p = lab.agent(&[
-        "bench-connect",
-        &addr.to_string(),
-        "--count",
-        &count.to_string(),
-        "--max-secs",
-        "20",
-    ])?;
-    let j = &p.json;
-    if j["n"].as_u64().unwrap_or(0) == 0 {
-        bail!("no successful connects to {addr}: {j}");
-    }
-    Ok(Stat {
-        p50: j["p50_ns"].as_f64().unwrap_or(0.0) / 1000.0,
-        p99: j["p99_ns"].as_f64().unwrap_or(0.0) / 1000.0,
-        n: j["n"].as_u64().unwrap_or(0),
-    })
-}
-
-const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-
-/// (name, run time ns, run count) of every loaded `pc_*` program.
-fn program_stats() -> Vec<(String, u64, u64)> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| {
-            let name = p.name_as_str()?.to_string();
-            name.starts_with("pc_")
-                .then(|| (name, p.run_time().as_nanos() as u64, p.run_count()))
-        })
-        .collect()
-}
-
-/// Per-connect time and runs of each program between two snapshots.
-fn program_delta(
-    before: &[(String, u64, u64)],
-    after: &[(String, u64, u64)],
-    connects: u32,
-) -> Vec<(String, f64, f64)> {
-    let mut out: Vec<(String, f64, f64)> = after
-        .iter()
-        .filter_map(|(name, ns, runs)| {
-            let (_, ns0, runs0) = before.iter().find(|(n, _, _)| n == name)?;
-            let runs = runs.saturating_sub(*runs0);
-            (runs > 0).then(|| {
-                (
-                    name.clone(),
-                    ns.saturating_sub(*ns0) as f64 / connects as f64,
-                    runs as f64 / connects as f64,
-                )
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| b.1.total_cmp(&a.1));
-    out
-}
-
-fn median(mut v: Vec<Stat>) -> Stat {
-    let n = v.len() as u64;
-    let mid = v.len() / 2;
-    v.sort_by(|a, b| a.p50.total_cmp(&b.p50));
-    let p50 = v[mid].p50;
-    v.sort_by(|a, b| a.p99.total_cmp(&b.p99));
-    Stat {
-        p50,
-        p99: v[mid].p99,
-        n: v.iter().map(|s| s.n).sum::<u64>() / n,
-    }
-}
-
-fn bench(count: u32, events: u32, rounds: u32) -> Result<()> {
-    let lab = Lab::new("bench")?;
-    lab.start_sink()?;
-    lab.start_daemon()?;
-    // Warm up ARP/ND and the daemon.
-    let _ = connect_stat(&lab, lab.sink(), 200);
-    let _ = connect_stat(&lab, lab.daemon_v4(), 200);
-
-    // Ring buffer: each refused datagram is one event; measure how fast they arrive.
-    let before = lab.kernel_events().len();
-    let t = Instant::now();
-    let burst = lab.agent(&[
-        "bench-events",
-        &lab.api().to_string(),
-        "--count",
-        &events.to_string(),
-        "--max-secs",
-        "20",
-    ])?;
-    let produced = burst.json["refused"].as_u64().unwrap_or(0);
-    let send_ns = burst.json["elapsed_ns"].as_u64().unwrap_or(1);
-    let mut delivered = 0u64;
-    let settle = wait_for(30, || {
-        let n = (lab.kernel_events().len() - before) as u64;
-        if n == delivered && n > 0 {
-            return Some(n);
-        }
-        delivered = n;
-        std::thread::sleep(Duration::from_millis(200));
-        None
-    });
-    let delivered = settle.unwrap_or(delivered);
-    let elapsed = t.elapsed().as_secs_f64();
-
-    // Latency: alternate rounds with the programs attached and detached (the daemon
-    // keeps listening while detached), so drift hits both sides alike. Each round
-    // reports its p50/p99; the table gives the median of the rounds.
-    println!(
-        "connect() latency from the agent cgroup, {rounds} rounds x {count} connects each (µs)"
-    );
-    let mut on_sink = Vec::new();
-    let mut on_direct = Vec::new();
-    let mut on_redirect = Vec::new();
-    let mut off_sink = Vec::new();
-    let mut off_direct = Vec::new();
-    let mut per_connect = Vec::new();
-    // The kernel's own accounting of time spent in our programs (kernel.bpf_stats_enabled).
-    let stats_was = std::fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
-    let _ = std::fs::write(BPF_STATS, "1");
-    for round in 0..rounds {
-        if round > 0 {
-            lab.start_daemon()?;
-        }
-        on_sink.push(connect_stat(&lab, lab.sink(), count)?);
-        on_direct.push(connect_stat(&lab, lab.daemon_v4(), count)?);
-        let before = program_stats();
-        on_redirect.push(connect_stat(&lab, lab.api(), count)?);
-        if round == 0 {
-            per_connect = program_delta(&before, &program_stats(), count);
-        }
-        lab.portcullis(&["unload"])
-            .context("detaching for the baseline")?;
-        off_sink.push(connect_stat(&lab, lab.sink(), count)?);
-        off_direct.push(connect_stat(&lab, lab.daemon_v4(), count)?);
-        lab.kill_daemon();
-    }
-    let _ = std::fs::write(BPF_STATS, stats_was.trim());
-    let (on_sink, on_direct, on_redirect, off_sink, off_direct) = (
-        median(on_sink),
-        median(on_direct),
-        median(on_redirect),
-        median(off_sink),
-        median(off_direct),
-    );
-
-    let row = |name: &str, s: &Stat, base: &Stat| {
-        println!(
-            "  {name:<46} p50 {:>7.1}  p99 {:>7.1}  n {:>5}  p50 ratio {:>5.3}  added p50 {:>+6.2} µs",
-            s.p50,
-            s.p99,
-            s.n,
-            s.p50 / base.p50,
-            s.p50 - base.p50
-        );
-    };
-    row(
-        "baseline: programs detached, node sink",
-        &off_sink,
-        &off_sink,
-    );
-    row(
-        "programs attached, node sink (not protected)",
-        &on_sink,
-        &off_sink,
-    );
-    row(
-        "baseline: programs detached, daemon address",
-        &off_direct,
-        &off_direct,
-    );
-    row(
-        "programs attached, daemon address (direct)",
-        &on_direct,
-        &off_direct,
-    );
-    row(
-        "programs attached, API address -> daemon",
-        &on_redirect,
-        &off_direct,
-    );
-    let added = on_redirect.p50 - off_direct.p50;
-    println!(
-        "  redirect path added at p50: {added:+.2} µs (goal <= 2 µs): {}",
-        if added <= 2.0 { "met" } else { "NOT met" }
-    );
-    let total_ns: f64 = per_connect.iter().map(|(_, ns, _)| ns).sum();
-    println!("  kernel-measured time in Portcullis programs per redirected connect (bpf_stats):");
-    for (name, ns, runs) in &per_connect {
-        println!("    {name:<24} {ns:>8.0} ns per connect ({runs:.1} runs per connect)");
-    }
-    println!("    {:<24} {total_ns:>8.0} ns per connect", "total");
-    println!(
-        "ring buffer: {produced} refused datagrams in {:.3} s ({:.0} events/s produced), {delivered} delivered to the event log in {elapsed:.2} s ({:.0} events/s end to end, {} lost)",
-        send_ns as f64 / 1e9,
-        produced as f64 / (send_ns as f64 / 1e9),
-        delivered as f64 / elapsed,
-        produced.saturating_sub(delivered)
-    );
-    let report = json!({
-        "connect_us": {
-            "off_sink": [off_sink.p50, off_sink.p99], "on_sink": [on_sink.p50, on_sink.p99],
-            "off_daemon": [off_direct.p50, off_direct.p99], "on_daemon": [on_direct.p50, on_direct.p99],
-            "on_redirect": [on_redirect.p50, on_redirect.p99],
-            "added_p50_redirect_us": added,
-            "added_p50_miss_us": on_sink.p50 - off_sink.p50,
-            "program_ns_per_redirected_connect": total_ns,
-        },
-        "events": {"produced": produced, "delivered": delivered, "produce_per_s": produced as f64 / (send_ns as f64 / 1e9), "end_to_end_per_s": delivered as f64 / elapsed},
-    });
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("kernel.json"), serde_json::to_vec_pretty(&report)?)?;
-    println!("report: {}", out.join("kernel.json").display());
-    let _: Value = report;
-    Ok(())
 }
 
 fn node_smoke() -> Result<()> {
