@@ -19,6 +19,7 @@ use crate::{
     approvals::{Approvals, Notifier, RedbStore},
     audit::{self, AuditLog},
     config::{self, Config, Log, LogFormat, Mode},
+    enroll,
     gate::{self, Authorizer, Gate, Gated},
     identity::{Authenticator, JwksCache, Source},
     kernel::{self, BpfOriginLookup, PinnedMaps, PodResolver, bpffs, cgroup, endpoint_key, events},
@@ -59,6 +60,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = std::fs::remove_file(&ready_file);
 
     bpffs::ensure(&cfg.kernel.bpffs_dir, cfg.kernel.mount_bpffs)?;
+    // Refuse to start where the kernel lacks what enforcement needs.
+    let missing: Vec<String> = kernel::doctor::checks(Some(&cfg))
+        .into_iter()
+        .filter(|c| !c.passes())
+        .map(|c| format!("{}: {} (fix: {})", c.name, c.detail, c.fix))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "this node lacks what enforcement needs (`portcullis doctor`):\n  {}",
+            missing.join("\n  ")
+        );
+    }
     if !cgroup::is_cgroup2(&cfg.kernel.attach_cgroup) {
         anyhow::bail!(
             "kernel.attach_cgroup `{}` is not on a cgroup v2 filesystem (see `portcullis doctor`)",
@@ -105,6 +118,21 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
 
     let maps = Arc::new(Mutex::new(PinnedMaps::open(&paths.maps())?));
+    if let Some(sel) = &cfg.enrollment {
+        let kcfg = enroll::kube_config(&cfg).context("enrollment: the API client")?;
+        let task = enroll::run(
+            sel.clone(),
+            kcfg,
+            cfg.kernel.attach_cgroup.clone(),
+            maps.clone(),
+            state_paths.enrollment(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                warn!(error = %e, "enrollment by selector stopped");
+            }
+        });
+    }
     let lookup = Arc::new(BpfOriginLookup::new(maps.clone()));
     let (ev_tx, mut ev_rx) = mpsc::channel(4096);
     let ring = PinnedMaps::open_events(&paths.maps())?;
@@ -162,8 +190,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (acc_tx, mut acc_rx) = mpsc::channel(4096);
     let mut listening = Vec::new();
     for addr in [cfg.listen.ipv4, cfg.listen.ipv6].into_iter().flatten() {
-        let l = TcpListener::bind(addr.0)
-            .await
+        let l = crate::util::reuseport_listener(addr.0)
             .with_context(|| format!("binding listen address {}", addr.0))?;
         info!(addr = %addr.0, "listening for redirected agent connections");
         listening.push(addr.0);

@@ -7,6 +7,8 @@
 //! gate's settings), `addr` (listen addresses, protected endpoints), `validate` (what
 //! serde cannot check, and the proxy's mode, decided once).
 mod addr;
+mod enrollment;
+mod env;
 mod proxy;
 mod validate;
 
@@ -15,6 +17,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use addr::{ConcreteAddr, Endpoint, EndpointError};
+pub use enrollment::Enrollment;
+pub use env::EnvError;
 use proxy::ProxySpec;
 pub use proxy::{
     Admin, AdminHttps, AlgorithmError, Approvals, Audit, AuditLevel, AuditSink, Credential,
@@ -29,6 +33,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: {source}")]
+    Env { path: PathBuf, source: EnvError },
     #[error("{path}: field `{field}`: {message}")]
     Invalid {
         path: PathBuf,
@@ -50,6 +56,8 @@ pub struct Config {
     /// Daemon state: CA, event logs, kernel attach state (see [`StatePaths`]).
     pub state_dir: PathBuf,
     pub log: Log,
+    /// Agent pods on this node enrolled by label (needs the API server).
+    pub enrollment: Option<Enrollment>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +76,7 @@ struct ConfigSpec {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub log: Log,
+    pub enrollment: Option<Enrollment>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +91,8 @@ pub struct Listen {
 pub struct Kernel {
     /// cgroup v2 directory the programs attach to: an ancestor of every agent cgroup
     /// (e.g. the kubepods slice). The programs act only on enrolled cgroups below it.
+    /// `auto`: the kubelet's pod cgroup root (`kubepods` / `kubepods.slice`), found
+    /// from the daemon's own pod (`POD_UID` in the environment) at start.
     pub attach_cgroup: PathBuf,
     /// bpffs directory where programs, links and maps are pinned.
     #[serde(default = "default_bpffs_dir")]
@@ -175,11 +186,25 @@ impl StatePaths {
     pub fn admin_socket(&self) -> PathBuf {
         self.dir.join("admin.sock")
     }
+    /// The agent pods the daemon enrolled by selector (JSON: [[pod, enrolled]]).
+    pub fn enrollment(&self) -> PathBuf {
+        self.dir.join("enrollment.json")
+    }
     /// The interception CA.
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.join("ca")
     }
 }
+
+impl Kernel {
+    /// `attach_cgroup: auto` (resolved at start, see the field).
+    pub fn attach_auto(&self) -> bool {
+        self.attach_cgroup == Path::new(AUTO)
+    }
+}
+
+/// The `attach_cgroup` value that asks for discovery.
+pub const AUTO: &str = "auto";
 
 impl Config {
     pub fn state(&self) -> StatePaths {
@@ -198,6 +223,12 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
+        })?;
+        let text = env::expand(&text, |n| std::env::var(n).ok()).map_err(|source| {
+            ConfigError::Env {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         Self::parse(&text, path)
     }

@@ -11,6 +11,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod doctor;
 pub mod events;
+pub mod node;
 mod load;
 mod maps;
 mod origin;

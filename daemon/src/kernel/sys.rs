@@ -92,3 +92,39 @@ pub fn readable_logger(logger: ProgramLogger) -> io::Result<AsyncFd<ProgramLogge
     // returns that same fd from as_raw_fd.
     unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }.map_err(io::Error::from)
 }
+
+/// Moves the calling thread into the mount namespace `ns` (an open `/proc/PID/ns/mnt`).
+/// The kernel refuses this for a multi-threaded process: call it before any thread
+/// (or async runtime) starts.
+pub fn enter_mount_namespace(ns: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) on a descriptor `ns` owns for the duration of the call; it
+    // touches no memory of this process.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
+}
+
+/// `mount --make-shared TARGET`: mounts below it propagate to the namespaces (and
+/// containers) that bind it with propagation.
+pub fn make_shared(target: &Path) -> io::Result<()> {
+    let target = CString::new(target.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid NUL-terminated string owned here; null source/fstype/data are
+    // what mount(2) expects for a propagation change.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_SHARED,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
