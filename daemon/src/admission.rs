@@ -9,6 +9,7 @@ mod guard;
 mod mutate;
 mod review;
 mod serve;
+mod signer;
 
 use std::{net::IpAddr, net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -33,12 +34,18 @@ pub struct Options {
     pub extra_ips: Vec<IpAddr>,
     /// The cluster CA (the service account's ca.crt).
     pub cluster_ca: PathBuf,
+    /// The node daemons' service account (the only requester of intermediates).
+    pub daemon_service_account: String,
+    /// How long a node's intermediate is valid.
+    pub intermediate_validity: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
     #[error("the API client: {0}")]
     Client(#[source] kube::Error),
+    #[error(transparent)]
+    Config(crate::enroll::EnrollError),
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
     #[error(transparent)]
@@ -52,10 +59,9 @@ pub enum AdmissionError {
 }
 
 pub async fn run(o: Options) -> Result<(), AdmissionError> {
-    let client = kube::Client::try_default()
-        .await
-        .map_err(AdmissionError::Client)?;
-    let (ca_crt, _ca_key) = bootstrap::interception_ca(
+    let kcfg = crate::enroll::incluster().map_err(AdmissionError::Config)?;
+    let client = kube::Client::try_from(kcfg).map_err(AdmissionError::Client)?;
+    let (ca_crt, ca_key) = bootstrap::interception_ca(
         &client,
         &o.namespace,
         &o.ca_secret,
@@ -78,6 +84,14 @@ pub async fn run(o: Options) -> Result<(), AdmissionError> {
     trust.push('\n');
     trust.push_str(&ca_crt);
     tokio::spawn(bootstrap::publish_ca_bundle(client.clone(), trust));
+    // Nodes' intermediates: only this Deployment holds the interception CA's key.
+    tokio::spawn(signer::run(
+        client.clone(),
+        ca_crt.clone(),
+        ca_key,
+        format!("system:serviceaccount:{}:{}", o.namespace, o.daemon_service_account),
+        o.intermediate_validity,
+    ));
     let listener =
         crate::util::reuseport_listener(o.listen).map_err(|source| AdmissionError::Io {
             what: format!("binding {}", o.listen),

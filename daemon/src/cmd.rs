@@ -99,6 +99,12 @@ enum Cmd {
         extra_ips: Vec<std::net::IpAddr>,
         #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")]
         cluster_ca: PathBuf,
+        /// The node daemons' service account in --namespace (requests intermediates).
+        #[arg(long, default_value = "portcullis-daemon")]
+        daemon_service_account: String,
+        /// Lifetime of a node's intermediate CA (renewed at half of it).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        intermediate_validity: std::time::Duration,
     },
     /// Exit 0 when the daemon of this config is serving (the DaemonSet's readiness).
     Ready {
@@ -247,6 +253,20 @@ enum AuditCmd {
 
 #[derive(Subcommand)]
 enum PolicyCmd {
+    /// Print Kubernetes RBAC generated from a policy: each scoped identity's rules,
+    /// and the daemon's impersonation of exactly those identities.
+    Rbac {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long, default_value = "portcullis-system")]
+        namespace: String,
+        #[arg(long, default_value = "portcullis-daemon")]
+        service_account: String,
+        /// Classic `impersonate` on the names instead of constrained impersonation
+        /// (API servers before 1.36, or with ConstrainedImpersonation off).
+        #[arg(long)]
+        legacy: bool,
+    },
     /// Run table-driven decision cases; exits non-zero on any mismatch.
     Test {
         #[arg(long)]
@@ -310,6 +330,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             extra_names,
             extra_ips,
             cluster_ca,
+            daemon_service_account,
+            intermediate_validity,
         } => kernel::webhook(crate::admission::Options {
             listen,
             namespace,
@@ -322,6 +344,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             extra_names,
             extra_ips,
             cluster_ca,
+            daemon_service_account,
+            intermediate_validity,
         }),
         Cmd::Barrier {
             ca_pem,
@@ -351,6 +375,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Policy {
             cmd: PolicyCmd::Test { policy, cases },
         } => policy::test(&policy, &cases),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Rbac {
+                    policy,
+                    namespace,
+                    service_account,
+                    legacy,
+                },
+        } => policy::rbac(&policy, namespace, service_account, legacy),
         Cmd::Approvals { conn, cmd } => admin::approvals(&conn, cmd),
         Cmd::Grants { conn, cmd } => admin::grants(&conn, cmd),
         Cmd::Audit {

@@ -7,6 +7,7 @@
 //! gate's settings), `addr` (listen addresses, protected endpoints), `validate` (what
 //! serde cannot check, and the proxy's mode, decided once).
 mod addr;
+mod discovery;
 mod enrollment;
 mod env;
 mod proxy;
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use addr::{ConcreteAddr, Endpoint, EndpointError};
+pub use discovery::{Discovery, NodeCa};
 pub use enrollment::Enrollment;
 pub use env::EnvError;
 use proxy::ProxySpec;
@@ -58,6 +60,10 @@ pub struct Config {
     pub log: Log,
     /// Agent pods on this node enrolled by label (needs the API server).
     pub enrollment: Option<Enrollment>,
+    /// Protected endpoints found in the cluster (needs the API server).
+    pub discovery: Option<Discovery>,
+    /// Serve from this node's own intermediate CA (needs the API server).
+    pub node_ca: Option<NodeCa>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +83,8 @@ struct ConfigSpec {
     #[serde(default)]
     pub log: Log,
     pub enrollment: Option<Enrollment>,
+    pub discovery: Option<Discovery>,
+    pub node_ca: Option<NodeCa>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,6 +197,14 @@ impl StatePaths {
     /// The agent pods the daemon enrolled by selector (JSON: [[pod, enrolled]]).
     pub fn enrollment(&self) -> PathBuf {
         self.dir.join("enrollment.json")
+    }
+    /// The endpoints discovery protects (JSON).
+    pub fn discovered(&self) -> PathBuf {
+        self.dir.join("protected.json")
+    }
+    /// This node's intermediate CA and its key (with `node_ca`).
+    pub fn node_ca_dir(&self) -> PathBuf {
+        self.dir.join("node-ca")
     }
     /// The interception CA.
     pub fn ca_dir(&self) -> PathBuf {

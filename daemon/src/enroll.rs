@@ -17,4 +17,4 @@ mod cgroups;
 mod state;
 mod watch;
 
-pub use watch::{EnrollError, kube_config, run};
+pub use watch::{EnrollError, incluster, kube_config, run};

@@ -25,7 +25,7 @@ pub use load::{AttachState, Paths, object_bytes, program_id, start, unload};
 pub use maps::PinnedMaps;
 pub use origin::{BpfOriginLookup, ConnOrigin, OriginLookup};
 pub use pods::PodResolver;
-pub use sys::effective_uid;
+pub use sys::{effective_uid, interface_addresses};
 
 use crate::config::Endpoint;
 

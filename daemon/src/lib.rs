@@ -13,7 +13,7 @@
 //! L5  cmd
 //! L4  app
 //! L3  gate | admin | admission
-//! L2  kernel < enroll < audit < mask < upstream < identity < policy < approvals
+//! L2  kernel < enroll < endpoints < nodeca < audit < mask < upstream < identity < policy < approvals
 //! L1  config < tls
 //! L0  util < k8s
 //! ```
@@ -33,6 +33,10 @@
 //!   calls (`kernel/sys.rs`).
 //! - `enroll` — agent pods on this node enrolled by selector: the pod and namespace
 //!   watchers, each pod's cgroup, removal when pods go.
+//! - `endpoints` — protected endpoints discovered from the cluster and kept live:
+//!   the API server redirected, kubelet ports and the node's other ports refused.
+//! - `nodeca` — this node's short-lived intermediate CA, requested from the cluster's
+//!   signer and renewed.
 //! - `audit` — the tamper-evident chain: writer, verify, the daemon's log handle, the
 //!   gate's records and decisions, reading back (sessions, k8s export), sink, replay.
 //! - `mask` — response masking: paths, the streaming JSON masker, text, detectors,
@@ -58,12 +62,14 @@ mod approvals;
 pub mod audit;
 pub mod cmd;
 pub mod config;
+mod endpoints;
 mod enroll;
 mod gate;
 mod identity;
 pub mod k8s;
 mod kernel;
 pub mod mask;
+mod nodeca;
 pub mod policy;
 mod tls;
 mod upstream;

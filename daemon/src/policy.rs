@@ -28,6 +28,7 @@
 mod cases;
 mod document;
 mod handle;
+pub mod rbac;
 mod rules;
 
 use std::{path::PathBuf, time::Duration};

@@ -13,6 +13,8 @@ mod probe;
 pub use accept::accept;
 pub use ca::{CaError, CaPaths, LeafMinter, init};
 pub use client::{ClientError, client_config};
-pub use issue::{IssueError, Pair, interception_ca, webhook_serving};
-pub use probe::{ProbeError, answered_by_gate, only_ca};
+pub use issue::{
+    IssueError, interception_ca, node_intermediate, node_request, webhook_serving,
+};
+pub use probe::{answered_by_gate, only_ca};
 pub use https::{HttpClient, HttpError, client as https_client, get, post_json};

@@ -311,8 +311,8 @@ impl Gate {
         // Installed, the daemon also enrolls agent pods by label (as deploy/ does).
         let base_config = if opts.install {
             format!(
-                "{base_config}enrollment:\n  node_name: {}\n  pod_labels: {{portcullis.dev/agent: \"true\"}}\n  namespace_labels: {{portcullis.dev/agents: enabled}}\n",
-                node::NODE_NAME
+                "{base_config}enrollment:\n  node_name: {n}\n  pod_labels: {{portcullis.dev/agent: \"true\"}}\n  namespace_labels: {{portcullis.dev/agents: enabled}}\ndiscovery:\n  node_name: {n}\n",
+                n = node::NODE_NAME
             )
         } else {
             base_config
@@ -886,7 +886,10 @@ metadata:
   name: portcullis-node-reader
 rules:
 - apiGroups: [""]
-  resources: ["pods", "namespaces"]
+  resources: ["pods", "namespaces", "nodes", "services"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
   verbs: ["get", "list", "watch"]
 ---
 apiVersion: rbac.authorization.k8s.io/v1

@@ -72,10 +72,24 @@ patches:
       path: /spec/template/spec/containers/0/volumeMounts/-
       value: {{name: pki, mountPath: "{p}", readOnly: true}}
 "#,
-        base = repo().join("tests/deploy").display(),
+        base = relative(&out, &repo().join("tests/deploy")).display(),
     );
     node::write(&out.join("kustomization.yaml"), &text)?;
     Ok(out)
+}
+
+/// `to` relative to the directory `from` (kustomize refuses absolute bases).
+pub fn relative(from: &Path, to: &Path) -> PathBuf {
+    let (f, t): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut p = PathBuf::new();
+    for _ in common..f.len() {
+        p.push("..");
+    }
+    for c in &t[common..] {
+        p.push(c);
+    }
+    p
 }
 
 /// `kubectl apply -k DIR` as the cluster admin.

@@ -267,6 +267,11 @@ impl Node {
             "dev",
             "lo",
         ])?;
+        // The Service range needs a route for connections made on the node (the
+        // apiserver calling a webhook, a host-network pod using the ClusterIP): kube-
+        // proxy's rules rewrite them to pod addresses once routed. `lo`, so nothing can
+        // leave (nodes elsewhere route it by their default route).
+        ip(&["-n", NETNS, "route", "add", SERVICE_CIDR, "dev", "lo"])?;
         host::make_cgroup_root()?;
         host::save_sysctls(&sysctl_save())?;
         host::save_bpffs(&bpffs_save())?;

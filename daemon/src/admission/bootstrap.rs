@@ -136,7 +136,7 @@ pub async fn apiserver_ips(client: &Client) -> Result<Vec<IpAddr>, BootstrapErro
         .await
         .map_err(api("listing the kubernetes EndpointSlices"))?
     {
-        for ep in sl.endpoints {
+        for ep in sl.endpoints.iter().flatten() {
             ips.extend(ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()));
         }
     }

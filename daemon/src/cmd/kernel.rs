@@ -56,6 +56,14 @@ pub fn node_setup(bpffs: &std::path::Path, how: node::HostNamespace) -> Result<E
             "already shared"
         }
     );
+    // Rolling upgrades: connections waiting in a closing listener's queue move to the
+    // successor's listener on the same address (SO_REUSEPORT) instead of being reset.
+    // A per-network-namespace sysctl: the node's, as the DaemonSet runs on its network.
+    let migrate = std::path::Path::new("/proc/sys/net/ipv4/tcp_migrate_req");
+    match std::fs::write(migrate, "1") {
+        Ok(()) => println!("net.ipv4.tcp_migrate_req = 1"),
+        Err(e) => println!("net.ipv4.tcp_migrate_req not set ({e}): an upgrade resets connections queued at that moment"),
+    }
     Ok(doctor(None))
 }
 
@@ -165,9 +173,15 @@ pub fn status(cfg: &Config) -> Result<ExitCode> {
     println!("kernel state: {state}");
     println!("enrolled cgroup ids: {:?}", m.enrolled());
     let eps: Vec<String> = m
-        .protected_endpoints()
+        .protections()
         .iter()
-        .map(|k| k.to_string())
+        .map(|(k, p)| {
+            if p.flags & portcullis_common::protection_flags::REFUSE != 0 {
+                format!("{k} (refused)")
+            } else {
+                k.to_string()
+            }
+        })
         .collect();
     println!("protected endpoints: {}", eps.join(", "));
     Ok(ExitCode::SUCCESS)

@@ -56,10 +56,10 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
             ));
         }
     }
-    if raw.kernel.protected_endpoints.is_empty() {
+    if raw.kernel.protected_endpoints.is_empty() && raw.discovery.is_none() {
         return Err(invalid(
             "kernel.protected_endpoints",
-            "list at least one endpoint (the API Service ClusterIP:443, the API servers)".into(),
+            "list at least one endpoint (the API Service ClusterIP:443, the API servers), or configure `discovery`".into(),
         ));
     }
     for (i, ep) in raw.kernel.protected_endpoints.iter().enumerate() {
@@ -259,5 +259,7 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
         state_dir: raw.state_dir,
         log: raw.log,
         enrollment: raw.enrollment,
+        discovery: raw.discovery,
+        node_ca: raw.node_ca,
     })
 }

@@ -31,6 +31,8 @@ pub enum EnrollError {
     InCluster(#[source] kube::config::InClusterError),
     #[error("the API client: {0}")]
     Client(#[source] kube::Error),
+    #[error("the API server's CA {0}: {1}")]
+    Ca(std::path::PathBuf, String),
 }
 
 /// The API client: the upstream the proxy uses (its URL, CA and credential), or the
@@ -46,8 +48,8 @@ pub fn kube_config(cfg: &Config) -> Result<kube::Config, EnrollError> {
     };
     if let Some(up) = up {
         if let Some(ca) = &up.ca_file {
-            c.root_cert_file = Some(ca.clone());
-            c.root_cert = None;
+            c.root_cert = Some(read_ders(ca)?);
+            c.root_cert_file = None;
         }
         match &up.credential {
             Credential::BearerTokenFile(p) => {
@@ -68,13 +70,45 @@ pub fn kube_config(cfg: &Config) -> Result<kube::Config, EnrollError> {
                     let sa = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
                     c.auth_info.token_file = Some(sa.join("token").display().to_string());
                     if up.ca_file.is_none() {
-                        c.root_cert_file = Some(sa.join("ca.crt"));
+                        c.root_cert = Some(read_ders(&sa.join("ca.crt"))?);
+                        c.root_cert_file = None;
                     }
                 }
             }
         }
     }
+    trust_from_file(&mut c)?;
     Ok(c)
+}
+
+/// The in-cluster configuration (the pod's service account).
+pub fn incluster() -> Result<kube::Config, EnrollError> {
+    let mut c = kube::Config::incluster().map_err(EnrollError::InCluster)?;
+    trust_from_file(&mut c)?;
+    Ok(c)
+}
+
+/// The CA file read into the trusted roots (the client's own file loading did not
+/// find them).
+fn trust_from_file(c: &mut kube::Config) -> Result<(), EnrollError> {
+    if let Some(f) = c.root_cert_file.take() {
+        c.root_cert = Some(read_ders(&f)?);
+    }
+    Ok(())
+}
+
+/// The certificates of a PEM file, DER-encoded (what the API client trusts).
+fn read_ders(path: &std::path::Path) -> Result<Vec<Vec<u8>>, EnrollError> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let certs: Result<Vec<Vec<u8>>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| EnrollError::Ca(path.to_owned(), e.to_string()))?
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect();
+    let certs = certs.map_err(|e| EnrollError::Ca(path.to_owned(), e.to_string()))?;
+    if certs.is_empty() {
+        return Err(EnrollError::Ca(path.to_owned(), "no certificate".into()));
+    }
+    Ok(certs)
 }
 
 fn view(p: &Pod) -> Option<PodView> {

@@ -63,8 +63,9 @@ pub fn cgroup2_full_mounts() -> Vec<PathBuf> {
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let f: Vec<&str> = left.split(' ').collect();
+            let mp = f.get(4)?;
             (right.split(' ').next()? == "cgroup2" && f.get(3) == Some(&"/"))
-                .then(|| PathBuf::from(f.get(4)?))
+                .then(|| PathBuf::from(mp))
         })
         .collect()
 }

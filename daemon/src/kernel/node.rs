@@ -25,7 +25,6 @@ pub enum HostNamespace {
 /// What node setup did, for its log line.
 #[derive(Debug, Default)]
 pub struct SetupReport {
-    pub namespace: String,
     pub mounted: bool,
     pub made_shared: bool,
 }

@@ -112,6 +112,48 @@ pub fn webhook_serving(dns_names: &[String]) -> Result<(Pair, Pair), IssueError>
     ))
 }
 
+/// A node's own key and its request for an intermediate (PEM key, PEM CSR). The key
+/// never leaves the node.
+pub fn node_request(node: &str) -> Result<(String, String), IssueError> {
+    let err = |source| IssueError {
+        what: "the node's intermediate request",
+        source,
+    };
+    let key = KeyPair::generate().map_err(err)?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(&format!("Portcullis node {node}"));
+    let csr = p.serialize_request(&key).map_err(err)?;
+    Ok((key.serialize_pem(), csr.pem().map_err(err)?))
+}
+
+/// The intermediate CA for `node`, from its request (only the public key is taken),
+/// signed by the interception CA: path length 0, valid for `validity`.
+pub fn node_intermediate(
+    root_cert_pem: &str,
+    root_key_pem: &str,
+    csr_pem: &str,
+    node: &str,
+    validity: std::time::Duration,
+) -> Result<String, IssueError> {
+    let err = |source| IssueError {
+        what: "a node's intermediate CA",
+        source,
+    };
+    let root_key = KeyPair::from_pem(root_key_pem).map_err(err)?;
+    let issuer = Issuer::from_ca_cert_pem(root_cert_pem, root_key).map_err(err)?;
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(err)?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn(&format!("Portcullis node {node}"));
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.use_authority_key_identifier_extension = true;
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::minutes(5);
+    p.not_after = now + time::Duration::try_from(validity).unwrap_or(time::Duration::hours(24));
+    csr.params = p;
+    Ok(csr.signed_by(&issuer).map_err(err)?.pem())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +169,19 @@ mod tests {
         let nc = x.name_constraints().unwrap().unwrap().value;
         let permitted = nc.permitted_subtrees.as_ref().unwrap();
         assert_eq!(permitted.len(), KUBERNETES_NAMES.len() + 2);
+        // A node's intermediate: its own key, signed by the root, path length 0.
+        let root_key = p.key_pem.clone();
+        let (node_key, csr) = node_request("n1").unwrap();
+        let inter = node_intermediate(&p.cert_pem, &root_key, &csr, "n1", std::time::Duration::from_secs(3600)).unwrap();
+        let ider = rustls_pki_types::CertificateDer::from_pem_slice(inter.as_bytes()).unwrap();
+        let (_, ix) = x509_parser::parse_x509_certificate(&ider).unwrap();
+        assert!(ix.subject().to_string().contains("Portcullis node n1"));
+        assert!(ix.issuer().to_string().contains("Portcullis interception CA"));
+        let life = ix.validity().not_after.timestamp() - ix.validity().not_before.timestamp();
+        assert!(life <= 3600 + 300, "{life}");
+        let bc = ix.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca && bc.path_len_constraint == Some(0));
+        assert!(node_key.contains("PRIVATE KEY"));
         let (ca, leaf) = webhook_serving(&["w.ns.svc".into()]).unwrap();
         assert!(ca.cert_pem.contains("BEGIN CERTIFICATE"));
         assert!(leaf.key_pem.contains("PRIVATE KEY"));

@@ -10,7 +10,10 @@ use portcullis_tests::gate::{Gate, GateOptions};
 
 mod admission;
 mod daemonset;
+mod endpoints;
 mod enroll;
+mod readme;
+mod upgrade;
 
 /// Shared by every case.
 pub type Env = Gate;
@@ -39,6 +42,10 @@ const CASES: &[Case] = &[
         enroll::unselected_untouched,
     ),
     (
+        "install_protected_endpoints_discovered_kubelet_and_node_ports_refused",
+        endpoints::discovered,
+    ),
+    (
         "install_unmodified_agent_pods_trust_the_gate_through_the_webhook",
         admission::ca_trust,
     ),
@@ -53,6 +60,15 @@ const CASES: &[Case] = &[
     (
         "install_no_webhook_no_agent_pod",
         admission::fails_closed_without_webhook,
+    ),
+    (
+        "install_rolling_upgrade_leaves_no_direct_path_and_a_small_gap",
+        upgrade::rolling_upgrade,
+    ),
+    // Last: replaces the harness's install with the README's, then uninstalls.
+    (
+        "install_readme_block_install_label_gate_upgrade_uninstall",
+        readme::readme_install_block,
     ),
 ];
 
