@@ -1,7 +1,10 @@
 //! The admission webhook: CA trust for unmodified agent pods, the guard (each refusal
 //! naming its field), agents' children (workloads an agent creates are agents and
 //! cannot shed the label), and its failure policy (no webhook: no agent pod).
-use std::time::{Duration, Instant};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use portcullis_tests::{
@@ -173,13 +176,31 @@ pub fn children(env: &mut Env) -> Result<()> {
             r#"[{"op":"remove","path":"/spec/template/metadata/labels/portcullis.dev~1agent"}]"#,
         ],
     ] {
+        // Refused, or put back by the mutating webhook: either way it stays.
         let o = run(env.gate_cmd(&args))?;
-        ensure!(
-            !o.status.success() && text(&o).contains("agent label cannot be removed"),
-            "{args:?}: {}",
-            text(&o)
-        );
+        for path in [
+            "{.metadata.labels.portcullis\\.dev/agent}",
+            "{.spec.template.metadata.labels.portcullis\\.dev/agent}",
+        ] {
+            let v = env.node.kubectl_ok(&[
+                "-n",
+                NAMESPACE,
+                "get",
+                "deployment",
+                "relay",
+                "-o",
+                &format!("jsonpath={path}"),
+            ])?;
+            ensure!(v == "true", "{args:?} removed the label ({path}): {}", text(&o));
+        }
     }
+    // Nor from its own pod (pods are shaped once, so the removal is refused).
+    let o = run(env.gate_cmd(&["label", "pod", POD, "portcullis.dev/agent-"]))?;
+    ensure!(
+        !o.status.success() && text(&o).contains("agent label cannot be removed"),
+        "unlabelling its own pod: {}",
+        text(&o)
+    );
     let o = run(env.gate_cmd(&["delete", "deployment", "relay", "--wait=false"]))?;
     ensure!(o.status.success(), "delete relay: {}", text(&o));
     Ok(())
@@ -242,5 +263,118 @@ pub fn fails_closed_without_webhook(env: &mut Env) -> Result<()> {
     env.node
         .kubectl_ok(&["-n", NAMESPACE, "delete", "pod", "no-webhook-plain", "--wait=false"])
         .context("cleanup")?;
+    Ok(())
+}
+
+/// A CSR for the node-intermediate signer, created with `token` (None: the admin).
+fn request_intermediate(env: &Env, name: &str, token: Option<&str>) -> Result<()> {
+    let dir = env.dir.join("csr");
+    std::fs::create_dir_all(&dir)?;
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let o = Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj"])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .output()?;
+    ensure!(o.status.success(), "openssl req: {}", String::from_utf8_lossy(&o.stderr));
+    use base64::Engine;
+    let req = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&csr)?);
+    let yaml = format!(
+        "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {name}}}\nspec:\n  signerName: portcullis.dev/node-intermediate\n  usages: [cert sign]\n  expirationSeconds: 3600\n  request: {req}\n"
+    );
+    let mut args = vec!["create", "-f", "-"];
+    let tok;
+    if let Some(t) = token {
+        tok = format!("--token={t}");
+        args.push(&tok);
+    }
+    let mut c = env.node.kubectl_cmd(&args);
+    if token.is_some() {
+        // The token alone, not the admin's client certificate.
+        c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", node::NETNS))
+            .arg(env.node.parts.bin("kubectl"))
+            .arg(format!("--server={}", env.api_url()))
+            .arg(format!("--certificate-authority={}", env.node.ca_pem.display()))
+            .args(&args)
+            .env("HOME", env.dir.join("home-csr"));
+    }
+    let o = node::run_with_stdin(&mut c, &yaml)?;
+    ensure!(o.status.success(), "creating CSR {name}: {}", text(&o));
+    Ok(())
+}
+
+fn csr_outcome(env: &Env, name: &str) -> Result<(String, String)> {
+    wait_for(&format!("a decision on CSR {name}"), 60, || {
+        let cond = env.node.kubectl_ok(&[
+            "get",
+            "csr",
+            name,
+            "-o",
+            "jsonpath={.status.conditions[0].type}|{.status.conditions[0].message}",
+        ])?;
+        let cert = env.node.kubectl_ok(&["get", "csr", name, "-o", "jsonpath={.status.certificate}"])?;
+        if cond.starts_with("Denied") || (cond.starts_with("Approved") && !cert.is_empty()) {
+            return Ok(Some((cond, cert)));
+        }
+        Ok(None)
+    })
+}
+
+pub fn intermediates(env: &mut Env) -> Result<()> {
+    // Anyone else is refused.
+    request_intermediate(env, "not-a-node", None)?;
+    let (cond, _) = csr_outcome(env, "not-a-node")?;
+    ensure!(
+        cond.starts_with("Denied") && cond.contains("not the node daemon"),
+        "an admin's request: {cond}"
+    );
+    // The daemon's service account, with a token bound to its pod (which names the
+    // node), gets a short-lived intermediate for that node, from the interception CA.
+    let pod = install::daemon_pods(&env.node)?
+        .into_iter()
+        .next()
+        .context("no daemon pod")?;
+    let uid = env.node.kubectl_ok(&["-n", install::NAMESPACE, "get", "pod", &pod, "-o", "jsonpath={.metadata.uid}"])?;
+    let token = env.node.kubectl_ok(&[
+        "-n",
+        install::NAMESPACE,
+        "create",
+        "token",
+        "portcullis-daemon",
+        "--bound-object-kind=Pod",
+        &format!("--bound-object-name={pod}"),
+        &format!("--bound-object-uid={uid}"),
+    ])?;
+    request_intermediate(env, "node-daemon", Some(token.trim()))?;
+    let (cond, cert) = csr_outcome(env, "node-daemon")?;
+    ensure!(cond.starts_with("Approved"), "the daemon's request: {cond}");
+    use base64::Engine;
+    let pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(cert.trim())?)?;
+    let mut c = Command::new("openssl");
+    c.args(["x509", "-noout", "-subject", "-issuer", "-text"]);
+    let o = node::run_with_stdin(&mut c, &pem)?;
+    let t = text(&o);
+    ensure!(
+        t.contains(&format!("Portcullis node {}", node::NODE_NAME)) && t.contains("CA:TRUE, pathlen:0"),
+        "the intermediate: {t}"
+    );
+    // Signed by the interception CA.
+    let ca = env.state_dir().join("ca/ca.crt");
+    let p = env.dir.join("csr/node-daemon.crt");
+    std::fs::write(&p, &pem)?;
+    let o = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&ca)
+        .arg(&p)
+        .output()?;
+    ensure!(o.status.success(), "not signed by the interception CA: {}", text(&o));
+    for n in ["not-a-node", "node-daemon"] {
+        let _ = env.node.kubectl(&["delete", "csr", n]);
+    }
     Ok(())
 }

@@ -58,6 +58,10 @@ const CASES: &[Case] = &[
         admission::children,
     ),
     (
+        "install_node_intermediates_only_for_node_daemons",
+        admission::intermediates,
+    ),
+    (
         "install_no_webhook_no_agent_pod",
         admission::fails_closed_without_webhook,
     ),
