@@ -122,7 +122,7 @@ pub mod layout {
     pub const fn fingerprint() -> u64 {
         let h = 0xcbf2_9ce4_8422_2325;
         let h = mix_type!(h, SockKey { addr, port, _pad });
-        let h = mix_type!(h, Protection { id, _pad });
+        let h = mix_type!(h, Protection { id, flags });
         let h = mix_type!(h, Enrollment { enrolled_at });
         let h = mix_type!(h, StickyAgent { agent_cgroup });
         let h = mix_type!(
@@ -330,7 +330,15 @@ impl SockKey {
 pub struct Protection {
     /// Free-form id chosen by the daemon (index in its config) so events can name the rule.
     pub id: u32,
-    pub _pad: u32,
+    /// [`protection_flags`]. (Was padding, always 0: same layout, 0 = redirect.)
+    pub flags: u32,
+}
+
+/// Flags in [`Protection::flags`].
+pub mod protection_flags {
+    /// Refuse agents' connections (and datagrams) instead of redirecting them to the
+    /// daemon: the kubelet's port of every node, every other port of this node.
+    pub const REFUSE: u32 = 1 << 0;
 }
 
 /// Value of the agent-cgroups map.

@@ -19,10 +19,12 @@ use crate::{
     approvals::{Approvals, Notifier, RedbStore},
     audit::{self, AuditLog},
     config::{self, Config, Log, LogFormat, Mode},
+    endpoints, enroll,
     gate::{self, Authorizer, Gate, Gated},
     identity::{Authenticator, JwksCache, Source},
     kernel::{self, BpfOriginLookup, PinnedMaps, PodResolver, bpffs, cgroup, endpoint_key, events},
     mask::Masking,
+    nodeca,
     policy::PolicyHandle,
     tls::{self, CaPaths, LeafMinter},
     upstream::{ConfigMapAnchor, Impersonation, Upstream},
@@ -49,6 +51,8 @@ struct Ready<'a> {
     programs: &'a [(String, u32, u32)],
 }
 
+mod handover;
+
 pub async fn run(cfg: Config) -> Result<()> {
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("creating state_dir {}", cfg.state_dir.display()))?;
@@ -56,9 +60,32 @@ pub async fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("restricting {}", cfg.state_dir.display()))?;
     let state_paths = cfg.state();
     let ready_file = state_paths.ready();
-    let _ = std::fs::remove_file(&ready_file);
+    let hand = handover::Paths::new(&cfg.state_dir);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    if handover::handed_over(&hand) {
+        // A restarted container of a pod that already handed this node over: the
+        // successor serves; stay out of its way until this pod is deleted.
+        info!("this pod handed the node over to its successor; idle until stopped");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return Ok(());
+    }
 
     bpffs::ensure(&cfg.kernel.bpffs_dir, cfg.kernel.mount_bpffs)?;
+    // Refuse to start where the kernel lacks what enforcement needs.
+    let missing: Vec<String> = kernel::doctor::checks(Some(&cfg))
+        .into_iter()
+        .filter(|c| !c.passes())
+        .map(|c| format!("{}: {} (fix: {})", c.name, c.detail, c.fix))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "this node lacks what enforcement needs (`portcullis doctor`):\n  {}",
+            missing.join("\n  ")
+        );
+    }
     if !cgroup::is_cgroup2(&cfg.kernel.attach_cgroup) {
         anyhow::bail!(
             "kernel.attach_cgroup `{}` is not on a cgroup v2 filesystem (see `portcullis doctor`)",
@@ -129,6 +156,36 @@ pub async fn run(cfg: Config) -> Result<()> {
     }
 
     let maps = Arc::new(Mutex::new(PinnedMaps::open(&paths.maps())?));
+    if let Some(d) = &cfg.discovery {
+        let kcfg = enroll::kube_config(&cfg).context("discovery: the API client")?;
+        let task = endpoints::run(
+            d.clone(),
+            kcfg,
+            cfg.kernel.protected_endpoints.clone(),
+            maps.clone(),
+            state_paths.discovered(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                warn!(error = %e, "endpoint discovery stopped");
+            }
+        });
+    }
+    if let Some(sel) = &cfg.enrollment {
+        let kcfg = enroll::kube_config(&cfg).context("enrollment: the API client")?;
+        let task = enroll::run(
+            sel.clone(),
+            kcfg,
+            cfg.kernel.attach_cgroup.clone(),
+            maps.clone(),
+            state_paths.enrollment(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                warn!(error = %e, "enrollment by selector stopped");
+            }
+        });
+    }
     let lookup = Arc::new(BpfOriginLookup::new(maps.clone()));
     let (ev_tx, mut ev_rx) = mpsc::channel(4096);
     let ring = PinnedMaps::open_events(&paths.maps())?;
@@ -137,6 +194,16 @@ pub async fn run(cfg: Config) -> Result<()> {
             warn!(error = %e, "kernel event reader stopped");
         }
     });
+
+    // The listen addresses are bound now (SO_REUSEPORT): a running predecessor can let
+    // go, and connections meanwhile wait in this backlog instead of being refused.
+    let mut listeners = Vec::new();
+    for addr in [cfg.listen.ipv4, cfg.listen.ipv6].into_iter().flatten() {
+        let l = crate::util::reuseport_listener(addr.0)
+            .with_context(|| format!("binding listen address {}", addr.0))?;
+        listeners.push((addr.0, l));
+    }
+    handover::take_over(&hand).await;
 
     // Tamper-evident evidence (hash chain, signed segment heads): kernel events, every
     // request and its outcome, approval state changes.
@@ -163,10 +230,37 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut anchor: Option<Arc<dyn audit::AnchorStore>> = None;
     let gate = match &cfg.proxy {
         Some(pcfg) => {
-            let minter = Arc::new(LeafMinter::load(
-                &CaPaths::new(&state_paths.ca_dir()),
-                pcfg.tls_names.clone(),
-            )?);
+            let minter = match &cfg.node_ca {
+                None => Arc::new(LeafMinter::load(
+                    &CaPaths::new(&state_paths.ca_dir()),
+                    pcfg.tls_names.clone(),
+                )?),
+                Some(nc) => {
+                    // This node's own intermediate: its key is made here and stays here.
+                    let paths = CaPaths::new(&state_paths.node_ca_dir());
+                    let client = nodeca::client(
+                        enroll::kube_config(&cfg).context("node_ca: the API client")?,
+                    )?;
+                    nodeca::obtain(
+                        &client,
+                        &nc.node_name,
+                        nc.validity,
+                        &paths,
+                        std::time::Duration::from_secs(60),
+                    )
+                    .await
+                    .context("node_ca: this node's intermediate CA")?;
+                    let m = Arc::new(LeafMinter::load(&paths, pcfg.tls_names.clone())?);
+                    tokio::spawn(nodeca::renew(
+                        client,
+                        nc.node_name.clone(),
+                        nc.validity,
+                        paths,
+                        m.clone(),
+                    ));
+                    m
+                }
+            };
             let upstream =
                 Arc::new(Upstream::new(pcfg).context("setting up the API server connection")?);
             if let Some(a) = &audit_cfg.anchor {
@@ -206,12 +300,9 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let (acc_tx, mut acc_rx) = mpsc::channel(4096);
     let mut listening = Vec::new();
-    for addr in [cfg.listen.ipv4, cfg.listen.ipv6].into_iter().flatten() {
-        let l = TcpListener::bind(addr.0)
-            .await
-            .with_context(|| format!("binding listen address {}", addr.0))?;
-        info!(addr = %addr.0, "listening for redirected agent connections");
-        listening.push(addr.0);
+    for (addr, l) in listeners {
+        info!(%addr, "listening for redirected agent connections");
+        listening.push(addr);
         tokio::spawn(gate::serve(l, lookup.clone(), acc_tx.clone(), gate.clone()));
     }
     drop(acc_tx);
@@ -256,8 +347,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     std::fs::write(&ready_file, serde_json::to_vec(&ready)?)?;
     info!(mode = %state.mode, "portcullis ready");
+    let (stop_tx, mut stop_rx) = mpsc::channel(1);
+    tokio::spawn(handover::serve(hand, stop_tx));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             Some(ev) = ev_rx.recv() => {
@@ -303,6 +395,10 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            Some(()) = stop_rx.recv() => {
+                info!("handed over to the next daemon");
+                break;
+            }
         }
     }
     flush(&mut kernel_log);
@@ -318,7 +414,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         .await;
     }
     // Programs stay attached and pinned: agents fail closed until the next start adopts.
-    let _ = std::fs::remove_file(&ready_file);
+    // The ready file goes only if it is still this daemon's (after a hand-over it may
+    // already be the successor's).
+    let ours = std::fs::read_to_string(&ready_file)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["pid"].as_u64() == Some(u64::from(std::process::id())));
+    if ours {
+        let _ = std::fs::remove_file(&ready_file);
+    }
     info!("stopping; kernel enforcement stays in place (pinned)");
     Ok(())
 }

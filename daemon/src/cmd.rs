@@ -5,6 +5,7 @@
 //! code whether all was well.
 mod admin;
 mod audit;
+mod barrier;
 mod kernel;
 mod policy;
 
@@ -34,6 +35,82 @@ pub struct Cli {
 enum Cmd {
     /// Run the node daemon: attach (or adopt) the kernel programs and serve agents.
     Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Prepare the node for the DaemonSet (its init container, hostPID + privileged):
+    /// enter the host's mount namespace, mount bpffs there and make it shared so pins
+    /// outlive the pod, then check the kernel prerequisites; non-zero exit if any
+    /// required one is missing.
+    NodeSetup {
+        /// Where bpffs is mounted on the host.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// Whose mount namespace is the host's.
+        #[arg(long, value_enum, default_value_t = HostNs::Auto)]
+        host_mount_namespace: HostNs,
+    },
+    /// Wait until this pod's connections to the API server are answered by the gate
+    /// (the agent pods' first init container); exit 1 after --timeout.
+    Barrier {
+        /// The interception CA (PEM), as the webhook injects it.
+        #[arg(long, env = "PORTCULLIS_CA_PEM", hide_env_values = true)]
+        ca_pem: Option<String>,
+        /// The interception CA as a file.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// HOST:PORT of the API server (default: KUBERNETES_SERVICE_HOST/PORT).
+        #[arg(long)]
+        server: Option<String>,
+        /// The name to ask for (SNI).
+        #[arg(long, default_value = "kubernetes.default.svc")]
+        name: String,
+        #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Serve the admission webhook (a Deployment): agent pods get the barrier, CA trust
+    /// and the guard; agents' workloads keep the agent label. Sets up the interception
+    /// CA and the webhook's own certificate in the cluster first (once).
+    Webhook {
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        #[arg(long, env = "POD_NAMESPACE", default_value = "portcullis-system")]
+        namespace: String,
+        #[arg(long, default_value = "portcullis-webhook")]
+        service: String,
+        /// The MutatingWebhookConfiguration and ValidatingWebhookConfiguration.
+        #[arg(long, default_value = "portcullis")]
+        configuration: String,
+        #[arg(long, default_value = "portcullis-ca")]
+        ca_secret: String,
+        #[arg(long, default_value = "portcullis-webhook-tls")]
+        tls_secret: String,
+        /// The image of the barrier init container (default: this pod's own image).
+        #[arg(long, env = "PORTCULLIS_IMAGE")]
+        barrier_image: Option<String>,
+        /// RuntimeClasses agent pods may use (runc-based; the hooks see their cgroups).
+        #[arg(long = "runtime-class")]
+        runtime_classes: Vec<String>,
+        /// More DNS names the API server is reached by (the CA may certify them).
+        #[arg(long = "api-name")]
+        extra_names: Vec<String>,
+        /// More API server addresses (public/load-balancer endpoints).
+        #[arg(long = "api-ip")]
+        extra_ips: Vec<std::net::IpAddr>,
+        #[arg(
+            long,
+            default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+        )]
+        cluster_ca: PathBuf,
+        /// The node daemons' service account in --namespace (requests intermediates).
+        #[arg(long, default_value = "portcullis-daemon")]
+        daemon_service_account: String,
+        /// Lifetime of a node's intermediate CA (renewed at half of it).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        intermediate_validity: std::time::Duration,
+    },
+    /// Exit 0 when the daemon of this config is serving (the DaemonSet's readiness).
+    Ready {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
@@ -186,6 +263,20 @@ enum AuditCmd {
 
 #[derive(Subcommand)]
 enum PolicyCmd {
+    /// Print Kubernetes RBAC generated from a policy: each scoped identity's rules,
+    /// and the daemon's impersonation of exactly those identities.
+    Rbac {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long, default_value = "portcullis-system")]
+        namespace: String,
+        #[arg(long, default_value = "portcullis-daemon")]
+        service_account: String,
+        /// Classic `impersonate` on the names instead of constrained impersonation
+        /// (API servers before 1.36, or with ConstrainedImpersonation off).
+        #[arg(long)]
+        legacy: bool,
+    },
     /// Run table-driven decision cases; exits non-zero on any mismatch.
     Test {
         #[arg(long)]
@@ -193,6 +284,15 @@ enum PolicyCmd {
         #[arg(long)]
         cases: PathBuf,
     },
+}
+
+/// Whose mount namespace `node-setup` takes for the host's.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HostNs {
+    /// PID 1's; where it cannot be opened (a sandboxed init), the kubelet's.
+    Auto,
+    Pid1,
+    Kubelet,
 }
 
 /// How a listing is printed.
@@ -216,7 +316,67 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     let load = |p: &PathBuf| config::Config::load(p);
     match cli.cmd {
         Cmd::Run { config } => kernel::run(load(&config)?),
-        Cmd::Doctor { config } => Ok(kernel::doctor(config.map(|p| load(&p)).transpose()?)),
+        Cmd::NodeSetup {
+            bpffs,
+            host_mount_namespace,
+        } => kernel::node_setup(
+            &bpffs,
+            match host_mount_namespace {
+                HostNs::Auto => crate::kernel::node::HostNamespace::Auto,
+                HostNs::Pid1 => crate::kernel::node::HostNamespace::Pid1,
+                HostNs::Kubelet => crate::kernel::node::HostNamespace::Kubelet,
+            },
+        ),
+        Cmd::Ready { config } => kernel::ready(&load(&config)?),
+        Cmd::Webhook {
+            listen,
+            namespace,
+            service,
+            configuration,
+            ca_secret,
+            tls_secret,
+            barrier_image,
+            runtime_classes,
+            extra_names,
+            extra_ips,
+            cluster_ca,
+            daemon_service_account,
+            intermediate_validity,
+        } => kernel::webhook(crate::admission::Options {
+            listen,
+            namespace,
+            service,
+            configuration,
+            ca_secret,
+            tls_secret,
+            barrier_image,
+            runtime_classes,
+            extra_names,
+            extra_ips,
+            cluster_ca,
+            daemon_service_account,
+            intermediate_validity,
+        }),
+        Cmd::Barrier {
+            ca_pem,
+            ca_file,
+            server,
+            name,
+            timeout,
+        } => barrier::run(barrier::Args {
+            ca_pem,
+            ca_file,
+            server,
+            name,
+            timeout,
+        }),
+        Cmd::Doctor { config } => Ok(kernel::doctor(
+            config
+                .map(|p| load(&p))
+                .transpose()?
+                .map(kernel::resolve)
+                .transpose()?,
+        )),
         Cmd::Enroll { config, cgroups } => kernel::enroll(&load(&config)?, &cgroups),
         Cmd::Unenroll { config, cgroups } => kernel::unenroll(&load(&config)?, &cgroups),
         Cmd::Protect { config, endpoints } => kernel::protect(&load(&config)?, &endpoints),
@@ -229,6 +389,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Policy {
             cmd: PolicyCmd::Test { policy, cases },
         } => policy::test(&policy, &cases),
+        Cmd::Policy {
+            cmd:
+                PolicyCmd::Rbac {
+                    policy,
+                    namespace,
+                    service_account,
+                    legacy,
+                },
+        } => policy::rbac(&policy, namespace, service_account, legacy),
         Cmd::Approvals { conn, cmd } => admin::approvals(&conn, cmd),
         Cmd::Grants { conn, cmd } => admin::grants(&conn, cmd),
         Cmd::Audit {

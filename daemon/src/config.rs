@@ -7,6 +7,9 @@
 //! gate's settings), `addr` (listen addresses, protected endpoints), `validate` (what
 //! serde cannot check, and the proxy's mode, decided once).
 mod addr;
+mod discovery;
+mod enrollment;
+mod env;
 mod proxy;
 mod validate;
 
@@ -15,12 +18,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use addr::{ConcreteAddr, Endpoint, EndpointError};
+pub use discovery::{Discovery, NodeCa};
+pub use enrollment::Enrollment;
+pub use env::EnvError;
 use proxy::ProxySpec;
 pub use proxy::{
     Admin, AdminHttps, AlgorithmError, Approvals, Audit, AuditAnchor, AuditLevel, AuditSink,
     Credential, CredentialError, Encoding, Identity, Impersonate, IssuerConfig, Limits, MaskRule,
-    Masking,
-    Mode, Proxy, Upstream, Webhook, WebhookFormat, parse_algorithm,
+    Masking, Mode, Proxy, Upstream, Webhook, WebhookFormat, parse_algorithm,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +35,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: {source}")]
+    Env { path: PathBuf, source: EnvError },
     #[error("{path}: field `{field}`: {message}")]
     Invalid {
         path: PathBuf,
@@ -52,6 +59,12 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub log: Log,
     pub event_logs: EventLogs,
+    /// Agent pods on this node enrolled by label (needs the API server).
+    pub enrollment: Option<Enrollment>,
+    /// Protected endpoints found in the cluster (needs the API server).
+    pub discovery: Option<Discovery>,
+    /// Serve from this node's own intermediate CA (needs the API server).
+    pub node_ca: Option<NodeCa>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +85,9 @@ struct ConfigSpec {
     pub log: Log,
     #[serde(default)]
     pub event_logs: EventLogs,
+    pub enrollment: Option<Enrollment>,
+    pub discovery: Option<Discovery>,
+    pub node_ca: Option<NodeCa>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +102,8 @@ pub struct Listen {
 pub struct Kernel {
     /// cgroup v2 directory the programs attach to: an ancestor of every agent cgroup
     /// (e.g. the kubepods slice). The programs act only on enrolled cgroups below it.
+    /// `auto`: the kubelet's pod cgroup root (`kubepods` / `kubepods.slice`), found
+    /// from the daemon's own pod (`POD_UID` in the environment) at start.
     pub attach_cgroup: PathBuf,
     /// bpffs directory where programs, links and maps are pinned.
     #[serde(default = "default_bpffs_dir")]
@@ -236,11 +254,33 @@ impl StatePaths {
     pub fn admin_socket(&self) -> PathBuf {
         self.dir.join("admin.sock")
     }
+    /// The agent pods the daemon enrolled by selector (JSON: [[pod, enrolled]]).
+    pub fn enrollment(&self) -> PathBuf {
+        self.dir.join("enrollment.json")
+    }
+    /// The endpoints discovery protects (JSON).
+    pub fn discovered(&self) -> PathBuf {
+        self.dir.join("protected.json")
+    }
+    /// This node's intermediate CA and its key (with `node_ca`).
+    pub fn node_ca_dir(&self) -> PathBuf {
+        self.dir.join("node-ca")
+    }
     /// The interception CA.
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.join("ca")
     }
 }
+
+impl Kernel {
+    /// `attach_cgroup: auto` (resolved at start, see the field).
+    pub fn attach_auto(&self) -> bool {
+        self.attach_cgroup == Path::new(AUTO)
+    }
+}
+
+/// The `attach_cgroup` value that asks for discovery.
+pub const AUTO: &str = "auto";
 
 impl Config {
     pub fn state(&self) -> StatePaths {
@@ -260,6 +300,11 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
+        let text =
+            env::expand(&text, |n| std::env::var(n).ok()).map_err(|source| ConfigError::Env {
+                path: path.to_owned(),
+                source,
+            })?;
         Self::parse(&text, path)
     }
 

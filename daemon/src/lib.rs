@@ -12,8 +12,8 @@
 //! ```text
 //! L5  cmd
 //! L4  app
-//! L3  gate | admin
-//! L2  kernel < audit < mask < upstream < identity < policy < approvals
+//! L3  gate | admin | admission
+//! L2  kernel < enroll < endpoints < nodeca < audit < mask < upstream < identity < policy < approvals
 //! L1  config < tls
 //! L0  util < k8s
 //! ```
@@ -31,6 +31,12 @@
 //! - `kernel` — the eBPF programs: load, attach, adopt, unload; the pinned maps; the
 //!   event ring; origin lookup; cgroup → pod; doctor checks; all `unsafe` and libc
 //!   calls (`kernel/sys.rs`).
+//! - `enroll` — agent pods on this node enrolled by selector: the pod and namespace
+//!   watchers, each pod's cgroup, removal when pods go.
+//! - `endpoints` — protected endpoints discovered from the cluster and kept live:
+//!   the API server redirected, kubelet ports and the node's other ports refused.
+//! - `nodeca` — this node's short-lived intermediate CA, requested from the cluster's
+//!   signer and renewed.
 //! - `audit` — the tamper-evident chain: writer, verify, the daemon's log handle, the
 //!   gate's records and decisions, reading back (sessions, k8s export), sink, replay.
 //! - `mask` — response masking: paths, the streaming JSON masker, text, detectors,
@@ -42,22 +48,28 @@
 //!   webhooks.
 //! - `gate` — the data path: accept → connection → precheck → authorize → forward or
 //!   upgrade → relay; refusals and the gate's audit records in one place each.
+//! - `admission` — the admission webhook (its own Deployment): agent pods shaped
+//!   and guarded, agents' workloads labelled, the cluster's CA objects set up.
 //! - `admin` — the admin API: routes, the socket and HTTPS listeners, the client.
 //! - `app` — `portcullis run`: the only place every part is wired together.
 //! - `cmd` — the CLI: arguments, and every line it prints.
 #![deny(unsafe_code)]
 
 pub mod admin;
+mod admission;
 mod app;
 mod approvals;
 pub mod audit;
 pub mod cmd;
 pub mod config;
+mod endpoints;
+mod enroll;
 mod gate;
 mod identity;
 pub mod k8s;
 mod kernel;
 pub mod mask;
+mod nodeca;
 pub mod policy;
 mod tls;
 mod upstream;

@@ -36,6 +36,7 @@ pub mod fuzz;
 mod handle;
 mod input;
 mod library;
+pub mod rbac;
 mod rules;
 
 use std::{path::PathBuf, time::Duration};

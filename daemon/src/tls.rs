@@ -7,8 +7,12 @@ mod accept;
 mod ca;
 mod client;
 mod https;
+mod issue;
+mod probe;
 
 pub use accept::accept;
 pub use ca::{CaError, CaPaths, LeafMinter, init};
 pub use client::{ClientError, client_config};
 pub use https::{HttpClient, HttpError, client as https_client, get, post_json};
+pub use issue::{IssueError, interception_ca, node_intermediate, node_request, webhook_serving};
+pub use probe::{answered_by_gate, only_ca};

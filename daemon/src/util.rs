@@ -15,7 +15,7 @@ pub use display::{escape_json, escape_text, slack_code};
 pub use error::source_chain;
 pub use jsonl::JsonlWriter;
 pub use media::{is_json, media_type};
-pub use net::next_connection;
+pub use net::{next_connection, reuseport_listener};
 pub use time::{rfc3339_micros, rfc3339_nanos, unix_nanos, unix_secs};
 
 /// `prefix-` and 16 random hex digits (8 bytes): identifiers, not secrets. If the

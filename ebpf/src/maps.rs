@@ -11,7 +11,7 @@ use aya_ebpf::{
 use portcullis_common::{
     AGENT_CGROUP_ENTRIES, CONN_MAP_ENTRIES, ConnRecord, EVENT_COUNT_ENTRIES, EVENTS_RING_BYTES,
     Enrollment, EventCount, EventCountKey, PROTECTED_ENTRIES, Protection, STICKY_TASK_ENTRIES,
-    Settings, SockKey, StickyAgent,
+    Settings, SockKey, StickyAgent, protection_flags, settings_flags,
 };
 
 #[map]
@@ -48,9 +48,42 @@ pub fn settings() -> Option<&'static Settings> {
     PC_SETTINGS.get(0)
 }
 
+/// The protection of `key`: its own entry, else its address's every-port entry. The
+/// daemon's own listen addresses are never protected (a node-wide refusal must leave
+/// the gate's port reachable, and redirected connections go there).
+#[inline(always)]
+pub fn protection(key: &SockKey) -> Option<Protection> {
+    if let Some(s) = settings()
+        && ((s.flags & settings_flags::HAVE_DAEMON_V4 != 0 && *key == s.daemon_v4)
+            || (s.flags & settings_flags::HAVE_DAEMON_V6 != 0 && *key == s.daemon_v6))
+    {
+        return None;
+    }
+    // SAFETY: the value is copied out at once, never held across a map update.
+    unsafe {
+        PC_PROTECTED
+            .get(key)
+            .or_else(|| PC_PROTECTED.get(&key.with_port(0)))
+            .copied()
+    }
+}
+
 /// Is `key` (or its address with any port) a protected endpoint?
 #[inline(always)]
 pub fn protected(key: &SockKey) -> bool {
-    // SAFETY: the value is only tested for presence, never held across a map update.
-    unsafe { PC_PROTECTED.get(key).is_some() || PC_PROTECTED.get(key.with_port(0)).is_some() }
+    protection(key).is_some()
+}
+
+/// What the egress backstop drops: every protected endpoint except an address-wide
+/// refusal (a node's every port). That one is enforced at connect and sendmsg; on
+/// packets it would also drop the pod's replies to connections the node opened to it
+/// (the kubelet's probes), whose destination is a node address and port.
+#[inline(always)]
+pub fn backstop_protected(key: &SockKey) -> bool {
+    match protection(key) {
+        None => false,
+        Some(p) if p.flags & protection_flags::REFUSE == 0 => true,
+        // SAFETY: presence test only.
+        Some(_) => unsafe { PC_PROTECTED.get(key).is_some() },
+    }
 }

@@ -69,20 +69,53 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     log: PathBuf,
     child: std::sync::Mutex<Option<Child>>,
+    /// Run by the DaemonSet (`crate::install`), not by this harness: its config is
+    /// `pod_config` (the same but `attach_cgroup: auto`), its pid the ready file's.
+    pub installed: bool,
+    pub pod_config: PathBuf,
+    last_pid: std::sync::Mutex<Option<u32>>,
 }
 
 impl Daemon {
-    fn new(dir: &Path) -> Daemon {
+    fn new(dir: &Path, installed: bool) -> Daemon {
         Daemon {
             config: dir.join("portcullis.yaml"),
             state_dir: dir.join("state"),
             log: dir.join("daemon.log"),
             child: std::sync::Mutex::new(None),
+            installed,
+            pod_config: dir.join("portcullis-pod.yaml"),
+            last_pid: std::sync::Mutex::new(None),
         }
     }
 
-    /// Starts `portcullis run` and waits until it is ready.
+    /// Writes the config (and, installed, the pod's variant of it).
+    fn write_config(&self, text: &str) -> Result<()> {
+        write(&self.config, text)?;
+        if self.installed {
+            let attach = text
+                .lines()
+                .find(|l| l.trim_start().starts_with("attach_cgroup:"))
+                .context("no attach_cgroup line")?;
+            write(
+                &self.pod_config,
+                &text.replacen(attach, "  attach_cgroup: auto", 1),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Starts `portcullis run` and waits until it is ready. Installed: waits for the
+    /// pod's daemon (a new one, if one was running before).
     pub fn start(&self) -> Result<Value> {
+        if self.installed {
+            let not = *self.last_pid.lock().unwrap_or_else(|p| p.into_inner());
+            let v = crate::install::wait_ready_file(&self.state_dir.join("ready"), not, 90)
+                .map_err(|e| e.context(self.log()))?;
+            *self.last_pid.lock().unwrap_or_else(|p| p.into_inner()) =
+                v["pid"].as_u64().map(|p| p as u32);
+            return Ok(v);
+        }
         let ready_file = self.state_dir.join("ready");
         let _ = std::fs::remove_file(&ready_file);
         let log = std::fs::OpenOptions::new()
@@ -153,7 +186,19 @@ impl Daemon {
     }
 
     /// SIGKILL: no chance to clean up, as in a crash or OOM kill.
+    /// SIGKILL: no chance to clean up, as in a crash or OOM kill. Installed, the
+    /// kubelet then restarts the container.
     pub fn kill(&self) {
+        if self.installed {
+            if let Some(pid) = self.pid() {
+                let _ = crate::signal(pid, libc::SIGKILL);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            return;
+        }
         if let Some(mut c) = self.child.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -161,6 +206,13 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> Option<u32> {
+        if self.installed {
+            return std::fs::read_to_string(self.state_dir.join("ready"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["pid"].as_u64())
+                .map(|p| p as u32);
+        }
         self.child
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -201,6 +253,14 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.installed {
+            // The node goes next and takes the pod with it; the pins go here.
+            let _ = Command::new(bin("portcullis"))
+                .args(["unload", "--config"])
+                .arg(&self.config)
+                .output();
+            return;
+        }
         self.kill();
         // Detach the programs and remove the pins (the node's cleanup would too).
         let _ = Command::new(bin("portcullis"))
@@ -247,6 +307,9 @@ pub struct GateOptions<'a> {
     pub proxy_extra: &'a str,
     /// Extra apiserver flags (feature gates).
     pub apiserver_flags: Vec<String>,
+    /// The daemon as a cluster runs it: the DaemonSet of `deploy/` (through the test
+    /// overlay), not a process this harness starts.
+    pub install: bool,
 }
 
 impl Gate {
@@ -257,7 +320,7 @@ impl Gate {
             std::env::temp_dir().join(format!("portcullis-gate-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let daemon = Daemon::new(&dir);
+        let daemon = Daemon::new(&dir, opts.install);
         // The interception CA first: the cluster's root CA bundle carries it.
         let base_config = format!(
             "listen:\n  ipv4: \"{DAEMON_ADDR}\"\nkernel:\n  attach_cgroup: {attach}\n  bpffs_dir: {bpffs}\n  agent_cgroups: []\n  protected_endpoints: [\"{svc}\", \"{NODE_IP}:{port}\"]\nstate_dir: {state}\nlog:\n  level: info\n",
@@ -270,6 +333,15 @@ impl Gate {
             port = node::API_PORT,
             state = daemon.state_dir.display(),
         );
+        // Installed, the daemon also enrolls agent pods by label (as deploy/ does).
+        let base_config = if opts.install {
+            format!(
+                "{base_config}enrollment:\n  node_name: {n}\n  pod_labels: {{portcullis.dev/agent: \"true\"}}\n  namespace_labels: {{portcullis.dev/agents: enabled}}\ndiscovery:\n  node_name: {n}\n",
+                n = node::NODE_NAME
+            )
+        } else {
+            base_config
+        };
         write(&daemon.config, &base_config)?;
         let o = Command::new(bin("portcullis"))
             .args(["ca", "init", "--config"])
@@ -282,7 +354,13 @@ impl Gate {
         );
         let interception_ca = daemon.state_dir.join("ca/ca.crt");
         let mut node = Node::start(node::Options {
-            extra_trusted_cas: vec![interception_ca],
+            // Installed, agents trust the gate through the webhook's CA bundle, not
+            // through the cluster's root CA (`--root-ca-file`).
+            extra_trusted_cas: if opts.install {
+                Vec::new()
+            } else {
+                vec![interception_ca.clone()]
+            },
             apiserver_flags: opts.apiserver_flags,
             agent_bins: vec![
                 bin("pc-abuse"),
@@ -290,6 +368,11 @@ impl Gate {
                 bin("pc-load"),
                 node::Parts::from_env()?.bin("pc-informer"),
             ],
+            images: if opts.install {
+                vec![crate::install::image()?]
+            } else {
+                Vec::new()
+            },
         })
         .context("starting the node")?;
         eprintln!("node ready: {}", node.timings);
@@ -297,14 +380,13 @@ impl Gate {
         node.apply(&seed_yaml())?;
         node.wait_service_account(NAMESPACE, "agent")?;
         node.wait_service_account(NAMESPACE, "default")?;
-        node.apply(&pods_yaml())?;
-        let work_uid = node.wait_pod_ready(NAMESPACE, POD)?;
-        let other_uid = node.wait_pod_ready(NAMESPACE, OTHER_POD)?;
-        node.wait_pod_ready(NAMESPACE, TARGET_POD)?;
-        node.wait_pod_ready(NAMESPACE, BYSTANDER_POD)?;
-        let work_cg = node.pod_cgroup(&work_uid)?;
-        let other_cg = node.pod_cgroup(&other_uid)?;
-        eprintln!("pods ready in {:.1} s", t.elapsed().as_secs_f64());
+        // Installed, the pods come after the DaemonSet and the webhook (they are
+        // admitted by it, and enrolled by label); else now.
+        let mut pods = None;
+        if !opts.install {
+            pods = Some(start_pods(&mut node, false)?);
+            eprintln!("pods ready in {:.1} s", t.elapsed().as_secs_f64());
+        }
 
         let upstream = format!(
             "proxy:\n  upstream:\n    url: https://{NODE_IP}:{port}\n    ca_file: {ca}\n    credential:\n      bearer_token_file: {tok}\n",
@@ -349,12 +431,38 @@ impl Gate {
                 Some(format!("{s}{}", opts.proxy_extra))
             }
         };
-        write(
-            &daemon.config,
-            &format!("{base_config}{}", gated.as_ref().unwrap_or(&pass_through)),
-        )?;
-        daemon.start()?;
+        daemon.write_config(&format!(
+            "{base_config}{}",
+            gated.as_ref().unwrap_or(&pass_through)
+        ))?;
+        if opts.install {
+            let overlay =
+                crate::install::harness_overlay(&dir, &daemon.pod_config, &node.dir.join("pki"))?;
+            // The interception CA this harness made (the webhook keeps an existing one).
+            crate::install::preset_ca(&node, &daemon.state_dir.join("ca"))?;
+            crate::install::apply_k(&node, &overlay)?;
+            if let Err(e) = daemon.start() {
+                return Err(e.context(crate::install::describe_daemon(&node)));
+            }
+            crate::install::wait_webhook(&node, 90)?;
+        } else {
+            daemon.start()?;
+        }
+        let t = Instant::now();
+        let (work_uid, other_uid, work_cg, other_cg) = match pods {
+            Some(p) => p,
+            None => {
+                let p = start_pods(&mut node, true)
+                    .map_err(|e| e.context(crate::install::describe_daemon(&node)))?;
+                eprintln!("pods ready in {:.1} s", t.elapsed().as_secs_f64());
+                p
+            }
+        };
         for cg in [&work_cg, &other_cg] {
+            if opts.install {
+                // Enrolled by label, by the daemon.
+                break;
+            }
             let o = daemon
                 .cli(&["enroll", &cg.display().to_string()])
                 .output()?;
@@ -411,6 +519,9 @@ impl Gate {
     }
 
     pub fn daemon_log(&self) -> String {
+        if self.daemon.installed {
+            return crate::install::describe_daemon(&self.node);
+        }
         self.daemon.log()
     }
 
@@ -428,6 +539,13 @@ impl Gate {
     }
 
     fn restart(&self, section: &str) -> Result<()> {
+        if self.daemon.installed {
+            // A new pod (no crash-loop backoff); it reads the rewritten config.
+            self.daemon
+                .write_config(&format!("{}{section}", self.base_config))?;
+            crate::install::delete_daemon_pods(&self.node)?;
+            return self.daemon.start().map(drop);
+        }
         self.daemon.kill();
         write(
             &self.daemon.config,
@@ -714,6 +832,19 @@ impl Drop for Gate {
     }
 }
 
+/// The e2e pods, ready: (work uid, other uid, work cgroup, other cgroup). `agents`:
+/// `work` and `other` carry the agent label (the installed daemon enrolls them).
+fn start_pods(node: &mut Node, agents: bool) -> Result<(String, String, PathBuf, PathBuf)> {
+    node.apply(&pods_yaml(agents))?;
+    let work_uid = node.wait_pod_ready(NAMESPACE, POD)?;
+    let other_uid = node.wait_pod_ready(NAMESPACE, OTHER_POD)?;
+    node.wait_pod_ready(NAMESPACE, TARGET_POD)?;
+    node.wait_pod_ready(NAMESPACE, BYSTANDER_POD)?;
+    let work_cg = node.pod_cgroup(&work_uid)?;
+    let other_cg = node.pod_cgroup(&other_uid)?;
+    Ok((work_uid, other_uid, work_cg, other_cg))
+}
+
 /// Removes the directories of gates whose process is gone.
 fn clean_old_gate_dirs() {
     let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
@@ -788,6 +919,27 @@ kind: ClusterRoleBinding
 metadata:
   name: portcullis-issuer-keys
 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-issuer-keys}}
+subjects:
+- {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {DAEMON_USER}}}
+---
+# The daemon watches the pods of its node and the namespaces (enrollment by label).
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: portcullis-node-reader
+rules:
+- apiGroups: [""]
+  resources: ["pods", "namespaces", "nodes", "services"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: portcullis-node-reader
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: portcullis-node-reader}}
 subjects:
 - {{apiGroup: rbac.authorization.k8s.io, kind: User, name: {DAEMON_USER}}}
 ---
@@ -896,15 +1048,20 @@ fn yaml_block(script: &str, indent: usize) -> String {
     script.lines().map(|l| format!("{pad}{l}\n")).collect()
 }
 
-fn pods_yaml() -> String {
+fn pods_yaml(agents: bool) -> String {
     let agent = |name: &str| {
+        let label = if agents && name != BYSTANDER_POD {
+            ", portcullis.dev/agent: \"true\""
+        } else {
+            ""
+        };
         format!(
             r#"apiVersion: v1
 kind: Pod
 metadata:
   name: {name}
   namespace: {NAMESPACE}
-  labels: {{app: agent}}
+  labels: {{app: agent{label}}}
 spec:
   serviceAccountName: agent
   terminationGracePeriodSeconds: 1

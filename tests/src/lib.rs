@@ -607,6 +607,7 @@ impl Lab {
 
 pub mod gate;
 pub mod idp;
+pub mod install;
 pub mod node;
 
 pub fn wait_for<T>(secs: u64, mut f: impl FnMut() -> Option<T>) -> Option<T> {

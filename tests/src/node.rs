@@ -117,6 +117,8 @@ pub struct Options {
     pub apiserver_flags: Vec<String>,
     /// Test binaries to put into the agent image at /usr/local/bin.
     pub agent_bins: Vec<PathBuf>,
+    /// More images to import (e.g. the Portcullis image for the DaemonSet).
+    pub images: Vec<Image>,
 }
 
 /// Timings of the start, for the run's report.
@@ -158,6 +160,10 @@ pub fn bpffs_dir() -> PathBuf {
 
 fn sysctl_save() -> PathBuf {
     std::env::temp_dir().join("portcullis-node.sysctls.json")
+}
+
+fn bpffs_save() -> PathBuf {
+    std::env::temp_dir().join("portcullis-node.bpffs.json")
 }
 
 /// Takes the one-node lock (a second harness would fight over the netns, the cgroup
@@ -203,7 +209,7 @@ fn lock() -> Result<std::fs::File> {
 
 /// Cleans what a killed run left (processes, mounts, netns, cgroups, pins, sysctls).
 pub fn clean_leftovers() -> Result<Vec<String>> {
-    host::clean(&node_dir(), &bpffs_dir(), &sysctl_save())
+    host::clean(&node_dir(), &bpffs_dir(), &sysctl_save(), &bpffs_save())
 }
 
 impl Node {
@@ -261,8 +267,14 @@ impl Node {
             "dev",
             "lo",
         ])?;
+        // The Service range needs a route for connections made on the node (the
+        // apiserver calling a webhook, a host-network pod using the ClusterIP): kube-
+        // proxy's rules rewrite them to pod addresses once routed. `lo`, so nothing can
+        // leave (nodes elsewhere route it by their default route).
+        ip(&["-n", NETNS, "route", "add", SERVICE_CIDR, "dev", "lo"])?;
         host::make_cgroup_root()?;
         host::save_sysctls(&sysctl_save())?;
+        host::save_bpffs(&bpffs_save())?;
 
         // PKI, tokens, kubeconfigs.
         let pki = pki::Pki::new()?;
@@ -615,7 +627,13 @@ state = "{state}"
         let mut workload = Image::new(WORKLOAD_IMAGE, &["/bin/sh"]);
         workload.busybox()?;
         let agent = self.agent_image(opts)?;
-        for (name, img) in [("pause", pause), ("workload", workload), ("agent", agent)] {
+        let mut all = vec![
+            ("pause", &pause),
+            ("workload", &workload),
+            ("agent", &agent),
+        ];
+        all.extend(opts.images.iter().map(|i| ("extra", i)));
+        for (name, img) in all {
             let tar = dir.join(format!("{name}.tar"));
             img.write(&tar)
                 .with_context(|| format!("writing image {}", img.tag))?;

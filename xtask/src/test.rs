@@ -113,6 +113,25 @@ fn run_tiers(tiers: &[&str], args: &[String]) -> Result<()> {
             .args(args);
         node::export(&up, &mut cmd);
         run::timed("e2e tier", || run::status(&mut cmd))?;
+        step(
+            "tier e2e (install): deploy/ applied with kubectl apply -k; agents gated by the DaemonSet",
+        );
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(paths::root())
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "portcullis-tests",
+                "--test",
+                "install",
+            ])
+            .env("PORTCULLIS_BPF_OBJECT", &obj)
+            .env("PORTCULLIS_BIN_DIR", paths::target().join("release"))
+            .arg("--")
+            .args(args);
+        node::export(&up, &mut cmd);
+        run::timed("install tier", || run::status(&mut cmd))?;
     }
     Ok(())
 }

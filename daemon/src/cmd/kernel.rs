@@ -8,18 +8,95 @@ use anyhow::{Context, Result};
 use crate::{
     app,
     config::{Config, Endpoint},
-    kernel::{self, PinnedMaps, cgroup, doctor, endpoint_key},
+    kernel::{self, PinnedMaps, cgroup, doctor, endpoint_key, node},
     tls,
 };
 
 /// `portcullis run`.
 pub fn run(cfg: Config) -> Result<ExitCode> {
     app::init_tracing(&cfg.log);
+    let cfg = resolve(cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(app::run(cfg))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The config with what is found at start filled in: `attach_cgroup: auto` becomes
+/// the kubelet's pod cgroup root, found from this pod (`POD_UID`).
+pub fn resolve(mut cfg: Config) -> Result<Config> {
+    if cfg.kernel.attach_auto() {
+        let uid = std::env::var("POD_UID").context(
+            "kernel.attach_cgroup is `auto` but POD_UID is not set (the DaemonSet passes \
+             metadata.uid through the downward API)",
+        )?;
+        let root = cgroup::kubelet_root_of_pod(&uid)
+            .context("finding the kubelet's cgroup root (kernel.attach_cgroup: auto)")?;
+        tracing::info!(cgroup = %root.display(), "kubelet cgroup root found");
+        cfg.kernel.attach_cgroup = root;
+    }
+    Ok(cfg)
+}
+
+/// `portcullis node-setup`: bpffs mounted and shared in the host's mount namespace,
+/// then the prerequisites (non-zero exit if a required one is missing).
+pub fn node_setup(bpffs: &std::path::Path, how: node::HostNamespace) -> Result<ExitCode> {
+    let ns = node::enter_host_mount_namespace(how)?;
+    println!("host mount namespace: {ns}");
+    let r = node::share_bpffs(bpffs)?;
+    println!(
+        "bpffs at {}: {}, {}",
+        bpffs.display(),
+        if r.mounted {
+            "mounted"
+        } else {
+            "already mounted"
+        },
+        if r.made_shared {
+            "made shared"
+        } else {
+            "already shared"
+        }
+    );
+    // Rolling upgrades: connections waiting in a closing listener's queue move to the
+    // successor's listener on the same address (SO_REUSEPORT) instead of being reset.
+    // A per-network-namespace sysctl: the node's, as the DaemonSet runs on its network.
+    let migrate = std::path::Path::new("/proc/sys/net/ipv4/tcp_migrate_req");
+    match std::fs::write(migrate, "1") {
+        Ok(()) => println!("net.ipv4.tcp_migrate_req = 1"),
+        Err(e) => println!(
+            "net.ipv4.tcp_migrate_req not set ({e}): an upgrade resets connections queued at that moment"
+        ),
+    }
+    Ok(doctor(None))
+}
+
+/// `portcullis ready`: the ready file names a live daemon.
+pub fn ready(cfg: &Config) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(cfg.state().ready()).unwrap_or_default();
+    let pid = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["pid"].as_u64());
+    let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+    if !alive {
+        println!("not ready: {}", cfg.state().ready().display());
+    }
+    Ok(super::exit(alive))
+}
+
+/// `portcullis webhook`.
+pub fn webhook(o: crate::admission::Options) -> Result<ExitCode> {
+    app::init_tracing(&crate::config::Log {
+        format: crate::config::LogFormat::Json,
+        level: "info".into(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(crate::admission::run(o))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -153,9 +230,15 @@ pub fn status(cfg: &Config) -> Result<ExitCode> {
         None => println!("programs in effect: not checked yet (is `portcullis run` running?)"),
     }
     let eps: Vec<String> = m
-        .protected_endpoints()
+        .protections()
         .iter()
-        .map(|k| k.to_string())
+        .map(|(k, p)| {
+            if p.flags & portcullis_common::protection_flags::REFUSE != 0 {
+                format!("{k} (refused)")
+            } else {
+                k.to_string()
+            }
+        })
         .collect();
     println!("protected endpoints: {}", eps.join(", "));
     Ok(ExitCode::SUCCESS)

@@ -34,31 +34,32 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
             format!("`{}` is not an IPv6 address", a.0),
         ));
     }
-    if !raw.kernel.attach_cgroup.is_absolute() {
+    let auto = raw.kernel.attach_auto();
+    if !auto && !raw.kernel.attach_cgroup.is_absolute() {
         return Err(invalid(
             "kernel.attach_cgroup",
             format!(
-                "`{}` must be an absolute path",
+                "`{}` must be an absolute path (or `auto`)",
                 raw.kernel.attach_cgroup.display()
             ),
         ));
     }
     for (i, cg) in raw.kernel.agent_cgroups.iter().enumerate() {
-        if !cg.starts_with(&raw.kernel.attach_cgroup) {
+        if auto || !cg.starts_with(&raw.kernel.attach_cgroup) {
             return Err(invalid(
                 &format!("kernel.agent_cgroups[{i}]"),
                 format!(
-                    "`{}` is not below kernel.attach_cgroup `{}`, so the programs would never see it",
+                    "`{}` is not below kernel.attach_cgroup `{}`, so the programs would never see it (with `auto`, enroll at run time)",
                     cg.display(),
                     raw.kernel.attach_cgroup.display()
                 ),
             ));
         }
     }
-    if raw.kernel.protected_endpoints.is_empty() {
+    if raw.kernel.protected_endpoints.is_empty() && raw.discovery.is_none() {
         return Err(invalid(
             "kernel.protected_endpoints",
-            "list at least one endpoint (the API Service ClusterIP:443, the API servers)".into(),
+            "list at least one endpoint (the API Service ClusterIP:443, the API servers), or configure `discovery`".into(),
         ));
     }
     for (i, ep) in raw.kernel.protected_endpoints.iter().enumerate() {
@@ -238,6 +239,20 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
             })
         }
     };
+    if let Some(e) = &raw.enrollment {
+        if e.node_name.trim().is_empty() {
+            return Err(invalid(
+                "enrollment.node_name",
+                "give this node's name (e.g. `${NODE_NAME}`)".into(),
+            ));
+        }
+        if e.namespace_labels.is_empty() && e.pod_labels.is_empty() {
+            return Err(invalid(
+                "enrollment",
+                "give `namespace_labels`, `pod_labels` or both: an empty selector would enroll nothing".into(),
+            ));
+        }
+    }
     Ok(Config {
         listen: raw.listen,
         kernel: raw.kernel,
@@ -245,5 +260,8 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
         state_dir: raw.state_dir,
         log: raw.log,
         event_logs: raw.event_logs,
+        enrollment: raw.enrollment,
+        discovery: raw.discovery,
+        node_ca: raw.node_ca,
     })
 }

@@ -32,10 +32,7 @@ pub(super) enum Outgoing {
 /// Reads a body whole, up to the API server's own limit. An encoded one (gzip...) is
 /// refused: what is decided, checked for placeholders and recorded must be what the
 /// API server stores.
-pub(super) async fn read_body(
-    headers: &http::HeaderMap,
-    body: Incoming,
-) -> Result<Bytes, Refusal> {
+pub(super) async fn read_body(headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, Refusal> {
     if let Some(enc) = headers.get(header::CONTENT_ENCODING)
         && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
     {

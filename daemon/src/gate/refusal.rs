@@ -8,9 +8,7 @@ use crate::{
     approvals::StoreError,
     audit::{AuditUnavailable, Decision},
     identity::AuthError,
-    k8s::{
-        Attributes, PreconditionError, RequestInfoError, Status, StatusCause, StatusDetails,
-    },
+    k8s::{Attributes, PreconditionError, RequestInfoError, Status, StatusCause, StatusDetails},
     mask::Unmaskable,
     upstream::UpstreamError,
     util::{ProxyBody, source_chain},

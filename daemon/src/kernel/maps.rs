@@ -106,9 +106,19 @@ impl PinnedMaps {
     }
 
     pub fn protect(&mut self, key: SockKey, id: u32) -> Result<(), KernelError> {
+        self.protect_with(key, id, 0)
+    }
+
+    /// With [`portcullis_common::protection_flags`] (e.g. refuse instead of redirect).
+    pub fn protect_with(&mut self, key: SockKey, id: u32, flags: u32) -> Result<(), KernelError> {
         self.protected
-            .insert(key, Protection { id, _pad: 0 }, 0)
+            .insert(key, Protection { id, flags }, 0)
             .map_err(merr(names::PROTECTED))
+    }
+
+    /// Every protected endpoint with its protection.
+    pub fn protections(&self) -> Vec<(SockKey, Protection)> {
+        self.protected.iter().filter_map(Result::ok).collect()
     }
 
     pub fn unprotect(&mut self, key: &SockKey) -> Result<bool, KernelError> {
@@ -117,10 +127,6 @@ impl PinnedMaps {
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(merr(names::PROTECTED)(e)),
         }
-    }
-
-    pub fn protected_endpoints(&self) -> Vec<SockKey> {
-        self.protected.keys().filter_map(Result::ok).collect()
     }
 
     /// The kernel's record for a connection accepted from `peer`, taken (removed) from

@@ -199,3 +199,78 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
         Ok((before, lim.rlim_cur))
     }
 }
+
+/// Moves the calling thread into the mount namespace `ns` (an open `/proc/PID/ns/mnt`).
+/// The kernel refuses this for a multi-threaded process: call it before any thread
+/// (or async runtime) starts.
+pub fn enter_mount_namespace(ns: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) on a descriptor `ns` owns for the duration of the call; it
+    // touches no memory of this process.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::env::set_current_dir("/")
+}
+
+/// `mount --make-shared TARGET`: mounts below it propagate to the namespaces (and
+/// containers) that bind it with propagation.
+pub fn make_shared(target: &Path) -> io::Result<()> {
+    let target = CString::new(target.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid NUL-terminated string owned here; null source/fstype/data are
+    // what mount(2) expects for a propagation change.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_SHARED,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The addresses of this network namespace's interfaces (getifaddrs(3)).
+pub fn interface_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we own into `head`; it is freed below with
+    // freeifaddrs and no pointer into it outlives this function.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned (non-null checked);
+        // ifa_addr is null or points to a sockaddr of the family it names, which is
+        // read as the matching sockaddr_in / sockaddr_in6.
+        unsafe {
+            let ifa = &*cur;
+            if !ifa.ifa_addr.is_null() {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        out.push(std::net::IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = ifa.ifa_next;
+        }
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed exactly once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}

@@ -193,8 +193,9 @@ struct Cached {
 
 /// Mints and caches the TLS server configurations agents are served with.
 pub struct LeafMinter {
-    issuer: Issuer<'static, KeyPair>,
-    ca_der: CertificateDer<'static>,
+    /// The issuing CA (the interception CA, or this node's intermediate) and its
+    /// certificate, served after each leaf; replaced when a renewed one is loaded.
+    issuer: std::sync::RwLock<(Issuer<'static, KeyPair>, CertificateDer<'static>)>,
     /// One key for every leaf of this daemon run; only the certificate differs.
     leaf_key: KeyPair,
     extra_names: Vec<String>,
@@ -204,16 +205,24 @@ pub struct LeafMinter {
 
 impl LeafMinter {
     pub fn load(paths: &CaPaths, extra_names: Vec<String>) -> Result<Self, CaError> {
-        let (issuer, ca_der) = load_issuer(paths)?;
+        let issuer = load_issuer(paths)?;
         let leaf_key = KeyPair::generate().map_err(|e| mint_err(&["leaf key"], e))?;
         Ok(LeafMinter {
-            issuer,
-            ca_der,
+            issuer: std::sync::RwLock::new(issuer),
             leaf_key,
             extra_names,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Loads the CA in `paths` again (a renewed intermediate); leaves minted from now
+    /// on chain to it.
+    pub fn reload(&self, paths: &CaPaths) -> Result<(), CaError> {
+        let issuer = load_issuer(paths)?;
+        *self.issuer.write().unwrap_or_else(|p| p.into_inner()) = issuer;
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        Ok(())
     }
 
     /// The server configuration for a connection that asked for `sni` and was going to
@@ -299,15 +308,19 @@ impl LeafMinter {
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
         params.not_after = now + time::Duration::try_from(LEAF_VALIDITY).unwrap_or_default();
-        let cert = params
-            .signed_by(&self.leaf_key, &self.issuer)
-            .map_err(|e| merr(e.to_string()))?;
+        let (cert, ca_der) = {
+            let guard = self.issuer.read().unwrap_or_else(|p| p.into_inner());
+            let cert = params
+                .signed_by(&self.leaf_key, &guard.0)
+                .map_err(|e| merr(e.to_string()))?;
+            (cert, guard.1.clone())
+        };
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.serialize_der()));
         let mut cfg = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| merr(e.to_string()))?
             .with_no_client_auth()
-            .with_single_cert(vec![cert.der().clone(), self.ca_der.clone()], key_der)
+            .with_single_cert(vec![cert.der().clone(), ca_der], key_der)
             .map_err(|e| merr(e.to_string()))?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(cfg)

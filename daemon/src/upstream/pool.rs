@@ -156,11 +156,18 @@ mod tests {
         assert!(!Arc::ptr_eq(&a.0, &c.0));
         drop(b);
         let d = l.take();
-        assert!(Arc::ptr_eq(&a.0, &d.0), "room on the first lane is used first");
+        assert!(
+            Arc::ptr_eq(&a.0, &d.0),
+            "room on the first lane is used first"
+        );
         assert_eq!(l.count(), 2);
         drop((a, c, d));
         let e = l.take();
         assert_eq!(e.0.streams.load(Ordering::Relaxed), 1);
-        assert_eq!(l.count(), 2, "lanes are kept (their idle connections time out)");
+        assert_eq!(
+            l.count(),
+            2,
+            "lanes are kept (their idle connections time out)"
+        );
     }
 }

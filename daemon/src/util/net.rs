@@ -21,3 +21,18 @@ where
         }
     }
 }
+
+/// A TCP listener with SO_REUSEPORT: during a rolling upgrade the next daemon binds
+/// the same address while this one still serves, and the kernel hands connections
+/// that waited in a closing listener's queue to the other (`net.ipv4.tcp_migrate_req`).
+pub fn reuseport_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}

@@ -12,12 +12,14 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
 };
-use portcullis_common::{AF_INET, AF_INET6, ConnRecord, EventKind, Hook, SockKey, settings_flags};
+use portcullis_common::{
+    AF_INET, AF_INET6, ConnRecord, EventKind, Hook, SockKey, protection_flags, settings_flags,
+};
 
 use crate::{
     agent::{current_agent, current_origin},
     events::{Report, emit},
-    maps::{PC_CONN_BY_CLIENT, PC_CONN_BY_COOKIE, protected, settings},
+    maps::{PC_CONN_BY_CLIENT, PC_CONN_BY_COOKIE, protection, settings},
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -95,9 +97,9 @@ pub fn write_addr(sa: *mut bpf_sock_addr, v6: bool, key: &SockKey) {
 fn on_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa = ctx.sock_addr;
     let dst = read_addr(sa, v6);
-    if !protected(&dst) {
+    let Some(protection) = protection(&dst) else {
         return PROCEED;
-    }
+    };
     let Some(agent) = current_agent() else {
         return PROCEED;
     };
@@ -123,6 +125,12 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         socket_cookie: cookie,
     };
 
+    // Refused, not redirected: a second door (the kubelet's port), or a port of the
+    // node other than the gate's.
+    if protection.flags & protection_flags::REFUSE != 0 {
+        emit(&report, &origin);
+        return REFUSE;
+    }
     // Only TCP can be proxied; a connected UDP socket to the API is refused outright.
     let target = match settings() {
         Some(s) if sock_type == SOCK_STREAM => {

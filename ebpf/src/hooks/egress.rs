@@ -11,7 +11,7 @@ use portcullis_common::{AF_INET, AF_INET6, EventKind, Hook, Origin, SockKey};
 use crate::{
     agent::enrolled_ancestor_of_skb,
     events::{Report, emit},
-    maps::protected,
+    maps::backstop_protected,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -34,7 +34,7 @@ pub fn pc_egress(ctx: SkBuffContext) -> i32 {
     let Some((dst, proto, family)) = parsed else {
         return PASS;
     };
-    if !protected(&dst) {
+    if !backstop_protected(&dst) {
         return PASS;
     }
     let Some(agent_cgroup) = enrolled_ancestor_of_skb(skb) else {

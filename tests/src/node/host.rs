@@ -10,7 +10,13 @@
 //!   kubelet's cgroupRoot), with everything the kubelet and runc create below;
 //! - mounts under the node's directory (the kubelet's rshared root dir, projected
 //!   volumes, containerd's rootfs, shm and netns mounts);
-//! - bpffs pins of the daemon under `/sys/fs/bpf/portcullis-node`;
+//! - bpffs pins of the daemon under `/sys/fs/bpf/portcullis-node` (the harness's
+//!   daemon) and `/sys/fs/bpf/portcullis` (the installed DaemonSet's default);
+//! - the bpffs mount at `/sys/fs/bpf` itself: the DaemonSet's node setup mounts it if
+//!   missing and makes it shared (its propagation and whether it was mounted are saved
+//!   before the node starts and put back after);
+//! - `/var/lib/portcullis`, the installed DaemonSet's default state directory, when
+//!   the harness created it (it carries a marker file then);
 //! - processes: every component runs in the node's network namespace, pods in the
 //!   cgroups above; the daemon's own pins keep enforcement until removed.
 //!
@@ -75,6 +81,90 @@ pub fn restore_sysctls(file: &Path) -> Result<Vec<String>> {
     }
     std::fs::remove_file(file)?;
     Ok(restored)
+}
+
+/// The host's bpffs mount point, which the DaemonSet's node setup mounts and shares.
+pub const HOST_BPFFS: &str = "/sys/fs/bpf";
+/// The installed DaemonSet's default pin directory and state directory.
+pub const INSTALLED_PINS: &str = "/sys/fs/bpf/portcullis";
+pub const INSTALLED_STATE: &str = "/var/lib/portcullis";
+/// In `INSTALLED_STATE` when the harness created it (so cleanup may remove it).
+pub const STATE_MARKER: &str = ".created-by-portcullis-node-harness";
+
+/// The propagation of the mount at exactly `path`, or None if nothing is mounted.
+pub fn propagation(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for l in text.lines() {
+        let Some((left, _)) = l.split_once(" - ") else {
+            continue;
+        };
+        let f: Vec<&str> = left.split(' ').collect();
+        if f.get(4).map(Path::new) != Some(path) {
+            continue;
+        }
+        let opt = &f[6.min(f.len())..];
+        found = Some(if opt.iter().any(|x| x.starts_with("shared:")) {
+            "shared".to_string()
+        } else if opt.iter().any(|x| x.starts_with("master:")) {
+            "slave".into()
+        } else {
+            "private".into()
+        });
+    }
+    found
+}
+
+/// Saves whether `/sys/fs/bpf` is mounted and its propagation (unless a save from a
+/// killed run is still there).
+pub fn save_bpffs(file: &Path) -> Result<()> {
+    if file.exists() {
+        return Ok(());
+    }
+    let v = serde_json::json!({"propagation": propagation(Path::new(HOST_BPFFS))});
+    super::write(file, &v.to_string())
+}
+
+/// Puts `/sys/fs/bpf` back as saved: unmounted if it was not mounted (and holds no
+/// one else's pins), private if it was private. Returns what was done.
+pub fn restore_bpffs(file: &Path) -> Result<Vec<String>> {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return Ok(Vec::new());
+    };
+    let saved: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", file.display()))?;
+    let was = saved["propagation"].as_str().map(str::to_owned);
+    let host = Path::new(HOST_BPFFS);
+    let now = propagation(host);
+    let mut done = Vec::new();
+    match (was.as_deref(), now.as_deref()) {
+        (None, Some(_)) => {
+            let others = std::fs::read_dir(host)
+                .map(|rd| rd.filter_map(|e| e.ok()).count())
+                .unwrap_or(0);
+            if others == 0 {
+                umount(host);
+                done.push(format!("unmounted bpffs at {HOST_BPFFS}"));
+            } else {
+                done.push(format!(
+                    "bpffs at {HOST_BPFFS} kept: {others} entries of others appeared in it"
+                ));
+            }
+        }
+        (Some(w), Some(n)) if w != n && w == "private" => {
+            let _ = nix::mount::mount(
+                None::<&str>,
+                host,
+                None::<&str>,
+                nix::mount::MsFlags::MS_PRIVATE,
+                None::<&str>,
+            );
+            done.push(format!("{HOST_BPFFS} made private again (was {n})"));
+        }
+        _ => {}
+    }
+    std::fs::remove_file(file)?;
+    Ok(done)
 }
 
 /// Every mounted cgroup hierarchy (v1 controllers and the cgroup2 mount).
@@ -173,7 +263,12 @@ fn remove_cgroup_tree(dir: &Path) {
 /// processes (the node's network namespace, then the pods' cgroups), mounts, the
 /// namespace, cgroups, pins, saved sysctls, and finally the node's directory.
 /// Returns a line per kind of leftover found (empty when the host was clean).
-pub fn clean(dir: &Path, bpffs: &Path, sysctl_save: &Path) -> Result<Vec<String>> {
+pub fn clean(
+    dir: &Path,
+    bpffs: &Path,
+    sysctl_save: &Path,
+    bpffs_save: &Path,
+) -> Result<Vec<String>> {
     let mut found = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     if let Some(ino) = netns_inode(NETNS) {
@@ -241,10 +336,18 @@ pub fn clean(dir: &Path, bpffs: &Path, sysctl_save: &Path) -> Result<Vec<String>
             }
         }
     }
-    if bpffs.exists() {
-        found.push(format!("pins in {}", bpffs.display()));
-        let _ = std::fs::remove_dir_all(bpffs);
+    for pins in [bpffs, Path::new(INSTALLED_PINS)] {
+        if pins.exists() {
+            found.push(format!("pins in {}", pins.display()));
+            let _ = std::fs::remove_dir_all(pins);
+        }
     }
+    let state = Path::new(INSTALLED_STATE);
+    if state.join(STATE_MARKER).exists() {
+        found.push(format!("state directory {}", state.display()));
+        let _ = std::fs::remove_dir_all(state);
+    }
+    found.extend(restore_bpffs(bpffs_save)?);
     let restored = restore_sysctls(sysctl_save)?;
     if !restored.is_empty() {
         found.push(format!("sysctls restored: {}", restored.join(" ")));

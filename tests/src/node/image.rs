@@ -21,6 +21,8 @@ enum Entry {
 
 pub struct Image {
     pub tag: String,
+    /// More names for the same image (e.g. the release name a base manifest uses).
+    also: Vec<String>,
     entrypoint: Vec<String>,
     env: Vec<String>,
     entries: BTreeMap<PathBuf, Entry>,
@@ -63,6 +65,7 @@ impl Image {
     pub fn new(tag: &str, entrypoint: &[&str]) -> Image {
         let mut img = Image {
             tag: tag.into(),
+            also: Vec::new(),
             entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
             env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into()],
             entries: BTreeMap::new(),
@@ -79,6 +82,12 @@ impl Image {
         );
         img.bytes("/etc/group", b"root:x:0:\nnogroup:x:65534:\n", 0o644);
         img
+    }
+
+    /// Another name for this image.
+    pub fn also_tag(&mut self, tag: &str) -> &mut Self {
+        self.also.push(tag.into());
+        self
     }
 
     pub fn env(&mut self, kv: &str) -> &mut Self {
@@ -268,7 +277,7 @@ impl Image {
         .to_string();
         let manifest = serde_json::json!([{
             "Config": "config.json",
-            "RepoTags": [self.tag],
+            "RepoTags": std::iter::once(&self.tag).chain(&self.also).collect::<Vec<_>>(),
             "Layers": ["layer.tar"],
         }])
         .to_string();
@@ -289,4 +298,18 @@ impl Image {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The Portcullis image: the `portcullis` binary (daemon, node setup, CLI) and the
+/// libraries it loads, nothing else (no shell). `tags`: the names it is imported as.
+pub fn portcullis(binary: &Path, tags: &[&str]) -> Result<Image> {
+    let (first, rest) = tags.split_first().context("an image needs a name")?;
+    let mut img = Image::new(first, &["/usr/local/bin/portcullis"]);
+    for t in rest {
+        img.also_tag(t);
+    }
+    img.file(binary, "/usr/local/bin/portcullis")?;
+    img.dir("/var/lib/portcullis").dir("/etc/portcullis");
+    img.with_libraries()?;
+    Ok(img)
 }

@@ -338,6 +338,8 @@ fn setup() -> Result<Env> {
             policy: Some(POLICY),
             proxy_extra: "  header_timeout: 3s\n",
             apiserver_flags: vec!["--feature-gates=CBORServingAndStorage=true".into()],
+            // PORTCULLIS_E2E_INSTALL=1: the daemon is the DaemonSet of deploy/.
+            install: std::env::var_os("PORTCULLIS_E2E_INSTALL").is_some(),
         },
     )
 }
