@@ -1,9 +1,10 @@
 //! Kubernetes RBAC from a policy (`portcullis rbac`), so RBAC stays the second line
 //! without being written twice:
 //!
-//! - for each scoped identity the policy impersonates, the rules its `allow` and
-//!   `approve` rules grant (cluster-wide, or per namespace when a rule names them;
-//!   `deny` grants nothing, RBAC being additive), bound to that user;
+//! - for each scoped identity the policy impersonates, the rules its unconditional
+//!   `allow` and `approve` rules grant (cluster-wide, or per namespace when a rule
+//!   names them; `deny` grants nothing, RBAC being additive; a rule with conditions
+//!   only narrows what the others grant), bound to that user;
 //! - for the daemon, impersonation of exactly those users and groups — with
 //!   constrained impersonation (Kubernetes 1.36+: `impersonate:user-info` on the
 //!   names, and `impersonate-on:user-info:<verb>` only for what the policy may allow),
@@ -52,6 +53,9 @@ struct RuleDoc {
     namespaces: Vec<String>,
     #[serde(default, rename = "nonResourceURLs")]
     non_resource_urls: Vec<String>,
+    /// Only whether there are any: a conditional rule narrows what others grant.
+    #[serde(default)]
+    conditions: Vec<serde_yaml_ng::Value>,
     action: Action,
 }
 
@@ -127,7 +131,13 @@ pub fn generate(policy_yaml: &str, t: &Target) -> Result<Vec<Value>, serde_yaml_
         .spec
         .rules
         .iter()
-        .filter(|r| matches!(r.action, Action::Allow | Action::Approve))
+        // A rule with conditions grants nothing to RBAC: it guards a part of what
+        // unconditional rules allow (e.g. "changing ownerReferences of anything waits
+        // for a human"), and RBAC cannot express its condition, so granting its whole
+        // scope would widen the second line far past what the policy allows. A
+        // conditional rule that alone allows something is refused upstream until an
+        // unconditional rule (or hand-written RBAC) grants it.
+        .filter(|r| matches!(r.action, Action::Allow | Action::Approve) && r.conditions.is_empty())
         .collect();
     let mut users = BTreeSet::new();
     let mut groups = BTreeSet::new();
