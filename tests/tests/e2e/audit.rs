@@ -105,7 +105,6 @@ pub fn requests(env: &mut Env) -> Result<()> {
         .context("no recorded body for the JSON secret create")?;
     ensure!(body_rec["record"]["mutating"] == true, "{body_rec}");
     assert_no_canary("audit record of a Secret create", &body_rec.to_string())?;
-    // kubectl's protobuf bodies cannot be masked: noted, not recorded.
     env.gate_ok(&[
         "create",
         "secret",
@@ -123,10 +122,13 @@ pub fn requests(env: &mut Env) -> Result<()> {
                 && x["record"]["attributes"]["resource"] == "secrets"
         })
         .context("no record of kubectl's create")?;
+    // kubectl's protobuf body is decoded and recorded masked.
     ensure!(
-        pb["record"]["request_body"]["omitted"]
+        pb["record"]["content_type"]
             .as_str()
-            .is_some_and(|o| o.contains("cannot be masked, so it is not recorded")),
+            .is_some_and(|c| c.starts_with("application/vnd.kubernetes.protobuf"))
+            && pb["record"]["request_body"]["metadata"]["name"] == "audit-pb"
+            && pb["record"]["request_body"]["data"]["k"] == crate::masking::PLACEHOLDER_B64,
         "protobuf body: {pb}"
     );
     assert_no_canary("audit record of a protobuf create", &pb.to_string())?;
