@@ -34,8 +34,12 @@ use crate::{
 pub fn init_tracing(log: &Log) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    // Colours only for a terminal: in a file or a container log they are noise, and
+    // styling every field of the per-request line was a measurable part of its cost.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match log.format {
         LogFormat::Json => b.json().init(),

@@ -225,10 +225,19 @@ fn write_loop(
                 dropped.fetch_add(lost, Ordering::SeqCst);
             }
         }
-        let appended: Vec<Result<u64, Arc<AuditError>>> = batch
+        // The batch's lines in one write; were it to fail, none of them is in the chain.
+        let mut appended: Vec<Result<u64, Arc<AuditError>>> = batch
             .iter()
-            .map(|e| w.append(e.kind, &e.record).map_err(Arc::new))
+            .map(|e| w.append_buffered(e.kind, &e.record).map_err(Arc::new))
             .collect();
+        if let Err(e) = w.flush() {
+            let e = Arc::new(e);
+            for r in &mut appended {
+                if r.is_ok() {
+                    *r = Err(e.clone());
+                }
+            }
+        }
         let appended_ok = appended.iter().all(Result::is_ok);
         let since = *dirty.get_or_insert_with(std::time::Instant::now);
         let waiter = batch.iter().any(|e| e.ack.is_some());

@@ -37,6 +37,18 @@ pub struct AuditWriter {
     /// Bytes of every segment and head in `dir`, and the most they may take.
     disk_bytes: u64,
     max_disk_bytes: u64,
+    /// Lines appended but not yet written to `file` (one write per batch instead of
+    /// one per record), and the chain state before the first of them, restored if the
+    /// write fails so the chain continues from what is in the file.
+    pending: Vec<u8>,
+    before_pending: Option<Rollback>,
+}
+
+struct Rollback {
+    seq: u64,
+    last_hash: String,
+    bytes: u64,
+    disk_bytes: u64,
 }
 
 /// What `prune` records in the chain.
@@ -118,6 +130,8 @@ impl AuditWriter {
             max_segment_bytes,
             disk_bytes: 0,
             max_disk_bytes: u64::MAX,
+            pending: Vec::new(),
+            before_pending: None,
         };
         w.disk_bytes = w.measure();
         match found {
@@ -221,8 +235,22 @@ impl AuditWriter {
         Ok(true)
     }
 
-    /// Appends one record (not yet durable); returns its sequence number.
+    /// Appends one record and writes it to the segment (not yet durable); returns its
+    /// sequence number.
     pub fn append<T: Serialize>(&mut self, kind: Kind, record: &T) -> Result<u64, AuditError> {
+        let seq = self.append_buffered(kind, record)?;
+        self.flush()?;
+        Ok(seq)
+    }
+
+    /// Appends one record to the chain without writing it yet: [`Self::flush`] (or
+    /// `commit`) writes every buffered line with one write. The writer thread appends
+    /// a whole batch this way, then flushes once.
+    pub fn append_buffered<T: Serialize>(
+        &mut self,
+        kind: Kind,
+        record: &T,
+    ) -> Result<u64, AuditError> {
         // Room for this record and a rotation's head: else make room, or refuse.
         const SLACK: u64 = 4096;
         if self.disk_bytes.saturating_add(SLACK) > self.max_disk_bytes
@@ -263,20 +291,53 @@ impl AuditWriter {
             kind,
             record: &raw,
         };
-        let mut bytes = serde_json::to_vec(&line)?;
-        let h = hash_line(&bytes);
-        bytes.push(b'\n');
-        let p = seg_path(&self.dir, self.segment);
-        self.file.write_all(&bytes).map_err(io(&p))?;
+        let start = self.pending.len();
+        if let Err(e) = serde_json::to_writer(&mut self.pending, &line) {
+            self.pending.truncate(start);
+            return Err(e.into());
+        }
+        let h = hash_line(&self.pending[start..]);
+        self.pending.push(b'\n');
+        let len = (self.pending.len() - start) as u64;
+        if self.before_pending.is_none() {
+            self.before_pending = Some(Rollback {
+                seq: self.seq,
+                last_hash: self.last_hash.clone(),
+                bytes: self.bytes,
+                disk_bytes: self.disk_bytes,
+            });
+        }
         self.seq += 1;
         self.last_hash = h;
-        self.bytes += bytes.len() as u64;
-        self.disk_bytes += bytes.len() as u64;
+        self.bytes += len;
+        self.disk_bytes += len;
         Ok(self.seq)
+    }
+
+    /// Writes the buffered lines to the segment. If that fails, the chain continues
+    /// from the last line written before them (as if they had never been appended).
+    pub fn flush(&mut self) -> Result<(), AuditError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let r = self.file.write_all(&self.pending);
+        self.pending.clear();
+        let before = self.before_pending.take();
+        if let Err(e) = r {
+            if let Some(b) = before {
+                self.seq = b.seq;
+                self.last_hash = b.last_hash;
+                self.bytes = b.bytes;
+                self.disk_bytes = b.disk_bytes;
+            }
+            return Err(io(&seg_path(&self.dir, self.segment))(e));
+        }
+        Ok(())
     }
 
     /// Makes every appended record durable and signs the head over them.
     pub fn commit(&mut self) -> Result<(), AuditError> {
+        self.flush()?;
         let p = seg_path(&self.dir, self.segment);
         self.file.sync_data().map_err(io(&p))?;
         self.write_head()

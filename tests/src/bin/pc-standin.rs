@@ -6,6 +6,8 @@
 //!   {"file": "...", "content_type": "..."}}`), else a 404 Status;
 //! - `GET <collection>?watch=...`: a watch; the head at once, then one
 //!   `{"type":"ADDED","object":...}` line per object POSTed to the same collection;
+//! - `POST <path>` with a canned answer: that answer (201; the TokenReview the gated
+//!   daemon makes, captured from the real API server for the agent's token);
 //! - `POST <collection>`: the object back (201), its `ADDED` event to every watch of
 //!   that collection.
 //!
@@ -157,6 +159,15 @@ async fn handle(state: Arc<State>, req: http::Request<hyper::body::Incoming>) ->
             }
             None => status(StatusCode::NOT_FOUND, &format!("stand-in: no {path}")),
         },
+        // A canned POST answer (the TokenReview the gated daemon makes once per token).
+        Method::POST if state.canned.contains_key(&path) => {
+            let c = &state.canned[&path];
+            let mut r = Response::new(Full::new(c.body.clone()).boxed());
+            *r.status_mut() = StatusCode::CREATED;
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, c.content_type.clone());
+            r
+        }
         Method::POST => {
             let body = match Limited::new(req.into_body(), 3 << 20).collect().await {
                 Ok(b) => b.to_bytes(),

@@ -275,6 +275,31 @@ impl Standin {
         }
         // The service-account issuer's keys, for the gated daemon's token checks.
         capture("/openid/v1/jwks", "application/jwk-set+json")?;
+        // The API server's TokenReview of the agent's token (the gated daemon reviews
+        // each token once, then caches the answer): the real answer, served canned.
+        let review_path = "/apis/authentication.k8s.io/v1/tokenreviews";
+        let review = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "spec": {"token": gate.agent_token.trim()}});
+        let mut c = gate
+            .node
+            .kubectl_cmd(&["create", "--raw", review_path, "-f", "-"]);
+        let o = node::run_with_stdin(&mut c, &review.to_string())?;
+        ensure!(
+            o.status.success(),
+            "TokenReview of the agent's token: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let answer: Value = serde_json::from_slice(&o.stdout)?;
+        ensure!(
+            answer["status"]["authenticated"] == true,
+            "the API server does not authenticate the agent's token: {answer}"
+        );
+        let file = format!("{}.json", index.len());
+        std::fs::write(dir.join(&file), answer.to_string())?;
+        index.insert(
+            review_path.into(),
+            json!({"file": file, "content_type": "application/json"}),
+        );
         std::fs::write(
             dir.join("index.json"),
             serde_json::to_vec(&Value::Object(index))?,
