@@ -86,9 +86,11 @@ mod tests {
         let sd = d
             .join("kubepods-besteffort.slice")
             .join("kubepods-besteffort-pod3f2a1c9e_5b7d_4e8f_9a0b_1c2d3e4f5a6b.slice");
-        std::fs::remove_dir_all(d.join("burstable")).unwrap();
+        // Created before the old one goes, so no new directory can reuse its inode
+        // number (the id) and make the check below fail by chance.
         std::fs::create_dir_all(&sd).unwrap();
         std::fs::write(sd.join("cgroup.procs"), "").unwrap();
+        std::fs::remove_dir_all(d.join("burstable")).unwrap();
         assert_eq!(pod_cgroup(&d, uid).map(|x| x.0), Some(sd));
         assert!(!live_ids(&d, 4).unwrap().contains(&id));
         assert_eq!(live_ids(&d.join("missing"), 4), None);

@@ -55,6 +55,14 @@ pub fn first_instruction_pod(
     )
 }
 
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 fn pod_field(env: &Env, ns: &str, pod: &str, path: &str) -> Result<String> {
     env.node.kubectl_ok(&[
         "-n",
@@ -137,11 +145,17 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
     let control_phase = wait_finished(env, NAMESPACE, "first-control")?;
     let control_ip = pod_field(env, NAMESPACE, "first-control", ".status.podIP")?;
     let control_direct = direct_requests(env, "system:serviceaccount:e2e:agent", &control_ip);
-    ensure!(
-        control_direct > 0,
-        "the control pod ({control_phase}, {control_ip}) left no direct request in the apiserver's audit log: the check below could not fail"
-    );
-    let conns = env.daemon.connections();
+    if control_direct == 0 {
+        let logs = env
+            .node
+            .kubectl(&["-n", NAMESPACE, "logs", "first-control", "-c", "main"])
+            .map(|o| text(&o))
+            .unwrap_or_default();
+        bail!(
+            "the control pod ({control_phase}, {control_ip}) left no direct request in the apiserver's audit log: the check below could not fail; its log:\n{logs}"
+        );
+    }
+    let mut barrier_waits = Vec::new();
     for (ns, name) in &pods {
         let phase = wait_finished(env, ns, name)?;
         let uid = node_uid(env, ns, name)?;
@@ -176,8 +190,18 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
             .node
             .kubectl_ok(&["-n", ns, "logs", name, "-c", "portcullis-barrier"])?;
         ensure!(logs.contains("enforced:"), "{ns}/{name} barrier: {logs}");
+        barrier_waits.push(format!(
+            "{name}: {}",
+            logs.lines()
+                .find_map(|l| l
+                    .split_once("(after ")
+                    .map(|(_, r)| r.trim_end_matches(')')))
+                .unwrap_or("?")
+        ));
     }
-    let _ = conns;
+    // A barrier that needed more than one attempt started before its pod was
+    // enrolled: without it, that pod's first connection would have gone direct.
+    println!("  barrier waits: {}", barrier_waits.join("; "));
     // Deleted pods are unenrolled.
     let ids: HashSet<u64> = pods
         .iter()
