@@ -151,6 +151,12 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
             .kubectl(&["-n", NAMESPACE, "logs", "first-control", "-c", "main"])
             .map(|o| text(&o))
             .unwrap_or_default();
+        let spec = env
+            .node
+            .kubectl(&["-n", NAMESPACE, "get", "pod", "first-control", "-o", "yaml"])
+            .map(|o| text(&o))
+            .unwrap_or_default();
+        let logs = format!("{logs}\n{spec}");
         bail!(
             "the control pod ({control_phase}, {control_ip}) left no direct request in the apiserver's audit log: the check below could not fail; its log:\n{logs}"
         );
@@ -264,6 +270,33 @@ pub fn unselected_untouched(env: &mut Env) -> Result<()> {
     ensure!(
         !enrolled.contains(&id),
         "the bystander pod (no label) is enrolled"
+    );
+    // Nor shaped by the webhook: no barrier, no label, its own service-account volume.
+    let bystander = portcullis_tests::gate::BYSTANDER_POD;
+    let inits = pod_field(env, NAMESPACE, bystander, ".spec.initContainers[*].name")?;
+    ensure!(
+        !inits.contains("portcullis-barrier"),
+        "the bystander got the barrier: {inits}"
+    );
+    let label = pod_field(
+        env,
+        NAMESPACE,
+        bystander,
+        ".metadata.labels.portcullis\\.dev/agent",
+    )?;
+    ensure!(
+        label.is_empty(),
+        "the bystander got the agent label: {label}"
+    );
+    let sources = pod_field(
+        env,
+        NAMESPACE,
+        bystander,
+        ".spec.volumes[*].projected.sources",
+    )?;
+    ensure!(
+        !sources.contains("portcullis-root-ca.crt"),
+        "the bystander's CA was rewritten: {sources}"
     );
     Ok(())
 }
