@@ -23,7 +23,10 @@ pub const NS_LABEL: &str = "portcullis.dev/agents";
 pub const AGENT_NS: &str = "agents-by-ns";
 
 /// An agent pod as the webhook will shape it: the barrier first, then a container
-/// whose first instruction is a connection to the API server.
+/// whose first instruction is a connection to the API server. kubectl gets no flag
+/// that overrides its config (not even `--request-timeout`): client-go falls back to
+/// the in-cluster config only when the merged config is the default one, and would
+/// otherwise try localhost:8080.
 pub fn first_instruction_pod(
     name: &str,
     ns: &str,
@@ -49,7 +52,7 @@ pub fn first_instruction_pod(
         String::new()
     };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}spec:\n  serviceAccountName: {sa}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n{init}  containers:\n  - name: main\n    image: {agent}\n    imagePullPolicy: Never\n    command: [kubectl, get, --raw, /api, --request-timeout=20s]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}spec:\n  serviceAccountName: {sa}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n{init}  containers:\n  - name: main\n    image: {agent}\n    imagePullPolicy: Never\n    command: [kubectl, get, --raw, /api]\n",
         sa = if ns == NAMESPACE { "agent" } else { "default" },
         agent = node::AGENT_IMAGE,
     )
