@@ -81,7 +81,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     // Refuse to start where the kernel lacks what enforcement needs.
     let missing: Vec<String> = kernel::doctor::checks(Some(&cfg))
         .into_iter()
-        .filter(|c| !c.passes())
+        .filter(|c| c.is_prerequisite() && !c.passes())
         .map(|c| format!("{}: {} (fix: {})", c.name, c.detail, c.fix))
         .collect();
     if !missing.is_empty() {

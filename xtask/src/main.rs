@@ -34,9 +34,9 @@ enum Cmd {
     Setup,
     /// Build the eBPF object, the daemon and the test helpers (release).
     Build,
-    /// Set up, build, then run every test tier (unit; kernel and e2e as root).
+    /// Set up, build, then run every test tier (unit; kernel, e2e and install as root).
     Test {
-        /// Run only these tiers (unit, kernel, e2e); default all.
+        /// Run only these tiers (unit, kernel, e2e, install); default all.
         #[arg(long, value_delimiter = ',')]
         tier: Vec<String>,
         /// Extra arguments passed to the test harness (e.g. a test name filter).

@@ -9,7 +9,8 @@ use crate::{
     setup,
 };
 
-const TIERS: &[&str] = &["unit", "kernel", "e2e"];
+/// `install` runs last: it replaces whatever the e2e tier left with `kubectl apply -k deploy/`.
+const TIERS: &[&str] = &["unit", "kernel", "e2e", "install"];
 
 fn require_root(what: &str) -> Result<()> {
     if !run::is_root() {
@@ -40,7 +41,7 @@ pub fn run(tiers: &[String], args: &[String]) -> Result<()> {
 fn run_tiers(tiers: &[&str], args: &[String]) -> Result<()> {
     run::timed("setup", setup::all)?;
     // Installed before anything runs, so a missing part fails the run up front.
-    let node = if tiers.contains(&"e2e") {
+    let node = if tiers.contains(&"e2e") || tiers.contains(&"install") {
         Some(run::timed("node parts", node::ensure)?)
     } else {
         None
@@ -90,7 +91,8 @@ fn run_tiers(tiers: &[&str], args: &[String]) -> Result<()> {
             )
         })?;
     }
-    if let Some(up) = node {
+    let Some(up) = node else { return Ok(()) };
+    if tiers.contains(&"e2e") {
         require_root("the e2e tier")?;
         step(&format!(
             "tier e2e: real agent pods (kubectl, the Python client) through the gate on a real \
@@ -113,9 +115,10 @@ fn run_tiers(tiers: &[&str], args: &[String]) -> Result<()> {
             .args(args);
         node::export(&up, &mut cmd);
         run::timed("e2e tier", || run::status(&mut cmd))?;
-        step(
-            "tier e2e (install): deploy/ applied with kubectl apply -k; agents gated by the DaemonSet",
-        );
+    }
+    if tiers.contains(&"install") {
+        require_root("the install tier")?;
+        step("tier install: deploy/ applied with kubectl apply -k; agents gated by the DaemonSet");
         let mut cmd = Command::new("cargo");
         cmd.current_dir(paths::root())
             .args([

@@ -56,6 +56,14 @@ pub fn answer(path: &str, review: &[u8], policy: &Policy) -> Result<Value, Revie
             if kind == "Pod" && op != "CREATE" {
                 return Ok(response(&uid, json!({"allowed": true})));
             }
+            // The guard first, on the object as its author wrote it, so a refused
+            // field is named by the author's own path (the barrier injected below
+            // would shift every init container's index). `/validate` checks again
+            // after every mutation.
+            let violations = violations(kind, obj, &req["oldObject"], op, policy);
+            if !violations.is_empty() {
+                return Ok(refused(&uid, kind, name, &violations));
+            }
             let ctx = Context {
                 barrier_image: &policy.barrier_image,
                 ca_pem: &policy.ca_pem,
@@ -76,32 +84,42 @@ pub fn answer(path: &str, review: &[u8], policy: &Policy) -> Result<Value, Revie
             ))
         }
         _ => {
-            let mut violations: Vec<Violation> = Vec::new();
-            if let Some(p) = mutate::pod_spec_path(kind) {
-                violations.extend(guard::check_pod_spec(
-                    mutate::at(obj, p),
-                    &p.join("."),
-                    &policy.runtime_classes,
-                ));
-            }
-            if op == "UPDATE"
-                && let Some(field) = mutate::label_removed(kind, &req["oldObject"], obj)
-            {
-                violations.push(Violation {
-                    field,
-                    message: "the agent label cannot be removed from an agent workload".into(),
-                });
-            }
+            let violations = violations(kind, obj, &req["oldObject"], op, policy);
             if violations.is_empty() {
                 return Ok(response(&uid, json!({"allowed": true})));
             }
-            let message = guard::message(kind, name, &violations);
-            Ok(response(
-                &uid,
-                json!({"allowed": false, "status": {"code": 403, "reason": "Forbidden", "message": message}}),
-            ))
+            Ok(refused(&uid, kind, name, &violations))
         }
     }
+}
+
+/// What the guard refuses in `obj` (an agent workload of `kind`).
+fn violations(kind: &str, obj: &Value, old: &Value, op: &str, policy: &Policy) -> Vec<Violation> {
+    let mut out: Vec<Violation> = Vec::new();
+    if let Some(p) = mutate::pod_spec_path(kind) {
+        out.extend(guard::check_pod_spec(
+            mutate::at(obj, p),
+            &p.join("."),
+            &policy.runtime_classes,
+        ));
+    }
+    if op == "UPDATE"
+        && let Some(field) = mutate::label_removed(kind, old, obj)
+    {
+        out.push(Violation {
+            field,
+            message: "the agent label cannot be removed from an agent workload".into(),
+        });
+    }
+    out
+}
+
+fn refused(uid: &Value, kind: &str, name: &str, violations: &[Violation]) -> Value {
+    let message = guard::message(kind, name, violations);
+    response(
+        uid,
+        json!({"allowed": false, "status": {"code": 403, "reason": "Forbidden", "message": message}}),
+    )
 }
 
 #[cfg(test)]
@@ -146,6 +164,27 @@ mod tests {
             patched["spec"]["initContainers"][0]["name"],
             "portcullis-barrier"
         );
+    }
+
+    #[test]
+    fn mutate_refuses_with_the_authors_own_path() {
+        // Before the barrier is injected: the author's initContainers[0] keeps its index.
+        let pod = json!({"metadata": {"name": "p"}, "spec": {
+            "initContainers": [{"name": "i", "securityContext": {"capabilities": {"add": ["SYS_PTRACE"]}}}],
+            "containers": [{"name": "c"}]}});
+        let a = answer(
+            "/mutate",
+            &review("CREATE", "Pod", pod, Value::Null),
+            &policy(),
+        )
+        .unwrap();
+        assert_eq!(a["response"]["allowed"], false);
+        let m = a["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("spec.initContainers[0].securityContext.capabilities.add[0]"),
+            "{m}"
+        );
+        assert!(a["response"]["patch"].is_null());
     }
 
     #[test]

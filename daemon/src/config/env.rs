@@ -2,6 +2,8 @@
 //! parsing, so one ConfigMap serves every node of a DaemonSet (the node's address,
 //! name and the pod's UID come from the downward API as environment variables).
 //! `$${` writes a literal `${`. An unset or malformed name is an error naming it.
+//! Whole-line comments (`#` first) are left as they are, so a comment may mention
+//! `${NAME}` (a comment after a value on the same line is not: YAML is not parsed here).
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvError {
@@ -11,13 +13,27 @@ pub enum EnvError {
     Malformed { line: usize, text: String },
 }
 
-/// The text with every `${NAME}` replaced by `lookup(NAME)`.
+/// The text with every `${NAME}` outside whole-line comments replaced by `lookup(NAME)`.
 pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, EnvError> {
     let mut out = String::with_capacity(text.len());
+    for (i, l) in text.split_inclusive('\n').enumerate() {
+        if l.trim_start().starts_with('#') {
+            out.push_str(l);
+        } else {
+            expand_line(l, i + 1, &lookup, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+fn expand_line(
+    text: &str,
+    line: usize,
+    lookup: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), EnvError> {
     let mut rest = text;
     while let Some(at) = rest.find("${") {
-        let line = text.len() - rest.len() + at;
-        let line = text[..line].matches('\n').count() + 1;
         if at > 0 && rest.as_bytes()[at - 1] == b'$' {
             // `$${` is an escaped literal.
             out.push_str(&rest[..at - 1]);
@@ -47,7 +63,7 @@ pub fn expand(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Str
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -70,6 +86,15 @@ mod tests {
             "listen:\n  ipv4: \"10.0.0.7:15443\"\nname: n1-x $5\n"
         );
         assert_eq!(expand("a $${HOST_IP} b", env).unwrap(), "a ${HOST_IP} b");
+    }
+
+    #[test]
+    fn whole_line_comments_are_left_alone() {
+        let t = "# ${NAME} comes from the environment\n  # ${ALSO}\nx: ${NODE_NAME}\n";
+        assert_eq!(
+            expand(t, env).unwrap(),
+            "# ${NAME} comes from the environment\n  # ${ALSO}\nx: n1\n"
+        );
     }
 
     #[test]

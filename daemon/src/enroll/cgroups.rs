@@ -86,7 +86,8 @@ mod tests {
         let sd = d
             .join("kubepods-besteffort.slice")
             .join("kubepods-besteffort-pod3f2a1c9e_5b7d_4e8f_9a0b_1c2d3e4f5a6b.slice");
-        // The new directories first, so they cannot reuse the removed one's inode.
+        // Created before the old one goes, so no new directory can reuse its inode
+        // number (the id) and make the check below fail by chance.
         std::fs::create_dir_all(&sd).unwrap();
         std::fs::write(sd.join("cgroup.procs"), "").unwrap();
         std::fs::remove_dir_all(d.join("burstable")).unwrap();

@@ -17,6 +17,8 @@ pub trait Cgroups {
     fn pod_cgroup(&self, uid: &str) -> Option<(PathBuf, u64)>;
     /// Every cgroup id that exists below the attach point (None: cannot tell).
     fn live_ids(&self) -> Option<HashSet<u64>>;
+    /// The id of the cgroup at `path` now (`NotFound`: it was removed).
+    fn current_id(&self, path: &Path) -> std::io::Result<u64>;
     fn enroll(&mut self, id: u64) -> Result<(), String>;
     fn unenroll(&mut self, id: u64) -> Result<(), String>;
     fn enrolled(&self) -> Vec<u64>;
@@ -133,10 +135,35 @@ impl<C: Cgroups> Enroller<C> {
         }
     }
 
-    /// Agent pods whose cgroup did not exist yet are looked up again.
+    /// Agent pods whose cgroup did not exist yet are looked up again; an enrolled pod
+    /// cgroup that was removed (the pod completed) or replaced (a new sandbox, whose
+    /// init containers — the barrier first — run again) is unenrolled, and a
+    /// replacement enrolled.
     pub fn tick(&mut self) {
         for t in self.pods.values_mut() {
+            Self::refresh(&mut self.kernel, t);
             Self::try_enroll(&mut self.kernel, t);
+        }
+    }
+
+    fn refresh(kernel: &mut C, t: &mut Tracked) {
+        let Some((path, id)) = &t.cgroup else {
+            return;
+        };
+        let why = match kernel.current_id(path) {
+            Ok(now) if now == *id => return,
+            Ok(_) => "replaced",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "removed",
+            // Cannot tell: keep the entry (a wrong removal would open a gap).
+            Err(_) => return,
+        };
+        // Nothing runs in a removed cgroup: dropping its entry opens no gap.
+        match kernel.unenroll(*id) {
+            Ok(()) => {
+                info!(uid = %t.view.uid, cgroup = %path.display(), id, why, "unenrolled pod cgroup");
+                t.cgroup = None;
+            }
+            Err(e) => warn!(uid = %t.view.uid, id, error = %e, "unenrolling a {why} pod cgroup"),
         }
     }
 
@@ -202,6 +229,11 @@ impl Cgroups for PinnedCgroups {
     fn live_ids(&self) -> Option<HashSet<u64>> {
         super::cgroups::live_ids(&self.root, 6)
     }
+    fn current_id(&self, path: &Path) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        // A cgroup v2 directory's inode number is its cgroup id.
+        std::fs::metadata(path).map(|m| m.ino())
+    }
     fn enroll(&mut self, id: u64) -> Result<(), String> {
         self.maps
             .lock()
@@ -257,6 +289,16 @@ mod tests {
         fn live_ids(&self) -> Option<HashSet<u64>> {
             Some(self.live.clone())
         }
+        fn current_id(&self, path: &Path) -> std::io::Result<u64> {
+            let uid = path
+                .to_str()
+                .and_then(|p| p.strip_prefix("/cg/pod"))
+                .unwrap_or_default();
+            self.cgroups
+                .get(uid)
+                .copied()
+                .ok_or_else(|| std::io::ErrorKind::NotFound.into())
+        }
         fn enroll(&mut self, id: u64) -> Result<(), String> {
             self.map.insert(id);
             Ok(())
@@ -304,6 +346,28 @@ mod tests {
         assert_eq!(e.kernel.enrolled(), vec![11]);
         e.pod_gone("a");
         assert!(e.kernel.map.is_empty());
+    }
+
+    #[test]
+    fn removed_or_replaced_pod_cgroups_are_unenrolled_and_replacements_enrolled() {
+        let mut e = Enroller::new(sel(), Fake::default());
+        e.kernel.cgroups.insert("a".into(), 11);
+        e.kernel.cgroups.insert("b".into(), 21);
+        e.pod(pod("a", "x", &[("agent", "true")]));
+        e.pod(pod("b", "x", &[("agent", "true")]));
+        let mut got = e.kernel.enrolled();
+        got.sort();
+        assert_eq!(got, vec![11, 21]);
+        // a completed (its cgroup removed, the pod object still there); b's sandbox
+        // was re-created (a new cgroup, a new id).
+        e.kernel.cgroups.remove("a");
+        e.kernel.cgroups.insert("b".into(), 22);
+        e.tick();
+        assert_eq!(e.kernel.enrolled(), vec![22]);
+        assert_eq!(
+            e.agents(),
+            vec![("x/p-a".to_string(), false), ("x/p-b".to_string(), true)]
+        );
     }
 
     #[test]

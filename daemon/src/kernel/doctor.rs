@@ -16,10 +16,22 @@ pub struct Check {
     pub fix: String,
 }
 
+/// The check of the running enforcement (`kernel-effect.json`, written by the last
+/// daemon), as opposed to the node's prerequisites.
+pub const EFFECT_CHECK: &str = "programs in effect";
+
 impl Check {
     /// Met, or only advisory.
     pub fn passes(&self) -> bool {
         self.ok || self.advisory
+    }
+
+    /// A prerequisite of `portcullis run`. The programs-in-effect record is not: it
+    /// describes the previous daemon's last check, and a starting daemon checks,
+    /// repairs and freezes itself — refusing to start over it would leave the node's
+    /// agents refused for good.
+    pub fn is_prerequisite(&self) -> bool {
+        self.name != EFFECT_CHECK
     }
 }
 
@@ -218,9 +230,15 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
             for u in &e.uncovered {
                 detail.push_str(&format!("; cgroup {}: {}", u.cgroup_id, u.why));
             }
+            if !e.removed.is_empty() {
+                detail.push_str(&format!(
+                    "; {} enrolled cgroup(s) no longer exist (dropped by the enroller)",
+                    e.removed.len()
+                ));
+            }
             checks.push(Check {
                 advisory: false,
-                name: "programs in effect",
+                name: EFFECT_CHECK,
                 ok: e.ok,
                 detail,
                 fix: "see `portcullis status`; the daemon re-attaches detached programs and freezes enrolled cgroups it cannot cover; unenroll removed cgroups".into(),

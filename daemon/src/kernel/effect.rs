@@ -35,6 +35,10 @@ pub struct Effect {
     /// Enrolled cgroups without the programs in effect.
     pub uncovered: Vec<Uncovered>,
     pub enrolled: usize,
+    /// Enrolled ids whose cgroup no longer exists anywhere in the cgroup v2 tree (a
+    /// completed or deleted pod): nothing runs there, so no gap; the enroller drops them.
+    #[serde(default)]
+    pub removed: Vec<u64>,
 }
 
 /// A pinned cgroup link: its attach type and program.
@@ -62,8 +66,15 @@ pub fn check(attach_cgroup: &Path, paths: &Paths, state: &AttachState, enrolled:
             .push(format!("attach cgroup {}: {err}", attach_cgroup.display())),
     }
     let below = index_below(attach_cgroup);
+    // Only when some id is not below the attach point: the whole hierarchy.
+    let mut everywhere: Option<HashMap<u64, PathBuf>> = None;
     for &id in enrolled {
         let Some(path) = below.get(&id) else {
+            let all = everywhere.get_or_insert_with(|| index_below(&mount_root(attach_cgroup)));
+            if !all.contains_key(&id) && all.len() < MAX_INDEXED {
+                e.removed.push(id);
+                continue;
+            }
             e.uncovered.push(Uncovered {
                 cgroup_id: id,
                 path: None,
@@ -184,6 +195,23 @@ fn covered(path: &Path, links: &[CgroupLink]) -> Result<(), String> {
 const MAX_INDEXED: usize = 200_000;
 
 /// cgroup id -> path of every cgroup below (and including) `root`.
+/// The root of the cgroup filesystem `path` is on: the highest ancestor on the same
+/// device.
+fn mount_root(path: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dev) = std::fs::metadata(path).map(|m| m.dev()) else {
+        return path.to_path_buf();
+    };
+    let mut root = path.to_path_buf();
+    while let Some(parent) = root.parent() {
+        if std::fs::metadata(parent).map(|m| m.dev()).ok() != Some(dev) {
+            break;
+        }
+        root = parent.to_path_buf();
+    }
+    root
+}
+
 fn index_below(root: &Path) -> HashMap<u64, PathBuf> {
     let mut out = HashMap::new();
     let mut stack = vec![(root.to_path_buf(), 0u32)];

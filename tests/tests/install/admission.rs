@@ -128,6 +128,19 @@ const ESCAPES: &[(&str, &str, &str)] = &[
 ];
 
 pub fn guard(env: &mut Env) -> Result<()> {
+    // The RuntimeClass must exist, or the apiserver's own RuntimeClass admission refuses
+    // the pod before the webhook is asked.
+    env.node.apply(
+        "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata: {name: kata}\nhandler: kata\n",
+    )?;
+    let r = guard_cases(env);
+    let _ = env
+        .node
+        .kubectl(&["delete", "runtimeclass", "kata", "--ignore-not-found"]);
+    r
+}
+
+fn guard_cases(env: &mut Env) -> Result<()> {
     for (i, (what, spec, field)) in ESCAPES.iter().enumerate() {
         let yaml = format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: escape-{i}\n  namespace: {NAMESPACE}\n  labels: {{portcullis.dev/agent: \"true\"}}\nspec:\n  {}\n",

@@ -1,9 +1,12 @@
 //! The DaemonSet itself: node setup, the daemon serving agents, a crash.
-use std::path::Path;
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, ensure};
 use portcullis_tests::{
-    gate::{AGENT_USER, NAMESPACE},
+    gate::{AGENT_USER, NAMESPACE, POD},
     install,
     node::host,
 };
@@ -29,6 +32,8 @@ pub fn sets_up_and_serves(env: &mut Env) -> Result<()> {
         install::DAEMON_SELECTOR,
         "-c",
         "node-setup",
+        // With a selector kubectl shows only the last 10 lines unless told otherwise.
+        "--tail=-1",
     ])?;
     ensure!(logs.contains("host mount namespace:"), "node-setup: {logs}");
     ensure!(
@@ -90,36 +95,59 @@ pub fn agent_gated(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
+/// SIGKILL of the daemon while the agent keeps connecting (one fresh TLS connection
+/// every 50 ms): the agent is refused while no daemon runs (the pins keep redirecting
+/// to a port nobody listens on), nothing reaches the API server directly (its audit
+/// log), and the kubelet's restarted container adopts the same programs and links.
 pub fn crash_fails_closed(env: &mut Env) -> Result<()> {
     let before: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.state_dir().join("kernel-state.json"))?)?;
     let old = env.daemon.pid().context("no daemon pid")?;
-    let events = env.daemon.kernel_events().len();
+    let script = env.file("crash-load.py", crate::upgrade::LOAD)?;
+    let audit_before = env.apiserver_audit().len();
+    let load = env.in_pod(POD, &["python3", &script, "15"]);
+    let handle = std::thread::spawn(move || crate::run(load));
+    std::thread::sleep(Duration::from_secs(3));
+    let killed = Instant::now();
     env.daemon.kill();
-    // While it is down the agent's connection is redirected and refused; it never
-    // reaches the API server directly.
-    let o = crate::run(env.gate_cmd(&["get", "configmaps", "--request-timeout=5s"]))?;
-    let down = text(&o);
-    let restarted_already = env.daemon.pid().is_some_and(|p| p != old);
-    ensure!(
-        !o.status.success() || restarted_already,
-        "agent reached the API with the daemon down: {down}"
-    );
     // The kubelet restarts the container; the new daemon adopts the pins.
     env.daemon.start()?;
+    let down = killed.elapsed();
+    let new = env
+        .daemon
+        .pid()
+        .context("no daemon pid after the restart")?;
+    ensure!(new != old, "the daemon was not replaced (pid {old})");
+    let out = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .with_context(|| format!("load: {line} {}", String::from_utf8_lossy(&out.stderr)))?;
+    println!(
+        "  crash: daemon down {:.2} s (SIGKILL to the replacement ready), agent's view: {v}",
+        down.as_secs_f64()
+    );
+    ensure!(
+        v["failed"].as_u64().unwrap_or(0) > 0,
+        "no request of the agent failed while the daemon was down for {:.2} s: {v}",
+        down.as_secs_f64()
+    );
+    let direct = crate::upgrade::direct_since(env, audit_before)?;
+    ensure!(
+        direct == 0,
+        "{direct} requests of the agent reached the API server directly while the daemon was down"
+    );
+    ensure!(
+        v["last_ok"] == true,
+        "the agent is still refused after the replacement started: {v}"
+    );
     let after: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.state_dir().join("kernel-state.json"))?)?;
     ensure!(after["mode"] == "adopted", "after the crash: {after}");
     ensure!(
         after["programs"] == before["programs"],
         "program/link ids changed:\n{before}\n{after}"
-    );
-    let redirected = env.daemon.kernel_events()[events.min(env.daemon.kernel_events().len())..]
-        .iter()
-        .any(|e| e["kind"] == "redirected");
-    ensure!(
-        redirected || restarted_already,
-        "no redirect recorded for the attempt while down"
     );
     let o = crate::run(env.gate_cmd(&["get", "configmaps"]))?;
     ensure!(o.status.success(), "after the restart: {}", text(&o));

@@ -23,7 +23,10 @@ pub const NS_LABEL: &str = "portcullis.dev/agents";
 pub const AGENT_NS: &str = "agents-by-ns";
 
 /// An agent pod as the webhook will shape it: the barrier first, then a container
-/// whose first instruction is a connection to the API server.
+/// whose first instruction is a connection to the API server. kubectl gets no flag
+/// that overrides its config (not even `--request-timeout`): client-go falls back to
+/// the in-cluster config only when the merged config is the default one, and would
+/// otherwise try localhost:8080.
 pub fn first_instruction_pod(
     name: &str,
     ns: &str,
@@ -49,9 +52,17 @@ pub fn first_instruction_pod(
         String::new()
     };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}spec:\n  serviceAccountName: {sa}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n{init}  containers:\n  - name: main\n    image: {agent}\n    imagePullPolicy: Never\n    command: [kubectl, get, --raw, /api, --request-timeout=20s]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n{labels}spec:\n  serviceAccountName: {sa}\n  restartPolicy: Never\n  terminationGracePeriodSeconds: 1\n{init}  containers:\n  - name: main\n    image: {agent}\n    imagePullPolicy: Never\n    command: [kubectl, get, --raw, /api]\n",
         sa = if ns == NAMESPACE { "agent" } else { "default" },
         agent = node::AGENT_IMAGE,
+    )
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
     )
 }
 
@@ -137,11 +148,23 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
     let control_phase = wait_finished(env, NAMESPACE, "first-control")?;
     let control_ip = pod_field(env, NAMESPACE, "first-control", ".status.podIP")?;
     let control_direct = direct_requests(env, "system:serviceaccount:e2e:agent", &control_ip);
-    ensure!(
-        control_direct > 0,
-        "the control pod ({control_phase}, {control_ip}) left no direct request in the apiserver's audit log: the check below could not fail"
-    );
-    let conns = env.daemon.connections();
+    if control_direct == 0 {
+        let logs = env
+            .node
+            .kubectl(&["-n", NAMESPACE, "logs", "first-control", "-c", "main"])
+            .map(|o| text(&o))
+            .unwrap_or_default();
+        let spec = env
+            .node
+            .kubectl(&["-n", NAMESPACE, "get", "pod", "first-control", "-o", "yaml"])
+            .map(|o| text(&o))
+            .unwrap_or_default();
+        let logs = format!("{logs}\n{spec}");
+        bail!(
+            "the control pod ({control_phase}, {control_ip}) left no direct request in the apiserver's audit log: the check below could not fail; its log:\n{logs}"
+        );
+    }
+    let mut barrier_waits = Vec::new();
     for (ns, name) in &pods {
         let phase = wait_finished(env, ns, name)?;
         let uid = node_uid(env, ns, name)?;
@@ -176,8 +199,18 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
             .node
             .kubectl_ok(&["-n", ns, "logs", name, "-c", "portcullis-barrier"])?;
         ensure!(logs.contains("enforced:"), "{ns}/{name} barrier: {logs}");
+        barrier_waits.push(format!(
+            "{name}: {}",
+            logs.lines()
+                .find_map(|l| l
+                    .split_once("(after ")
+                    .map(|(_, r)| r.trim_end_matches(')')))
+                .unwrap_or("?")
+        ));
     }
-    let _ = conns;
+    // A barrier that needed more than one attempt started before its pod was
+    // enrolled: without it, that pod's first connection would have gone direct.
+    println!("  barrier waits: {}", barrier_waits.join("; "));
     // Deleted pods are unenrolled.
     let ids: HashSet<u64> = pods
         .iter()
@@ -240,6 +273,33 @@ pub fn unselected_untouched(env: &mut Env) -> Result<()> {
     ensure!(
         !enrolled.contains(&id),
         "the bystander pod (no label) is enrolled"
+    );
+    // Nor shaped by the webhook: no barrier, no label, its own service-account volume.
+    let bystander = portcullis_tests::gate::BYSTANDER_POD;
+    let inits = pod_field(env, NAMESPACE, bystander, ".spec.initContainers[*].name")?;
+    ensure!(
+        !inits.contains("portcullis-barrier"),
+        "the bystander got the barrier: {inits}"
+    );
+    let label = pod_field(
+        env,
+        NAMESPACE,
+        bystander,
+        ".metadata.labels.portcullis\\.dev/agent",
+    )?;
+    ensure!(
+        label.is_empty(),
+        "the bystander got the agent label: {label}"
+    );
+    let sources = pod_field(
+        env,
+        NAMESPACE,
+        bystander,
+        ".spec.volumes[*].projected.sources",
+    )?;
+    ensure!(
+        !sources.contains("portcullis-root-ca.crt"),
+        "the bystander's CA was rewritten: {sources}"
     );
     Ok(())
 }

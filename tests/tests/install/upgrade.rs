@@ -13,7 +13,7 @@ use crate::Env;
 
 /// The agent's load: GET /version through its in-cluster configuration, one request
 /// per fresh TLS connection, every 50 ms, for `secs`; prints a JSON summary.
-const LOAD: &str = r#"
+pub const LOAD: &str = r#"
 import json, ssl, sys, time, http.client, os
 secs = float(sys.argv[1])
 host = os.environ["KUBERNETES_SERVICE_HOST"]; port = int(os.environ["KUBERNETES_SERVICE_PORT"])
@@ -43,6 +43,7 @@ for (t0, t1, ok, why) in res:
 for (t0, t1, ok, why) in fails:
     failed_time += t1 - t0
 print(json.dumps({"requests": len(res), "failed": len(fails), "longest_failure_s": round(longest, 3),
+                  "last_ok": bool(res) and res[-1][2],
                   "time_failing_s": round(failed_time, 3),
                   "errors": sorted(set(f[3] for f in fails))[:10]}))
 "#;
@@ -80,27 +81,7 @@ pub fn rolling_upgrade(env: &mut Env) -> Result<()> {
     );
     // No direct connection: every request the API server saw from the agent's pod came
     // through the daemon (impersonated), none as the pod's own service account.
-    let ip = env.node.kubectl_ok(&[
-        "-n",
-        portcullis_tests::gate::NAMESPACE,
-        "get",
-        "pod",
-        POD,
-        "-o",
-        "jsonpath={.status.podIP}",
-    ])?;
-    let audit = env.apiserver_audit();
-    let direct = audit[before_audit.min(audit.len())..]
-        .iter()
-        .filter(|e| {
-            e["user"]["username"]
-                .as_str()
-                .is_some_and(|u| u.starts_with("system:serviceaccount:e2e:"))
-                && e["sourceIPs"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|i| i == ip.as_str()))
-        })
-        .count();
+    let direct = direct_since(env, before_audit)?;
     ensure!(
         direct == 0,
         "{direct} requests reached the API server directly during the upgrade"
@@ -112,4 +93,32 @@ pub fn rolling_upgrade(env: &mut Env) -> Result<()> {
         "agents were refused for {longest} s in a row: {v}"
     );
     Ok(())
+}
+
+/// Requests in the API server's audit log (from entry `from` on) authenticated as an
+/// `e2e` service account from the agent pod's own IP: what reaching the API server
+/// directly looks like (the gate connects from the node's address, impersonating).
+pub fn direct_since(env: &Env, from: usize) -> Result<usize> {
+    let ip = env.node.kubectl_ok(&[
+        "-n",
+        portcullis_tests::gate::NAMESPACE,
+        "get",
+        "pod",
+        POD,
+        "-o",
+        "jsonpath={.status.podIP}",
+    ])?;
+    ensure!(!ip.is_empty(), "the agent pod has no IP");
+    let audit = env.apiserver_audit();
+    Ok(audit[from.min(audit.len())..]
+        .iter()
+        .filter(|e| {
+            e["user"]["username"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("system:serviceaccount:e2e:"))
+                && e["sourceIPs"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|i| i == ip.as_str()))
+        })
+        .count())
 }
