@@ -103,12 +103,21 @@ pub fn run(o: &Options) -> Result<()> {
         o.sanitizer
     ));
     run::timed("fuzz build", || {
-        run::status(
-            fuzz_cmd(&cargo_fuzz)
-                .arg("build")
-                .args(common_args(&o.sanitizer, &build_dir))
-                .args(&targets),
-        )
+        // `cargo fuzz build` takes one target, or none for all of them.
+        let one_by_one: Vec<Option<&str>> = if targets.len() == TARGETS.len() {
+            vec![None]
+        } else {
+            targets.iter().map(|t| Some(*t)).collect()
+        };
+        for t in one_by_one {
+            run::status(
+                fuzz_cmd(&cargo_fuzz)
+                    .arg("build")
+                    .args(common_args(&o.sanitizer, &build_dir))
+                    .args(t),
+            )?;
+        }
+        Ok(())
     })?;
 
     let report_path = out.join("report.json");
@@ -161,7 +170,13 @@ fn fuzz_cmd(cargo_fuzz: &Path) -> Command {
     c.arg("fuzz").current_dir(paths::root());
     // Not the toolchain `cargo xtask` itself runs under.
     c.env("RUSTUP_TOOLCHAIN", "nightly");
-    for v in ["CARGO", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER", "CARGO_TARGET_DIR"] {
+    for v in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+    ] {
         c.env_remove(v);
     }
     c
@@ -279,7 +294,10 @@ fn keep_crash(
     // keeps the original.
     let _ = fuzz_cmd(cargo_fuzz)
         .arg("tmin")
-        .args(common_args(&o.sanitizer, &paths::target().join("fuzz/build")))
+        .args(common_args(
+            &o.sanitizer,
+            &paths::target().join("fuzz/build"),
+        ))
         .args(["-r", "2000"])
         .arg(target)
         .arg(crash)
@@ -316,7 +334,9 @@ fn crash_files(dir: &Path) -> Vec<PathBuf> {
                 .filter(|p| {
                     p.file_name().is_some_and(|n| {
                         let n = n.to_string_lossy();
-                        n.starts_with("crash-") || n.starts_with("oom-") || n.starts_with("timeout-")
+                        n.starts_with("crash-")
+                            || n.starts_with("oom-")
+                            || n.starts_with("timeout-")
                     })
                 })
                 .collect()
@@ -365,8 +385,16 @@ fn nightly() -> Result<()> {
         return Ok(());
     }
     step("installing the nightly toolchain through rustup");
-    note("why: cargo-fuzz builds with -Zsanitizer and libFuzzer's coverage instrumentation, nightly-only");
-    run::status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+    note(
+        "why: cargo-fuzz builds with -Zsanitizer and libFuzzer's coverage instrumentation, nightly-only",
+    );
+    run::status(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+    ]))
 }
 
 /// cargo-fuzz, pinned, in the tools cache.
@@ -383,7 +411,10 @@ fn cargo_fuzz() -> Result<PathBuf> {
             .unwrap_or(false)
     };
     if bin.exists() && works(&bin) {
-        step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION} present in {}", root.display()));
+        step(&format!(
+            "cargo-fuzz {CARGO_FUZZ_VERSION} present in {}",
+            root.display()
+        ));
         return Ok(bin);
     }
     step(&format!(
@@ -393,7 +424,13 @@ fn cargo_fuzz() -> Result<PathBuf> {
     note("why: it builds the targets with libFuzzer and runs, minimizes and reports them");
     run::status(
         Command::new("cargo")
-            .args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION])
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--locked",
+                "--version",
+                CARGO_FUZZ_VERSION,
+            ])
             .arg("--root")
             .arg(&root),
     )?;

@@ -45,8 +45,11 @@ fn template() -> &'static Template {
             } else {
                 Kind::Response
             };
-            w.append(kind, &serde_json::json!({"i": i, "verb": "delete", "ns": "prod-a"}))
-                .expect("append");
+            w.append(
+                kind,
+                &serde_json::json!({"i": i, "verb": "delete", "ns": "prod-a"}),
+            )
+            .expect("append");
             if i % 2 == 1 {
                 w.commit().expect("commit");
             }
@@ -72,13 +75,19 @@ fn template() -> &'static Template {
 
 /// The number of a segment file (`seg-000003.jsonl` → 3).
 fn segment(name: &str) -> Option<u64> {
-    name.strip_prefix("seg-")?.strip_suffix(".jsonl")?.parse().ok()
+    name.strip_prefix("seg-")?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
 }
 
 /// The line of `b` around `pos`: its start and end (after its newline).
 fn line_at(b: &[u8], pos: usize) -> (usize, usize) {
     let pos = pos.min(b.len());
-    let start = b[..pos].iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+    let start = b[..pos]
+        .iter()
+        .rposition(|&c| c == b'\n')
+        .map_or(0, |i| i + 1);
     let end = b[pos..]
         .iter()
         .position(|&c| c == b'\n')

@@ -5,7 +5,9 @@ use crate::{config, mask::Masking};
 
 pub fn config(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let expanded = config::env::expand(&text, |n| (!n.starts_with("UNSET")).then(|| "10.0.0.7".into()));
+    let expanded = config::env::expand(&text, |n| {
+        (!n.starts_with("UNSET")).then(|| "10.0.0.7".into())
+    });
     // Without a `${`, expansion changes nothing (`$${` aside, which needs one).
     if !text.contains("${")
         && let Ok(e) = &expanded

@@ -91,7 +91,9 @@ pub fn jwt(data: &[u8]) {
         "accepted a shared-secret algorithm"
     );
     // The same token with one byte of its signature changed is refused.
-    let (signed, sig) = token.rsplit_once('.').expect("an accepted token has 3 parts");
+    let (signed, sig) = token
+        .rsplit_once('.')
+        .expect("an accepted token has 3 parts");
     let Ok(mut raw) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig) else {
         return;
     };

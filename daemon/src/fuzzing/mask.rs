@@ -6,8 +6,8 @@ use serde_json::{Value, json};
 
 use super::{chunking, split_seed};
 use crate::mask::{
-    Detectors, JsonMasker, MaskError, PLACEHOLDER, Plan, TextMasker, WsCodec, WsContent,
-    WsMasker, decode, find_placeholder, masked_record, read_messages,
+    Detectors, JsonMasker, MaskError, PLACEHOLDER, Plan, TextMasker, WsCodec, WsContent, WsMasker,
+    decode, find_placeholder, masked_record, read_messages,
 };
 
 /// A Secret value planted in fuzzed objects; it must never come out.
@@ -58,8 +58,12 @@ pub fn json(data: &[u8]) {
     let whole = mask_json(&plan, body, &[body.len()]);
     let chunked = mask_json(&plan, body, &chunking(seed, body.len()));
     assert_eq!(
-        whole.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
-        chunked.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()),
+        whole
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned()),
+        chunked
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned()),
         "masked whole and in chunks differ"
     );
     if let (Ok(out), Ok(_)) = (&whole, serde_json::from_slice::<Value>(body)) {

@@ -30,7 +30,10 @@ fn every_target_has_a_corpus_and_every_corpus_a_target() {
     }
     for e in std::fs::read_dir(corpus_dir()).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        assert!(TARGETS.contains(&name.as_str()), "corpus {name} has no target");
+        assert!(
+            TARGETS.contains(&name.as_str()),
+            "corpus {name} has no target"
+        );
     }
 }
 
@@ -45,7 +48,11 @@ fn every_seed_of_every_target_runs() {
             }
         }
     }
-    assert!(failed.is_empty(), "seeds that failed:\n{}", failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "seeds that failed:\n{}",
+        failed.join("\n")
+    );
 }
 
 #[test]

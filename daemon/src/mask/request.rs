@@ -396,9 +396,21 @@ mod tests {
         chunked.extend_from_slice(b"masked");
         chunked.push(0xff);
         for (body, ctype, want) in [
-            (br#"{"data":{"p":"portcullis\u002dmasked"}}"#.to_vec(), "application/merge-patch+json", "data.p"),
-            (br#"{"data":{"k":"cG9ydGN1bGxp\u0063y1tYXNrZWQ="}}"#.to_vec(), "application/json", "data.k"),
-            (b"stringData:\n  token: \"portcullis\\x2dmasked\"\n".to_vec(), "application/apply-patch+yaml", "stringData.token"),
+            (
+                br#"{"data":{"p":"portcullis\u002dmasked"}}"#.to_vec(),
+                "application/merge-patch+json",
+                "data.p",
+            ),
+            (
+                br#"{"data":{"k":"cG9ydGN1bGxp\u0063y1tYXNrZWQ="}}"#.to_vec(),
+                "application/json",
+                "data.k",
+            ),
+            (
+                b"stringData:\n  token: \"portcullis\\x2dmasked\"\n".to_vec(),
+                "application/apply-patch+yaml",
+                "stringData.token",
+            ),
             (chunked, "application/apply-patch+cbor", "p"),
         ] {
             assert_eq!(
