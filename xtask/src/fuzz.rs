@@ -230,10 +230,10 @@ fn fuzz_one(cargo_fuzz: &Path, target: &str, o: &Options) -> Result<RunFigures> 
         .arg("run")
         .args(common_args(&o.sanitizer, &out.join("build")))
         .arg(target)
-        .arg(&work)
-        .arg(&seeds)
+        .arg(work.as_os_str())
+        .arg(seeds.as_os_str())
         .arg("--")
-        .args(&libfuzzer)
+        .args(libfuzzer)
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped())
         .output()
@@ -432,7 +432,7 @@ fn cargo_fuzz() -> Result<PathBuf> {
                 CARGO_FUZZ_VERSION,
             ])
             .arg("--root")
-            .arg(&root),
+            .arg(root.as_os_str()),
     )?;
     if !works(&bin) {
         bail!("{} was installed but does not run", bin.display());
