@@ -9,7 +9,7 @@
 mod addr;
 mod discovery;
 mod enrollment;
-mod env;
+pub(crate) mod env;
 mod proxy;
 mod validate;
 

@@ -12,7 +12,7 @@
 //! ```text
 //! L5  cmd
 //! L4  app
-//! L3  gate | admin | admission
+//! L3  gate | admin | admission | fuzzing
 //! L2  kernel < enroll < endpoints < nodeca < audit < mask < upstream < identity < policy < approvals
 //! L1  config < tls
 //! L0  util < k8s
@@ -53,6 +53,8 @@
 //! - `admin` — the admin API: routes, the socket and HTTPS listeners, the client.
 //! - `app` — `portcullis run`: the only place every part is wired together.
 //! - `cmd` — the CLI: arguments, and every line it prints.
+//! - `fuzzing` — the fuzz targets' bodies (`fuzz/`), which reach the parsers that take
+//!   agent or file input; hidden, and also run on the seed corpus as unit tests.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -64,6 +66,8 @@ pub mod cmd;
 pub mod config;
 mod endpoints;
 mod enroll;
+#[doc(hidden)]
+pub mod fuzzing;
 mod gate;
 mod identity;
 pub mod k8s;

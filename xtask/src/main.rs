@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod ebpf;
+mod fuzz;
 mod node;
 mod paths;
 mod run;
@@ -60,6 +61,25 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the cargo-fuzz targets under fuzz/, each bounded by time, and report
+    /// executions, execs/s, crashes and corpus size (target/fuzz/report.json).
+    /// Installs nightly and cargo-fuzz (pinned, in the tools cache) when missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Also stop a target after this many executions.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Start the working corpora and the report's totals again.
+        #[arg(long)]
+        fresh: bool,
+        /// cargo-fuzz sanitizer: none (fastest; the daemon forbids unsafe), address, ...
+        #[arg(long, default_value = "none")]
+        sanitizer: String,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -87,5 +107,18 @@ fn main() -> Result<()> {
         Cmd::Demo => test::demo(),
         Cmd::Bump { part, version } => node::bump(&part, &version),
         Cmd::Bench { what, args } => bench::run(&what, &args),
+        Cmd::Fuzz {
+            secs,
+            runs,
+            fresh,
+            sanitizer,
+            targets,
+        } => fuzz::run(&fuzz::Options {
+            secs,
+            runs,
+            fresh,
+            sanitizer,
+            targets,
+        }),
     }
 }

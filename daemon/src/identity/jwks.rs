@@ -54,6 +54,10 @@ pub enum Source {
         issuer: String,
         jwks_url: Option<String>,
     },
+    /// A key set given as the document an issuer would serve (the fuzz targets and
+    /// tests: no fetch, the same parsing).
+    #[doc(hidden)]
+    Document(bytes::Bytes),
 }
 
 pub enum KeyLookup {
@@ -212,6 +216,7 @@ impl JwksCache {
                     .await
                     .map_err(JwksError::Fetch)?
             }
+            Source::Document(d) => d.clone(),
         };
         serde_json::from_slice(&bytes).map_err(JwksError::Document)
     }

@@ -81,10 +81,11 @@ fn decoded_holds_marker(run: &[u8]) -> bool {
 /// patch operation's `path`); `the request body` when the body holds one but cannot be
 /// decoded to say where.
 pub fn find_placeholder(body: &[u8], content_type: &str) -> Option<String> {
-    if !holds_marker(body) {
+    let media = media_type(content_type);
+    let raw = holds_marker(body);
+    if !raw && !may_hide_marker(body, &media) {
         return None;
     }
-    let media = media_type(content_type);
     let where_ = decode(body, &media).ok().and_then(|v| {
         if media == "application/json-patch+json" {
             patch_field(&v)
@@ -93,7 +94,19 @@ pub fn find_placeholder(body: &[u8], content_type: &str) -> Option<String> {
             field_of(&v, &mut path).then_some(path)
         }
     });
-    Some(where_.unwrap_or_else(|| "the request body".to_owned()))
+    match where_ {
+        Some(w) => Some(w),
+        None if raw => Some("the request body".to_owned()),
+        None => None,
+    }
+}
+
+/// Whether a marker could sit in `body` without its bytes showing it: the API server
+/// stores the decoded text, so a JSON or YAML escape (`portcullis\u002dmasked`) or a
+/// CBOR text or byte string sent in chunks writes the placeholder all the same. Such
+/// bodies are decoded and searched.
+fn may_hide_marker(body: &[u8], media: &str) -> bool {
+    memchr::memchr(b'\\', body).is_some() || media == "application/cbor" || media.ends_with("+cbor")
 }
 
 /// The `path` of the first JSON-patch operation whose value holds a marker.
@@ -374,11 +387,45 @@ mod tests {
             .as_deref(),
             Some("the request body")
         );
+        // Encodings whose bytes do not show the marker but whose decoded text does
+        // (found by the `body_decode` fuzz target's seeds): JSON and YAML escapes, and
+        // CBOR strings sent in chunks.
+        let mut chunked = vec![0xa1, 0x61, b'p', 0x7f, 0x6b];
+        chunked.extend_from_slice(b"portcullis-");
+        chunked.push(0x66);
+        chunked.extend_from_slice(b"masked");
+        chunked.push(0xff);
+        for (body, ctype, want) in [
+            (
+                br#"{"data":{"p":"portcullis\u002dmasked"}}"#.to_vec(),
+                "application/merge-patch+json",
+                "data.p",
+            ),
+            (
+                br#"{"data":{"k":"cG9ydGN1bGxp\u0063y1tYXNrZWQ="}}"#.to_vec(),
+                "application/json",
+                "data.k",
+            ),
+            (
+                b"stringData:\n  token: \"portcullis\\x2dmasked\"\n".to_vec(),
+                "application/apply-patch+yaml",
+                "stringData.token",
+            ),
+            (chunked, "application/apply-patch+cbor", "p"),
+        ] {
+            assert_eq!(
+                find_placeholder(&body, ctype).as_deref(),
+                Some(want),
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
         // Real values pass.
         for (body, ctype) in [
             (serde_json::json!({"data": {"k": b64("hunter2"), "tls.crt": b64(&"x".repeat(3000))}}).to_string(), "application/json"),
             ("stringData:\n  token: real\n".to_owned(), "application/apply-patch+yaml"),
             (serde_json::json!({"note": "masked values are fine to mention"}).to_string(), "application/json"),
+            (r#"{"note": "a \"quoted\" value, \u00e9"}"#.to_owned(), "application/json"),
         ] {
             assert_eq!(find_placeholder(body.as_bytes(), ctype), None, "{body}");
         }
