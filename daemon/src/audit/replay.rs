@@ -117,6 +117,16 @@ fn unreplayable(ex: &Exchange) -> Option<String> {
                         .unwrap_or("truncated")
                 ));
             }
+            // Decoded from protobuf for the record: only the fields that can carry
+            // credentials, so not the request as sent.
+            Some(b) if b.get("portcullis.dev/decoded").is_some() => {
+                return Some(format!(
+                    "the body was not recorded whole: {}",
+                    b["portcullis.dev/decoded"]
+                        .as_str()
+                        .unwrap_or("partly decoded")
+                ));
+            }
             Some(_) => {}
         }
     }
