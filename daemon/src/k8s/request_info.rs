@@ -50,6 +50,10 @@ impl RequestInfo {
 pub enum RequestInfoError {
     #[error("unable to determine kind and namespace from url {0}")]
     SpecialVerbWithoutResource(String),
+    /// A method the API server serves no resource with (OPTIONS, CONNECT, anything
+    /// unknown): there is no verb to decide on.
+    #[error("the method {0:?} is not one the Kubernetes API serves resources with")]
+    UnsupportedMethod(String),
 }
 
 const API_PREFIXES: &[&str] = &["api", "apis"];
@@ -116,7 +120,7 @@ pub fn resolve(
             "PUT" => "update",
             "PATCH" => "patch",
             "DELETE" => "delete",
-            _ => "",
+            _ => return Err(RequestInfoError::UnsupportedMethod(method.into())),
         }
         .to_string();
     }

@@ -54,7 +54,7 @@ const PAIR_KEYWORDS: &[&str] = &[
 /// before a backslash so an escape sequence is never cut. It starts at the keyword; a
 /// prefix such as `db.` or `DB_` stays in place untouched. The keyword folds ASCII case
 /// only, exactly as the trigger automaton does.
-const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?)([^\s"'\\,;&}\]]+)"#;
+const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?\s*[=:]\s*(?:\\?["'])?)((?-u:[^\s"'\\,;&}\]])+)"#;
 
 impl Detectors {
     pub fn new() -> Self {

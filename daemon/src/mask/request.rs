@@ -178,7 +178,7 @@ pub fn decode(body: &[u8], media: &str) -> Result<Value, Undecodable> {
         serde_yaml_ng::from_slice(body).map_err(|e| invalid(e.to_string()))
     } else if media == "application/cbor" || media.ends_with("+cbor") {
         let v: ciborium::Value = ciborium::from_reader(body).map_err(|e| invalid(e.to_string()))?;
-        Ok(cbor_to_json(v))
+        cbor_to_json(v).map_err(invalid)
     } else if media == "application/vnd.kubernetes.protobuf" {
         k8s::protobuf_to_json(body).map_err(|e| invalid(e.to_string()))
     } else {
@@ -190,10 +190,12 @@ pub fn decode(body: &[u8], media: &str) -> Result<Value, Undecodable> {
 
 /// CBOR as Kubernetes writes it, as the JSON the same object would be: byte strings
 /// become base64 (as `[]byte` fields are in JSON), tags (the self-describing 55799)
-/// are unwrapped, non-text keys written as text.
-fn cbor_to_json(v: ciborium::Value) -> Value {
+/// are unwrapped. A map key that is not text is refused: Kubernetes never writes one,
+/// and nested maps as keys would turn into JSON text that grows exponentially with
+/// their depth.
+fn cbor_to_json(v: ciborium::Value) -> Result<Value, String> {
     use ciborium::Value as C;
-    match v {
+    Ok(match v {
         C::Null => Value::Null,
         C::Bool(b) => Value::Bool(b),
         C::Integer(i) => {
@@ -206,21 +208,18 @@ fn cbor_to_json(v: ciborium::Value) -> Value {
         C::Float(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
         C::Text(s) => Value::String(s),
         C::Bytes(b) => Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
-        C::Array(a) => Value::Array(a.into_iter().map(cbor_to_json).collect()),
+        C::Array(a) => Value::Array(a.into_iter().map(cbor_to_json).collect::<Result<_, _>>()?),
         C::Map(m) => Value::Object(
             m.into_iter()
-                .map(|(k, v)| {
-                    let k = match k {
-                        C::Text(s) => s,
-                        other => cbor_to_json(other).to_string(),
-                    };
-                    (k, cbor_to_json(v))
+                .map(|(k, v)| match k {
+                    C::Text(k) => Ok((k, cbor_to_json(v)?)),
+                    _ => Err("a map key that is not text".to_string()),
                 })
-                .collect(),
+                .collect::<Result<_, _>>()?,
         ),
-        C::Tag(_, inner) => cbor_to_json(*inner),
+        C::Tag(_, inner) => cbor_to_json(*inner)?,
         _ => Value::Null,
-    }
+    })
 }
 
 /// A request body as the audit log keeps it: decoded from its encoding, masked like a

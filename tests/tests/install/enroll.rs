@@ -179,16 +179,26 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
             direct == 0,
             "{ns}/{name} ({phase}): {direct} request(s) reached the apiserver directly"
         );
-        let cg = env.node.pod_cgroup(&uid)?;
-        let id = std::fs::metadata(&cg)?.ino();
+        // A finished pod's cgroup is gone (the kubelet removes it): then the pod is
+        // known by its address; while it exists, by its cgroup id too.
+        let id = env
+            .node
+            .pod_cgroup(&uid)
+            .ok()
+            .and_then(|cg| std::fs::metadata(cg).ok())
+            .map(|m| m.ino());
         let conns = env.daemon.connections();
         let by_kubectl = conns.iter().any(|c| {
-            c["kernel"]["origin"]["agent_cgroup_id"] == id
-                && c["kernel"]["origin"]["comm"] == "kubectl"
+            c["kernel"]["origin"]["comm"] == "kubectl"
+                && c["peer"]
+                    .as_str()
+                    .and_then(|p| p.rsplit_once(':'))
+                    .is_some_and(|(a, _)| a == ip)
+                && id.is_none_or(|id| c["kernel"]["origin"]["agent_cgroup_id"] == id)
         });
         ensure!(
             by_kubectl,
-            "{ns}/{name}: the gate saw no connection from its kubectl (cgroup {id})"
+            "{ns}/{name}: the gate saw no connection from its kubectl ({ip}, cgroup {id:?})"
         );
         let first_init = pod_field(env, ns, name, ".spec.initContainers[0].name")?;
         ensure!(
