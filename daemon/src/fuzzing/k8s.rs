@@ -20,8 +20,12 @@ pub fn request_info(data: &[u8]) {
         _ => panic!("resolving {method} {target} once failed and once did not"),
     }
     if let Ok(info) = first {
-        if info.is_resource_request {
-            assert!(!info.verb.is_empty(), "a resource request without a verb");
+        if info.is_resource_request && info.verb.is_empty() {
+            // Only a method the API serves no resource with (the gate refuses those).
+            assert!(
+                !matches!(method, "GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE"),
+                "a resource request without a verb"
+            );
         }
         // What the audit log records reads back as the same attributes.
         let json = serde_json::to_string(&info).expect("RequestInfo serializes");

@@ -58,6 +58,10 @@ impl Gate {
             return Err(Refusal::BothFramings);
         }
         let info = k8s::resolve(req.method().as_str(), req.uri().path(), req.uri().query())?;
+        if info.is_resource_request && info.verb.is_empty() {
+            // Nothing to decide on: policy rules name verbs.
+            return Err(k8s::RequestInfoError::UnsupportedMethod(req.method().to_string()).into());
+        }
         let upgrade = is_upgrade(req).then(|| Upgrade::of(req, &info));
         let info = if upgrade == Some(Upgrade::Interactive) {
             info.upgraded()

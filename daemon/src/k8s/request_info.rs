@@ -50,8 +50,10 @@ impl RequestInfo {
 pub enum RequestInfoError {
     #[error("unable to determine kind and namespace from url {0}")]
     SpecialVerbWithoutResource(String),
-    /// A method the API server serves no resource with (OPTIONS, CONNECT, anything
-    /// unknown): there is no verb to decide on.
+    /// A resource request whose method the API server serves no resource with
+    /// (OPTIONS, CONNECT, anything unknown): there is no verb to decide on. The
+    /// resolver gives such requests an empty verb, as the apiserver's does; the gate
+    /// refuses them with this.
     #[error("the method {0:?} is not one the Kubernetes API serves resources with")]
     UnsupportedMethod(String),
 }
@@ -120,7 +122,8 @@ pub fn resolve(
             "PUT" => "update",
             "PATCH" => "patch",
             "DELETE" => "delete",
-            _ => return Err(RequestInfoError::UnsupportedMethod(method.into())),
+            // As the apiserver's resolver: no verb (its authorizer then refuses).
+            _ => "",
         }
         .to_string();
     }
