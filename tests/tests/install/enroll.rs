@@ -165,6 +165,7 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
         );
     }
     let mut barrier_waits = Vec::new();
+    let mut pod_ids: HashSet<u64> = HashSet::new();
     for (ns, name) in &pods {
         let phase = wait_finished(env, ns, name)?;
         let uid = node_uid(env, ns, name)?;
@@ -188,7 +189,7 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
             .and_then(|cg| std::fs::metadata(cg).ok())
             .map(|m| m.ino());
         let conns = env.daemon.connections();
-        let by_kubectl = conns.iter().any(|c| {
+        let seen = conns.iter().find(|c| {
             c["kernel"]["origin"]["comm"] == "kubectl"
                 && c["peer"]
                     .as_str()
@@ -196,6 +197,11 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
                     .is_some_and(|(a, _)| a == ip)
                 && id.is_none_or(|id| c["kernel"]["origin"]["agent_cgroup_id"] == id)
         });
+        let by_kubectl = seen.is_some();
+        // The enrolled cgroup the pod's kubectl ran in (the pod may be gone by now).
+        if let Some(cg) = seen.and_then(|c| c["kernel"]["origin"]["agent_cgroup_id"].as_u64()) {
+            pod_ids.insert(cg);
+        }
         ensure!(
             by_kubectl,
             "{ns}/{name}: the gate saw no connection from its kubectl ({ip}, cgroup {id:?})"
@@ -221,18 +227,12 @@ pub fn first_instruction(env: &mut Env) -> Result<()> {
     // A barrier that needed more than one attempt started before its pod was
     // enrolled: without it, that pod's first connection would have gone direct.
     println!("  barrier waits: {}", barrier_waits.join("; "));
-    // Deleted pods are unenrolled.
-    let ids: HashSet<u64> = pods
-        .iter()
-        .filter_map(|(ns, name)| node_uid(env, ns, name).ok())
-        .filter_map(|uid| env.node.pod_cgroup(&uid).ok())
-        .filter_map(|cg| std::fs::metadata(cg).ok().map(|m| m.ino()))
-        .collect();
-    ensure!(ids.len() == pods.len(), "cgroup ids: {ids:?}");
-    let enrolled = enrolled_ids(env)?;
+    // Finished, then deleted, pods are unenrolled: the cgroups their kubectl ran in
+    // (each one enrolled: the gate attributed its connections to it) leave the map.
+    let ids = pod_ids;
     ensure!(
-        ids.is_subset(&enrolled),
-        "not all agent pods enrolled: {ids:?} vs {enrolled:?}"
+        ids.len() == pods.len(),
+        "enrolled cgroup per pod, from the gate's connections: {ids:?}"
     );
     for (ns, name) in &pods {
         env.node
