@@ -194,7 +194,50 @@ impl Lab {
         Self::build_with(tag, false)
     }
 
+    /// What labs of killed runs left (a killed process skips `Drop`): their cgroups
+    /// (named after the dead pid), network namespaces and pins. Once per process.
+    fn sweep_dead_labs() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let Ok(root) = cgroup2_root() else { return };
+            let Ok(rd) = std::fs::read_dir(&root) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(rest) = name.strip_prefix("portcullis-lab-") else {
+                    continue;
+                };
+                let Some((s, pid)) = rest.split_once('-') else {
+                    continue;
+                };
+                let Ok(pid) = pid.parse::<u32>() else {
+                    continue;
+                };
+                if Path::new(&format!("/proc/{pid}")).exists() {
+                    continue;
+                }
+                let cg = e.path();
+                for sub in ["agent", "bystander", ""] {
+                    let _ = std::fs::write(cg.join(sub).join("cgroup.kill"), "1");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                for sub in ["agent", "bystander", ""] {
+                    let _ = std::fs::remove_dir(cg.join(sub));
+                }
+                for ns in ["node", "agent", "api"] {
+                    let _ = Command::new("ip")
+                        .args(["netns", "del", &format!("pc{s}-{ns}")])
+                        .output();
+                }
+                let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/portcullis-lab-{s}"));
+                eprintln!("cleaned up a lab left by killed process {pid} ({name})");
+            }
+        });
+    }
+
     fn build_with(tag: &str, standin: bool) -> Result<Lab> {
+        Self::sweep_dead_labs();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let s = 100 + (std::process::id() + n * 7) % 150;
         let base = format!("pc{s}");
