@@ -154,10 +154,10 @@ impl Upstream {
         let h2_tls = tls.clone();
         Ok(Upstream {
             base,
-            lanes: pool::Lanes::new(pool::STREAMS_PER_CONNECTION, move || {
-                build_client(h2_tls.clone(), true)
+            lanes: pool::Lanes::new(pool::STREAMS_PER_CONNECTION, move |p| {
+                build_client(h2_tls.clone(), Flavor::Lane(p))
             }),
-            upgrade_client: build_client(tls, false),
+            upgrade_client: build_client(tls, Flavor::Upgrade),
             token,
         })
     }
@@ -308,7 +308,16 @@ impl Upstream {
     }
 }
 
-fn build_client(tls: ClientConfig, h2: bool) -> HttpsClient {
+/// What a client is for.
+#[derive(Debug, Clone, Copy)]
+enum Flavor {
+    /// A lane of the HTTP/2 pool (see `pool`).
+    Lane(pool::Protocol),
+    /// HTTP/1.1 for upgrades (exec, attach, port-forward).
+    Upgrade,
+}
+
+fn build_client(tls: ClientConfig, flavor: Flavor) -> HttpsClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -316,15 +325,16 @@ fn build_client(tls: ClientConfig, h2: bool) -> HttpsClient {
     let b = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
-    let connector = if h2 {
-        b.enable_all_versions().wrap_connector(http)
-    } else {
-        b.enable_http1().wrap_connector(http)
+    let connector = match flavor {
+        Flavor::Lane(pool::Protocol::Negotiated) => b.enable_all_versions().wrap_connector(http),
+        Flavor::Lane(pool::Protocol::Http2) => b.enable_http2().wrap_connector(http),
+        Flavor::Upgrade => b.enable_http1().wrap_connector(http),
     };
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
+        .http2_only(matches!(flavor, Flavor::Lane(pool::Protocol::Http2)))
         .http2_adaptive_window(true)
         // Detects a dead API server connection under long watches.
         .http2_keep_alive_interval(Duration::from_secs(30))

@@ -222,7 +222,9 @@ impl Gate {
                     conn: &conn,
                     done: false,
                 };
-                let resp = gate.exchange(req, &conn).await;
+                // Boxed: the exchange's state machine is large and would otherwise
+                // stay inline in the connection's stream task for a watch's whole life.
+                let resp = Box::pin(gate.exchange(req, &conn)).await;
                 guard.done = true;
                 Ok::<_, Infallible>(resp)
             }

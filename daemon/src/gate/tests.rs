@@ -740,6 +740,63 @@ async fn an_unreachable_api_server_is_a_503_the_client_retries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_together_share_api_server_connections() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let lab = pass_through().await;
+    // 150 requests at once on one agent HTTP/2 connection, before the gate has ever
+    // connected to the API server: a negotiating client would open one connection per
+    // request while the first is in its TLS handshake.
+    let tls = lab.dial(From::PodA, b"h2").await;
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let path = "/api/v1/namespaces/e2e/configmaps";
+    let calls = (0..150).map(|_| {
+        let mut send = send.clone();
+        async move {
+            let req = Request::get(format!("https://kubernetes.default{path}"))
+                .body(Empty::new())
+                .unwrap();
+            let r = send.send_request(req).await.unwrap();
+            let status = r.status();
+            r.into_body().collect().await.unwrap();
+            status
+        }
+    });
+    let statuses = futures_util::future::join_all(calls).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(lab.api.seen_at("GET", path).len(), 150);
+    // 100 streams per connection: two lanes, one connection each (a third when the
+    // second lane opens after the first answer showed HTTP/2, see below).
+    let n = lab.api.connections();
+    assert!(
+        (1..=3).contains(&n),
+        "{n} API server connections for 150 requests"
+    );
+    // Once the API server is known to speak HTTP/2, new requests go to an
+    // HTTP/2-only lane (one more connection, whose client never races itself again;
+    // the negotiating lanes close when idle) and keep using it.
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        for _ in 0..5 {
+            let r = lab.call(From::PodA, None, "GET", path).await;
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        counts.push(lab.api.connections());
+    }
+    assert!(
+        counts[0] <= n + 1 && counts[1] == counts[0],
+        "{n} then {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_becomes_a_byte_pipe_and_its_end_is_recorded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let lab = pass_through().await;

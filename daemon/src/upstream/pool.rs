@@ -14,14 +14,16 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
+use http::Version;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::Notify;
 
 use super::HttpsClient;
 use crate::util::ProxyBody;
@@ -29,15 +31,35 @@ use crate::util::ProxyBody;
 /// Streams per connection: kube-apiserver's default limit.
 pub(super) const STREAMS_PER_CONNECTION: usize = 100;
 
+/// How a lane's client speaks to the API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Protocol {
+    /// HTTP/2 or HTTP/1.1, whichever ALPN settles on: before the daemon has seen the
+    /// API server answer over HTTP/2.
+    Negotiated,
+    /// HTTP/2 only: once it has. The client then opens one connection however many
+    /// requests arrive while it connects.
+    Http2,
+}
+
 struct Lane {
     client: HttpsClient,
+    protocol: Protocol,
     streams: AtomicUsize,
+    /// A negotiating lane's first request is on its way: the others wait for it (see
+    /// [`Lanes::request`]).
+    opening: AtomicBool,
+    /// That first request has its answer (or failed): the lane's connection is known.
+    warm: AtomicBool,
+    warmed: Notify,
 }
 
 pub(super) struct Lanes {
-    new_client: Box<dyn Fn() -> HttpsClient + Send + Sync>,
+    new_client: Box<dyn Fn(Protocol) -> HttpsClient + Send + Sync>,
     lanes: Mutex<Vec<Arc<Lane>>>,
     per_lane: usize,
+    /// The API server has answered over HTTP/2: new lanes are HTTP/2-only.
+    h2: AtomicBool,
 }
 
 /// A stream taken on a lane; dropping it gives the stream back.
@@ -49,22 +71,45 @@ impl Drop for Slot {
     }
 }
 
+/// Marks a negotiating lane warm when its first request ends, however it ends (also
+/// when the agent goes away and the request is dropped), so its waiters never hang.
+struct Opening<'a>(&'a Lane);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.warm.store(true, Ordering::Release);
+        self.0.warmed.notify_waiters();
+    }
+}
+
 impl Lanes {
     pub(super) fn new(
         per_lane: usize,
-        new_client: impl Fn() -> HttpsClient + Send + Sync + 'static,
+        new_client: impl Fn(Protocol) -> HttpsClient + Send + Sync + 'static,
     ) -> Self {
         Lanes {
             new_client: Box::new(new_client),
             lanes: Mutex::new(Vec::new()),
             per_lane: per_lane.max(1),
+            h2: AtomicBool::new(false),
         }
     }
 
-    /// A stream on the first lane with room; a new lane if none has any.
+    /// A stream on the first lane with room; a new lane if none has any. Once the API
+    /// server is known to speak HTTP/2, negotiating lanes take no new streams (they
+    /// close when idle) and new lanes are HTTP/2-only.
     fn take(&self) -> Slot {
+        let h2 = self.h2.load(Ordering::Acquire);
         let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if h2 {
+            // Negotiating lanes nothing uses any more: their pools go with them.
+            lanes
+                .retain(|l| l.protocol == Protocol::Http2 || l.streams.load(Ordering::Relaxed) > 0);
+        }
         for lane in lanes.iter() {
+            if h2 && lane.protocol != Protocol::Http2 {
+                continue;
+            }
             // Under the lock, so the check and the increment cannot race other takers
             // (a drop only ever makes room).
             if lane.streams.load(Ordering::Relaxed) < self.per_lane {
@@ -72,9 +117,18 @@ impl Lanes {
                 return Slot(lane.clone());
             }
         }
+        let protocol = if h2 {
+            Protocol::Http2
+        } else {
+            Protocol::Negotiated
+        };
         let lane = Arc::new(Lane {
-            client: (self.new_client)(),
+            client: (self.new_client)(protocol),
+            protocol,
             streams: AtomicUsize::new(1),
+            opening: AtomicBool::new(false),
+            warm: AtomicBool::new(false),
+            warmed: Notify::new(),
         });
         lanes.push(lane.clone());
         Slot(lane)
@@ -82,13 +136,39 @@ impl Lanes {
 
     /// Sends `req` on a lane with room; the stream is counted until the response
     /// body is dropped.
+    ///
+    /// A negotiating client cannot know that a connection still in its TLS handshake
+    /// will be HTTP/2 and shareable, so it opens one connection per request that
+    /// arrives meanwhile: 2,000 watches opened at once made ~1,700 connections to the
+    /// API server. On such a lane the first request goes alone; the others wait for
+    /// its answer and then share its connection.
     pub(super) async fn request(
         &self,
         req: http::Request<ProxyBody>,
     ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
         let slot = self.take();
-        let resp = slot.0.client.request(req).await?;
-        Ok(resp.map(|inner| UpstreamBody {
+        let lane = &*slot.0;
+        let mut opening = None;
+        if lane.protocol == Protocol::Negotiated && !lane.warm.load(Ordering::Acquire) {
+            if lane.opening.swap(true, Ordering::AcqRel) {
+                let warmed = lane.warmed.notified();
+                tokio::pin!(warmed);
+                warmed.as_mut().enable();
+                if !lane.warm.load(Ordering::Acquire) {
+                    warmed.await;
+                }
+            } else {
+                opening = Some(Opening(lane));
+            }
+        }
+        let resp = lane.client.request(req).await;
+        if let Ok(r) = &resp
+            && r.version() == Version::HTTP_2
+        {
+            self.h2.store(true, Ordering::Release);
+        }
+        drop(opening);
+        Ok(resp?.map(|inner| UpstreamBody {
             inner,
             _slot: Some(slot),
         }))
@@ -139,9 +219,9 @@ mod tests {
     use super::*;
 
     fn lanes(per: usize) -> Lanes {
-        Lanes::new(per, || {
+        Lanes::new(per, |p| {
             let tls = crate::tls::client_config(None, None).expect("client config");
-            super::super::build_client(tls, true)
+            super::super::build_client(tls, super::super::Flavor::Lane(p))
         })
     }
 

@@ -45,6 +45,8 @@ pub struct FakeApi {
     seen: Arc<Mutex<Vec<Seen>>>,
     objects: Objects,
     revoked: Revoked,
+    /// TLS connections accepted.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -110,12 +112,15 @@ impl FakeApi {
             objects: objects.clone(),
             revoked: revoked.clone(),
         });
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let (acceptor, state) = (acceptor.clone(), state.clone());
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
@@ -136,8 +141,14 @@ impl FakeApi {
             seen,
             objects,
             revoked,
+            accepted,
             task,
         }
+    }
+
+    /// Connections the gate has opened to this API server.
+    pub fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// TokenReview stops authenticating `subject`'s tokens (as after deleting its
