@@ -310,6 +310,9 @@ pub struct GateOptions<'a> {
     /// The daemon as a cluster runs it: the DaemonSet of `deploy/` (through the test
     /// overlay), not a process this harness starts.
     pub install: bool,
+    /// The daemon's `log.level`; by default the shipped `info` plus a line per request
+    /// (`portcullis::requests`), which the demo shows and failing tests print.
+    pub log_level: Option<&'a str>,
 }
 
 impl Gate {
@@ -323,12 +326,13 @@ impl Gate {
         let daemon = Daemon::new(&dir, opts.install);
         // The interception CA first: the cluster's root CA bundle carries it.
         let base_config = format!(
-            "listen:\n  ipv4: \"{DAEMON_ADDR}\"\nkernel:\n  attach_cgroup: {attach}\n  bpffs_dir: {bpffs}\n  agent_cgroups: []\n  protected_endpoints: [\"{svc}\", \"{NODE_IP}:{port}\"]\nstate_dir: {state}\nlog:\n  level: info\n",
+            "listen:\n  ipv4: \"{DAEMON_ADDR}\"\nkernel:\n  attach_cgroup: {attach}\n  bpffs_dir: {bpffs}\n  agent_cgroups: []\n  protected_endpoints: [\"{svc}\", \"{NODE_IP}:{port}\"]\nstate_dir: {state}\nlog:\n  level: \"{log_level}\"\n",
             attach = node::host::cgroup2_mount()
                 .context("no cgroup2 mount")?
                 .join(node::CGROUP_ROOT)
                 .display(),
             bpffs = node::bpffs_dir().display(),
+            log_level = opts.log_level.unwrap_or("info,portcullis::requests=debug"),
             svc = node::API_CLUSTER_IP,
             port = node::API_PORT,
             state = daemon.state_dir.display(),

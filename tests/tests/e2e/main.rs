@@ -340,6 +340,7 @@ fn setup() -> Result<Env> {
             apiserver_flags: vec!["--feature-gates=CBORServingAndStorage=true".into()],
             // PORTCULLIS_E2E_INSTALL=1: the daemon is the DaemonSet of deploy/.
             install: std::env::var_os("PORTCULLIS_E2E_INSTALL").is_some(),
+            log_level: None,
         },
     )
 }

@@ -155,6 +155,8 @@ pub fn run(opts: Opts) -> Result<()> {
         "bench-proxy",
         GateOptions {
             policy: Some(POLICY),
+            // The shipped level: no line per request.
+            log_level: Some("info"),
             ..Default::default()
         },
     )?;
