@@ -121,23 +121,30 @@ pub fn run(o: &Options) -> Result<()> {
     })?;
 
     let report_path = out.join("report.json");
-    let mut report: Report = if o.fresh {
-        Report::default()
-    } else {
+    let read_report = || -> Report {
         std::fs::read(&report_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     };
-    report.sanitizer = o.sanitizer.clone();
+    if o.fresh {
+        // Only this run's targets start over; the others' figures stay.
+        let mut r = read_report();
+        for t in &targets {
+            r.targets.remove(*t);
+        }
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(&report_path, serde_json::to_vec_pretty(&r)?)?;
+    }
     let mut crashed = Vec::new();
     for t in &targets {
         let figures = run::timed(&format!("fuzz {t}"), || fuzz_one(&cargo_fuzz, t, o))?;
         let work = out.join("corpus").join(t);
+        // Read again and only this target's entry changed: another `cargo xtask fuzz`
+        // (other targets, on the other core) may have written its own meanwhile.
+        let mut report = read_report();
+        report.sanitizer = o.sanitizer.clone();
         let e = report.targets.entry((*t).to_string()).or_default();
-        if o.fresh {
-            *e = TargetReport::default();
-        }
         e.total_executions += figures.executions;
         e.total_secs += figures.secs;
         e.runs += 1;
@@ -150,9 +157,12 @@ pub fn run(o: &Options) -> Result<()> {
         e.last_run = figures;
         // Written after every target, so an interrupted run keeps what it measured.
         std::fs::create_dir_all(&out)?;
-        std::fs::write(&report_path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", report_path.display()))?;
+        let tmp = report_path.with_extension(format!("json.{}", std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &report_path)?;
     }
+    let report = read_report();
     print_report(&report, &targets);
     note(&format!("report: {}", report_path.display()));
     if !crashed.is_empty() {
