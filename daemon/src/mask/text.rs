@@ -132,4 +132,36 @@ mod tests {
             );
         }
     }
+
+    /// No detector reaches across a line end: a keyword at the end of one line
+    /// (`Bearer`, `Authorization:`, `password:`) never takes the next line for its
+    /// value, which would leave that line's own credential unmasked.
+    #[test]
+    fn no_pattern_spans_lines() {
+        let d = Arc::new(Detectors::new());
+        for head in [
+            "Bearer ",
+            "Authorization: Bearer",
+            "authorization:",
+            "token:",
+            "x --token",
+        ] {
+            let log =
+                format!("{head}\npassword=hunter2hunter2\nAuthorization: Basic dXNlcjpwYXNz\n");
+            for size in [1, 3, 8, log.len()] {
+                let mut m = TextMasker::new(d.clone());
+                let mut out = Vec::new();
+                for c in log.as_bytes().chunks(size) {
+                    out.extend(m.feed(c));
+                }
+                out.extend(m.finish());
+                let s = String::from_utf8(out).unwrap();
+                assert!(
+                    !s.contains("hunter2") && !s.contains("dXNlcjpwYXNz"),
+                    "{head:?}, chunks of {size}: {s}"
+                );
+                assert_eq!(s.lines().count(), 3, "{s}");
+            }
+        }
+    }
 }

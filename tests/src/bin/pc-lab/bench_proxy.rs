@@ -174,16 +174,23 @@ pub fn run(opts: Opts) -> Result<()> {
     };
     b.kubeconfigs()?;
     let mut res = Results::default();
+    // A failed part is reported and the rest still measured and written; the command
+    // fails at the end.
+    let mut failures = Vec::new();
     for round in 0..b.opts.rounds {
         for up in UPSTREAMS {
-            b.round(round, up, &mut res)?;
+            if let Err(e) = b.round(round, up, &mut res) {
+                eprintln!("round {round} on {up} failed: {e:#}");
+                failures.push(format!("round {round} on {up}: {e:#}"));
+            }
         }
         // Keep etcd small: the watch workload's objects go.
         let _ = gate
             .node
             .kubectl(&["delete", "configmaps", "--all", "-n", WATCH_NS]);
     }
-    let report = b.report(&res, load_before)?;
+    let mut report = b.report(&res, load_before)?;
+    report["failures"] = json!(failures);
     let out = PathBuf::from(
         std::env::var("PORTCULLIS_BIN_DIR").unwrap_or_else(|_| "target/release".into()),
     )
@@ -193,6 +200,13 @@ pub fn run(opts: Opts) -> Result<()> {
     }
     std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
     println!("written to {}", out.display());
+    if !failures.is_empty() {
+        bail!(
+            "{} part(s) of the run failed (their figures are null in the report):\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
     Ok(())
 }
 
