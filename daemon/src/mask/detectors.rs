@@ -175,10 +175,10 @@ impl Detectors {
         if s.len() < 5 {
             return Cow::Borrowed(s);
         }
-        let card = card_candidate(s);
-        let (token, mut keys, names) = self.scan(s);
-        let flags = context::flag_candidate(s);
-        let url = context::url_candidate(s, &self.url);
+        let mut card = card_candidate(s);
+        let (token, mut keys, mut names) = self.scan(s);
+        let mut flags = context::flag_candidate(s);
+        let mut url = context::url_candidate(s, &self.url);
         if !token && keys.is_empty() && !card && !names && !flags && !url {
             return Cow::Borrowed(s);
         }
@@ -190,8 +190,15 @@ impl Detectors {
                 }
             }
             if matches!(cur, Cow::Owned(_)) {
-                // Replacements moved the text: find the keywords again.
-                keys = self.scan(&cur).1;
+                // Replacements moved the text and made new boundaries (a marker's `]`
+                // before `--S_KEY=x` makes a flag): every candidate is found again, so
+                // what is masked never depends on what else the text held (a log
+                // masked whole or in chunks gives the same; found by `text_mask`).
+                let (_, k, n) = self.scan(&cur);
+                (keys, names) = (k, n);
+                flags = context::flag_candidate(&cur);
+                url = context::url_candidate(&cur, &self.url);
+                card = card_candidate(&cur);
             }
         }
         if !keys.is_empty() {
@@ -416,6 +423,27 @@ mod tests {
             assert_eq!(card_candidate(s), want, "{:?}", String::from_utf8_lossy(s));
         }
         assert!(positives > 500, "the inputs exercise few runs: {positives}");
+    }
+
+    /// A token's marker can make a new boundary (`]` before a flag): the result is
+    /// the same whatever else the text holds.
+    #[test]
+    fn masking_a_line_does_not_depend_on_its_neighbours() {
+        let d = Detectors::new();
+        let line = "AKIAIOSFODNN7EXAMPLE--DB_KEY=abc";
+        let alone = d.apply(line.as_bytes()).into_owned();
+        let beside = d
+            .apply(format!("{line}\nx --token y\n").as_bytes())
+            .into_owned();
+        assert_eq!(
+            String::from_utf8_lossy(&alone),
+            "[masked:aws-key]--DB_KEY=[masked]"
+        );
+        assert!(
+            beside.starts_with(&alone),
+            "{}",
+            String::from_utf8_lossy(&beside)
+        );
     }
 
     #[test]
