@@ -22,8 +22,20 @@ const MASKED: &[u8] = b"[masked]";
 const MAX_NAME: usize = 128;
 
 /// Whether a value ends at `b` (as the pair detector's value does).
+/// White space within a line, as the detectors' patterns have it (`[ \t\x0b\x0c\r]`):
+/// one definition, so a pair found by a pattern and by this module's scans is the same
+/// pair (a vertical tab once counted as a blank for one and not the other, and what was
+/// masked then depended on the rest of the log; found by `text_mask`).
+pub(super) fn blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | 0x0b | 0x0c | b'\r')
+}
+
 fn ends_value(b: u8) -> bool {
-    b.is_ascii_whitespace() || matches!(b, b'"' | b'\'' | b'\\' | b',' | b';' | b'&' | b'}' | b']')
+    blank(b)
+        || matches!(
+            b,
+            b'\n' | b'"' | b'\'' | b'\\' | b',' | b';' | b'&' | b'}' | b']'
+        )
 }
 
 fn name_byte(b: u8) -> bool {
@@ -33,7 +45,7 @@ fn name_byte(b: u8) -> bool {
 /// Where the value after a separator at `sep` starts: spaces, then an optionally
 /// escaped quote.
 fn value_start(s: &[u8], mut i: usize) -> usize {
-    while i < s.len() && matches!(s[i], b' ' | b'\t') {
+    while i < s.len() && blank(s[i]) {
         i += 1;
     }
     if i + 1 < s.len() && s[i] == b'\\' && matches!(s[i + 1], b'"' | b'\'') {
@@ -56,7 +68,7 @@ fn value_end(s: &[u8], start: usize) -> usize {
 /// and spaces may stand between), if it names a credential.
 pub(super) fn credential_before(s: &[u8], sep: usize) -> bool {
     let mut e = sep;
-    while e > 0 && matches!(s[e - 1], b' ' | b'\t') {
+    while e > 0 && blank(s[e - 1]) {
         e -= 1;
     }
     if e > 0 && matches!(s[e - 1], b'"' | b'\'') {
@@ -144,7 +156,7 @@ pub(super) fn mask_flags<'a>(s: Cow<'a, [u8]>) -> Cow<'a, [u8]> {
         }
         let start = match s.get(e) {
             Some(b'=') => value_start(&s, e + 1),
-            Some(b' ' | b'\t') => {
+            Some(&b) if blank(b) => {
                 let v = value_start(&s, e);
                 // The next argument is another flag, or nothing.
                 if s.get(v).is_none_or(|&b| b == b'-') {

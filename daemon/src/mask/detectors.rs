@@ -51,14 +51,15 @@ const PAIR_KEYWORDS: &[&str] = &[
 ];
 
 /// key, separator (optionally quoted, also JSON-escaped quotes), value. No pattern
-/// crosses a line: blanks around a separator are any white space but a newline
+/// crosses a line: blanks around a separator are white space within a line, the same
+/// set as `context::blank`
 /// (a `Bearer` at the end of one log line once swallowed the next line's `password`
 /// keyword, leaving its value unmasked; found by the `text_mask` fuzz target). The
 /// value stops
 /// before a backslash so an escape sequence is never cut. It starts at the keyword; a
 /// prefix such as `db.` or `DB_` stays in place untouched. The keyword folds ASCII case
 /// only, exactly as the trigger automaton does.
-const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?[\s&&[^\n]]*[=:][\s&&[^\n]]*(?:\\?["'])?)((?-u:[^\s"'\\,;&}\]])+)"#;
+const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?[ \t\x0b\x0c\r]*[=:][ \t\x0b\x0c\r]*(?:\\?["'])?)((?-u:[^\s"'\\,;&}\]])+)"#;
 
 impl Detectors {
     pub fn new() -> Self {
@@ -69,12 +70,12 @@ impl Detectors {
         let patterns = vec![
             (
                 re(
-                    r#"((?:Authorization|authorization|AUTHORIZATION)(?:\\?["'])?[\s&&[^\n]]*[:=][\s&&[^\n]]*(?:\\?["'])?(?:(?:Basic|basic|Bearer|bearer|Token|token|Digest|digest)[\s&&[^\n]]+)?)[^\s"'\\,;\[]+"#,
+                    r#"((?:Authorization|authorization|AUTHORIZATION)(?:\\?["'])?[ \t\x0b\x0c\r]*[:=][ \t\x0b\x0c\r]*(?:\\?["'])?(?:(?:Basic|basic|Bearer|bearer|Token|token|Digest|digest)[ \t\x0b\x0c\r]+)?)[^\s"'\\,;\[]+"#,
                 ),
                 "${1}[masked]",
             ),
             (
-                re(r"\b((?:Bearer|bearer|BEARER)[\s&&[^\n]]+)[A-Za-z0-9._~+/-]{8,}=*"),
+                re(r"\b((?:Bearer|bearer|BEARER)[ \t\x0b\x0c\r]+)[A-Za-z0-9._~+/-]{8,}=*"),
                 "${1}[masked]",
             ),
             (
@@ -451,7 +452,7 @@ mod tests {
         let pair = Regex::new(PAIR).unwrap();
         let tails = pair_tails();
         for k in PAIR_KEYWORDS {
-            for form in ["=", ":", " = ", "\"=", "\\\":", "'\u{a0}="] {
+            for form in ["=", ":", " = ", "\"=", "\\\":", "'\u{b}=", "\t:\r"] {
                 let upper = k.to_ascii_uppercase();
                 for kw in [k.to_string(), upper] {
                     let s = format!("x.{kw}{form}v");
