@@ -112,19 +112,24 @@ impl TextMasker {
 mod tests {
     use super::*;
 
+    /// `log` masked as it arrives in chunks of `size` bytes.
+    fn masked_in_chunks(d: &Arc<Detectors>, log: &str, size: usize) -> String {
+        let mut m = TextMasker::new(d.clone());
+        let mut out = Vec::new();
+        for c in log.as_bytes().chunks(size) {
+            out.extend(m.feed(c));
+        }
+        out.extend(m.finish());
+        String::from_utf8(out).expect("masked text stays UTF-8")
+    }
+
     #[test]
     fn log_lines_are_masked_incrementally_and_pem_blocks_dropped() {
         let d = Arc::new(Detectors::new());
         let log = "start\nconnecting with password=hunter2 now\n-----BEGIN PRIVATE KEY-----\nMIIEvQ\nABCD\n-----END PRIVATE KEY-----\nafter AKIAIOSFODNN7EXAMPLE\n-----BEGIN CERTIFICATE----- token: abc\nlast pwd=x\npartial tok";
         // Every chunking gives the same result: lines cut anywhere, several per chunk.
         for size in [1, 5, 7, 13, 40, 64, log.len()] {
-            let mut m = TextMasker::new(d.clone());
-            let mut out = Vec::new();
-            for c in log.as_bytes().chunks(size) {
-                out.extend(m.feed(c));
-            }
-            out.extend(m.finish());
-            let s = String::from_utf8(out).unwrap();
+            let s = masked_in_chunks(&d, log, size);
             assert_eq!(
                 s,
                 "start\nconnecting with password=[masked] now\n[masked:private-key]\nafter [masked:aws-key]\n-----BEGIN CERTIFICATE----- token: [masked]\nlast pwd=[masked]\npartial tok",
@@ -149,13 +154,7 @@ mod tests {
             let log =
                 format!("{head}\npassword=hunter2hunter2\nAuthorization: Basic dXNlcjpwYXNz\n");
             for size in [1, 3, 8, log.len()] {
-                let mut m = TextMasker::new(d.clone());
-                let mut out = Vec::new();
-                for c in log.as_bytes().chunks(size) {
-                    out.extend(m.feed(c));
-                }
-                out.extend(m.finish());
-                let s = String::from_utf8(out).unwrap();
+                let s = masked_in_chunks(&d, &log, size);
                 assert!(
                     !s.contains("hunter2") && !s.contains("dXNlcjpwYXNz"),
                     "{head:?}, chunks of {size}: {s}"
