@@ -173,11 +173,16 @@ fn main() {
         list.len() as f64 / 1e6,
         logs.len() as f64 / 1e6
     );
-    // MASK_BENCH_PROFILE=list|logs: only mask that body, 20 times, for a profiler.
+    // MASK_BENCH_PROFILE=list|logs: only mask that body, 20 times (MASK_BENCH_ROUNDS),
+    // for a profiler.
     if let Ok(which) = std::env::var("MASK_BENCH_PROFILE") {
+        let rounds: u32 = std::env::var("MASK_BENCH_ROUNDS")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(20);
         let body = if which == "logs" { &logs } else { &list };
         let t = Instant::now();
-        for _ in 0..20 {
+        for _ in 0..rounds {
             let m = if which == "logs" {
                 BodyMasker::Text(TextMasker::new(detectors.clone()))
             } else {
@@ -185,8 +190,8 @@ fn main() {
             };
             std::hint::black_box(mask_stream(m, body));
         }
-        let mbs = 20.0 * body.len() as f64 / t.elapsed().as_secs_f64() / 1e6;
-        println!("{which}: {mbs:.0} MB/s over 20 rounds");
+        let mbs = f64::from(rounds) * body.len() as f64 / t.elapsed().as_secs_f64() / 1e6;
+        println!("{which}: {mbs:.0} MB/s over {rounds} rounds");
         return;
     }
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -38,7 +38,7 @@ fn ends_value(b: u8) -> bool {
         )
 }
 
-fn name_byte(b: u8) -> bool {
+pub(super) fn name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
 }
 

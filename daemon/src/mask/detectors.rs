@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use regex::bytes::Regex;
 
-use super::context;
+use super::{context, names};
 
 /// Pattern detectors for credentials inside strings and text.
 #[derive(Debug)]
@@ -17,6 +17,8 @@ pub struct Detectors {
     /// All token patterns in one: a single literal-prefiltered pass (the regex crate's
     /// SIMD multi-literal search over their prefixes) says whether any can match.
     token_any: Regex,
+    /// The fewest bytes a token pattern matches: shorter texts skip the pass.
+    token_min_len: usize,
     patterns: Vec<(Regex, &'static str)>,
     /// The pair pattern anchored at its keyword: run only where a keyword stands before
     /// a `=` or `:` (see [`pair_keyword_before`]).
@@ -60,6 +62,27 @@ const PAIR_KEYWORDS: &[&str] = &[
 /// prefix such as `db.` or `DB_` stays in place untouched. The keyword folds ASCII case
 /// only, exactly as the trigger automaton does.
 const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?[ \t\x0b\x0c\r]*[=:][ \t\x0b\x0c\r]*(?:\\?["'])?)((?-u:[^\s"'\\,;&}\]])+)"#;
+
+/// Texts up to this long are read byte by byte for [`BYTE_CLASS`] first.
+const SHORT_TEXT: usize = 64;
+/// [`BYTE_CLASS`] bits: what a detector needs in a text to match at all (pairs and
+/// names a separator, flags a dash, URLs `://`, cards 13 digits).
+const EQUALS: u8 = 1;
+const COLON: u8 = 2;
+const DASH: u8 = 4;
+const DIGIT: u8 = 8;
+static BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    t[b'=' as usize] = EQUALS;
+    t[b':' as usize] = COLON;
+    t[b'-' as usize] = DASH;
+    let mut d = b'0';
+    while d <= b'9' {
+        t[d as usize] = DIGIT;
+        d += 1;
+    }
+    t
+};
 
 impl Detectors {
     pub fn new() -> Self {
@@ -109,8 +132,17 @@ impl Detectors {
             .map(|(r, _)| format!("(?:{})", r.as_str()))
             .collect::<Vec<_>>()
             .join("|");
+        let token_min_len = regex_syntax::ParserBuilder::new()
+            .utf8(false)
+            .build()
+            .parse(&any)
+            .expect("static pattern")
+            .properties()
+            .minimum_len()
+            .unwrap_or(usize::MAX);
         Detectors {
             token_any: re(&any),
+            token_min_len,
             patterns,
             pair_at: re(&format!("^{PAIR}")),
             pair_tails: pair_tails(),
@@ -123,20 +155,24 @@ impl Detectors {
         }
     }
 
-    /// Where detectors could match in `s`: whether a token pattern does, the start of
-    /// every pair keyword that stands before a separator (ascending), and whether some
-    /// other separator follows a credential's name.
-    fn scan(&self, s: &[u8]) -> (bool, Vec<usize>, bool) {
-        let token = self.token_any.is_match(s);
+    /// Where pair detectors could match in `s`: the start of every pair keyword that
+    /// stands before a separator (ascending), and whether some other separator follows
+    /// a credential's name.
+    fn separators(&self, s: &[u8]) -> (Vec<usize>, bool) {
         let mut keys = Vec::new();
         let mut names = false;
         for sep in memchr::memchr2_iter(b'=', b':', s) {
+            // Most separators in logs follow `status`, `user`, a time of day: one walk
+            // back says no for both checks below (tested against them alone).
+            if !marked_name_before(s, sep) {
+                continue;
+            }
             match pair_keyword_before(&self.pair_tails, s, sep) {
                 Some(k) => keys.push(k),
                 None => names = names || context::credential_before(s, sep),
             }
         }
-        (token, keys, names)
+        (keys, names)
     }
 
     /// `s` with every `password=value` pair's value masked, trying the pattern only at
@@ -176,10 +212,22 @@ impl Detectors {
         if s.len() < 5 {
             return Cow::Borrowed(s);
         }
-        let mut card = card_candidate(s);
-        let (token, mut keys, mut names) = self.scan(s);
-        let mut flags = context::flag_candidate(s);
-        let mut url = context::url_candidate(s, &self.url);
+        // Short texts (most JSON values) are read once for the bytes each detector
+        // needs; a vector search per detector costs more to start than they take.
+        let present = if s.len() <= SHORT_TEXT {
+            s.iter().fold(0, |seen, &b| seen | BYTE_CLASS[b as usize])
+        } else {
+            u8::MAX
+        };
+        let mut card = present & DIGIT != 0 && card_candidate(s);
+        let token = s.len() >= self.token_min_len && self.token_any.is_match(s);
+        let (mut keys, mut names) = if present & (EQUALS | COLON) != 0 {
+            self.separators(s)
+        } else {
+            (Vec::new(), false)
+        };
+        let mut flags = present & DASH != 0 && context::flag_candidate(s);
+        let mut url = present & COLON != 0 && context::url_candidate(s, &self.url);
         if !token && keys.is_empty() && !card && !names && !flags && !url {
             return Cow::Borrowed(s);
         }
@@ -195,7 +243,7 @@ impl Detectors {
                 // before `--S_KEY=x` makes a flag): every candidate is found again, so
                 // what is masked never depends on what else the text held (a log
                 // masked whole or in chunks gives the same; found by `text_mask`).
-                let (_, k, n) = self.scan(&cur);
+                let (k, n) = self.separators(&cur);
                 (keys, names) = (k, n);
                 flags = context::flag_candidate(&cur);
                 url = context::url_candidate(&cur, &self.url);
@@ -261,12 +309,7 @@ fn pair_tails() -> PairTails {
 /// `tails` is [`PAIR_KEYWORDS`] grouped by their last two letters ([`pair_tails`]).
 fn pair_keyword_before(tails: &PairTails, s: &[u8], sep: usize) -> Option<usize> {
     let mut e = sep;
-    while e > 0
-        && matches!(
-            s[e - 1],
-            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0x80..
-        )
-    {
+    while e > 0 && pair_space(s[e - 1]) {
         e -= 1;
     }
     if e > 0 && matches!(s[e - 1], b'"' | b'\'') {
@@ -287,6 +330,47 @@ fn pair_keyword_before(tails: &PairTails, s: &[u8], sep: usize) -> Option<usize>
         let k = k.as_bytes();
         (e >= k.len() && s[e - k.len()..e].eq_ignore_ascii_case(k)).then(|| e - k.len())
     })
+}
+
+/// Whether the name-byte run before the separator at `sep` holds one of
+/// the markers of [`names::marker_window`], after walking back what may stand between a name and its
+/// separator: white space as [`pair_keyword_before`] walks it, then an optionally
+/// escaped quote. Where it does not, neither that function finds a pair keyword (every
+/// keyword holds a marker and ends that run) nor `context::credential_before` a
+/// credential's name (`names::is_credential_name` wants a marker; its walk over blanks
+/// stops no later). Names longer than `context`'s limit are looked at whole.
+fn marked_name_before(s: &[u8], sep: usize) -> bool {
+    let mut e = sep;
+    while e > 0 && pair_space(s[e - 1]) {
+        e -= 1;
+    }
+    if e > 0 && matches!(s[e - 1], b'"' | b'\'') {
+        e -= 1;
+        if e > 0 && s[e - 1] == b'\\' {
+            e -= 1;
+        }
+    }
+    // Both want a letter last (`10:00`, `200,` are out at once).
+    if e == 0 || !s[e - 1].is_ascii_alphabetic() {
+        return false;
+    }
+    // The lower-cased three bytes from the one looked at on, as a window.
+    let mut w = 0u32;
+    while e > 0 && context::name_byte(s[e - 1]) {
+        e -= 1;
+        w = (w >> 8) | (u32::from(s[e] | 0x20) << 16);
+        if names::marker_window(w) {
+            return true;
+        }
+    }
+    false
+}
+
+/// What [`pair_keyword_before`] walks back over between a keyword and its separator
+/// (wider than [`PAIR`] allows: Unicode spaces are never missed, and a wrong guess
+/// only costs one anchored match attempt).
+fn pair_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0x80..)
 }
 
 /// Whether `s` has a run of 13 or more digits (single spaces or dashes between them
@@ -314,7 +398,19 @@ fn card_candidate(s: &[u8]) -> bool {
     let mut i = 0;
     while i + SPAN <= s.len() {
         let probe = i + SPAN - 1;
-        if CLASS[s[probe] as usize] == 0 {
+        // A separator with no digit beside it is skipped like any other byte: no
+        // shortest qualifying run holds one (two separators reset a run, and a run
+        // ends on its thirteenth digit), and a shortest run starting in the window
+        // would span the probe.
+        let dead = match CLASS[s[probe] as usize] {
+            0 => true,
+            2 => {
+                CLASS[s[probe - 1] as usize] != 1
+                    && s.get(probe + 1).is_none_or(|&b| CLASS[b as usize] != 1)
+            }
+            _ => false,
+        };
+        if dead {
             i = probe + 1;
             continue;
         }
@@ -508,7 +604,7 @@ mod tests {
         let mut masked = 0;
         for s in fuzz_inputs(&alphabet, 20_000) {
             let want = plain.replace_all(&s, &b"${1}[masked]"[..]);
-            let (_, keys, _) = d.scan(&s);
+            let (keys, _) = d.separators(&s);
             let got = d.mask_pairs(Cow::Borrowed(&s[..]), &keys);
             masked += usize::from(matches!(want, Cow::Owned(_)));
             assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&s));
@@ -523,6 +619,107 @@ mod tests {
         ] {
             assert_eq!(d.apply(input.as_bytes()), want.as_bytes(), "{input}");
         }
+    }
+
+    #[test]
+    fn the_marker_check_passes_every_separator_a_full_check_takes() {
+        let d = Detectors::new();
+        let alphabet = [
+            "password", "PassWd", "db_", "-", "pwd", "x", "Secret", "tok", "en", "api", "_key",
+            "KEY", "cred", "entials", "status", "user", "=", ":", " ", "\\\"", "\"", "'", "\\",
+            "\n", "\t", "\u{a0}", "é", ".", "v4lue", ",", "Pas", "s", "pA", "w", "K", "ey", "sE",
+            "c", "T", "ok", "cR", "e", "P", "aS",
+        ];
+        let mut taken = 0;
+        for s in fuzz_inputs(&alphabet, 30_000) {
+            for sep in memchr::memchr2_iter(b'=', b':', &s) {
+                let full = pair_keyword_before(&d.pair_tails, &s, sep).is_some()
+                    || context::credential_before(&s, sep);
+                let quick = marked_name_before(&s, sep);
+                assert!(quick || !full, "{:?} at {sep}", String::from_utf8_lossy(&s));
+                taken += usize::from(full);
+            }
+        }
+        assert!(taken > 3000, "the inputs exercise few names: {taken}");
+        // Every pair keyword and credential name holds a marker.
+        for k in PAIR_KEYWORDS {
+            assert!(
+                marked_name_before(format!("{k}=").as_bytes(), k.len()),
+                "{k}"
+            );
+        }
+        for no in [
+            "status=",
+            "user=",
+            "10:00:",
+            "p-1: ",
+            "duration =",
+            "pa=",
+            "se'=",
+            "to k=",
+        ] {
+            let sep = no.find(['=', ':']).unwrap_or(no.len());
+            assert!(!marked_name_before(no.as_bytes(), sep), "{no}");
+        }
+    }
+
+    #[test]
+    fn short_and_long_texts_are_masked_alike() {
+        let d = Detectors::new();
+        let alphabet = [
+            "password",
+            "=",
+            ":",
+            " ",
+            "x",
+            "-",
+            "--db-pass",
+            "4111",
+            "1111",
+            "//",
+            "http",
+            "@",
+            "user",
+            "Bearer ",
+            "abcdefgh",
+            "AKIA",
+            "ABCDEFGHIJKLMNOP",
+            "token",
+            "\"",
+            "eyJhbGciOi",
+            ".",
+            "Authorization",
+            "5",
+            "é",
+            "\t",
+        ];
+        // A newline and blanks after a text change nothing before it (no detector crosses
+        // a line), so the long path must give the short one's result, padded.
+        let pad = format!("\n{}", " ".repeat(SHORT_TEXT));
+        let mut masked = 0;
+        for s in fuzz_inputs(&alphabet, 20_000) {
+            if s.len() > SHORT_TEXT {
+                continue;
+            }
+            let short = d.apply(&s).into_owned();
+            let long = [&s[..], pad.as_bytes()].concat();
+            let got = d.apply(&long);
+            masked += usize::from(short != s);
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&[&short[..], pad.as_bytes()].concat()),
+                "{:?}",
+                String::from_utf8_lossy(&s)
+            );
+        }
+        assert!(
+            masked > 500,
+            "the inputs exercise few credentials: {masked}"
+        );
+        // The shortest text a token pattern matches is not skipped.
+        let xox = format!("xoxb-{}", "1".repeat(10));
+        assert_eq!(xox.len(), d.token_min_len);
+        assert_eq!(d.apply(xox.as_bytes()), &b"[masked:slack-token]"[..]);
     }
 
     #[test]

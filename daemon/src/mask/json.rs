@@ -46,11 +46,15 @@ struct Frame {
     /// Arrays: the previous element was a credential flag (`--db-password`), so this
     /// one is its value.
     after_flag: bool,
+    /// Bit `r`: the frames below this one match [`ROOTS`]`[r]` as far as they reach
+    /// into it (fixed while this frame is open; see [`JsonMasker::matches_root`]).
+    roots_below: u8,
 }
 
 impl Frame {
-    fn new(array: bool, key: Vec<u8>, masked: Option<Encoding>) -> Frame {
+    fn new(array: bool, key: Vec<u8>, masked: Option<Encoding>, roots_below: u8) -> Frame {
         Frame {
+            roots_below,
             array,
             key,
             masked,
@@ -131,7 +135,9 @@ impl JsonMasker {
                             }
                             let mut key = self.spare_keys.pop().unwrap_or_default();
                             key.clear();
-                            self.frames.push(Frame::new(b == b'[', key, masked));
+                            let roots_below = self.roots_below_next();
+                            self.frames
+                                .push(Frame::new(b == b'[', key, masked, roots_below));
                             self.out.push(b);
                         }
                         b'}' | b']' => {
@@ -550,12 +556,12 @@ impl JsonMasker {
                 return Mode::Exempt;
             }
         }
-        for root in ROOTS {
+        for (r, root) in ROOTS.iter().enumerate() {
             if self.frames.len() < root.len()
                 || self.frames.len() - root.len() > self.plan.max_rel_depth
                 || (self.frames.len() - root.len() < 64
                     && self.plan.rel_depths & 1 << (self.frames.len() - root.len()) == 0)
-                || !self.matches_root(root)
+                || !self.matches_root(r, root)
             {
                 continue;
             }
@@ -589,11 +595,46 @@ impl JsonMasker {
         Mode::Plain
     }
 
-    fn matches_root(&self, root: &[Option<&str>]) -> bool {
-        root.iter().zip(&self.frames).all(|(r, f)| match r {
-            None => f.array,
-            Some(k) => !f.array && f.key == k.as_bytes(),
-        })
+    /// Whether the open frames start with [`ROOTS`]`[r]` (`root`): the frames below the
+    /// top were matched when the top was pushed (`roots_below`), so only the top is
+    /// compared here.
+    fn matches_root(&self, r: usize, root: &[Option<&str>]) -> bool {
+        let Some(top) = self.frames.last() else {
+            return root.is_empty();
+        };
+        top.roots_below & (1 << r) != 0
+            && (root.len() < self.frames.len()
+                || root.len() == self.frames.len()
+                    && root_element_matches(root[root.len() - 1], top))
+    }
+
+    /// [`Frame::roots_below`] for a frame pushed now.
+    fn roots_below_next(&self) -> u8 {
+        let Some(top) = self.frames.last() else {
+            return u8::MAX;
+        };
+        let d = self.frames.len() - 1;
+        let mut bits = top.roots_below;
+        for (r, root) in ROOTS.iter().enumerate() {
+            if let Some(&element) = root.get(d)
+                && !root_element_matches(element, top)
+            {
+                bits &= !(1 << r);
+            }
+        }
+        bits
+    }
+}
+
+// `Frame::roots_below` has a bit per root.
+const _: () = assert!(ROOTS.len() <= 8);
+
+/// Whether an open frame is what one element of a root path names: an array (`None`),
+/// or an object at that key.
+fn root_element_matches(element: Option<&str>, f: &Frame) -> bool {
+    match element {
+        None => f.array,
+        Some(k) => !f.array && f.key == k.as_bytes(),
     }
 }
 #[cfg(test)]

@@ -205,14 +205,38 @@ fn ends_in_secret(key: &[u8]) -> bool {
     })
 }
 
-/// A quick no: every word and ending the rules know holds one of these letter pairs
-/// (tested against the lists).
+/// Letter runs of which every word and ending the rules know holds one, compared
+/// ASCII case-insensitively (tested against the lists): `pas`, `pw`, `sec`, `tok`,
+/// `cre`, `key`. A name without one is no credential's; the detectors use the same
+/// check before looking at a separator's name (`detectors::marked_name_before`).
+#[cfg(test)]
+const NAME_MARKERS: &[&str] = &["pas", "pw", "sec", "tok", "cre", "key"];
+
+/// Three bytes in a window, the first in bits 16..24.
+const fn w3(m: &[u8; 3]) -> u32 {
+    ((m[0] as u32) << 16) | ((m[1] as u32) << 8) | m[2] as u32
+}
+
+/// Whether three consecutive bytes of a name, lower-cased with `| 0x20` (which maps
+/// no other byte onto a letter) and packed as by [`w3`], are a marker or begin or end
+/// with `pw`. Compared without branching: it runs on every byte of a name.
+pub(super) fn marker_window(w: u32) -> bool {
+    const PW: u32 = w3(b"\0pw");
+    (w >> 8 == PW)
+        | (w & 0xffff == PW)
+        | (w == w3(b"pas"))
+        | (w == w3(b"sec"))
+        | (w == w3(b"tok"))
+        | (w == w3(b"cre"))
+        | (w == w3(b"key"))
+}
+
+/// A quick no: whether `name` holds a marker ([`marker_window`]).
 fn might_hold_a_word(name: &[u8]) -> bool {
-    name.windows(2).any(|w| {
-        matches!(
-            [w[0] | 0x20, w[1] | 0x20],
-            [b'p', b'a'] | [b'p', b'w'] | [b's', b'e'] | [b't', b'o'] | [b'c', b'r'] | [b'k', b'e']
-        )
+    let mut w = 0u32;
+    name.iter().any(|&b| {
+        w = ((w << 8) | u32::from(b | 0x20)) & 0x00ff_ffff;
+        marker_window(w)
     })
 }
 
@@ -368,6 +392,32 @@ mod tests {
         {
             assert!(might_hold_a_word(w.as_bytes()), "{w}");
         }
+        for w in [
+            "status", "user", "duration", "attempt", "pa", "se", "keY_", "PwD",
+        ] {
+            let holds = NAME_MARKERS
+                .iter()
+                .any(|m| w.to_ascii_lowercase().contains(m));
+            assert_eq!(might_hold_a_word(w.as_bytes()), holds, "{w}");
+        }
+        // The window check is exactly the marker list, on every 3-byte window over
+        // the markers' letters in both cases and a few others.
+        let letters = b"pwasectokryPWASECTOKRY_-0@`P";
+        let mut marked = 0;
+        for &a in letters {
+            for &b in letters {
+                for &c in letters {
+                    let low = [a | 0x20, b | 0x20, c | 0x20];
+                    let text = [a, b, c].to_ascii_lowercase();
+                    let want = NAME_MARKERS
+                        .iter()
+                        .any(|m| text.windows(m.len()).any(|x| x == m.as_bytes()));
+                    assert_eq!(marker_window(w3(&low)), want, "{:?}", [a, b, c]);
+                    marked += usize::from(want);
+                }
+            }
+        }
+        assert!(marked > 100, "{marked}");
     }
 
     #[test]
