@@ -175,7 +175,7 @@ fn default_verify_interval() -> std::time::Duration {
     std::time::Duration::from_secs(10)
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     #[serde(default)]
@@ -183,6 +183,17 @@ pub struct Log {
     /// A tracing filter, e.g. `info` or `portcullis=debug`.
     #[serde(default = "default_level")]
     pub level: String,
+}
+
+/// A configuration without a `log` section logs as one with an empty one (a derived
+/// default once gave an empty filter: errors only).
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -357,6 +368,11 @@ kernel:
             IpAddr::from([10, 0, 0, 9])
         );
         assert_eq!(c.kernel.bpffs_dir, PathBuf::from("/sys/fs/bpf/portcullis"));
+        // No `log` section logs as an empty one does.
+        let empty = parse(&format!("{GOOD}log: {{}}\n")).expect("an empty log section");
+        assert_eq!(c.log.level, "info");
+        assert_eq!(c.log.level, empty.log.level);
+        assert_eq!(c.log.format, empty.log.format);
     }
 
     #[test]

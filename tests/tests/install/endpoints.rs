@@ -132,9 +132,21 @@ pub fn discovered(env: &mut Env) -> Result<()> {
         "kubectl at the node's API address: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let redirected = env.daemon.kernel_events().iter().any(|e| {
-        e["kind"] == "redirected" && e["dst"] == format!("{}:{}", node::NODE_IP, node::API_PORT)
-    });
+    // The event reaches the daemon's event log through the ring buffer a little after
+    // the connection it records (a check right after kubectl returned once missed it).
+    let want = format!("{}:{}", node::NODE_IP, node::API_PORT);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let redirected = loop {
+        let seen = env
+            .daemon
+            .kernel_events()
+            .iter()
+            .any(|e| e["kind"] == "redirected" && e["dst"] == want);
+        if seen || Instant::now() > deadline {
+            break seen;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     ensure!(
         redirected,
         "no redirect of {}:{}",
