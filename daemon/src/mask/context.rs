@@ -64,11 +64,12 @@ fn value_end(s: &[u8], start: usize) -> usize {
     e
 }
 
-/// The name that ends just before the separator at `sep` (an optionally escaped quote
-/// and spaces may stand between), if it names a credential.
-pub(super) fn credential_before(s: &[u8], sep: usize) -> bool {
+/// Where a name ends if the separator at `sep` follows it: walks back over white space
+/// (`space`), then an optionally escaped quote. Every check of a name before a
+/// separator walks the same way, so they agree on where the name is.
+pub(super) fn name_end_before(s: &[u8], sep: usize, space: impl Fn(u8) -> bool) -> usize {
     let mut e = sep;
-    while e > 0 && blank(s[e - 1]) {
+    while e > 0 && space(s[e - 1]) {
         e -= 1;
     }
     if e > 0 && matches!(s[e - 1], b'"' | b'\'') {
@@ -77,6 +78,13 @@ pub(super) fn credential_before(s: &[u8], sep: usize) -> bool {
             e -= 1;
         }
     }
+    e
+}
+
+/// The name that ends just before the separator at `sep` (an optionally escaped quote
+/// and spaces may stand between), if it names a credential.
+pub(super) fn credential_before(s: &[u8], sep: usize) -> bool {
+    let e = name_end_before(s, sep, blank);
     if e == 0 || !s[e - 1].is_ascii_alphabetic() {
         return false;
     }

@@ -308,16 +308,7 @@ fn pair_tails() -> PairTails {
 /// starts found are ascending too.
 /// `tails` is [`PAIR_KEYWORDS`] grouped by their last two letters ([`pair_tails`]).
 fn pair_keyword_before(tails: &PairTails, s: &[u8], sep: usize) -> Option<usize> {
-    let mut e = sep;
-    while e > 0 && pair_space(s[e - 1]) {
-        e -= 1;
-    }
-    if e > 0 && matches!(s[e - 1], b'"' | b'\'') {
-        e -= 1;
-        if e > 0 && s[e - 1] == b'\\' {
-            e -= 1;
-        }
-    }
+    let e = context::name_end_before(s, sep, pair_space);
     // The last two letters pick the few keywords worth comparing (most separators in
     // logs follow `status`, `user`, digits...). `| 0x20` lowercases letters and maps no
     // other byte onto one.
@@ -332,24 +323,15 @@ fn pair_keyword_before(tails: &PairTails, s: &[u8], sep: usize) -> Option<usize>
     })
 }
 
-/// Whether the name-byte run before the separator at `sep` holds one of
-/// the markers of [`names::marker_window`], after walking back what may stand between a name and its
-/// separator: white space as [`pair_keyword_before`] walks it, then an optionally
-/// escaped quote. Where it does not, neither that function finds a pair keyword (every
+/// Whether the name-byte run before the separator at `sep` holds one of the markers of
+/// [`names::marker_window`], after walking back what may stand between a name and its
+/// separator (`context::name_end_before`, over white space as [`pair_keyword_before`]
+/// walks it). Where it does not, neither that function finds a pair keyword (every
 /// keyword holds a marker and ends that run) nor `context::credential_before` a
 /// credential's name (`names::is_credential_name` wants a marker; its walk over blanks
 /// stops no later). Names longer than `context`'s limit are looked at whole.
 fn marked_name_before(s: &[u8], sep: usize) -> bool {
-    let mut e = sep;
-    while e > 0 && pair_space(s[e - 1]) {
-        e -= 1;
-    }
-    if e > 0 && matches!(s[e - 1], b'"' | b'\'') {
-        e -= 1;
-        if e > 0 && s[e - 1] == b'\\' {
-            e -= 1;
-        }
-    }
+    let mut e = context::name_end_before(s, sep, pair_space);
     // Both want a letter last (`10:00`, `200,` are out at once).
     if e == 0 || !s[e - 1].is_ascii_alphabetic() {
         return false;
