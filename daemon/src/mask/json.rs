@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{
     Encoding, LAST_APPLIED, MAX_DEPTH, MAX_STRING, MaskError, PLACEHOLDER, Plan,
-    names::{is_credential_flag, is_credential_name},
+    names::{NameMemo, is_credential_flag, is_credential_name},
     paths::{EXEMPT_KEYS, ROOTS, Seg},
 };
 
@@ -49,12 +49,23 @@ struct Frame {
     /// Bit `r`: the frames below this one match [`ROOTS`]`[r]` as far as they reach
     /// into it (fixed while this frame is open; see [`JsonMasker::matches_root`]).
     roots_below: u8,
+    /// The roots of `roots_below` from which a value in this frame is as deep as a
+    /// path or the last-applied annotation can be ([`Plan::depth_roots`]): the only
+    /// ones a value here is looked up under.
+    live_roots: u8,
 }
 
 impl Frame {
-    fn new(array: bool, key: Vec<u8>, masked: Option<Encoding>, roots_below: u8) -> Frame {
+    fn new(
+        array: bool,
+        key: Vec<u8>,
+        masked: Option<Encoding>,
+        roots_below: u8,
+        live_roots: u8,
+    ) -> Frame {
         Frame {
             roots_below,
+            live_roots,
             array,
             key,
             masked,
@@ -92,6 +103,8 @@ pub struct JsonMasker {
     /// Table columns (by index) that show a credential, from the Table's
     /// `columnDefinitions`; kept across a watch's events (later ones omit them).
     secret_columns: Vec<bool>,
+    /// Which keys name a credential, remembered.
+    key_names: NameMemo,
 }
 
 impl JsonMasker {
@@ -106,6 +119,7 @@ impl JsonMasker {
             out: Vec::new(),
             hold: None,
             secret_columns: Vec::new(),
+            key_names: NameMemo::default(),
         }
     }
 
@@ -136,8 +150,15 @@ impl JsonMasker {
                             let mut key = self.spare_keys.pop().unwrap_or_default();
                             key.clear();
                             let roots_below = self.roots_below_next();
-                            self.frames
-                                .push(Frame::new(b == b'[', key, masked, roots_below));
+                            let live_roots =
+                                roots_below & self.plan.depth_roots[self.frames.len() + 1];
+                            self.frames.push(Frame::new(
+                                b == b'[',
+                                key,
+                                masked,
+                                roots_below,
+                                live_roots,
+                            ));
                             self.out.push(b);
                         }
                         b'}' | b']' => {
@@ -174,6 +195,17 @@ impl JsonMasker {
                             };
                             if mode == Mode::Exempt && !is_key {
                                 self.out.push(b'"');
+                            }
+                            // Most strings end in the chunk they start in: taken from
+                            // it whole, without being gathered first.
+                            if let Some(len) = string_len(&input[i + 1..]) {
+                                let content = &input[i + 1..i + 1 + len];
+                                if content.len() > MAX_STRING && gathers(mode, is_key, &self.plan) {
+                                    return Err(MaskError::TooLong);
+                                }
+                                self.end_string(is_key, mode, content);
+                                i += len + 2;
+                                continue;
                             }
                             self.sbuf.clear();
                             self.lex = Lex::Str {
@@ -245,7 +277,9 @@ impl JsonMasker {
                                     };
                                 }
                             } else {
-                                self.end_string(key, mode)?;
+                                let sbuf = std::mem::take(&mut self.sbuf);
+                                self.end_string(key, mode, &sbuf);
+                                self.sbuf = sbuf;
                                 self.lex = Lex::Between;
                                 i = at + 1;
                             }
@@ -332,7 +366,7 @@ impl JsonMasker {
             self.out.extend_from_slice(bytes);
             return Ok(());
         }
-        if matches!(mode, Mode::Mask(_)) && self.plan.fingerprint.is_none() {
+        if !gathers(mode, key, &self.plan) {
             return Ok(());
         }
         if self.sbuf.len() + bytes.len() > MAX_STRING {
@@ -342,55 +376,52 @@ impl JsonMasker {
         Ok(())
     }
 
-    fn end_string(&mut self, key: bool, mode: Mode) -> Result<(), MaskError> {
+    /// A string ends: `s` is its contents (escaped), or what of them is left to write
+    /// for an exempt value (whose contents [`Self::take`] writes as they come) and
+    /// empty for one masked without fingerprints (whose contents it drops).
+    fn end_string(&mut self, key: bool, mode: Mode, s: &[u8]) {
         if key {
             self.out.push(b'"');
-            self.out.extend_from_slice(&self.sbuf);
+            self.out.extend_from_slice(s);
             self.out.push(b'"');
-            // The buffers trade places: the key is kept without a copy.
             // A key is only read inside an object, so the frame is there.
             if let Some(f) = self.frames.last_mut() {
-                std::mem::swap(&mut f.key, &mut self.sbuf);
+                f.key.clear();
+                f.key.extend_from_slice(s);
                 f.expect_key = false;
             }
-            return Ok(());
+            return;
         }
         match mode {
-            Mode::Exempt => self.out.push(b'"'),
-            Mode::Mask(enc) => {
-                let sbuf = std::mem::take(&mut self.sbuf);
-                self.plan.placeholder(enc, &sbuf, &mut self.out);
-                self.sbuf = sbuf;
+            Mode::Exempt => {
+                self.out.extend_from_slice(s);
+                self.out.push(b'"');
             }
-            Mode::Cell => {
-                let sbuf = std::mem::take(&mut self.sbuf);
-                self.plan.placeholder(Encoding::Text, &sbuf, &mut self.out);
-                self.sbuf = sbuf;
-            }
+            Mode::Mask(enc) => self.plan.placeholder(enc, s, &mut self.out),
+            Mode::Cell => self.plan.placeholder(Encoding::Text, s, &mut self.out),
             Mode::LastApplied => {
-                let masked = self.mask_embedded(true);
+                let masked = self.mask_embedded(s, true);
                 self.out.extend_from_slice(&masked);
             }
-            Mode::Plain => self.plain_string(),
+            Mode::Plain => self.plain_string(s),
         }
-        Ok(())
     }
 
     /// A string no rule replaces whole: what it says about its neighbours is noted (a
     /// credential's `name`, a credential flag, a Table column), then it is written
     /// with the detectors applied (or, if it holds a JSON document, masked as one).
-    fn plain_string(&mut self) {
+    fn plain_string(&mut self, s: &[u8]) {
         let start = self.out.len();
         let mut value_first = false;
         let depth = self.frames.len();
         if let Some(f) = self.frames.last_mut() {
             if f.array {
-                if is_credential_flag(&self.sbuf) {
+                if is_credential_flag(s) {
                     f.after_flag = true;
                 }
             } else if f.key == b"name" || f.key == b"key" {
                 f.name_seen = true;
-                if is_credential_name(&self.sbuf) {
+                if is_credential_name(s) {
                     f.secret_name = true;
                 }
             } else if f.key == b"value" && !f.name_seen && f.value_span.is_none() {
@@ -398,25 +429,25 @@ impl JsonMasker {
                 value_first = depth >= 2 && self.frames[depth - 2].array;
             }
         }
-        if let Some((idx, secret)) = self.column_definition() {
+        if let Some((idx, secret)) = self.column_definition(s) {
             if self.secret_columns.len() <= idx {
                 self.secret_columns.resize(idx + 1, false);
             }
             self.secret_columns[idx] |= secret;
         }
-        let embedded = self.sbuf.first().is_some_and(|&b| b == b'{' || b == b'[')
-            && self.sbuf.last().is_some_and(|&b| b == b'}' || b == b']');
+        let embedded = s.first().is_some_and(|&b| b == b'{' || b == b'[')
+            && s.last().is_some_and(|&b| b == b'}' || b == b']');
         if embedded {
-            let masked = self.mask_embedded(false);
+            let masked = self.mask_embedded(s, false);
             self.out.extend_from_slice(&masked);
         } else {
             self.out.push(b'"');
             match &self.plan.detectors {
                 Some(d) => {
-                    let masked = d.apply(&self.sbuf);
+                    let masked = d.apply(s);
                     self.out.extend_from_slice(&masked);
                 }
-                None => self.out.extend_from_slice(&self.sbuf),
+                None => self.out.extend_from_slice(s),
             }
             self.out.push(b'"');
         }
@@ -437,7 +468,7 @@ impl JsonMasker {
     /// A string that is a Table column's `name` or `description`: the column's index
     /// and whether it shows a credential (by its name, or the last field of the
     /// JSONPath a custom resource's column describes itself with).
-    fn column_definition(&self) -> Option<(usize, bool)> {
+    fn column_definition(&self, s: &[u8]) -> Option<(usize, bool)> {
         let n = self.frames.len();
         if !(n == 3 || (n == 4 && self.frames[0].key == b"object")) {
             return None;
@@ -451,12 +482,12 @@ impl JsonMasker {
             return None;
         }
         let secret = match col.key.as_slice() {
-            b"name" => is_credential_name(&self.sbuf),
+            b"name" => is_credential_name(s),
             // A custom resource's printer column describes itself as `Custom resource
             // definition column (in JSONPath format): .spec.auth.apiToken`; built-in
             // columns describe themselves in prose, which says nothing here.
             b"description" => {
-                let path = self.sbuf.rsplit(|&b| b == b' ').next().unwrap_or(&[]);
+                let path = s.rsplit(|&b| b == b' ').next().unwrap_or(&[]);
                 let field = path.rsplit(|&b| b == b'.').next().unwrap_or(&[]);
                 let field = field.split(|&b| b == b'[').next().unwrap_or(&[]);
                 path.first() == Some(&b'.') && is_credential_name(field)
@@ -493,20 +524,14 @@ impl JsonMasker {
                 .unwrap_or(false)
     }
 
-    /// A string (in `sbuf`, escaped) that holds a JSON document: the last-applied
+    /// A string (`s`, escaped) that holds a JSON document: the last-applied
     /// annotation (`last_applied`), or any string that starts and ends like one
     /// (another tool's copy of an object, a ConfigMap's `config.json`). The document
     /// is masked with the same plan and re-encoded as a JSON string (the original
     /// bytes if nothing changed). If it is not JSON, detectors only; a last-applied
     /// annotation without detectors is hidden whole.
-    fn mask_embedded(&self, last_applied: bool) -> Vec<u8> {
-        let mut quoted = Vec::with_capacity(self.sbuf.len() + 2);
-        quoted.push(b'"');
-        quoted.extend_from_slice(&self.sbuf);
-        quoted.push(b'"');
-        let inner: Option<String> =
-            serde_json::from_str::<String>(std::str::from_utf8(&quoted).unwrap_or("")).ok();
-        let masked = inner.and_then(|doc| {
+    fn mask_embedded(&self, s: &[u8], last_applied: bool) -> Vec<u8> {
+        let masked = unescape(s).and_then(|doc| {
             let mut m = JsonMasker::new(self.plan.clone());
             let mut out = m.feed(doc.as_bytes()).ok()?;
             out.extend(m.finish().ok()?);
@@ -517,15 +542,21 @@ impl JsonMasker {
         });
         match masked {
             Some(Some(s)) => serde_json::to_vec(&s).unwrap_or_else(|_| b"\"\"".to_vec()),
-            Some(None) => quoted,
+            Some(None) => {
+                let mut quoted = Vec::with_capacity(s.len() + 2);
+                quoted.push(b'"');
+                quoted.extend_from_slice(s);
+                quoted.push(b'"');
+                quoted
+            }
             None => {
                 // Not JSON: treat it as text. Without detectors, the annotation is
                 // hidden whole.
                 let mut out = vec![b'"'];
                 match &self.plan.detectors {
-                    Some(d) => out.extend_from_slice(&d.apply(&self.sbuf)),
+                    Some(d) => out.extend_from_slice(&d.apply(s)),
                     None if last_applied => out.extend_from_slice(PLACEHOLDER.as_bytes()),
-                    None => out.extend_from_slice(&self.sbuf),
+                    None => out.extend_from_slice(s),
                 }
                 out.push(b'"');
                 out
@@ -535,7 +566,7 @@ impl JsonMasker {
 
     /// The treatment of the value that starts now (an object or array if `container`),
     /// from its path.
-    fn value_mode(&self, container: bool) -> Mode {
+    fn value_mode(&mut self, container: bool) -> Mode {
         let Some(top) = self.frames.last() else {
             return Mode::Plain;
         };
@@ -556,13 +587,12 @@ impl JsonMasker {
                 return Mode::Exempt;
             }
         }
-        for (r, root) in ROOTS.iter().enumerate() {
-            if self.frames.len() < root.len()
-                || self.frames.len() - root.len() > self.plan.max_rel_depth
-                || (self.frames.len() - root.len() < 64
-                    && self.plan.rel_depths & 1 << (self.frames.len() - root.len()) == 0)
-                || !self.matches_root(r, root)
-            {
+        let mut live = top.live_roots;
+        while live != 0 {
+            let r = live.trailing_zeros() as usize;
+            live &= live - 1;
+            let root = ROOTS[r];
+            if !self.matches_root(r, root) {
                 continue;
             }
             let rel = &self.frames[root.len()..];
@@ -589,7 +619,7 @@ impl JsonMasker {
         }
         // A credential-named field: its scalar value (a nested object keeps its
         // structure and is checked field by field).
-        if !top.array && !container && is_credential_name(&top.key) {
+        if !top.array && !container && self.key_names.is_credential_name(&top.key) {
             return Mode::Mask(Encoding::Text);
         }
         Mode::Plain
@@ -626,6 +656,66 @@ impl JsonMasker {
     }
 }
 
+/// How long the string whose contents start `s` is, if it ends in `s` (escapes
+/// skipped: a `\\"` does not end it).
+fn string_len(s: &[u8]) -> Option<usize> {
+    let mut k = 0;
+    loop {
+        let j = k + memchr::memchr2(b'"', b'\\', s.get(k..)?)?;
+        if s[j] == b'"' {
+            return Some(j);
+        }
+        k = j + 2;
+    }
+}
+
+/// Whether a string's contents are kept until it ends ([`JsonMasker::take`]), rather
+/// than written as they come (an exempt value) or dropped (masked, no fingerprints).
+fn gathers(mode: Mode, key: bool, plan: &Plan) -> bool {
+    key || !(mode == Mode::Exempt || matches!(mode, Mode::Mask(_)) && plan.fingerprint.is_none())
+}
+
+/// The text a JSON string's contents (`escaped`, without its quotes) stand for, as
+/// serde_json reads it; `None` where it refuses them. The escapes a document inside a
+/// string is full of (`\\"`) are read here, a vector search apart; anything else
+/// (`\\u`, control characters) is left to serde_json.
+fn unescape(escaped: &[u8]) -> Option<String> {
+    let by_serde = || {
+        let mut quoted = Vec::with_capacity(escaped.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(escaped);
+        quoted.push(b'"');
+        serde_json::from_slice(&quoted).ok()
+    };
+    // Raw control characters: looked for without stopping early, which vectorises.
+    if escaped.iter().fold(false, |c, &b| c | (b < 0x20)) {
+        return by_serde();
+    }
+    let mut out = Vec::with_capacity(escaped.len());
+    let mut rest = escaped;
+    while let Some(j) = memchr::memchr2(b'\\', b'"', rest) {
+        out.extend_from_slice(&rest[..j]);
+        if rest[j] == b'"' {
+            // A raw quote (not in a string the lexer read).
+            return by_serde();
+        }
+        out.push(match rest.get(j + 1) {
+            Some(b'"') => b'"',
+            Some(b'\\') => b'\\',
+            Some(b'/') => b'/',
+            Some(b'b') => 0x08,
+            Some(b'f') => 0x0c,
+            Some(b'n') => b'\n',
+            Some(b'r') => b'\r',
+            Some(b't') => b'\t',
+            _ => return by_serde(),
+        });
+        rest = &rest[j + 2..];
+    }
+    out.extend_from_slice(rest);
+    String::from_utf8(out).ok()
+}
+
 // `Frame::roots_below` has a bit per root.
 const _: () = assert!(ROOTS.len() <= 8);
 
@@ -643,6 +733,57 @@ mod tests {
     use base64::Engine;
 
     use crate::mask::{B64_PLACEHOLDER, Detectors};
+
+    /// Strings are read as serde_json reads them: every escape, control characters,
+    /// broken UTF-8, a lone backslash.
+    #[test]
+    fn unescape_reads_strings_as_serde_json_does() {
+        let parts: [&[u8]; 16] = [
+            b"a",
+            b"\\\"",
+            b"\\\\",
+            b"\\/",
+            b"\\n",
+            b"\\t",
+            b"\\b\\f\\r",
+            b"\\u00e9",
+            b"\\ud83d\\ude00",
+            b"\\ud83d",
+            b"\\x",
+            b"\\",
+            b"\n",
+            "\u{e9}".as_bytes(),
+            b"\xff",
+            b"{}",
+        ];
+        let mut x = 0x853c_49e6_748f_ea9bu64;
+        let (mut read, mut refused) = (0, 0);
+        for _ in 0..20_000 {
+            let mut s = Vec::new();
+            for _ in 0..(x % 7) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                s.extend_from_slice(parts[(x % parts.len() as u64) as usize]);
+            }
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut quoted = b"\"".to_vec();
+            quoted.extend_from_slice(&s);
+            quoted.push(b'"');
+            let want = serde_json::from_slice::<String>(&quoted).ok();
+            match &want {
+                Some(_) => read += 1,
+                None => refused += 1,
+            }
+            assert_eq!(unescape(&s), want, "{:?}", String::from_utf8_lossy(&s));
+        }
+        assert!(
+            read > 2_000 && refused > 2_000,
+            "{read} read, {refused} refused"
+        );
+    }
 
     fn secrets_plan() -> Arc<Plan> {
         Arc::new(Plan::new(

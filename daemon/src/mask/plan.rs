@@ -5,8 +5,8 @@ use std::{borrow::Cow, sync::Arc};
 use base64::Engine;
 
 use super::{
-    Detectors, Encoding, MaskError, PLACEHOLDER, PLACEHOLDER_B64_JSON, PLACEHOLDER_JSON,
-    paths::{Path, Seg},
+    Detectors, Encoding, MAX_DEPTH, MaskError, PLACEHOLDER, PLACEHOLDER_B64_JSON, PLACEHOLDER_JSON,
+    paths::{Path, ROOTS, Seg},
 };
 use crate::{config, k8s::RequestInfo};
 
@@ -33,11 +33,10 @@ pub struct Plan {
     pub(super) paths: Vec<(Path, Encoding)>,
     pub(super) detectors: Option<std::sync::Arc<Detectors>>,
     pub(super) fingerprint: Option<ring::hmac::Key>,
-    /// The deepest a value below an object root can be and still be masked by path
-    /// (or be the last-applied annotation, 3 deep): deeper values skip the path checks.
-    pub(super) max_rel_depth: usize,
-    /// Bit n (n < 64) set: some path (or the annotation) is exactly n deep.
-    pub(super) rel_depths: u64,
+    /// By the number of open containers (up to `MAX_DEPTH`): bit `r` set where a value
+    /// in the innermost one is exactly as deep below [`ROOTS`]`[r]` as some path or the
+    /// last-applied annotation (3 deep), so worth looking up there.
+    pub(super) depth_roots: Vec<u8>,
 }
 
 impl Plan {
@@ -46,6 +45,8 @@ impl Plan {
         detectors: Option<std::sync::Arc<Detectors>>,
         fingerprint: Option<ring::hmac::Key>,
     ) -> Self {
+        // The deepest a value below a root can be and still be masked by path, and bit
+        // n (n < 64) set where some path (or the annotation) is exactly n deep.
         let max_rel_depth = paths
             .iter()
             .map(|(p, _)| p.0.len())
@@ -56,12 +57,21 @@ impl Plan {
             .iter()
             .filter(|(p, _)| p.0.len() < 64)
             .fold(1u64 << 3, |a, (p, _)| a | 1 << p.0.len());
+        let depth_roots = (0..=MAX_DEPTH)
+            .map(|n| {
+                ROOTS.iter().enumerate().fold(0u8, |bits, (r, root)| {
+                    let deep = n >= root.len()
+                        && n - root.len() <= max_rel_depth
+                        && (n - root.len() >= 64 || rel_depths & 1 << (n - root.len()) != 0);
+                    if deep { bits | 1 << r } else { bits }
+                })
+            })
+            .collect();
         Plan {
             paths,
             detectors,
             fingerprint,
-            max_rel_depth,
-            rel_depths,
+            depth_roots,
         }
     }
 
