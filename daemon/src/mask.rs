@@ -32,6 +32,7 @@ mod paths;
 mod plan;
 mod query;
 mod request;
+mod search;
 #[cfg(test)]
 mod tests;
 mod text;

@@ -38,7 +38,7 @@ fn ends_value(b: u8) -> bool {
         )
 }
 
-pub(super) fn name_byte(b: u8) -> bool {
+pub(super) const fn name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
 }
 
@@ -122,10 +122,10 @@ pub(super) fn mask_name_pairs<'a>(s: Cow<'a, [u8]>) -> Cow<'a, [u8]> {
     replace(s, &spans)
 }
 
-/// Whether `s` may hold a credential flag: a dash after a boundary, before a letter or
-/// a second dash.
-pub(super) fn flag_candidate(s: &[u8]) -> bool {
-    memchr::memchr_iter(b'-', s).any(|i| flag_at(s, i))
+/// Whether `s` may hold a credential flag: a dash (of `dashes`, every one in `s`) after
+/// a boundary, before a letter or a second dash.
+pub(super) fn flag_candidate(s: &[u8], mut dashes: impl Iterator<Item = usize>) -> bool {
+    dashes.any(|i| flag_at(s, i))
 }
 
 fn flag_at(s: &[u8], i: usize) -> bool {

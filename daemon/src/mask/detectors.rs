@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use regex::bytes::Regex;
 
-use super::{context, names};
+use super::{context, names, search::Searches};
 
 /// Pattern detectors for credentials inside strings and text.
 #[derive(Debug)]
@@ -23,12 +23,16 @@ pub struct Detectors {
     /// The pair pattern anchored at its keyword: run only where a keyword stands before
     /// a `=` or `:` (see [`pair_keyword_before`]).
     pair_at: Regex,
+    /// [`PAIR_HEAD`] anchored: where a pair's value starts, without the capture search.
+    pair_head_at: Regex,
     pair_tails: PairTails,
     card: Regex,
     pub(super) pem_begin: Regex,
     pub(super) pem_end: Regex,
     /// `://`, where a URL's userinfo may start.
     url: memchr::memmem::Finder<'static>,
+    /// The searches for separators and dashes, set up once.
+    search: Searches,
 }
 
 /// Every spelling the pair pattern's keyword group accepts (ASCII case-insensitive,
@@ -52,16 +56,21 @@ const PAIR_KEYWORDS: &[&str] = &[
     "credentials",
 ];
 
-/// key, separator (optionally quoted, also JSON-escaped quotes), value. No pattern
-/// crosses a line: blanks around a separator are white space within a line, the same
-/// set as `context::blank`
-/// (a `Bearer` at the end of one log line once swallowed the next line's `password`
-/// keyword, leaving its value unmasked; found by the `text_mask` fuzz target). The
-/// value stops
-/// before a backslash so an escape sequence is never cut. It starts at the keyword; a
-/// prefix such as `db.` or `DB_` stays in place untouched. The keyword folds ASCII case
-/// only, exactly as the trigger automaton does.
-const PAIR: &str = r#"((?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?[ \t\x0b\x0c\r]*[=:][ \t\x0b\x0c\r]*(?:\\?["'])?)((?-u:[^\s"'\\,;&}\]])+)"#;
+/// The pair pattern's head: key, separator (optionally quoted, also JSON-escaped
+/// quotes); [`PAIR_VALUE`] follows ([`pair_pattern`]). No pattern crosses a line:
+/// blanks around a separator are white space within a line, the same set as
+/// `context::blank` (a `Bearer` at the end of one log line once swallowed the next
+/// line's `password` keyword, leaving its value unmasked; found by the `text_mask`
+/// fuzz target). The value stops before a backslash so an escape sequence is never
+/// cut. It starts at the keyword; a prefix such as `db.` or `DB_` stays in place
+/// untouched. The keyword folds ASCII case only, exactly as the trigger automaton does.
+const PAIR_HEAD: &str = r#"(?i-u:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?)(?:\\?["'])?[ \t\x0b\x0c\r]*[=:][ \t\x0b\x0c\r]*(?:\\?["'])?"#;
+const PAIR_VALUE: &str = r#"(?-u:[^\s"'\\,;&}\]])+"#;
+
+/// The pair pattern: keyword, separator, value, the first two as group 1.
+fn pair_pattern() -> String {
+    format!("({PAIR_HEAD})({PAIR_VALUE})")
+}
 
 /// Texts up to this long are read byte by byte for [`BYTE_CLASS`] first.
 const SHORT_TEXT: usize = 64;
@@ -144,7 +153,8 @@ impl Detectors {
             token_any: re(&any),
             token_min_len,
             patterns,
-            pair_at: re(&format!("^{PAIR}")),
+            pair_at: re(&format!("^{}", pair_pattern())),
+            pair_head_at: re(&format!("^{PAIR_HEAD}")),
             pair_tails: pair_tails(),
             card: re(
                 r"\b(?:\d{4}[ -]\d{4}[ -]\d{4}[ -]\d{4}(?:\d{3})?|\d{4}[ -]\d{6}[ -]\d{5}|\d{13,19})\b",
@@ -152,6 +162,7 @@ impl Detectors {
             pem_begin: re(r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----"),
             pem_end: re(r"-----END[A-Z0-9 ]*PRIVATE KEY-----"),
             url: memchr::memmem::Finder::new("://"),
+            search: Searches::new(),
         }
     }
 
@@ -161,17 +172,18 @@ impl Detectors {
     fn separators(&self, s: &[u8]) -> (Vec<usize>, bool) {
         let mut keys = Vec::new();
         let mut names = false;
-        for sep in memchr::memchr2_iter(b'=', b':', s) {
+        let judge = |sep: usize| {
             // Most separators in logs follow `status`, `user`, a time of day: one walk
             // back says no for both checks below (tested against them alone).
             if !marked_name_before(s, sep) {
-                continue;
+                return;
             }
             match pair_keyword_before(&self.pair_tails, s, sep) {
                 Some(k) => keys.push(k),
                 None => names = names || context::credential_before(s, sep),
             }
-        }
+        };
+        self.search.separators(s).for_each(judge);
         (keys, names)
     }
 
@@ -179,19 +191,29 @@ impl Detectors {
     /// the keyword starts `keys` (ascending). Same result as a leftmost-first
     /// replace-all of the pattern: every match starts at a keyword.
     fn mask_pairs<'a>(&self, s: Cow<'a, [u8]>, keys: &[usize]) -> Cow<'a, [u8]> {
-        let mut out: Vec<u8> = Vec::new();
+        let mut out = Vec::new();
+        if self.mask_pairs_into(&s, keys, &mut out) {
+            Cow::Owned(out)
+        } else {
+            s
+        }
+    }
+
+    /// [`Self::mask_pairs`] appending to `out`, and only if a pair is masked (whether
+    /// one was is returned).
+    fn mask_pairs_into(&self, s: &[u8], keys: &[usize], out: &mut Vec<u8>) -> bool {
         let mut done = 0;
         for &k in keys {
             if k < done {
                 continue;
             }
-            // The anchored DFA rejects a keyword without a separator at once; only a
-            // real pair pays for the capture groups.
-            if !self.pair_at.is_match(&s[k..]) {
-                continue;
-            }
-            if let Some(c) = self.pair_at.captures(&s[k..])
-                && let (Some(whole), Some(head)) = (c.get(0), c.get(1))
+            // No pair crosses a line: the search ends at the line's end. Where the
+            // value starts is where the head alone ends (its optional quote and blanks
+            // can never start a value; tested against the capture group), so two DFA
+            // searches stand in for a capture search.
+            let line = &s[k..memchr::memchr(b'\n', &s[k..]).map_or(s.len(), |n| k + n)];
+            if let Some(whole) = self.pair_at.find(line)
+                && let Some(head) = self.pair_head_at.find(line)
             {
                 out.extend_from_slice(&s[done..k]);
                 out.extend_from_slice(head.as_bytes());
@@ -200,17 +222,35 @@ impl Detectors {
             }
         }
         if done == 0 {
-            return s;
+            return false;
         }
         out.extend_from_slice(&s[done..]);
-        Cow::Owned(out)
+        true
     }
 
     /// `s` with every credential found replaced by a `[masked:...]` marker.
     pub fn apply<'a>(&self, s: &'a [u8]) -> Cow<'a, [u8]> {
+        let mut owned = Vec::new();
+        match self.rewrite(s, &mut owned) {
+            Rewritten::Here(text) => text,
+            Rewritten::Into => Cow::Owned(owned),
+        }
+    }
+
+    /// [`Self::apply`] appending to `out`: where pairs are all that is masked (a log
+    /// chunk holding a `password=`), the text is written there once rather than
+    /// built and then copied.
+    pub fn apply_into(&self, s: &[u8], out: &mut Vec<u8>) {
+        if let Rewritten::Here(text) = self.rewrite(s, out) {
+            out.extend_from_slice(&text);
+        }
+    }
+
+    /// `s` masked, returned or, where only pairs are masked, appended to `sink`.
+    fn rewrite<'a>(&self, s: &'a [u8], sink: &mut Vec<u8>) -> Rewritten<'a> {
         // Nothing shorter can hold a credential the patterns know (`pwd=x`).
         if s.len() < 5 {
-            return Cow::Borrowed(s);
+            return Rewritten::Here(Cow::Borrowed(s));
         }
         // Short texts (most JSON values) are read once for the bytes each detector
         // needs; a vector search per detector costs more to start than they take.
@@ -226,10 +266,17 @@ impl Detectors {
         } else {
             (Vec::new(), false)
         };
-        let mut flags = present & DASH != 0 && context::flag_candidate(s);
+        let mut flags = present & DASH != 0 && context::flag_candidate(s, self.search.dashes(s));
         let mut url = present & COLON != 0 && context::url_candidate(s, &self.url);
         if !token && keys.is_empty() && !card && !names && !flags && !url {
-            return Cow::Borrowed(s);
+            return Rewritten::Here(Cow::Borrowed(s));
+        }
+        if !token && !card && !names && !flags && !url {
+            return if self.mask_pairs_into(s, &keys, sink) {
+                Rewritten::Into
+            } else {
+                Rewritten::Here(Cow::Borrowed(s))
+            };
         }
         let mut cur: Cow<[u8]> = Cow::Borrowed(s);
         if token {
@@ -245,7 +292,7 @@ impl Detectors {
                 // masked whole or in chunks gives the same; found by `text_mask`).
                 let (k, n) = self.separators(&cur);
                 (keys, names) = (k, n);
-                flags = context::flag_candidate(&cur);
+                flags = context::flag_candidate(&cur, self.search.dashes(&cur));
                 url = context::url_candidate(&cur, &self.url);
                 card = card_candidate(&cur);
             }
@@ -274,8 +321,16 @@ impl Detectors {
                 cur = Cow::Owned(o);
             }
         }
-        cur
+        Rewritten::Here(cur)
     }
+}
+
+/// What [`Detectors::rewrite`] did with a text.
+enum Rewritten<'a> {
+    /// The masked text (borrowed where nothing was masked).
+    Here(Cow<'a, [u8]>),
+    /// The masked text was appended to the sink.
+    Into,
 }
 
 impl Default for Detectors {
@@ -301,7 +356,7 @@ fn pair_tails() -> PairTails {
 }
 
 /// Where a pair keyword would start if the separator at `sep` ends a pair's head:
-/// walks back over what [`PAIR`] allows between keyword and separator (whitespace, then
+/// walks back over what [`PAIR_HEAD`] allows between keyword and separator (whitespace, then
 /// an optionally escaped quote). Whitespace includes every byte >= 0x80, so Unicode
 /// spaces are never missed (a wrong guess only costs one anchored match attempt).
 /// Separators come in ascending order and keywords hold neither `=` nor `:`, so the
@@ -331,25 +386,60 @@ fn pair_keyword_before(tails: &PairTails, s: &[u8], sep: usize) -> Option<usize>
 /// credential's name (`names::is_credential_name` wants a marker; its walk over blanks
 /// stops no later). Names longer than `context`'s limit are looked at whole.
 fn marked_name_before(s: &[u8], sep: usize) -> bool {
-    let mut e = context::name_end_before(s, sep, pair_space);
+    // Most separators follow a name byte at once (`status=`, `10:00`): no white space
+    // or quote to walk back over, and a name byte that is not a letter is out.
+    let mut e = match s[..sep].last() {
+        Some(&b) if b.is_ascii_alphabetic() => sep,
+        Some(&b) if NAME_CLASS[b as usize] != 0 => return false,
+        _ => context::name_end_before(s, sep, pair_space),
+    };
     // Both want a letter last (`10:00`, `200,` are out at once).
     if e == 0 || !s[e - 1].is_ascii_alphabetic() {
         return false;
     }
-    // The lower-cased three bytes from the one looked at on, as a window.
-    let mut w = 0u32;
-    while e > 0 && context::name_byte(s[e - 1]) {
+    // Walking back, a marker is found when its first letter is looked at: only there,
+    // and after its second letter, are the three bytes from it on (lower-cased; none
+    // past the name) compared.
+    let end = e;
+    let lower = |i: usize| if i < end { s[i] | 0x20 } else { 0 };
+    while e > 0 {
+        let class = NAME_CLASS[s[e - 1] as usize];
+        if class == 0 {
+            break;
+        }
         e -= 1;
-        w = (w >> 8) | (u32::from(s[e] | 0x20) << 16);
-        if names::marker_window(w) {
-            return true;
+        if class == MARKER_FIRST && names::marker_start(lower(e), lower(e + 1)) {
+            let w =
+                u32::from(lower(e)) << 16 | u32::from(lower(e + 1)) << 8 | u32::from(lower(e + 2));
+            if names::marker_window(w) {
+                return true;
+            }
         }
     }
     false
 }
 
+/// [`NAME_CLASS`]: a name byte (`context::name_byte`), and one that may begin a marker
+/// of [`names::marker_window`] (`p`, `s`, `t`, `c`, `k`, either case).
+const NAME_BYTE: u8 = 1;
+const MARKER_FIRST: u8 = 2;
+static NAME_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        if context::name_byte(b as u8) {
+            t[b] = match (b as u8) | 0x20 {
+                b'p' | b's' | b't' | b'c' | b'k' if (b as u8).is_ascii_alphabetic() => MARKER_FIRST,
+                _ => NAME_BYTE,
+            };
+        }
+        b += 1;
+    }
+    t
+};
+
 /// What [`pair_keyword_before`] walks back over between a keyword and its separator
-/// (wider than [`PAIR`] allows: Unicode spaces are never missed, and a wrong guess
+/// (wider than [`PAIR_HEAD`] allows: Unicode spaces are never missed, and a wrong guess
 /// only costs one anchored match attempt).
 fn pair_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0x80..)
@@ -511,7 +601,7 @@ mod tests {
 
     #[test]
     fn every_pair_keyword_is_found_before_every_separator_form() {
-        let pair = Regex::new(PAIR).unwrap();
+        let pair = Regex::new(&pair_pattern()).unwrap();
         let tails = pair_tails();
         for k in PAIR_KEYWORDS {
             for form in ["=", ":", " = ", "\"=", "\\\":", "'\u{b}=", "\t:\r"] {
@@ -535,10 +625,44 @@ mod tests {
         assert_eq!(pair_keyword_before(&tails, b"status=200", 6), None);
     }
 
+    /// Appending the masked text gives what returning it gives, whichever detectors
+    /// mask it (pairs alone are written straight into the output).
+    #[test]
+    fn apply_into_appends_what_apply_returns() {
+        let d = Detectors::new();
+        let alphabet = [
+            "password=",
+            "x",
+            " ",
+            "\n",
+            "token: ",
+            "AKIAIOSFODNN7EXAMPLE",
+            "--db-pass ",
+            "https://u:p@h/",
+            "4111 1111 1111 1111",
+            "DB_PASS=",
+            "v4l",
+        ];
+        let (mut pairs_only, mut others) = (0, 0);
+        for s in fuzz_inputs(&alphabet, 10_000) {
+            let mut out = b"head:".to_vec();
+            d.apply_into(&s, &mut out);
+            let want = [&b"head:"[..], &d.apply(&s)].concat();
+            assert_eq!(out, want, "{:?}", String::from_utf8_lossy(&s));
+            let text = String::from_utf8_lossy(&s);
+            if text.contains("password=x") && !text.contains("AKIA") && !text.contains("--") {
+                pairs_only += 1;
+            } else {
+                others += 1;
+            }
+        }
+        assert!(pairs_only > 50 && others > 5_000, "{pairs_only} / {others}");
+    }
+
     #[test]
     fn pairs_found_at_keywords_match_a_plain_replace_all() {
         let d = Detectors::new();
-        let plain = Regex::new(PAIR).unwrap();
+        let plain = Regex::new(&pair_pattern()).unwrap();
         let alphabet = [
             "password",
             "PassWord",
@@ -584,6 +708,27 @@ mod tests {
             ("db.Password = 'x y'", "db.Password = '[masked] y'"),
         ] {
             assert_eq!(d.apply(input.as_bytes()), want.as_bytes(), "{input}");
+        }
+    }
+
+    /// The walk's byte classes: name bytes as `context::name_byte` has them, and the
+    /// first letters of the markers, either case.
+    #[test]
+    fn name_classes_are_name_bytes_and_marker_first_letters() {
+        let firsts: Vec<u8> = names::NAME_MARKERS
+            .iter()
+            .map(|m| m.as_bytes()[0])
+            .collect();
+        for b in 0..=255u8 {
+            let want = match (
+                context::name_byte(b),
+                firsts.contains(&b.to_ascii_lowercase()),
+            ) {
+                (false, _) => 0,
+                (true, false) => NAME_BYTE,
+                (true, true) => MARKER_FIRST,
+            };
+            assert_eq!(NAME_CLASS[b as usize], want, "byte {b:#04x}");
         }
     }
 

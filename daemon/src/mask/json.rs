@@ -443,10 +443,7 @@ impl JsonMasker {
         } else {
             self.out.push(b'"');
             match &self.plan.detectors {
-                Some(d) => {
-                    let masked = d.apply(s);
-                    self.out.extend_from_slice(&masked);
-                }
+                Some(d) => d.apply_into(s, &mut self.out),
                 None => self.out.extend_from_slice(s),
             }
             self.out.push(b'"');

@@ -49,7 +49,7 @@ impl TextMasker {
                     Some(b) => memchr::memrchr(b'\n', &complete[..b]).map_or(0, |i| i + 1),
                 };
                 if upto > 0 {
-                    out.extend_from_slice(&self.detectors.apply(&rest[..upto]));
+                    self.detectors.apply_into(&rest[..upto], &mut out);
                     rest = &rest[upto..];
                     continue;
                 }
@@ -91,7 +91,7 @@ impl TextMasker {
                 self.in_pem = false;
                 let rest = &line[m.end()..];
                 if !rest.iter().all(u8::is_ascii_whitespace) {
-                    out.extend_from_slice(&d.apply(rest));
+                    d.apply_into(rest, out);
                 }
             }
             return;
@@ -101,11 +101,11 @@ impl TextMasker {
             && !d.pem_end.is_match(&line[b.end()..])
         {
             self.in_pem = true;
-            out.extend_from_slice(&d.apply(&line[..b.start()]));
+            d.apply_into(&line[..b.start()], out);
             out.extend_from_slice(b"[masked:private-key]\n");
             return;
         }
-        out.extend_from_slice(&d.apply(line));
+        d.apply_into(line, out);
     }
 }
 #[cfg(test)]
