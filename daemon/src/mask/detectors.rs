@@ -9,7 +9,10 @@ use std::borrow::Cow;
 
 use regex::bytes::Regex;
 
-use super::{context, names, search::Searches};
+use super::{
+    context, names,
+    search::{self, Searches},
+};
 
 /// Pattern detectors for credentials inside strings and text.
 #[derive(Debug)]
@@ -169,9 +172,8 @@ impl Detectors {
     /// Where pair detectors could match in `s`: the start of every pair keyword that
     /// stands before a separator (ascending), and whether some other separator follows
     /// a credential's name.
-    fn separators(&self, s: &[u8]) -> (Vec<usize>, bool) {
-        let mut keys = Vec::new();
-        let mut names = false;
+    fn separators(&self, s: &[u8]) -> Separated {
+        let mut found = Separated::default();
         let judge = |sep: usize| {
             // Most separators in logs follow `status`, `user`, a time of day: one walk
             // back says no for both checks below (tested against them alone).
@@ -179,12 +181,12 @@ impl Detectors {
                 return;
             }
             match pair_keyword_before(&self.pair_tails, s, sep) {
-                Some(k) => keys.push(k),
-                None => names = names || context::credential_before(s, sep),
+                Some(k) => found.keys.push(k),
+                None => found.names = found.names || context::credential_before(s, sep),
             }
         };
         self.search.separators(s).for_each(judge);
-        (keys, names)
+        found
     }
 
     /// `s` with every `password=value` pair's value masked, trying the pattern only at
@@ -261,10 +263,13 @@ impl Detectors {
         };
         let mut card = present & DIGIT != 0 && card_candidate(s);
         let token = s.len() >= self.token_min_len && self.token_any.is_match(s);
-        let (mut keys, mut names) = if present & (EQUALS | COLON) != 0 {
+        let Separated {
+            mut keys,
+            mut names,
+        } = if present & (EQUALS | COLON) != 0 {
             self.separators(s)
         } else {
-            (Vec::new(), false)
+            Separated::default()
         };
         let mut flags = present & DASH != 0 && context::flag_candidate(s, self.search.dashes(s));
         let mut url = present & COLON != 0 && context::url_candidate(s, &self.url);
@@ -290,8 +295,7 @@ impl Detectors {
                 // before `--S_KEY=x` makes a flag): every candidate is found again, so
                 // what is masked never depends on what else the text held (a log
                 // masked whole or in chunks gives the same; found by `text_mask`).
-                let (k, n) = self.separators(&cur);
-                (keys, names) = (k, n);
+                Separated { keys, names } = self.separators(&cur);
                 flags = context::flag_candidate(&cur, self.search.dashes(&cur));
                 url = context::url_candidate(&cur, &self.url);
                 card = card_candidate(&cur);
@@ -323,6 +327,15 @@ impl Detectors {
         }
         Rewritten::Here(cur)
     }
+}
+
+/// What the separators of a text say (see [`Detectors::separators`]).
+#[derive(Default)]
+struct Separated {
+    /// Where a pair keyword starts before its separator, ascending.
+    keys: Vec<usize>,
+    /// Whether a credential's name stands before a separator (`DB_PASS=`).
+    names: bool,
 }
 
 /// What [`Detectors::rewrite`] did with a text.
@@ -449,6 +462,11 @@ fn pair_space(b: u8) -> bool {
 /// digits, a digit, space or dash, and four more (`4111 1111`, `411111111`), in nine
 /// bytes. Most texts are read about one byte in nine.
 fn card_candidate(s: &[u8]) -> bool {
+    // Long texts (logs: digit-heavy timestamps, durations, addresses) are classified
+    // 64 bytes at a time instead.
+    if s.len() > SHORT_TEXT {
+        return search::card_window(s);
+    }
     const SPAN: usize = 9;
     let sep = |b: u8| b == b' ' || b == b'-';
     let digits = |a: usize, b: usize| b <= s.len() && s[a..b].iter().all(u8::is_ascii_digit);
@@ -578,6 +596,30 @@ mod tests {
         assert!(matches > 500, "the inputs exercise few cards: {matches}");
     }
 
+    /// Long texts take the block search: still never a no where the card pattern
+    /// matches, and the same answer as the short texts' skipping probe.
+    #[test]
+    fn long_texts_card_prefilter_agrees() {
+        let d = Detectors::new();
+        let alphabet = [
+            "1", "23", "4567", " ", "-", "x", "--", "8901", "411111", "Z",
+        ];
+        let inputs = fuzz_inputs(&alphabet, 24_000);
+        let mut matches = 0;
+        for group in inputs.chunks(6) {
+            let s = group.concat();
+            let probed = group.iter().any(|p| card_candidate(p));
+            let whole = card_candidate(&s);
+            // Joining texts can only make windows, never lose one.
+            assert!(whole || !probed, "{:?}", String::from_utf8_lossy(&s));
+            if d.card.is_match(&s) {
+                matches += 1;
+                assert!(whole, "{:?}", String::from_utf8_lossy(&s));
+            }
+        }
+        assert!(matches > 500, "the inputs exercise few cards: {matches}");
+    }
+
     /// A token's marker can make a new boundary (`]` before a flag): the result is
     /// the same whatever else the text holds.
     #[test]
@@ -694,7 +736,7 @@ mod tests {
         let mut masked = 0;
         for s in fuzz_inputs(&alphabet, 20_000) {
             let want = plain.replace_all(&s, &b"${1}[masked]"[..]);
-            let (keys, _) = d.separators(&s);
+            let keys = d.separators(&s).keys;
             let got = d.mask_pairs(Cow::Borrowed(&s[..]), &keys);
             masked += usize::from(matches!(want, Cow::Owned(_)));
             assert_eq!(got, want, "{:?}", String::from_utf8_lossy(&s));
