@@ -34,6 +34,8 @@ mod query;
 mod request;
 mod search;
 #[cfg(test)]
+mod testgen;
+#[cfg(test)]
 mod tests;
 mod text;
 mod websocket;

@@ -534,45 +534,23 @@ pub fn luhn(s: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mask::{search::tests::card_window_reference, testgen::Rng};
 
     /// Deterministic pseudo-random strings over an alphabet that makes the edge cases
     /// (digit runs, separators, keywords, quotes) common.
     fn fuzz_inputs(alphabet: &[&str], n: usize) -> Vec<Vec<u8>> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let len = (x % 40) as usize;
-                (0..len)
-                    .flat_map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        alphabet[(x % alphabet.len() as u64) as usize]
-                            .bytes()
-                            .collect::<Vec<_>>()
-                    })
-                    .collect()
-            })
-            .collect()
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+        rng.step();
+        (0..n).map(|_| rng.joined(alphabet, 40)).collect()
     }
 
     #[test]
     fn skipping_card_prefilter_agrees_with_a_byte_by_byte_scan() {
-        fn reference(s: &[u8]) -> bool {
-            s.windows(9).any(|w| {
-                w[..4].iter().all(u8::is_ascii_digit)
-                    && matches!(w[4], b'0'..=b'9' | b' ' | b'-')
-                    && w[5..].iter().all(u8::is_ascii_digit)
-            })
-        }
         let alphabet = ["1", "23", "4567", " ", "-", "x", "--", "  ", "8901", "Z"];
         let inputs = fuzz_inputs(&alphabet, 20_000);
         let mut positives = 0;
         for s in &inputs {
-            let want = reference(s);
+            let want = card_window_reference(s);
             positives += usize::from(want);
             assert_eq!(card_candidate(s), want, "{:?}", String::from_utf8_lossy(s));
         }
@@ -643,7 +621,7 @@ mod tests {
 
     #[test]
     fn every_pair_keyword_is_found_before_every_separator_form() {
-        let pair = Regex::new(&pair_pattern()).unwrap();
+        let pair = Regex::new(&pair_pattern()).expect("the pair pattern compiles");
         let tails = pair_tails();
         for k in PAIR_KEYWORDS {
             for form in ["=", ":", " = ", "\"=", "\\\":", "'\u{b}=", "\t:\r"] {
@@ -704,7 +682,7 @@ mod tests {
     #[test]
     fn pairs_found_at_keywords_match_a_plain_replace_all() {
         let d = Detectors::new();
-        let plain = Regex::new(&pair_pattern()).unwrap();
+        let plain = Regex::new(&pair_pattern()).expect("the pair pattern compiles");
         let alphabet = [
             "password",
             "PassWord",

@@ -150,6 +150,9 @@ impl JsonMasker {
                             let mut key = self.spare_keys.pop().unwrap_or_default();
                             key.clear();
                             let roots_below = self.roots_below_next();
+                            // In range: fewer than MAX_DEPTH frames are open here (checked
+                            // above) and `depth_roots` has MAX_DEPTH + 1 entries (the
+                            // TooDeep test opens every depth up to it).
                             let live_roots =
                                 roots_below & self.plan.depth_roots[self.frames.len() + 1];
                             self.frames.push(Frame::new(
@@ -729,7 +732,7 @@ mod tests {
     use super::*;
     use base64::Engine;
 
-    use crate::mask::{B64_PLACEHOLDER, Detectors};
+    use crate::mask::{B64_PLACEHOLDER, Detectors, testgen::Rng};
 
     /// Strings are read as serde_json reads them: every escape, control characters,
     /// broken UTF-8, a lone backslash.
@@ -753,19 +756,10 @@ mod tests {
             b"\xff",
             b"{}",
         ];
-        let mut x = 0x853c_49e6_748f_ea9bu64;
+        let mut rng = Rng::new(0x853c_49e6_748f_ea9b);
         let (mut read, mut refused) = (0, 0);
         for _ in 0..20_000 {
-            let mut s = Vec::new();
-            for _ in 0..(x % 7) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                s.extend_from_slice(parts[(x % parts.len() as u64) as usize]);
-            }
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            let s = rng.joined(&parts, 7);
             let mut quoted = b"\"".to_vec();
             quoted.extend_from_slice(&s);
             quoted.push(b'"');
