@@ -23,6 +23,7 @@ use crate::{
     gate::{self, Authorizer, Gate, Gated},
     identity::{Authenticator, JwksCache, Source},
     kernel::{self, BpfOriginLookup, PinnedMaps, PodResolver, bpffs, cgroup, endpoint_key, events},
+    loops,
     mask::Masking,
     nodeca,
     policy::PolicyHandle,
@@ -302,12 +303,26 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     };
 
+    // The agents' connections are served on event loops of their own (stopped when
+    // this returns, before the main runtime).
+    let serving = match (&gate, &cfg.proxy) {
+        (Some(g), Some(p)) => {
+            info!(event_loops = p.event_loops, "serving agents");
+            Some((g.clone(), loops::EventLoops::start(p.event_loops)?))
+        }
+        _ => None,
+    };
     let (acc_tx, mut acc_rx) = mpsc::channel(4096);
     let mut listening = Vec::new();
     for (addr, l) in listeners {
         info!(%addr, "listening for redirected agent connections");
         listening.push(addr);
-        tokio::spawn(gate::serve(l, lookup.clone(), acc_tx.clone(), gate.clone()));
+        tokio::spawn(gate::serve(
+            l,
+            lookup.clone(),
+            acc_tx.clone(),
+            serving.clone(),
+        ));
     }
     drop(acc_tx);
 

@@ -432,6 +432,23 @@ proxy:
 "#;
 
     #[test]
+    fn event_loops_default_to_the_cpus_and_are_bounded() {
+        let p = parse(&format!("{GOOD}{PROXY}"))
+            .expect("proxy parses")
+            .proxy
+            .expect("proxy present");
+        assert_eq!(p.event_loops, crate::loops::default_count());
+        assert!((1..=crate::loops::DEFAULT_MAX_LOOPS).contains(&p.event_loops));
+        let with = |n: &str| format!("{GOOD}{PROXY}  event_loops: {n}\n");
+        let p = parse(&with("3")).expect("3 loops").proxy.expect("proxy");
+        assert_eq!(p.event_loops, 3);
+        for bad in ["0", "65"] {
+            let e = err(&with(bad));
+            assert!(e.contains("proxy.event_loops") && e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
     fn proxy_section_parses_and_is_checked() {
         let c = parse(&format!("{GOOD}{PROXY}")).expect("proxy parses");
         let p = c.proxy.expect("proxy present");

@@ -72,6 +72,7 @@ mod gate;
 mod identity;
 pub mod k8s;
 mod kernel;
+mod loops;
 pub mod mask;
 mod nodeca;
 pub mod policy;

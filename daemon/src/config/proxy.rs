@@ -19,6 +19,9 @@ pub struct Proxy {
     pub max_header_bytes: usize,
     pub header_timeout: std::time::Duration,
     pub limits: Limits,
+    /// Threads serving agents' connections, each with its own event loop and its own
+    /// API server connections.
+    pub event_loops: usize,
 }
 
 /// Bounds on what agents may hold open, so one agent cannot starve the others or the
@@ -140,6 +143,11 @@ pub(super) struct ProxySpec {
     /// Connection and request caps per agent and in total, idle timeout.
     #[serde(default)]
     pub(super) limits: Limits,
+    /// Threads serving agents' connections (1 to 64), each an event loop owning its
+    /// connections and its own API server connections. Default: one per CPU the
+    /// daemon may use, at most 8.
+    #[serde(default)]
+    pub(super) event_loops: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -224,6 +224,20 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
                     ),
                 ));
             }
+            let event_loops = match p.event_loops {
+                None => crate::loops::default_count(),
+                Some(n) if (1..=crate::loops::MAX_LOOPS).contains(&n) => n,
+                Some(n) => {
+                    return Err(invalid(
+                        "proxy.event_loops",
+                        format!(
+                            "{n}: give 1 to {} (or leave it out: one per CPU, at most {})",
+                            crate::loops::MAX_LOOPS,
+                            crate::loops::DEFAULT_MAX_LOOPS
+                        ),
+                    ));
+                }
+            };
             Some(Proxy {
                 upstream: p.upstream.clone(),
                 mode,
@@ -236,6 +250,7 @@ pub(super) fn validate(raw: ConfigSpec, path: &Path) -> Result<Config, ConfigErr
                 max_header_bytes: p.max_header_bytes,
                 header_timeout: p.header_timeout,
                 limits: p.limits.clone(),
+                event_loops,
             })
         }
     };

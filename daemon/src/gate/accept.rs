@@ -1,6 +1,7 @@
 //! The listener for redirected agent connections. Each connection is accepted, its
-//! kernel origin looked up and recorded, then handed to the gate; without a gate
-//! (no `proxy` section) it is closed, so the agent fails closed.
+//! kernel origin looked up and recorded, then handed to the gate on one of the agents'
+//! event loops (`loops`), which owns it from then on; without a gate (no `proxy`
+//! section) it is closed, so the agent fails closed.
 use std::{net::SocketAddr, sync::Arc};
 
 use serde::Serialize;
@@ -10,6 +11,7 @@ use tracing::{info, warn};
 use super::Gate;
 use crate::{
     kernel::{ConnOrigin, OriginLookup},
+    loops::EventLoops,
     util,
 };
 
@@ -28,7 +30,7 @@ pub async fn serve(
     listener: TcpListener,
     lookup: Arc<dyn OriginLookup>,
     tx: mpsc::Sender<Accepted>,
-    gate: Option<Arc<Gate>>,
+    gate: Option<(Arc<Gate>, Arc<EventLoops>)>,
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     loop {
@@ -58,9 +60,21 @@ pub async fn serve(
             kernel: kernel.clone(),
         };
         match &gate {
-            Some(g) => {
-                tokio::spawn(g.clone().serve(stream, peer, kernel));
-            }
+            // The socket leaves this runtime's reactor and joins the loop's.
+            Some((g, loops)) => match stream.into_std() {
+                Ok(stream) => {
+                    let g = g.clone();
+                    loops.spawn(move || async move {
+                        match tokio::net::TcpStream::from_std(stream) {
+                            Ok(stream) => g.serve(stream, peer, kernel).await,
+                            Err(e) => warn!(%peer, error = %e, "an accepted connection could not join its event loop"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(%peer, error = %e, "an accepted connection could not leave the listener's runtime")
+                }
+            },
             None => drop(stream),
         }
         if tx.send(rec).await.is_err() {

@@ -10,6 +10,10 @@
 //! pool of its own, hence its own connection) counts its open streams, from the
 //! request until its response body is dropped, and a request goes to the first lane
 //! with room.
+//!
+//! Each of the agents' event loops (`loops`) has lanes of its own, so a request and
+//! its API server connection are served by the same thread; requests made elsewhere
+//! (the main runtime: token reviews, discovery) share a set of their own.
 use std::{
     pin::Pin,
     sync::{
@@ -26,7 +30,7 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 use super::HttpsClient;
-use crate::util::ProxyBody;
+use crate::{loops, util::ProxyBody};
 
 /// Streams per connection: kube-apiserver's default limit.
 pub(super) const STREAMS_PER_CONNECTION: usize = 100;
@@ -56,7 +60,8 @@ struct Lane {
 
 pub(super) struct Lanes {
     new_client: Box<dyn Fn(Protocol) -> HttpsClient + Send + Sync>,
-    lanes: Mutex<Vec<Arc<Lane>>>,
+    /// Per event loop (index [`loops::current`]; 0: off the loops).
+    lanes: Box<[Mutex<Vec<Arc<Lane>>>]>,
     per_lane: usize,
     /// The API server has answered over HTTP/2: new lanes are HTTP/2-only.
     h2: AtomicBool,
@@ -89,18 +94,21 @@ impl Lanes {
     ) -> Self {
         Lanes {
             new_client: Box::new(new_client),
-            lanes: Mutex::new(Vec::new()),
+            lanes: (0..=loops::MAX_LOOPS)
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             per_lane: per_lane.max(1),
             h2: AtomicBool::new(false),
         }
     }
 
-    /// A stream on the first lane with room; a new lane if none has any. Once the API
-    /// server is known to speak HTTP/2, negotiating lanes take no new streams (they
-    /// close when idle) and new lanes are HTTP/2-only.
+    /// A stream on the first lane with room among this loop's; a new lane if none has
+    /// any. Once the API server is known to speak HTTP/2, negotiating lanes take no new
+    /// streams (they close when idle) and new lanes are HTTP/2-only.
     fn take(&self) -> Slot {
         let h2 = self.h2.load(Ordering::Acquire);
-        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let here = loops::current().min(loops::MAX_LOOPS);
+        let mut lanes = self.lanes[here].lock().unwrap_or_else(|p| p.into_inner());
         if h2 {
             // Negotiating lanes nothing uses any more: their pools go with them.
             lanes
@@ -177,7 +185,10 @@ impl Lanes {
     /// Lanes open, for tests.
     #[cfg(test)]
     fn count(&self) -> usize {
-        self.lanes.lock().map(|l| l.len()).unwrap_or(0)
+        self.lanes
+            .iter()
+            .map(|l| l.lock().map(|l| l.len()).unwrap_or(0))
+            .sum()
     }
 }
 
@@ -223,6 +234,46 @@ mod tests {
             let tls = crate::tls::client_config(None, None).expect("client config");
             super::super::build_client(tls, super::super::Flavor::Lane(p))
         })
+    }
+
+    #[test]
+    fn each_event_loop_has_lanes_of_its_own() {
+        let l = Arc::new(lanes(100));
+        let event_loops = crate::loops::EventLoops::start(2).expect("loops start");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut holds = Vec::new();
+        for _ in 0..2 {
+            let (hold, held) = tokio::sync::oneshot::channel::<()>();
+            holds.push(hold);
+            let (l, tx) = (l.clone(), tx.clone());
+            // Each task stays live, so the next one goes to the other loop.
+            event_loops.spawn(move || async move {
+                let a = l.take();
+                let b = l.take();
+                tx.send((
+                    crate::loops::current(),
+                    Arc::as_ptr(&a.0) as usize,
+                    Arc::as_ptr(&b.0) as usize,
+                ))
+                .expect("send");
+                let _ = held.await;
+            });
+        }
+        let one = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("one");
+        let two = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("two");
+        assert_ne!(one.0, two.0, "the two tasks ran on different loops");
+        assert_eq!(one.1, one.2, "one loop's requests share its lane");
+        assert_eq!(two.1, two.2, "one loop's requests share its lane");
+        assert_ne!(one.1, two.1, "each loop has its own lane (connection)");
+        let off_loop = l.take();
+        assert_ne!(Arc::as_ptr(&off_loop.0) as usize, one.1);
+        assert_ne!(Arc::as_ptr(&off_loop.0) as usize, two.1);
+        assert_eq!(l.count(), 3);
+        drop(holds);
     }
 
     #[test]

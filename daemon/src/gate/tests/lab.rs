@@ -317,11 +317,14 @@ proxy:
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        // Two loops, as on a two-core node: requests and their API server connections
+        // are served across threads as in the daemon.
+        let loops = crate::loops::EventLoops::start(2).unwrap();
         tokio::spawn(crate::gate::serve(
             listener,
             lookup.clone(),
             tx,
-            Some(gate.clone()),
+            Some((gate.clone(), loops)),
         ));
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
         let agent_ca = CertificateDer::from_pem_file(ca_paths.cert()).unwrap();
