@@ -175,7 +175,7 @@ async fn rapid_reset(
     let (mut client, conn) = h2::client::Builder::new()
         .max_concurrent_reset_streams(count as usize)
         .max_local_error_reset_streams(None)
-        .handshake(tls)
+        .handshake::<_, bytes::Bytes>(tls)
         .await?;
     let driver = tokio::spawn(conn);
     let t0 = Instant::now();
