@@ -33,6 +33,9 @@ pub struct Opts {
     /// How long the watches may take to open.
     #[arg(long, default_value_t = 60)]
     pub settle_secs: u64,
+    /// The daemon's `proxy.event_loops` (default: the daemon's own, one per CPU).
+    #[arg(long)]
+    pub event_loops: Option<usize>,
 }
 
 const WATCH_PATH: &str = "/api/v1/namespaces/bench/configmaps";
@@ -74,6 +77,9 @@ pub fn run(o: Opts) -> Result<()> {
         o.watches + 100,
         o.connections.max(256) + 16
     ))?;
+    if let Some(n) = o.event_loops {
+        lab.append_config(&format!("  event_loops: {n}\n"))?;
+    }
     let o2 = std::process::Command::new(bin("portcullis"))
         .args(["ca", "init", "--config"])
         .arg(&lab.config)
