@@ -15,7 +15,7 @@
 //! L3  gate | admin | admission | fuzzing
 //! L2  kernel < enroll < endpoints < nodeca < audit < mask < upstream < identity < policy < approvals
 //! L1  config < tls
-//! L0  util < k8s
+//! L0  util < k8s < loops
 //! ```
 //!
 //! # Where each concern lives
@@ -24,6 +24,9 @@
 //!   clocks and timestamps, media types, ids, JSON-lines files, the accept retry.
 //! - `k8s` — Kubernetes vocabulary: RequestInfo (the apiserver's resolver), grant
 //!   Attributes, UserInfo, PodRef, metav1.Status.
+//! - `loops` — the agents' event loops: single-threaded runtimes that own the
+//!   connections handed to them (and, through `upstream`, their own API server
+//!   connections), the least-loaded choice, stopping them.
 //! - `config` — the one config file: parsed, checked with field paths, the gate's
 //!   mode decided once; the state directory's layout (`StatePaths`).
 //! - `tls` — the interception CA and leaves, the one TLS accept, the one outbound
