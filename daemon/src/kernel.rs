@@ -29,7 +29,7 @@ pub use load::{AttachState, Paths, note_guard_gap, object_bytes, program_id, sta
 pub use maps::PinnedMaps;
 pub use origin::{BpfOriginLookup, ConnOrigin, OriginLookup};
 pub use pods::PodResolver;
-pub use sys::{effective_uid, interface_addresses, raise_nofile_limit};
+pub use sys::{effective_uid, interface_addresses, raise_nofile_limit, release_free_heap};
 
 /// Checks that the programs would be in effect on `cgroup` (enrollment time).
 pub fn verify_enrollable(

@@ -78,6 +78,22 @@ pub fn mount_bpffs(target: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Gives the heap's free pages back to the kernel (glibc `malloc_trim(0)`): memory a
+/// burst used and freed (10,000 watches opened at once) otherwise stays resident,
+/// measured 167 -> 107 MB. True if any memory was released. A no-op elsewhere.
+pub fn release_free_heap() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: malloc_trim only walks and trims the allocator's own arenas under
+        // their locks; it takes no pointer and is safe to call from any thread.
+        unsafe { libc::malloc_trim(0) == 1 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}
+
 /// The daemon's effective user id.
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -273,4 +289,19 @@ pub fn interface_addresses() -> io::Result<Vec<std::net::IpAddr>> {
     // SAFETY: `head` came from a successful getifaddrs and is freed exactly once.
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_env = "gnu")]
+    fn freed_heap_below_live_memory_is_released() {
+        // 40 MB of small blocks freed under one that stays: free() alone cannot give
+        // them back (they are not at the top of the heap), malloc_trim can.
+        let blocks: Vec<Box<[u8; 4096]>> = (0..10_000).map(|_| Box::new([1u8; 4096])).collect();
+        let pin = Box::new([2u8; 4096]);
+        drop(blocks);
+        assert!(super::release_free_heap(), "no free pages were released");
+        assert_eq!(pin[0], 2);
+    }
 }
