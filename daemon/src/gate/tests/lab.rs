@@ -319,7 +319,7 @@ proxy:
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         // Two loops, as on a two-core node: requests and their API server connections
         // are served across threads as in the daemon.
-        let loops = crate::loops::EventLoops::start(2).unwrap();
+        let loops = crate::loops::EventLoops::start(2).expect("two event loops start");
         tokio::spawn(crate::gate::serve(
             listener,
             lookup.clone(),
