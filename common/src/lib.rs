@@ -366,16 +366,14 @@ pub mod settings_flags {
     pub const HAVE_DAEMON_V6: u32 = 1 << 1;
     /// Offsets for the fork tracker were resolved from kernel BTF.
     pub const HAVE_TASK_OFFSETS: u32 = 1 << 2;
-    /// [`super::GuardOffsets`] for reading a task's socket by fd and its compat-syscall
-    /// status were resolved from kernel BTF (the packet-socket fallback guard).
-    pub const HAVE_SOCKET_OFFSETS: u32 = 1 << 3;
-    /// [`super::GuardOffsets`] for io_uring requests were resolved from kernel BTF.
-    pub const HAVE_URING_OFFSETS: u32 = 1 << 4;
+    // Bits 3 and 4 were the offsets of earlier builds' packet-socket fallback (see
+    // [`super::GuardOffsets`]); not reused, so an old object never misreads a new flag.
 }
 
-/// Byte offsets into kernel structures, resolved by the daemon from the running
-/// kernel's BTF (the Rust eBPF toolchain has no CO-RE field relocations). Used by the
-/// packet-socket fallback guard to read what socket a task really created.
+/// Byte offsets into kernel structures that earlier builds' packet-socket fallback
+/// (`sys_enter`/`sys_exit`/io_uring tracepoints) read. No program reads them since the
+/// fallback moved to the `cap_capable` tracepoint; the struct stays in [`Settings`]
+/// so the pinned settings map keeps its layout ([`MAPS_LAYOUT`]) across the upgrade.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct GuardOffsets {
@@ -603,13 +601,16 @@ pub enum Hook {
     SockCreate = 5,
     LsmSocketCreate = 6,
     SkbEgress = 7,
-    /// Fallback for packet sockets where BPF LSM is unavailable (the caller is killed):
-    /// the arguments of `socket`/`socketpair`/compat `socketcall` before the call.
+    /// Earlier builds' fallback for packet sockets (the caller killed at `sys_enter`);
+    /// still decoded, for events of a pinned older object during a replace.
     SysEnterSocket = 8,
-    /// The same fallback after the call: the socket the call really created.
+    /// Earlier builds' fallback at `sys_exit`.
     SysExitSocket = 9,
-    /// The same fallback for `IORING_OP_SOCKET`, at submission.
+    /// Earlier builds' fallback for `IORING_OP_SOCKET`, at submission.
     IoUringSocket = 10,
+    /// Fallback for packet sockets where BPF LSM is unavailable (the caller is killed):
+    /// the CAP_NET_RAW check inside `packet_create`/`xsk_create`, every route.
+    CapNetRaw = 11,
 }
 
 impl Hook {
@@ -625,6 +626,7 @@ impl Hook {
             8 => Hook::SysEnterSocket,
             9 => Hook::SysExitSocket,
             10 => Hook::IoUringSocket,
+            11 => Hook::CapNetRaw,
             _ => return None,
         })
     }
@@ -641,6 +643,7 @@ impl Hook {
             Hook::SysEnterSocket => "tp_btf/sys_enter (SIGKILL)",
             Hook::SysExitSocket => "tp_btf/sys_exit (SIGKILL)",
             Hook::IoUringSocket => "tp_btf/io_uring_submit_req (SIGKILL)",
+            Hook::CapNetRaw => "tp_btf/cap_capable (SIGKILL)",
         }
     }
 }

@@ -119,7 +119,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         Err(e) => warn!(error = %e, "could not raise the open-file limit"),
     }
     let paths = kernel::Paths::new(&cfg.kernel.bpffs_dir);
-    let mut state = kernel::start(
+    let state = kernel::start(
         &object,
         &cfg.kernel.attach_cgroup,
         &paths,
@@ -137,23 +137,6 @@ pub async fn run(cfg: Config) -> Result<()> {
             Ok(())
         },
     )?;
-
-    if !state.packet_guard_refuses {
-        if settings.flags & settings_flags::HAVE_SOCKET_OFFSETS == 0 {
-            anyhow::bail!(
-                "BPF LSM is unavailable and the fallback packet-socket guard cannot read sockets \
-                 (kernel BTF lacks the offsets, see the log): refusing to serve unguarded; \
-                 agents stay fail-closed"
-            );
-        }
-        if settings.flags & settings_flags::HAVE_URING_OFFSETS == 0 {
-            kernel::note_guard_gap(
-                &state_paths.kernel_state(),
-                &mut state,
-                "pc_uring_socket: io_uring offsets missing from kernel BTF",
-            )?;
-        }
-    }
 
     // Program diagnostics (aya-log) from the pinned programs, whether loaded or adopted.
     if let Some(id) = kernel::program_id(&state, "pc_connect4") {
@@ -619,7 +602,7 @@ fn settings(cfg: &Config, btf: Option<&kernel::btf::KernelBtf>) -> Settings {
         s.flags |= settings_flags::HAVE_DAEMON_V6;
     }
     let Some(btf) = btf else {
-        warn!("no kernel BTF: fork tracking and the packet-socket fallback guard are disabled");
+        warn!("no kernel BTF: fork tracking is disabled");
         return s;
     };
     match btf.task_tgid_offset() {
@@ -629,18 +612,6 @@ fn settings(cfg: &Config, btf: Option<&kernel::btf::KernelBtf>) -> Settings {
         }
         Err(e) => {
             warn!(error = %e, "fork tracking disabled: processes that leave an agent cgroup and then fork are not followed")
-        }
-    }
-    match btf.socket_offsets(&mut s.offsets) {
-        Ok(()) => s.flags |= settings_flags::HAVE_SOCKET_OFFSETS,
-        Err(e) => {
-            warn!(error = %e, "packet-socket fallback guard cannot read sockets: it is blind where BPF LSM is unavailable")
-        }
-    }
-    match btf.uring_offsets(&mut s.offsets) {
-        Ok(()) => s.flags |= settings_flags::HAVE_URING_OFFSETS,
-        Err(e) => {
-            warn!(error = %e, "packet-socket fallback guard cannot read io_uring requests: IORING_OP_SOCKET is not covered where BPF LSM is unavailable")
         }
     }
     s

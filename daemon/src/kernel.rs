@@ -13,6 +13,7 @@ pub mod doctor;
 mod effect;
 pub mod events;
 pub mod flood;
+mod kallsyms;
 mod load;
 mod maps;
 pub mod node;
@@ -25,7 +26,7 @@ pub mod watch;
 use std::path::PathBuf;
 
 pub use effect::Effect;
-pub use load::{AttachState, Paths, note_guard_gap, object_bytes, program_id, start, unload};
+pub use load::{AttachState, Paths, object_bytes, program_id, start, unload};
 pub use maps::PinnedMaps;
 pub use origin::{BpfOriginLookup, ConnOrigin, OriginLookup};
 pub use pods::PodResolver;

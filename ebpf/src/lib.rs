@@ -11,7 +11,7 @@
 //! | cgroup/sendmsg4/6         | UDP/QUIC datagrams to a protected endpoint are refused        |
 //! | cgroup/sock_create        | raw sockets are refused                                       |
 //! | lsm/socket_create         | AF_PACKET / AF_XDP sockets are refused                        |
-//! | tp_btf sys_enter/sys_exit, io_uring_submit_req | fallback without BPF LSM: the agent is killed |
+//! | tp_btf/cap_capable        | fallback without BPF LSM: the agent is killed                 |
 //! | cgroup_skb/egress         | backstop: any packet to a protected endpoint is dropped       |
 //! | tp_btf fork/exec/exit     | sticky agent marks, so leaving the cgroup does not escape     |
 //!

@@ -1,11 +1,8 @@
 //! Offsets into kernel structures, read from the running kernel's BTF. The Rust eBPF
 //! toolchain has no CO-RE field relocations, so the offsets the programs need are
 //! resolved here and handed over in the settings map: `task_struct.tgid` for the fork
-//! tracker, and for the packet-socket fallback guard the path from a task to the
-//! socket behind an fd, its compat-syscall flag, and io_uring's prepared socket
-//! request ([`GuardOffsets`]).
+//! tracker.
 use btf_rs::{Btf, BtfType, Type};
-use portcullis_common::GuardOffsets;
 
 use super::KernelError;
 
@@ -57,53 +54,8 @@ impl KernelBtf {
         Ok(bits / 8)
     }
 
-    /// The value of enumerator `member` of `enum NAME`.
-    pub fn enum_value(&self, name: &str, member: &str) -> Result<u32, KernelError> {
-        let err = |m: String| KernelError::Btf(format!("enum {name}::{member}: {m}"));
-        for t in self
-            .btf
-            .resolve_types_by_name(name)
-            .map_err(|e| err(e.to_string()))?
-        {
-            if let Type::Enum(e) = t {
-                for m in &e.members {
-                    if self.btf.resolve_name(m).is_ok_and(|n| n == member) {
-                        return Ok(m.val());
-                    }
-                }
-            }
-        }
-        Err(err("not found".into()))
-    }
-
     pub fn task_tgid_offset(&self) -> Result<u32, KernelError> {
         self.offset("task_struct", "tgid")
-    }
-
-    /// Offsets for reading the socket behind a task's fd and the compat flag.
-    pub fn socket_offsets(&self, o: &mut GuardOffsets) -> Result<(), KernelError> {
-        o.task_files = self.offset("task_struct", "files")?;
-        o.files_fdt = self.offset("files_struct", "fdt")?;
-        o.fdt_max_fds = self.offset("fdtable", "max_fds")?;
-        o.fdt_fd = self.offset("fdtable", "fd")?;
-        o.file_private_data = self.offset("file", "private_data")?;
-        o.socket_type = self.offset("socket", "type")?;
-        o.socket_file = self.offset("socket", "file")?;
-        o.socket_sk = self.offset("socket", "sk")?;
-        o.sk_family = self.offset("sock", "__sk_common.skc_family")?;
-        o.thread_status = self.offset("task_struct", "thread_info.status")?;
-        Ok(())
-    }
-
-    /// Offsets for reading a prepared `IORING_OP_SOCKET` request.
-    pub fn uring_offsets(&self, o: &mut GuardOffsets) -> Result<(), KernelError> {
-        o.uring_opcode = self.offset("io_kiocb", "opcode")?;
-        o.uring_cmd = self.offset("io_kiocb", "cmd")?;
-        o.uring_sock_domain = self.offset("io_socket", "domain")?;
-        o.uring_sock_type = self.offset("io_socket", "type")?;
-        o.uring_sock_protocol = self.offset("io_socket", "protocol")?;
-        o.uring_op_socket = self.enum_value("io_uring_op", "IORING_OP_SOCKET")?;
-        Ok(())
     }
 }
 
@@ -156,18 +108,14 @@ mod tests {
 
     /// Runs where the kernel has BTF (every kernel tier machine); a no-op elsewhere.
     #[test]
-    fn resolves_the_guard_offsets_from_this_kernel() {
+    fn resolves_offsets_from_this_kernel() {
         let Ok(k) = KernelBtf::load() else { return };
-        let mut o = GuardOffsets::default();
-        k.socket_offsets(&mut o).expect("socket offsets");
         // struct socket { socket_state state; short type; unsigned long flags; struct file *file; struct sock *sk; ... }
-        assert_eq!(o.socket_type, 4);
-        assert!(o.socket_sk > o.socket_file);
-        // thread_info is the first member of task_struct on x86.
-        assert!(o.thread_status < 64, "{o:?}");
-        k.uring_offsets(&mut o).expect("io_uring offsets");
-        assert!(o.uring_op_socket > 0);
-        assert_eq!(o.uring_sock_domain, 8);
+        assert_eq!(k.offset("socket", "type").unwrap(), 4);
+        assert!(k.offset("socket", "sk").unwrap() > k.offset("socket", "file").unwrap());
+        // Through the anonymous struct of sock_common.
+        assert_eq!(k.offset("sock", "__sk_common.skc_family").unwrap(), 16);
+        assert!(k.task_tgid_offset().unwrap() > 0);
         assert!(k.offset("task_struct", "no_such_member").is_err());
     }
 }

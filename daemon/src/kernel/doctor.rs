@@ -191,7 +191,7 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
             Some(s) if s.packet_guard == "tracepoints" => (
                 false,
                 format!(
-                    "tracepoint fallback (sys_enter, sys_exit, io_uring_submit_req): BPF LSM programs did not load, the caller is killed{}",
+                    "tracepoint fallback (cap_capable: the CAP_NET_RAW check of packet_create/xsk_create, every route): BPF LSM programs did not load, the caller is killed{}",
                     if s.packet_guard_gaps.is_empty() {
                         String::new()
                     } else {

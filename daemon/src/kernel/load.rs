@@ -62,9 +62,10 @@ pub struct Guard {
 /// `security_socket_create`, which every route reaches with the final family. Where
 /// BPF LSM programs cannot be loaded (measured on this CI's 6.18 kernel: LSM, fentry,
 /// fexit and fmod_ret programs all answer EPERM before the verifier; kprobes are not
-/// built in), tracepoints see every route and kill the caller: the syscall arguments
-/// before the call (native and 32-bit compat, socketcall included), the socket the call
-/// really created after it, and io_uring's IORING_OP_SOCKET at submission.
+/// built in), the `cap_capable` tracepoint sees the CAP_NET_RAW check that
+/// `packet_create` and `xsk_create` make on every route (native, 32-bit compat,
+/// socketcall, io_uring) and kills the caller. It runs on capability checks, not on
+/// every syscall of the node.
 pub const PACKET_GUARDS: &[Guard] = &[
     Guard {
         name: "lsm",
@@ -74,19 +75,22 @@ pub const PACKET_GUARDS: &[Guard] = &[
     Guard {
         name: "tracepoints",
         refuses: false,
-        programs: &[
-            ("pc_sys_enter_socket", Attach::TpBtf("sys_enter"), false),
-            ("pc_sys_exit_socket", Attach::TpBtf("sys_exit"), false),
-            (
-                "pc_uring_socket",
-                Attach::TpBtf("io_uring_submit_req"),
-                true,
-            ),
-        ],
+        programs: &[("pc_cap_net_raw", Attach::TpBtf("cap_capable"), false)],
     },
 ];
-/// Pin of the single guard program of layouts before 4 (removed on unload/replace).
-const LEGACY_GUARD_PIN: &str = "packet_guard";
+/// Where the `tracepoints` guard learns the addresses of `packet_create`/`xsk_create`.
+const KALLSYMS: &str = "/proc/kallsyms";
+/// The load-time constant of the `tracepoints` guard (see ebpf/src/hooks/packet.rs).
+const LINK_LAYER_CREATORS: &str = "PC_LINK_LAYER_CREATORS";
+/// Pins of earlier builds' guard programs, removed on replace and unload: the single
+/// guard program of layouts before 4, and the `sys_enter`/`sys_exit`/io_uring
+/// tracepoints the `cap_capable` one replaced.
+const LEGACY_PINS: &[&str] = &[
+    "packet_guard",
+    "pc_sys_enter_socket",
+    "pc_sys_exit_socket",
+    "pc_uring_socket",
+];
 
 fn guard(name: &str) -> Option<&'static Guard> {
     PACKET_GUARDS.iter().find(|g| g.name == name)
@@ -110,7 +114,7 @@ fn all_pin_names() -> impl Iterator<Item = &'static str> {
                 .iter()
                 .flat_map(|g| g.programs.iter().map(|(n, _, _)| *n)),
         )
-        .chain(std::iter::once(LEGACY_GUARD_PIN))
+        .chain(LEGACY_PINS.iter().copied())
 }
 
 /// What `start` found and did, also written to `kernel-state.json` in the state dir.
@@ -239,9 +243,15 @@ pub fn start(
 
     let replacing = all_pin_names().any(|name| paths.link(name).exists());
     let btf = Btf::from_sys_fs().map_err(|e| KernelError::Btf(e.to_string()))?;
+    let creators = super::kallsyms::link_layer_creators(Path::new(KALLSYMS)).unwrap_or_else(|e| {
+        warn!(error = %e, "packet-socket fallback guard: packet_create not located; where BPF LSM is unavailable, \
+            any CAP_NET_RAW an agent is granted (raw IP sockets, SO_MARK too) gets it killed");
+        [0; 4]
+    });
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .default_map_pin_directory(paths.maps())
+        .override_global(LINK_LAYER_CREATORS, &creators, true)
         .load(object)
         .map_err(|e| KernelError::Load(e.to_string()))?;
     // The maps are pinned (reused if they already were): fill them before attaching.
@@ -460,19 +470,6 @@ fn pinned_ids(paths: &Paths, guard: &Guard) -> Result<Vec<(String, u32, u32)>, K
             Ok(ids)
         })
         .collect()
-}
-
-/// Records a route the attached guard does not cover (kernel-state, doctor).
-pub fn note_guard_gap(
-    state_file: &Path,
-    state: &mut AttachState,
-    gap: &str,
-) -> Result<(), KernelError> {
-    warn!(gap, "packet-socket guard: a route stays uncovered");
-    if !state.packet_guard_gaps.iter().any(|g| g == gap) {
-        state.packet_guard_gaps.push(gap.into());
-    }
-    write_state(state_file, state)
 }
 
 fn write_state(path: &Path, state: &AttachState) -> Result<(), KernelError> {
