@@ -74,7 +74,12 @@ fn within_budget(report: &Report, origin: &Origin, now: u64) -> bool {
 #[inline(always)]
 pub fn emit(report: &Report, origin: &Origin) {
     // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
+    emit_at(report, origin, unsafe { bpf_ktime_get_boot_ns() });
+}
+
+/// [`emit`] with the time already read (boot clock, ns).
+#[inline(always)]
+pub fn emit_at(report: &Report, origin: &Origin, now: u64) {
     if !within_budget(report, origin, now) {
         return;
     }

@@ -118,6 +118,65 @@ fn a_client_gone_before_the_daemon_accepts_is_still_attributed() {
     assert_redirected(&lab, &p, lab.cluster_ip());
 }
 
+/// The record of a redirected connection is indexed by the agent's address at its
+/// SYN. One whose handshake never completes (the daemon is down) must not be inherited
+/// by a later connection from the same address and port that dials the daemon directly:
+/// that one is not redirected and must be refused as such.
+#[test]
+fn a_failed_redirect_leaves_no_record_for_a_later_direct_connection() {
+    let lab = lab("stale");
+    lab.kill_daemon();
+    let port = "40123";
+    let p = run(&lab, &["tcp", &lab.api().to_string(), "--bind-port", port]);
+    assert_eq!(p.errno(), Some(ECONNREFUSED), "{}", p.json);
+    lab.start_daemon().unwrap();
+    let d = run(
+        &lab,
+        &["tcp", &lab.daemon_v4().to_string(), "--bind-port", port],
+    );
+    assert!(d.ok(), "direct connect failed: {}", d.json);
+    let conn = lab
+        .wait_connection(5, |c| {
+            c["peer"]
+                .as_str()
+                .is_some_and(|a| a.ends_with(&format!(":{port}")))
+        })
+        .unwrap_or_else(|| panic!("the daemon saw no connection: {:?}", lab.connections()));
+    assert!(
+        conn["kernel"].is_null(),
+        "a direct connection inherited a failed redirect's record: {conn}"
+    );
+}
+
+/// getpeername's record (keyed by the agent socket's cookie) lives as long as the
+/// socket: present while it is open (the probe's getpeername answered from it), gone
+/// once the socket is released, so the map holds live connections only.
+#[test]
+fn the_getpeername_record_goes_with_the_socket() {
+    let lab = lab("release");
+    let p = run(&lab, &["tcp", &lab.api().to_string()]);
+    assert_redirected(&lab, &p, lab.api());
+    let pid = p.pid().unwrap();
+    let conn = lab
+        .wait_connection(5, |c| c["kernel"]["origin"]["pid"].as_u64() == Some(pid))
+        .unwrap();
+    let cookie = conn["kernel"]["socket_cookie"].as_u64().unwrap();
+    let map = aya::maps::MapData::from_pin(
+        lab.bpffs_dir
+            .join("maps")
+            .join(portcullis_common::maps::CONN_BY_COOKIE),
+    )
+    .unwrap();
+    let map: aya::maps::HashMap<_, u64, portcullis_common::ConnRecord> =
+        aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(map).unwrap()).unwrap();
+    // The probe has exited: its socket was released.
+    let gone = wait_for(5, || map.get(&cookie, 0).is_err().then_some(()));
+    assert!(
+        gone.is_some(),
+        "cookie {cookie}: record still there after the socket closed"
+    );
+}
+
 #[test]
 fn bypass_ipv6_is_redirected() {
     let lab = lab("ipv6");

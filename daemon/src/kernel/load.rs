@@ -36,7 +36,7 @@ const PROGRAMS: &[(&str, Attach)] = &[
     ("pc_sched_process_exec", Attach::TpBtf("sched_process_exec")),
     ("pc_sched_process_exit", Attach::TpBtf("sched_process_exit")),
     ("pc_sock_create", Attach::Cgroup),
-    ("pc_sock_ops", Attach::Cgroup),
+    ("pc_sock_release", Attach::Cgroup),
     ("pc_getpeername4", Attach::Cgroup),
     ("pc_getpeername6", Attach::Cgroup),
     ("pc_sendmsg4", Attach::Cgroup),
@@ -82,11 +82,13 @@ pub const PACKET_GUARDS: &[Guard] = &[
 const KALLSYMS: &str = "/proc/kallsyms";
 /// The load-time constant of the `tracepoints` guard (see ebpf/src/hooks/packet.rs).
 const LINK_LAYER_CREATORS: &str = "PC_LINK_LAYER_CREATORS";
-/// Pins of earlier builds' guard programs, removed on replace and unload: the single
-/// guard program of layouts before 4, and the `sys_enter`/`sys_exit`/io_uring
-/// tracepoints the `cap_capable` one replaced.
+/// Pins of earlier builds' programs, removed on replace and unload: the single guard
+/// program of layouts before 4, the `sys_enter`/`sys_exit`/io_uring tracepoints the
+/// `cap_capable` one replaced, and the sock_ops program whose job the egress program's
+/// SYN now does.
 const LEGACY_PINS: &[&str] = &[
     "packet_guard",
+    "pc_sock_ops",
     "pc_sys_enter_socket",
     "pc_sys_exit_socket",
     "pc_uring_socket",
@@ -425,7 +427,6 @@ fn attach_one(
     }
     let link: FdLink = match (prog, how) {
         (Program::CgroupSockAddr(p), Attach::Cgroup) => cgroup_link!(p, fd, mode),
-        (Program::SockOps(p), Attach::Cgroup) => cgroup_link!(p, fd, mode),
         (Program::CgroupSock(p), Attach::Cgroup) => cgroup_link!(p, fd, mode),
         (Program::CgroupSkb(p), Attach::CgroupSkbEgress) => {
             cgroup_link!(p, fd, CgroupSkbAttachType::Egress, mode)

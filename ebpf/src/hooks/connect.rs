@@ -1,28 +1,28 @@
-//! TCP redirect: connect4/6 rewrite the destination, sock_ops indexes the record by the
-//! agent's own address once its port is chosen (that is what the daemon sees on
-//! accept), getpeername4/6 hide the rewrite from the agent.
+//! TCP redirect: connect4/6 rewrite the destination, the connection's SYN (seen by the
+//! egress program) indexes the record by the agent's own address (what the daemon sees
+//! on accept), getpeername4/6 hide the rewrite from the agent, sock_release drops the
+//! getpeername record when the socket goes.
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock_addr,
-    },
+    EbpfContext,
+    bindings::bpf_sock_addr,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use portcullis_common::{
-    AF_INET, AF_INET6, ConnRecord, EventKind, Hook, SockKey, protection_flags, settings_flags,
+    ConnRecord, EventKind, Hook, SockKey, protection_flags, settings_flags,
 };
 
 use crate::{
     agent::{current_agent, current_origin},
-    events::{Report, emit},
+    events::{Report, emit, emit_at},
     maps::{PC_CONN_BY_CLIENT, PC_CONN_BY_COOKIE, protection, settings},
 };
 
 const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
 /// cgroup/connect*: 1 lets the call proceed (possibly rewritten), 0 fails it with EPERM.
 const PROCEED: i32 = 1;
 const REFUSE: i32 = 0;
@@ -156,12 +156,13 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
 
     write_addr(sa, v6, &target);
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
     let record = ConnRecord {
         original_dst: dst,
         origin,
         socket_cookie: cookie,
-        // SAFETY: plain helper call.
-        ktime_ns: unsafe { bpf_ktime_get_boot_ns() },
+        ktime_ns: now,
     };
     let _ = PC_CONN_BY_COOKIE.insert(cookie, record, 0);
     report.kind = if agent.sticky {
@@ -170,7 +171,7 @@ fn on_connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         EventKind::Redirected
     };
     report.redirected_to = target;
-    emit(&report, &origin);
+    emit_at(&report, &origin, now);
     PROCEED
 }
 
@@ -198,74 +199,68 @@ fn on_getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
     1
 }
 
-#[sock_ops]
-pub fn pc_sock_ops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => index_by_client(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            forget(&ctx, ctx.arg(0) == BPF_TCP_SYN_SENT);
-        }
-        _ => {}
-    }
-    1
-}
-
-/// The agent's own address as the daemon will see it on accept.
+/// A TCP SYN leaving a socket under the attach point (egress calls this before the
+/// packet goes out). Towards the daemon's address it is either a redirected
+/// connection, whose record is then indexed by the agent's own address for the daemon
+/// (what it sees on accept, `src` being the packet's source), or one that dialled the
+/// daemon directly, which must not inherit a record a failed earlier connection from
+/// the same address and port left behind: that one goes. Indexing at the SYN puts the
+/// record in place before the daemon can see the connection at all; it costs one map
+/// lookup per SYN to the daemon, where a sock_ops program cost five runs per TCP
+/// connection of every socket under the attach point.
 #[inline(always)]
-fn client_key(ctx: &SockOpsContext) -> Option<SockKey> {
-    let port = ctx.local_port() as u16;
-    match ctx.family() {
-        f if f == AF_INET as u32 => Some(SockKey::from_v4(ctx.local_ip4().to_ne_bytes(), port)),
-        f if f == AF_INET6 as u32 => {
-            let ops = ctx.ops;
-            let mut addr = [0u8; 16];
-            let mut i = 0;
-            while i < 4 {
-                // SAFETY: 4-byte reads of the context's local_ip6 words, the only width
-                // the verifier accepts; volatile stops LLVM from splitting them.
-                let w = unsafe { read_volatile(addr_of!((*ops).local_ip6[i])) };
-                let b = w.to_ne_bytes();
-                addr[i * 4] = b[0];
-                addr[i * 4 + 1] = b[1];
-                addr[i * 4 + 2] = b[2];
-                addr[i * 4 + 3] = b[3];
-                i += 1;
-            }
-            Some(SockKey::from_v6(addr, port))
-        }
-        _ => None,
+pub fn index_by_client(ctx: &SkBuffContext, src: &SockKey, dst: &SockKey) {
+    let Some(s) = settings() else {
+        return;
+    };
+    let to_daemon = (s.flags & settings_flags::HAVE_DAEMON_V4 != 0 && *dst == s.daemon_v4)
+        || (s.flags & settings_flags::HAVE_DAEMON_V6 != 0 && *dst == s.daemon_v6);
+    if !to_daemon {
+        return;
     }
-}
-
-#[inline(always)]
-fn index_by_client(ctx: &SockOpsContext) {
-    // SAFETY: plain helper call on the program context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: plain helper call on the program context (the skb's socket; 0 if none).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Only redirected sockets have a record. The cookie map keeps it for getpeername
     // while the socket lives; the client map gets its own copy for the daemon, which
     // may accept only after the agent has already closed.
     // SAFETY: the value is copied into the other map at once, not held.
-    let Some(rec) = (unsafe { PC_CONN_BY_COOKIE.get(cookie) }) else {
-        return;
-    };
-    let Some(key) = client_key(ctx) else {
-        return;
-    };
-    let _ = PC_CONN_BY_CLIENT.insert(key, rec, 0);
-    // Ask for state callbacks so the records go when the socket closes.
-    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    match unsafe { PC_CONN_BY_COOKIE.get(cookie) } {
+        Some(rec) => {
+            let _ = PC_CONN_BY_CLIENT.insert(src, rec, 0);
+        }
+        None => {
+            let _ = PC_CONN_BY_CLIENT.remove(src);
+        }
+    }
 }
 
-/// The agent's socket closed. Its getpeername record goes. The daemon's copy goes too
-/// when the handshake never completed (nothing will be accepted); otherwise the daemon
-/// takes it on accept, which may come after this close (a short-lived client whose
-/// connection still waits in the accept queue). The LRU bounds anything left over.
-#[inline(always)]
-fn forget(ctx: &SockOpsContext, never_established: bool) {
-    // SAFETY: plain helper call on the program context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let _ = PC_CONN_BY_COOKIE.remove(cookie);
-    if never_established && let Some(key) = client_key(ctx) {
-        let _ = PC_CONN_BY_CLIENT.remove(key);
+/// The agent's socket is released (its last close): its getpeername record goes. The
+/// daemon's copy stays until the daemon takes it on accept, which may come after this
+/// (a short-lived client whose connection still waits in the accept queue); the LRU
+/// bounds anything left over. Only TCP sockets connected to the daemon's port can have
+/// one (a redirected socket's peer is the daemon); others return after two compares.
+#[cgroup_sock(sock_release)]
+pub fn pc_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: context field reads (dst_port is big-endian, 2 bytes wide).
+    let (protocol, dport) = unsafe {
+        (
+            (*ctx.sock).protocol,
+            u16::from_be(read_volatile(addr_of!((*ctx.sock).dst_port))),
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return 1;
     }
+    let Some(s) = settings() else {
+        return 1;
+    };
+    let to_daemon = (s.flags & settings_flags::HAVE_DAEMON_V4 != 0 && dport == s.daemon_v4.port)
+        || (s.flags & settings_flags::HAVE_DAEMON_V6 != 0 && dport == s.daemon_v6.port);
+    if !to_daemon {
+        return 1;
+    }
+    // SAFETY: plain helper call on the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    let _ = PC_CONN_BY_COOKIE.remove(cookie);
+    1
 }

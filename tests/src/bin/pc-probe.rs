@@ -23,7 +23,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// TCP connect, then getpeername/getsockname.
-    Tcp { addr: SocketAddr },
+    Tcp {
+        addr: SocketAddr,
+        /// Bind this local port first (SO_REUSEADDR), to reuse an earlier attempt's.
+        #[arg(long)]
+        bind_port: Option<u16>,
+    },
     /// TCP connect from an IPv6 socket to the IPv4-mapped form of `addr`.
     TcpMapped { addr: SocketAddr },
     /// Unconnected UDP sendto (QUIC's first flight looks like this).
@@ -153,8 +158,17 @@ fn names(s: &Socket) -> Value {
     json!({"peer": p, "local": l})
 }
 
-fn tcp(addr: SocketAddr) -> std::io::Result<Value> {
+fn tcp(addr: SocketAddr, bind_port: Option<u16>) -> std::io::Result<Value> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(port) = bind_port {
+        s.set_reuse_address(true)?;
+        let any: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, port).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, port).into()
+        };
+        s.bind(&any.into())?;
+    }
     s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
     Ok(names(&s))
 }
@@ -419,7 +433,7 @@ fn socketcall_race(count: u32, max_secs: u64) -> std::io::Result<Value> {
 fn leave(procs: &str, addr: SocketAddr) -> std::io::Result<Value> {
     std::fs::write(procs, std::process::id().to_string())?;
     let own = std::fs::read_to_string("/proc/self/cgroup")?;
-    let me = tcp(addr);
+    let me = tcp(addr, None);
     // A child forked after the move, exec'ing nothing: same code path as the parent.
     let child = std::process::Command::new(std::env::current_exe()?)
         .args(["tcp", &addr.to_string()])
@@ -634,7 +648,7 @@ fn serve(log: &str, addrs: &[SocketAddr]) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Tcp { addr } => finish(base("tcp"), tcp(addr)),
+        Cmd::Tcp { addr, bind_port } => finish(base("tcp"), tcp(addr, bind_port)),
         Cmd::TcpMapped { addr } => finish(base("tcp-mapped"), tcp_mapped(addr)),
         Cmd::Udp { addr } => finish(base("udp"), udp(addr)),
         Cmd::UdpConnect { addr } => finish(base("udp-connect"), udp_connect(addr)),
