@@ -25,10 +25,11 @@ pub mod maps {
     pub const PROTECTED: &str = "PC_PROTECTED";
     /// Single-slot array holding [`super::Settings`].
     pub const SETTINGS: &str = "PC_SETTINGS";
-    /// Socket cookie -> [`super::ConnRecord`], written at connect time.
+    /// Socket cookie -> [`super::ConnRecord`], written at connect time, removed when
+    /// the socket is released (getpeername answers from it).
     pub const CONN_BY_COOKIE: &str = "PC_CONN_BY_COOKIE";
-    /// Agent's local address -> a copy of its [`super::ConnRecord`], written once the
-    /// port is known. The daemon takes the entry on accept; it outlives the agent's
+    /// Agent's local address -> a copy of its [`super::ConnRecord`], written when the
+    /// connection's SYN leaves (the egress program). The daemon takes the entry on accept; it outlives the agent's
     /// socket, so a client that closes before the daemon accepts is still attributed.
     pub const CONN_BY_CLIENT: &str = "PC_CONN_BY_CLIENT";
     /// Processes that were ever seen inside an agent cgroup: tgid -> [`super::StickyAgent`].

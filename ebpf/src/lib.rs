@@ -6,13 +6,14 @@
 //! | hook                      | job                                                           |
 //! |---------------------------|---------------------------------------------------------------|
 //! | cgroup/connect4, connect6 | TCP to a protected endpoint is rewritten to the daemon        |
-//! | sock_ops                  | once the agent's port is known, index the record by it        |
 //! | cgroup/getpeername4/6     | the agent sees the address it asked for, not the daemon's     |
 //! | cgroup/sendmsg4/6         | UDP/QUIC datagrams to a protected endpoint are refused        |
 //! | cgroup/sock_create        | raw sockets are refused                                       |
 //! | lsm/socket_create         | AF_PACKET / AF_XDP sockets are refused                        |
 //! | tp_btf/cap_capable        | fallback without BPF LSM: the agent is killed                 |
-//! | cgroup_skb/egress         | backstop: any packet to a protected endpoint is dropped       |
+//! | cgroup_skb/egress         | backstop: any packet to a protected endpoint is dropped; a    |
+//! |                           | redirected SYN indexes the record by the agent's address      |
+//! | cgroup/sock_release       | the getpeername record goes with the socket                   |
 //! | tp_btf fork/exec/exit     | sticky agent marks, so leaving the cgroup does not escape     |
 //!
 //! Every redirect and refusal is reported on the `PC_EVENTS` ring buffer.
