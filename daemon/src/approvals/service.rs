@@ -27,6 +27,19 @@ struct Inner {
     waiters: HashMap<String, watch::Sender<State>>,
 }
 
+/// What [`Approvals::open_or_reuse`] found or made.
+enum Opened {
+    TooMany {
+        pending: usize,
+    },
+    Waiting {
+        approval_id: String,
+        rx: watch::Receiver<State>,
+        /// Made by this call (to be announced).
+        created: Option<Box<Approval>>,
+    },
+}
+
 pub struct Approvals {
     store: Arc<dyn Store>,
     inner: Mutex<Inner>,
@@ -114,9 +127,11 @@ impl Approvals {
 
     /// Holds a request that needs approval: reuses a pending approval for the same
     /// subject and attributes (an agent's retry does not page anyone again), or opens
-    /// and announces a new one, then waits up to the rule's hold time.
+    /// and announces a new one, then waits up to the rule's hold time. Opening one
+    /// writes it durably (an fsynced transaction): that runs on a blocking thread, so
+    /// the event loop serving this request goes on serving its other connections.
     pub async fn hold(
-        &self,
+        self: &Arc<Self>,
         id: &Identity,
         attrs: &Attributes,
         scope: &RequestScope,
@@ -127,68 +142,36 @@ impl Approvals {
         if let Some(grant_id) = self.active_grant(id, scope) {
             return Ok(Held::Granted { grant_id });
         }
-        let (approval_id, mut rx) = {
-            let mut inner = self.inner();
-            let existing = inner
-                .approvals
-                .values()
-                .find(|a| {
-                    a.state == State::Pending
-                        && a.subject.username == id.user.username
-                        && a.subject.issuer == id.issuer
-                        && &a.scope == scope
-                        && a.expires_at > now()
-                })
-                .map(|a| a.id.clone());
-            let (aid, created) = match existing {
-                Some(aid) => (aid, None),
-                None => {
-                    let t = now();
-                    let pending = inner
-                        .approvals
-                        .values()
-                        .filter(|a| {
-                            a.state == State::Pending
-                                && a.subject.username == id.user.username
-                                && a.expires_at > t
-                        })
-                        .count();
-                    if pending >= MAX_PENDING_PER_SUBJECT {
-                        return Ok(Held::TooMany { pending });
+        let opened = {
+            let (this, id, attrs, scope) = (self.clone(), id.clone(), attrs.clone(), scope.clone());
+            let (rule, message, spec) = (rule.to_owned(), message.to_owned(), spec.clone());
+            tokio::task::spawn_blocking(move || {
+                this.open_or_reuse(&id, &attrs, &scope, &rule, &message, &spec)
+            })
+            .await
+            .map_err(|e| {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+                StoreError::Interrupted(e.to_string())
+            })??
+        };
+        let (approval_id, mut rx) = match opened {
+            Opened::TooMany { pending } => return Ok(Held::TooMany { pending }),
+            Opened::Waiting {
+                approval_id,
+                rx,
+                created,
+            } => {
+                if let Some(a) = created {
+                    info!(approval = %a.id, subject = %a.subject.username, request = %a.request, rule, "approval requested");
+                    self.record("approval.requested", &a.id, None, Some(&a), None);
+                    if let Some(n) = &self.notifier {
+                        n.announce(&a);
                     }
-                    let a = Approval {
-                        id: new_id("apr"),
-                        created_at: t,
-                        expires_at: t.saturating_add(self.pending_ttl.as_secs()),
-                        subject: id.into(),
-                        request: attrs.clone(),
-                        scope: scope.clone(),
-                        rule: rule.into(),
-                        message: message.into(),
-                        approvers: spec.approvers.clone(),
-                        grant_ttl_secs: spec.grant_ttl.as_secs(),
-                        state: State::Pending,
-                        grant_id: None,
-                    };
-                    self.store.put_approval(&a)?;
-                    inner.approvals.insert(a.id.clone(), a.clone());
-                    (a.id.clone(), Some(a))
                 }
-            };
-            let rx = inner
-                .waiters
-                .entry(aid.clone())
-                .or_insert_with(|| watch::channel(State::Pending).0)
-                .subscribe();
-            drop(inner);
-            if let Some(a) = created {
-                info!(approval = %a.id, subject = %a.subject.username, request = %a.request, rule, "approval requested");
-                self.record("approval.requested", &a.id, None, Some(&a), None);
-                if let Some(n) = &self.notifier {
-                    n.announce(&a);
-                }
+                (approval_id, rx)
             }
-            (aid, rx)
         };
         let decided = tokio::time::timeout(spec.hold, rx.wait_for(|s| *s != State::Pending)).await;
         let state = match decided {
@@ -214,6 +197,77 @@ impl Approvals {
                 reason,
             },
             State::Expired { .. } => Held::Expired { approval_id },
+        })
+    }
+
+    /// The pending approval this request waits on: an existing one for the same
+    /// subject and scope, or a new one, durable before anyone can see it (under the
+    /// lock, so an approval is never decided before its own first write). Blocking.
+    fn open_or_reuse(
+        &self,
+        id: &Identity,
+        attrs: &Attributes,
+        scope: &RequestScope,
+        rule: &str,
+        message: &str,
+        spec: &ApprovalSpec,
+    ) -> Result<Opened, StoreError> {
+        let mut inner = self.inner();
+        let existing = inner
+            .approvals
+            .values()
+            .find(|a| {
+                a.state == State::Pending
+                    && a.subject.username == id.user.username
+                    && a.subject.issuer == id.issuer
+                    && &a.scope == scope
+                    && a.expires_at > now()
+            })
+            .map(|a| a.id.clone());
+        let (aid, created) = match existing {
+            Some(aid) => (aid, None),
+            None => {
+                let t = now();
+                let pending = inner
+                    .approvals
+                    .values()
+                    .filter(|a| {
+                        a.state == State::Pending
+                            && a.subject.username == id.user.username
+                            && a.expires_at > t
+                    })
+                    .count();
+                if pending >= MAX_PENDING_PER_SUBJECT {
+                    return Ok(Opened::TooMany { pending });
+                }
+                let a = Approval {
+                    id: new_id("apr"),
+                    created_at: t,
+                    expires_at: t.saturating_add(self.pending_ttl.as_secs()),
+                    subject: id.into(),
+                    request: attrs.clone(),
+                    scope: scope.clone(),
+                    rule: rule.into(),
+                    message: message.into(),
+                    approvers: spec.approvers.clone(),
+                    grant_ttl_secs: spec.grant_ttl.as_secs(),
+                    state: State::Pending,
+                    grant_id: None,
+                };
+                self.store.put_approval(&a)?;
+                inner.approvals.insert(a.id.clone(), a.clone());
+                (a.id.clone(), Some(Box::new(a)))
+            }
+        };
+        let rx = inner
+            .waiters
+            .entry(aid.clone())
+            .or_insert_with(|| watch::channel(State::Pending).0)
+            .subscribe();
+        Ok(Opened::Waiting {
+            approval_id: aid,
+            rx,
+            created,
         })
     }
 
@@ -516,6 +570,73 @@ mod tests {
             subject: String::new(),
             node_admin: true,
         }
+    }
+
+    /// A store whose approval writes take `delay` (an fsync on a slow disk).
+    struct SlowStore {
+        inner: RedbStore,
+        delay: Duration,
+    }
+
+    impl Store for SlowStore {
+        fn put_approval(&self, a: &Approval) -> Result<(), StoreError> {
+            std::thread::sleep(self.delay);
+            self.inner.put_approval(a)
+        }
+        fn put_grant(&self, g: &Grant) -> Result<(), StoreError> {
+            self.inner.put_grant(g)
+        }
+        fn put_both(&self, a: &Approval, g: &Grant) -> Result<(), StoreError> {
+            self.inner.put_both(a, g)
+        }
+        fn approvals(&self) -> Result<Vec<Approval>, StoreError> {
+            self.inner.approvals()
+        }
+        fn grants(&self) -> Result<Vec<Grant>, StoreError> {
+            self.inner.grants()
+        }
+    }
+
+    /// The request is served on a single-threaded event loop (as `#[tokio::test]`'s
+    /// runtime is): while a new approval's durable write takes its time, that loop's
+    /// other tasks keep running.
+    #[tokio::test]
+    async fn opening_an_approval_does_not_stall_the_event_loop() {
+        let d = tmp("slow");
+        let store = Arc::new(SlowStore {
+            inner: RedbStore::open(&d.join("approvals.redb")).unwrap(),
+            delay: Duration::from_millis(400),
+        });
+        let ap = Arc::new(
+            Approvals::open(
+                store,
+                &d.join("approvals.jsonl"),
+                None,
+                Duration::from_secs(3600),
+            )
+            .unwrap(),
+        );
+        let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let started = std::time::Instant::now();
+        let h = ap
+            .hold(&agent(), &attrs("a"), &scope("a"), "r", "m", &spec(20, 60))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        ticker.abort();
+        assert!(matches!(h, Held::Pending { .. }), "{h:?}");
+        assert!(took >= Duration::from_millis(400), "{took:?}");
+        // ~40 ticks while the write ran; a blocked loop gets only the ~2 of the hold.
+        let n = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(n >= 15, "the loop was stalled: {n} ticks in {took:?}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[tokio::test]

@@ -26,6 +26,9 @@ pub enum StoreError {
     },
     #[error("approval store: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The blocking thread that writes the store did not finish (runtime shutting down).
+    #[error("approval store: the write did not finish: {0}")]
+    Interrupted(String),
     /// The approvals log beside the store.
     #[error("approval store: {}: {source}", path.display())]
     Journal {
