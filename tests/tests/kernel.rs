@@ -583,6 +583,20 @@ fn doctor_passes_and_names_the_packet_guard() {
     assert!(out.contains("[ok  ] attach cgroup"), "{out}");
     assert!(out.contains("packet guard"), "{out}");
     assert!(out.contains("all required prerequisites met"), "{out}");
+    // Where the kill fallback is in use and this (root) process can read kernel
+    // addresses, the daemon located packet_create: only packet sockets kill, not every
+    // CAP_NET_RAW (raw IP sockets are refused instead, see bypass_raw_socket_is_refused).
+    let state = packet::attach_state(&lab);
+    let visible = std::fs::read_to_string("/proc/kallsyms")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.ends_with(" packet_create") && !l.starts_with("0000000000000000"))
+        })
+        .unwrap_or(false);
+    if state["packet_guard"] == "tracepoints" && visible {
+        assert_eq!(state["packet_guard_scope"], "callers located", "{state}");
+        assert!(out.contains("callers located"), "{out}");
+    }
 }
 
 #[test]

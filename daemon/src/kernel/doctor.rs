@@ -191,7 +191,12 @@ pub fn checks(cfg: Option<&Config>) -> Vec<Check> {
             Some(s) if s.packet_guard == "tracepoints" => (
                 false,
                 format!(
-                    "tracepoint fallback (cap_capable: the CAP_NET_RAW check of packet_create/xsk_create, every route): BPF LSM programs did not load, the caller is killed{}",
+                    "tracepoint fallback (cap_capable: the CAP_NET_RAW check of packet_create/xsk_create, every route; {}): BPF LSM programs did not load, the caller is killed{}",
+                    if s.packet_guard_scope.is_empty() {
+                        "callers: unknown"
+                    } else {
+                        s.packet_guard_scope.as_str()
+                    },
                     if s.packet_guard_gaps.is_empty() {
                         String::new()
                     } else {

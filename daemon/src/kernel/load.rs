@@ -135,6 +135,11 @@ pub struct AttachState {
     /// Routes to a packet socket the attached guard does not cover on this kernel.
     #[serde(default)]
     pub packet_guard_gaps: Vec<String>,
+    /// How the `tracepoints` guard tells packet-socket creation from other CAP_NET_RAW
+    /// checks: `callers located` (the addresses of `packet_create`/`xsk_create` were
+    /// read), or why not, in which case every CAP_NET_RAW an agent is granted kills it.
+    #[serde(default)]
+    pub packet_guard_scope: String,
     /// [`portcullis_common::MAPS_LAYOUT`] of the pinned maps.
     #[serde(default)]
     pub maps_layout: u32,
@@ -233,6 +238,7 @@ pub fn start(
             packet_guard: prev.packet_guard.clone(),
             packet_guard_refuses: prev.packet_guard_refuses,
             packet_guard_gaps: prev.packet_guard_gaps.clone(),
+            packet_guard_scope: prev.packet_guard_scope.clone(),
             programs: pinned_ids(paths, previous_guard.unwrap_or(&PACKET_GUARDS[0]))?,
         };
         info!(
@@ -245,11 +251,19 @@ pub fn start(
 
     let replacing = all_pin_names().any(|name| paths.link(name).exists());
     let btf = Btf::from_sys_fs().map_err(|e| KernelError::Btf(e.to_string()))?;
-    let creators = super::kallsyms::link_layer_creators(Path::new(KALLSYMS)).unwrap_or_else(|e| {
-        warn!(error = %e, "packet-socket fallback guard: packet_create not located; where BPF LSM is unavailable, \
-            any CAP_NET_RAW an agent is granted (raw IP sockets, SO_MARK too) gets it killed");
-        [0; 4]
-    });
+    let (creators, scope) = match super::kallsyms::link_layer_creators(Path::new(KALLSYMS)) {
+        Ok(c) => (c, "callers located".to_string()),
+        Err(e) => {
+            warn!(error = %e, "packet-socket fallback guard: packet_create not located; where BPF LSM is unavailable, \
+                any CAP_NET_RAW an agent is granted (raw IP sockets, SO_MARK too) gets it killed");
+            (
+                [0; 4],
+                format!(
+                    "callers not located ({e}): every CAP_NET_RAW an agent is granted kills it"
+                ),
+            )
+        }
+    };
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&btf))
         .default_map_pin_directory(paths.maps())
@@ -323,6 +337,7 @@ pub fn start(
         packet_guard: chosen.name.into(),
         packet_guard_refuses: chosen.refuses,
         packet_guard_gaps: gaps,
+        packet_guard_scope: if chosen.refuses { String::new() } else { scope },
         programs: pinned_ids(paths, chosen)?,
     };
     info!(mode = %state.mode, cgroup = %attach_cgroup.display(), "programs attached and pinned");
