@@ -63,6 +63,21 @@ pub fn sets_up_and_serves(env: &mut Env) -> Result<()> {
         )),
         "attached at {attach}"
     );
+    // Where the kill fallback is in use, the daemon located packet_create from inside
+    // its (privileged) pod, so only packet sockets kill an agent, not every CAP_NET_RAW;
+    // checked where this host shows kernel addresses to root at all.
+    let visible = std::fs::read_to_string("/proc/kallsyms")
+        .map(|t| {
+            t.lines()
+                .any(|l| l.ends_with(" packet_create") && !l.starts_with("0000000000000000"))
+        })
+        .unwrap_or(false);
+    ensure!(
+        !visible
+            || state["packet_guard"] != "tracepoints"
+            || state["packet_guard_scope"] == "callers located",
+        "packet guard in the pod: {state}"
+    );
     // doctor works inside the pod.
     let o = install::exec_daemon(&env.node, &["portcullis", "doctor"])?;
     ensure!(o.status.success(), "doctor in the pod: {}", text(&o));
