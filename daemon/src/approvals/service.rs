@@ -547,8 +547,11 @@ mod tests {
         }
     }
 
-    fn open(d: &Path) -> Arc<Approvals> {
-        let store = Arc::new(RedbStore::open(&d.join("approvals.redb")).unwrap());
+    fn redb(d: &Path) -> RedbStore {
+        RedbStore::open(&d.join("approvals.redb")).expect("a fresh redb store in the test's dir")
+    }
+
+    fn open_with(d: &Path, store: Arc<dyn Store>) -> Arc<Approvals> {
         Arc::new(
             Approvals::open(
                 store,
@@ -556,8 +559,12 @@ mod tests {
                 None,
                 Duration::from_secs(3600),
             )
-            .unwrap(),
+            .expect("approvals open over a fresh store"),
         )
+    }
+
+    fn open(d: &Path) -> Arc<Approvals> {
+        open_with(d, Arc::new(redb(d)))
     }
 
     fn root() -> Approver {
@@ -603,18 +610,12 @@ mod tests {
     #[tokio::test]
     async fn opening_an_approval_does_not_stall_the_event_loop() {
         let d = tmp("slow");
-        let store = Arc::new(SlowStore {
-            inner: RedbStore::open(&d.join("approvals.redb")).unwrap(),
-            delay: Duration::from_millis(400),
-        });
-        let ap = Arc::new(
-            Approvals::open(
-                store,
-                &d.join("approvals.jsonl"),
-                None,
-                Duration::from_secs(3600),
-            )
-            .unwrap(),
+        let ap = open_with(
+            &d,
+            Arc::new(SlowStore {
+                inner: redb(&d),
+                delay: Duration::from_millis(400),
+            }),
         );
         let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let t = ticks.clone();
@@ -628,7 +629,7 @@ mod tests {
         let h = ap
             .hold(&agent(), &attrs("a"), &scope("a"), "r", "m", &spec(20, 60))
             .await
-            .unwrap();
+            .expect("the slow store's write succeeds");
         let took = started.elapsed();
         ticker.abort();
         assert!(matches!(h, Held::Pending { .. }), "{h:?}");
@@ -636,7 +637,7 @@ mod tests {
         // ~40 ticks while the write ran; a blocked loop gets only the ~2 of the hold.
         let n = ticks.load(std::sync::atomic::Ordering::Relaxed);
         assert!(n >= 15, "the loop was stalled: {n} ticks in {took:?}");
-        std::fs::remove_dir_all(&d).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[tokio::test]

@@ -110,12 +110,20 @@ mod tests {
     #[test]
     fn resolves_offsets_from_this_kernel() {
         let Ok(k) = KernelBtf::load() else { return };
+        let off = |t: &str, m: &str| {
+            k.offset(t, m)
+                .unwrap_or_else(|e| panic!("{t}.{m} in this kernel's BTF: {e}"))
+        };
         // struct socket { socket_state state; short type; unsigned long flags; struct file *file; struct sock *sk; ... }
-        assert_eq!(k.offset("socket", "type").unwrap(), 4);
-        assert!(k.offset("socket", "sk").unwrap() > k.offset("socket", "file").unwrap());
+        assert_eq!(off("socket", "type"), 4);
+        assert!(off("socket", "sk") > off("socket", "file"));
         // Through the anonymous struct of sock_common.
-        assert_eq!(k.offset("sock", "__sk_common.skc_family").unwrap(), 16);
-        assert!(k.task_tgid_offset().unwrap() > 0);
+        assert_eq!(off("sock", "__sk_common.skc_family"), 16);
+        assert!(
+            k.task_tgid_offset()
+                .expect("task_struct.tgid in this kernel's BTF")
+                > 0
+        );
         assert!(k.offset("task_struct", "no_such_member").is_err());
     }
 }
