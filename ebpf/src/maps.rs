@@ -53,10 +53,7 @@ pub fn settings() -> Option<&'static Settings> {
 /// the gate's port reachable, and redirected connections go there).
 #[inline(always)]
 pub fn protection(key: &SockKey) -> Option<Protection> {
-    if let Some(s) = settings()
-        && ((s.flags & settings_flags::HAVE_DAEMON_V4 != 0 && *key == s.daemon_v4)
-            || (s.flags & settings_flags::HAVE_DAEMON_V6 != 0 && *key == s.daemon_v6))
-    {
+    if is_daemon(key) {
         return None;
     }
     // SAFETY: the value is copied out at once, never held across a map update.
@@ -66,6 +63,15 @@ pub fn protection(key: &SockKey) -> Option<Protection> {
             .or_else(|| PC_PROTECTED.get(&key.with_port(0)))
             .copied()
     }
+}
+
+/// Is `key` one of the daemon's listen addresses (where redirected connections go)?
+#[inline(always)]
+pub fn is_daemon(key: &SockKey) -> bool {
+    settings().is_some_and(|s| {
+        (s.flags & settings_flags::HAVE_DAEMON_V4 != 0 && *key == s.daemon_v4)
+            || (s.flags & settings_flags::HAVE_DAEMON_V6 != 0 && *key == s.daemon_v6)
+    })
 }
 
 /// Is `key` (or its address with any port) a protected endpoint?

@@ -18,7 +18,7 @@ use portcullis_common::{
 use crate::{
     agent::{current_agent, current_origin},
     events::{Report, emit, emit_at},
-    maps::{PC_CONN_BY_CLIENT, PC_CONN_BY_COOKIE, protection, settings},
+    maps::{PC_CONN_BY_CLIENT, PC_CONN_BY_COOKIE, is_daemon, protection, settings},
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -210,12 +210,7 @@ fn on_getpeername(ctx: &SockAddrContext, v6: bool) -> i32 {
 /// connection of every socket under the attach point.
 #[inline(always)]
 pub fn index_by_client(ctx: &SkBuffContext, src: &SockKey, dst: &SockKey) {
-    let Some(s) = settings() else {
-        return;
-    };
-    let to_daemon = (s.flags & settings_flags::HAVE_DAEMON_V4 != 0 && *dst == s.daemon_v4)
-        || (s.flags & settings_flags::HAVE_DAEMON_V6 != 0 && *dst == s.daemon_v6);
-    if !to_daemon {
+    if !is_daemon(dst) {
         return;
     }
     // SAFETY: plain helper call on the program context (the skb's socket; 0 if none).

@@ -110,6 +110,20 @@ fn transport(ctx: &SkBuffContext, proto: u8, l4: usize) -> ([u8; 4], u8) {
     (ports, flags)
 }
 
+/// The flags byte of a TCP header at `l4` (0 for other protocols): read in place when
+/// linear (a TCP segment's header always is), else copied.
+#[inline(always)]
+fn tcp_flags(ctx: &SkBuffContext, proto: u8, l4: usize) -> u8 {
+    if proto != IPPROTO_TCP {
+        return 0;
+    }
+    match linear(ctx, l4 + 14) {
+        // SAFETY: `l4 + 14` bytes from `data` were checked against the packet's end.
+        Some(data) => unsafe { *((data + l4 + 13) as *const u8) },
+        None => ctx.load::<u8>(l4 + 13).unwrap_or(0),
+    }
+}
+
 #[inline(always)]
 fn packet(src: SockKey, dst: SockKey, proto: u8, family: u16, p: [u8; 4], flags: u8) -> Packet {
     let ported = proto == IPPROTO_TCP || proto == IPPROTO_UDP;
@@ -132,22 +146,21 @@ fn packet(src: SockKey, dst: SockKey, proto: u8, family: u16, p: [u8; 4], flags:
 
 #[inline(always)]
 fn parse_v4(ctx: &SkBuffContext) -> Option<Packet> {
-    // Direct reads where a 20-byte header and the TCP flags are linear, which they are
-    // for what local sockets send; else the copying helper.
-    if let Some(data) = linear(ctx, 34) {
-        // SAFETY: 34 bytes from `data` were checked against the packet's end above.
-        let (vihl, proto, addrs, ports, flags) = unsafe {
+    // Direct reads where a 20-byte header and the ports are linear, which they are for
+    // what local sockets send (a UDP payload may sit in page fragments, so no more is
+    // asked for); else the copying helper.
+    if let Some(data) = linear(ctx, 24) {
+        // SAFETY: 24 bytes from `data` were checked against the packet's end above.
+        let (vihl, proto, addrs, ports) = unsafe {
             (
                 *(data as *const u8),
                 *((data + 9) as *const u8),
                 *((data + 12) as *const [u8; 8]),
                 *((data + 20) as *const [u8; 4]),
-                *((data + 33) as *const u8),
             )
         };
         if vihl & 0x0f == 5 {
-            let flags = if proto == IPPROTO_TCP { flags } else { 0 };
-            return Some(v4_packet(addrs, proto, ports, flags));
+            return Some(v4_packet(addrs, proto, ports, tcp_flags(ctx, proto, 20)));
         }
     }
     let vihl: u8 = ctx.load(0).ok()?;
@@ -174,19 +187,17 @@ fn v4_packet(a: [u8; 8], proto: u8, ports: [u8; 4], flags: u8) -> Packet {
 fn parse_v6(ctx: &SkBuffContext) -> Option<Packet> {
     // Extension headers are not walked: with them the port reads as 0 and only a
     // whole-address protection matches, which is the conservative direction.
-    if let Some(data) = linear(ctx, 54) {
-        // SAFETY: 54 bytes from `data` were checked against the packet's end above.
-        let (next, src, dst, ports, flags) = unsafe {
+    if let Some(data) = linear(ctx, 44) {
+        // SAFETY: 44 bytes from `data` were checked against the packet's end above.
+        let (next, src, dst, ports) = unsafe {
             (
                 *((data + 6) as *const u8),
                 *((data + 8) as *const [u8; 16]),
                 *((data + 24) as *const [u8; 16]),
                 *((data + 40) as *const [u8; 4]),
-                *((data + 53) as *const u8),
             )
         };
-        let flags = if next == IPPROTO_TCP { flags } else { 0 };
-        return Some(v6_packet(src, dst, next, ports, flags));
+        return Some(v6_packet(src, dst, next, ports, tcp_flags(ctx, next, 40)));
     }
     let next: u8 = ctx.load(6).ok()?;
     let src: [u8; 16] = ctx.load(8).ok()?;
