@@ -9,9 +9,13 @@ use http::{HeaderValue, Request, Response, header, request};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{Admitted, Authorized, Conn, Gate, Refusal, exchange::Exchange, relay::Relay};
+use super::{
+    Admitted, Authorized, Conn, Gate, Refusal,
+    exchange::Exchange,
+    relay::{self, Relay},
+};
 use crate::{
-    k8s::Attributes,
+    k8s::{Attributes, RequestInfo},
     mask::{self, ForResponse, Plan},
     upstream::{self, UpstreamBody},
     util::{self, BoxError, ProxyBody},
@@ -50,6 +54,21 @@ pub(super) async fn read_body(headers: &http::HeaderMap, body: Incoming) -> Resu
             why: e.to_string(),
         })?
         .to_bytes())
+}
+
+/// Whether the API server sends this request's answer whole, right after its head: a
+/// get or list of a resource (not a watch, not a subresource that streams) or a
+/// non-resource GET (discovery, OpenAPI, version). Such an answer's head waits for its
+/// first chunk ([`relay::read_ahead`]); a stream's head never does.
+fn sent_whole(info: &RequestInfo) -> bool {
+    if !info.is_resource_request {
+        return info.verb == "get";
+    }
+    matches!(info.verb.as_str(), "get" | "list")
+        && !matches!(
+            info.subresource.as_str(),
+            "log" | "proxy" | "portforward" | "exec" | "attach"
+        )
 }
 
 impl Gate {
@@ -124,7 +143,12 @@ impl Gate {
             .send(Request::from_parts(parts, body), false)
             .await
             .map_err(|e| self.upstream_error(e))?;
-        self.relay(resp, admitted.plan.as_ref(), ex, conn, head)
+        let resp = self.relay(resp, admitted.plan.as_ref(), ex, conn, head)?;
+        if sent_whole(&admitted.info) {
+            Ok(relay::read_ahead(resp, relay::READ_AHEAD).await)
+        } else {
+            Ok(resp)
+        }
     }
 
     /// The API server's answer on its way to the agent: masked, and its outcome
@@ -172,5 +196,55 @@ impl Gate {
         } else {
             Refusal::UpstreamFailed { base, error }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(method: &str, path: &str, query: Option<&str>) -> bool {
+        sent_whole(&crate::k8s::resolve(method, path, query).expect("resolves"))
+    }
+
+    #[test]
+    fn only_answers_sent_whole_wait_for_their_first_chunk() {
+        // Sent whole: reads of objects and lists, discovery.
+        assert!(whole("GET", "/api/v1/namespaces/a/configmaps/x", None));
+        assert!(whole(
+            "GET",
+            "/api/v1/namespaces/a/secrets",
+            Some("limit=500")
+        ));
+        assert!(whole(
+            "GET",
+            "/apis/apps/v1/namespaces/a/deployments/d/scale",
+            None
+        ));
+        assert!(whole("GET", "/api", None));
+        assert!(whole("GET", "/openapi/v3", None));
+        // Streams: their head goes at once.
+        for (path, query) in [
+            ("/api/v1/namespaces/a/configmaps", Some("watch=true")),
+            (
+                "/api/v1/namespaces/a/configmaps",
+                Some("watch=1&resourceVersion=5"),
+            ),
+            ("/api/v1/watch/namespaces/a/configmaps", None),
+            ("/api/v1/namespaces/a/pods/p/log", Some("follow=true")),
+            ("/api/v1/namespaces/a/pods/p/log", None),
+            ("/api/v1/namespaces/a/services/s/proxy/metrics", None),
+            ("/api/v1/namespaces/a/pods/p/proxy/x", None),
+            ("/api/v1/proxy/namespaces/a/pods/p", None),
+            ("/api/v1/namespaces/a/pods/p/exec", Some("command=ls")),
+            ("/api/v1/namespaces/a/pods/p/attach", None),
+            ("/api/v1/namespaces/a/pods/p/portforward", None),
+        ] {
+            assert!(!whole("GET", path, query), "{path}?{query:?}");
+        }
+        // Writes answer whole too, but are not held (their answer is one write anyway
+        // when small, and a slow admission webhook must not meet a timer).
+        assert!(!whole("POST", "/api/v1/namespaces/a/configmaps", None));
+        assert!(!whole("DELETE", "/api/v1/namespaces/a/configmaps/x", None));
     }
 }

@@ -85,6 +85,19 @@ pub struct Opts {
     /// kubectl invocations per target and round (real API server only).
     #[arg(long, default_value_t = 8)]
     pub kubectl_runs: u32,
+    /// Only these workloads (and `kubectl`), comma-separated: for a profile or a quick
+    /// before/after of one figure. The report's goals need them all.
+    #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.iter().map(|w| w.to_string()).chain(["kubectl".to_string()]))]
+    pub workloads: Vec<String>,
+    /// Only these upstreams (`apiserver`, `standin`), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = UPSTREAMS.map(String::from))]
+    pub upstreams: Vec<String>,
+}
+
+impl Opts {
+    fn wants(&self, part: &str) -> bool {
+        self.workloads.iter().any(|w| w == part)
+    }
 }
 
 fn path_of(wl: &str) -> String {
@@ -149,6 +162,18 @@ struct Bench<'a> {
 pub fn run(opts: Opts) -> Result<()> {
     let nginx_bin = std::env::var("PORTCULLIS_NGINX")
         .context("PORTCULLIS_NGINX is not set: run through `cargo xtask bench proxy`")?;
+    for w in &opts.workloads {
+        ensure!(
+            WORKLOADS.contains(&w.as_str()) || w == "kubectl",
+            "unknown workload {w:?} (known: {WORKLOADS:?}, kubectl)"
+        );
+    }
+    for u in &opts.upstreams {
+        ensure!(
+            UPSTREAMS.contains(&u.as_str()),
+            "unknown upstream {u:?} (known: {UPSTREAMS:?})"
+        );
+    }
     let load_before = loadavg();
     println!("starting the node, the pods and the daemon ...");
     let gate = Gate::start(
@@ -179,6 +204,9 @@ pub fn run(opts: Opts) -> Result<()> {
     let mut failures = Vec::new();
     for round in 0..b.opts.rounds {
         for up in UPSTREAMS {
+            if !b.opts.upstreams.iter().any(|u| u == up) {
+                continue;
+            }
             if let Err(e) = b.round(round, up, &mut res) {
                 eprintln!("round {round} on {up} failed: {e:#}");
                 failures.push(format!("round {round} on {up}: {e:#}"));
@@ -719,9 +747,11 @@ impl Bench<'_> {
             }
             for target in targets {
                 for wl in WORKLOADS {
-                    self.workload(round, up, wl, target, res)?;
+                    if self.opts.wants(wl) {
+                        self.workload(round, up, wl, target, res)?;
+                    }
                 }
-                if up == "apiserver" {
+                if up == "apiserver" && self.opts.wants("kubectl") {
                     let tag = format!("r{round}-{up}-kubectl-{target}");
                     let v = self.kubectl(target, &tag)?;
                     println!(
