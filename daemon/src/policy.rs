@@ -325,6 +325,44 @@ spec:
         );
     }
 
+    /// The `request` variable is made only when a condition is evaluated: reads meet
+    /// no condition, and paid for it on every request.
+    #[test]
+    fn the_request_variable_is_made_only_for_a_condition() {
+        let doc = r#"
+apiVersion: portcullis.dev/v1alpha1
+kind: AgentPolicy
+metadata: {name: c}
+spec:
+  rules:
+  - name: reads
+    verbs: [get, list, watch]
+    apiGroups: [""]
+    resources: ["*"]
+    action: allow
+  - name: own-namespace
+    verbs: [create]
+    apiGroups: [""]
+    resources: [configmaps]
+    conditions: [{expression: "request.namespace == request.serviceAccount.namespace"}]
+    action: allow
+"#;
+        let p = Policy::parse(doc, Path::new("c.yaml")).expect("policy");
+        let agent = sa("e2e", "agent");
+        let get = req("GET", "/api/v1/namespaces/e2e/configmaps/x");
+        let r = Request::new(&agent, &get);
+        let inputs = r.inputs(None, None, None);
+        assert_eq!(p.decide(&r, &inputs).action, Action::Allow);
+        assert!(!inputs.request_made(), "a read built the request variable");
+        for (ns, action) in [("e2e", Action::Allow), ("prod", Action::Deny)] {
+            let create = req("POST", &format!("/api/v1/namespaces/{ns}/configmaps"));
+            let r = Request::new(&agent, &create);
+            let inputs = r.inputs(None, None, None);
+            assert_eq!(p.decide(&r, &inputs).action, action, "create in {ns}");
+            assert!(inputs.request_made(), "the condition read the request");
+        }
+    }
+
     #[test]
     fn conditions_decide_on_content_and_errors_count_against_the_request() {
         let doc = r#"

@@ -165,13 +165,13 @@ impl<'a> Request<'a> {
         object: Option<&Value>,
         old_object: Option<&Value>,
         missing: Option<String>,
-    ) -> Inputs {
+    ) -> Inputs<'_> {
         let conv = |v: Option<&Value>| v.map(library::from_json).unwrap_or(cel::Value::Null);
-        Inputs {
-            object: conv(object),
-            old_object: conv(old_object),
-            request: library::from_json(&self.request_value()),
+        Inputs::new(
+            conv(object),
+            conv(old_object),
+            move || library::from_json(&self.request_value()),
             missing,
-        }
+        )
     }
 }
