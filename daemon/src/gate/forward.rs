@@ -57,18 +57,11 @@ pub(super) async fn read_body(headers: &http::HeaderMap, body: Incoming) -> Resu
 }
 
 /// Whether the API server sends this request's answer whole, right after its head: a
-/// get or list of a resource (not a watch, not a subresource that streams) or a
-/// non-resource GET (discovery, OpenAPI, version). Such an answer's head waits for its
-/// first chunk ([`relay::read_ahead`]); a stream's head never does.
+/// read that is not long-running (a get or list of a resource, a non-resource GET:
+/// discovery, OpenAPI, version). Such an answer's head waits for its first chunk
+/// ([`relay::read_ahead`]); a stream's head never does.
 fn sent_whole(info: &RequestInfo) -> bool {
-    if !info.is_resource_request {
-        return info.verb == "get";
-    }
-    matches!(info.verb.as_str(), "get" | "list")
-        && !matches!(
-            info.subresource.as_str(),
-            "log" | "proxy" | "portforward" | "exec" | "attach"
-        )
+    matches!(info.verb.as_str(), "get" | "list") && !info.is_long_running()
 }
 
 impl Gate {

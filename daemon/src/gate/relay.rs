@@ -39,7 +39,7 @@ pub async fn read_ahead(
         Err(_) => return http::Response::from_parts(head, body),
     };
     let ahead = ReadAhead { first, rest: body };
-    http::Response::from_parts(head, http_body_util::combinators::BoxBody::new(ahead))
+    http::Response::from_parts(head, ahead.boxed())
 }
 
 /// A body whose first frame was read ahead.
@@ -111,12 +111,16 @@ impl<B> Relay<B> {
         match self.masker.take().map(BodyMasker::finish) {
             None => Ok(Vec::new()),
             Some(Ok(rest)) => Ok(rest),
-            Some(Err(e)) => {
-                let msg = format!("masking stopped the response: {e}");
-                self.finish(false, Some(msg.clone()));
-                Err(msg.into())
-            }
+            Some(Err(e)) => Err(self.masking_failed(e)),
         }
+    }
+
+    /// Ends the stream on a masking error: nothing uninspected passes.
+    fn masking_failed(&mut self, e: impl std::fmt::Display) -> BoxError {
+        tracing::warn!(error = %e, "response cannot be masked: stream cut");
+        let msg = format!("masking stopped the response: {e}");
+        self.finish(false, Some(msg.clone()));
+        msg.into()
     }
 
     fn finish(&mut self, complete: bool, error: Option<String>) {
@@ -170,12 +174,7 @@ where
                         Some(m) => {
                             let mut o = match m.feed(&data) {
                                 Ok(o) => o,
-                                Err(e) => {
-                                    let msg = format!("masking stopped the response: {e}");
-                                    tracing::warn!(error = %e, "response cannot be masked: stream cut");
-                                    this.finish(false, Some(msg.clone()));
-                                    return Poll::Ready(Some(Err(msg.into())));
-                                }
+                                Err(e) => return Poll::Ready(Some(Err(this.masking_failed(e)))),
                             };
                             if last {
                                 match this.finish_masking() {

@@ -43,6 +43,19 @@ impl RequestInfo {
         }
         self
     }
+
+    /// A request the API server treats as long-running (kube-apiserver's
+    /// `BasicLongRunningRequestCheck`: the verbs `watch` and `proxy`, and on resources the
+    /// subresources `attach`, `exec`, `proxy`, `log` and `portforward`): its answer is a
+    /// stream, not a body sent whole.
+    pub fn is_long_running(&self) -> bool {
+        matches!(self.verb.as_str(), "watch" | "proxy")
+            || (self.is_resource_request
+                && matches!(
+                    self.subresource.as_str(),
+                    "attach" | "exec" | "proxy" | "log" | "portforward"
+                ))
+    }
 }
 
 /// Why a resource path could not be resolved; the apiserver answers these with 404/400.
