@@ -350,17 +350,7 @@ mod tests {
     /// tmpfs (fsync costs nothing there), so the figure is the writer's own delay.
     #[tokio::test]
     async fn a_waited_record_wakes_the_writer_between_rounds() {
-        let shm = std::path::Path::new("/dev/shm");
-        assert!(
-            shm.is_dir(),
-            "this test needs /dev/shm (tmpfs) to time the writer without disk syncs"
-        );
-        let dir = shm.join(format!(
-            "pc-auditlog-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir).expect("shm dir");
+        let dir = shm_dir();
         let log = log(&dir);
         let mut lat = Vec::new();
         for i in 0..20 {
@@ -379,6 +369,50 @@ mod tests {
             "median acknowledgement {:?} (round {FLUSH_EVERY:?}); all: {lat:?}",
             lat[lat.len() / 2]
         );
+    }
+
+    /// A record nobody waits for reaches the file within a round (FLUSH_EVERY), not
+    /// only at the commit (COMMIT_EVERY): a daemon crash keeps what was written.
+    #[tokio::test]
+    async fn a_queued_record_is_written_within_a_round() {
+        let dir = shm_dir();
+        let log = log(&dir);
+        let seg = dir.join("audit/seg-000001.jsonl");
+        let lines = || {
+            std::fs::read_to_string(&seg)
+                .map(|t| t.lines().count())
+                .unwrap_or(0)
+        };
+        // The first record wakes the writer from its sleep on the queue; it is then
+        // between rounds, with that record uncommitted.
+        log.record(Kind::Request, &0);
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        let t0 = std::time::Instant::now();
+        log.record(Kind::Request, &1);
+        while lines() < 2 && t0.elapsed() < COMMIT_EVERY {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let took = t0.elapsed();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            took < COMMIT_EVERY / 2,
+            "written after {took:?} (round {FLUSH_EVERY:?}, commit {COMMIT_EVERY:?})"
+        );
+    }
+
+    fn shm_dir() -> std::path::PathBuf {
+        let shm = std::path::Path::new("/dev/shm");
+        assert!(
+            shm.is_dir(),
+            "this test needs /dev/shm (tmpfs) to time the writer without disk syncs"
+        );
+        let dir = shm.join(format!(
+            "pc-auditlog-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("shm dir");
+        dir
     }
 
     fn tempdir() -> std::path::PathBuf {
