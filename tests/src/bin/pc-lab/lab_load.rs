@@ -4,7 +4,7 @@
 //! records the daemon with `perf record` over exactly the measured part) and for the
 //! before/after figures of an optimisation; `cargo xtask bench proxy` remains the
 //! reference, against nginx and the real API server.
-use std::{io::BufRead, path::PathBuf, process::Stdio};
+use std::{io::BufRead, net::SocketAddr, path::PathBuf, process::Stdio};
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
@@ -36,7 +36,15 @@ pub struct Opts {
     /// `perf stat -e 'syscalls:sys_enter_*' -p {pid}`.
     #[arg(long)]
     pub attach: Option<String>,
+    /// What is measured, each in turn every round: `daemon` (pass-through, the agent
+    /// redirected to it), `floor` (pc-floor: the daemon's HTTP/2 + TLS stack without
+    /// the gate), `floor-h1` (the same, HTTP/1.1 upstream), `nginx` (the configuration
+    /// of `bench proxy`). `--attach` applies to the first one.
+    #[arg(long, value_delimiter = ',', default_value = "daemon")]
+    pub targets: Vec<String>,
 }
+
+const TARGETS: [&str; 4] = ["daemon", "floor", "floor-h1", "nginx"];
 
 const NS: &str = "e2e";
 
@@ -86,12 +94,146 @@ fn canned(dir: &std::path::Path) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// A proxy measured by `lab-load`.
+struct Target {
+    name: String,
+    /// Processes whose CPU is counted (nginx: its master and workers).
+    pids: Vec<u32>,
+    /// The URL and CA the load uses; `None`: the agent's (redirected to the daemon).
+    url: Option<String>,
+}
+
+/// Debian's nginx as the benchmark's plain TLS-terminating reverse proxy (the
+/// configuration of `bench proxy`), stopped with SIGTERM so its workers stop too.
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = portcullis_tests::signal(self.0.id(), libc::SIGTERM);
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nginx(lab: &Lab, listen: SocketAddr, upstream: SocketAddr) -> Result<Nginx> {
+    let nginx = std::env::var("PORTCULLIS_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
+    ensure!(
+        std::path::Path::new(&nginx).exists(),
+        "{nginx} is missing: `cargo xtask bench proxy` installs Debian's nginx"
+    );
+    let d = lab.dir.join("nginx");
+    std::fs::create_dir_all(d.join("tmp"))?;
+    let conf = format!(
+        r#"daemon off;
+user root;
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {d}/tmp/body;
+  proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fastcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi;
+  scgi_temp_path {d}/tmp/scgi;
+  upstream api {{ server {upstream}; keepalive 64; }}
+  server {{
+    listen {listen} ssl http2;
+    ssl_certificate {dir}/proxy.crt;
+    ssl_certificate_key {dir}/proxy.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {{
+      proxy_pass https://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer bench";
+      proxy_set_header Impersonate-User "portcullis:agent";
+      proxy_set_header Impersonate-Group "portcullis:agents";
+      proxy_ssl_trusted_certificate {dir}/upstream-ca.crt;
+      proxy_ssl_verify on;
+      proxy_ssl_name kubernetes;
+      proxy_ssl_server_name on;
+      proxy_ssl_session_reuse on;
+      proxy_buffering off;
+      proxy_read_timeout 1h;
+    }}
+  }}
+}}
+"#,
+        d = d.display(),
+        dir = lab.dir.display(),
+    );
+    let conf_path = d.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let child = lab
+        .command_in_ns(lab.ns_node(), std::path::Path::new(&nginx))
+        .arg("-e")
+        .arg(d.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting nginx")?;
+    let mut n = Nginx(child);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    if let Some(st) = n.0.try_wait()? {
+        anyhow::bail!(
+            "nginx exited ({st}): {}",
+            std::fs::read_to_string(d.join("error.log")).unwrap_or_default()
+        );
+    }
+    Ok(n)
+}
+
+fn start_floor(lab: &Lab, listen: SocketAddr, api: SocketAddr, http1: bool) -> Result<u32> {
+    let mut c = lab.command_in_ns(lab.ns_node(), &bin("pc-floor"));
+    c.arg(format!("--listen={listen}"))
+        .arg(format!("--cert={}", lab.dir.join("proxy.crt").display()))
+        .arg(format!("--key={}", lab.dir.join("proxy.key").display()))
+        .arg(format!("--upstream=https://{api}"))
+        .arg(format!(
+            "--ca={}",
+            lab.dir.join("upstream-ca.crt").display()
+        ))
+        .arg("--token=bench")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if http1 {
+        c.arg("--upstream-http1");
+    }
+    let mut child = c.spawn().context("starting pc-floor")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let pid = child.id();
+    lab.adopt(child);
+    ensure!(line.trim() == "ready", "pc-floor did not start");
+    Ok(pid)
+}
+
 pub fn run(o: Opts) -> Result<()> {
+    for t in &o.targets {
+        ensure!(
+            TARGETS.contains(&t.as_str()),
+            "unknown target {t:?} (known: {TARGETS:?})"
+        );
+    }
     let lab = Lab::without_standin("load")?;
     let pki = Pki::new()?;
     let api = lab.api();
     pki.server("standin", &[&api.ip().to_string(), "kubernetes"])?
         .write(&lab.dir, "standin")?;
+    let proxy_ip = lab.sink().ip();
+    pki.server("proxy", &[&proxy_ip.to_string()])?
+        .write(&lab.dir, "proxy")?;
     let ca = lab.dir.join("upstream-ca.crt");
     std::fs::write(&ca, &pki.ca_cert)?;
     let token = lab.dir.join("token");
@@ -128,105 +270,159 @@ pub fn run(o: Opts) -> Result<()> {
         String::from_utf8_lossy(&init.stderr)
     );
     let ready = lab.start_daemon()?;
-    let pid = ready["pid"].as_u64().context("daemon pid")? as u32;
+    let daemon = ready["pid"].as_u64().context("daemon pid")? as u32;
+    let mut targets = Vec::new();
+    let mut nginx = None;
+    for (i, t) in o.targets.iter().enumerate() {
+        let listen = SocketAddr::new(proxy_ip, 16444 + i as u16);
+        let pids = match t.as_str() {
+            "daemon" => vec![daemon],
+            "floor" | "floor-h1" => vec![start_floor(&lab, listen, api, t == "floor-h1")?],
+            _ => {
+                let n = start_nginx(&lab, listen, api)?;
+                let root = n.0.id();
+                nginx = Some(n);
+                procs::tree(root)
+            }
+        };
+        targets.push(Target {
+            name: t.clone(),
+            pids,
+            url: (t != "daemon").then(|| format!("https://{listen}")),
+        });
+    }
     let path = match o.workload.as_str() {
         "small_get" => format!("/api/v1/namespaces/{NS}/configmaps/small"),
         "list_1mb" => format!("/api/v1/namespaces/{NS}/configmaps"),
         "secret_list" => format!("/api/v1/namespaces/{NS}/secrets"),
         _ => format!("/api/v1/namespaces/{NS}/watched"),
     };
-    let mut per = Vec::new();
+    let unit = if o.workload == "watch_event" {
+        "event"
+    } else {
+        "request"
+    };
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
     for round in 0..o.rounds {
-        let mut c = lab.agent_command(&bin("pc-load"));
-        c.arg(format!("--url=https://{}", lab.cluster_ip()))
-            .arg(format!(
-                "--ca={}",
-                lab.state_dir().join("ca/ca.crt").display()
-            ))
-            .arg("--token=agent")
-            .args(["--go", "--max-secs=60"]);
-        let tag = format!("l{round}");
-        if o.workload == "watch_event" {
-            c.args(["watch", "--path", &path, "--tag", &tag])
-                .arg(format!("--watchers={}", o.watchers))
-                .arg(format!("--events={}", o.count));
-        } else {
-            c.args(["get", "--path", &path])
-                .arg(format!("--count={}", o.count))
-                .arg(format!("--concurrency={}", o.concurrency));
-        }
-        let mut d = Driven::spawn(c, "pc-load".into(), lab.dir.join("load.stderr"))?;
-        let r = d.line()?;
-        ensure!(r["ready"] == true, "pc-load not ready: {r}");
-        let perf = match (&o.attach, round) {
-            (Some(cmd), 0) => Some(
-                std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(format!("exec {}", cmd.replace("{pid}", &pid.to_string())))
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .context("starting the attached command")?,
-            ),
-            _ => None,
-        };
-        if perf.is_some() {
-            std::thread::sleep(std::time::Duration::from_millis(1000));
-        }
-        let c0 = procs::sample(&[pid]);
-        d.go()?;
-        if o.workload == "watch_event" {
-            let out = lab
-                .command_in_ns(lab.ns_node(), &bin("pc-load"))
-                .arg(format!("--url=https://{api}"))
-                .arg(format!("--ca={}", ca.display()))
-                .args(["--max-secs=60", "create", "--path", &path, "--tag", &tag])
-                .arg(format!("--count={}", o.count))
-                .arg("--rate=50")
-                .stdin(Stdio::null())
-                .output()?;
-            ensure!(
-                out.status.success(),
-                "creator: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let v = d.line()?;
-        let c1 = procs::sample(&[pid]);
-        if let Some(mut p) = perf {
-            let _ = portcullis_tests::signal(p.id(), libc::SIGINT);
-            let _ = p.wait();
-        }
-        d.finish()?;
-        let n = v["requests"]
-            .as_f64()
-            .or(v["events"].as_f64())
-            .unwrap_or(0.0);
-        ensure!(
-            v["errors"].as_u64().unwrap_or(0) == 0 && v["missing"].as_u64().unwrap_or(0) == 0,
-            "failures: {v}"
-        );
-        let us = procs::cpu_ns(&c0, &c1) as f64 / 1e3 / n.max(1.0);
-        println!(
-            "round {round}: daemon CPU {us:>8.1} µs per {} ({n} in {:.2} s; p50 {} µs, p99 {} µs)",
+        for (ti, t) in targets.iter().enumerate() {
+            let mut c = match &t.url {
+                None => {
+                    let mut c = lab.agent_command(&bin("pc-load"));
+                    c.arg(format!("--url=https://{}", lab.cluster_ip()))
+                        .arg(format!(
+                            "--ca={}",
+                            lab.state_dir().join("ca/ca.crt").display()
+                        ));
+                    c
+                }
+                // Not an agent: the bystander cgroup in the agent's namespace, so the
+                // load crosses the same veth to a proxy on the node.
+                Some(url) => {
+                    let mut c = lab.command_in_cgroup(&lab.bystander_cg, &bin("pc-load"));
+                    c.arg(format!("--url={url}"))
+                        .arg(format!("--ca={}", ca.display()));
+                    c
+                }
+            };
+            c.arg("--token=agent").args(["--go", "--max-secs=60"]);
+            let tag = format!("l{round}{ti}");
             if o.workload == "watch_event" {
-                "event"
+                c.args(["watch", "--path", &path, "--tag", &tag])
+                    .arg(format!("--watchers={}", o.watchers))
+                    .arg(format!("--events={}", o.count));
             } else {
-                "request"
-            },
-            v["elapsed_s"].as_f64().unwrap_or(0.0),
-            v["p50_us"],
-            v["p99_us"]
-        );
-        per.push(us);
+                c.args(["get", "--path", &path])
+                    .arg(format!("--count={}", o.count))
+                    .arg(format!("--concurrency={}", o.concurrency));
+            }
+            let mut d = Driven::spawn(c, "pc-load".into(), lab.dir.join("load.stderr"))?;
+            let r = d.line()?;
+            ensure!(r["ready"] == true, "pc-load not ready: {r}");
+            let perf = match (&o.attach, round, ti) {
+                (Some(cmd), 0, 0) => Some(
+                    std::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(format!(
+                            "exec {}",
+                            cmd.replace("{pid}", &t.pids[0].to_string())
+                        ))
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .context("starting the attached command")?,
+                ),
+                _ => None,
+            };
+            if perf.is_some() {
+                std::thread::sleep(std::time::Duration::from_millis(1000));
+            }
+            let c0 = procs::sample(&t.pids);
+            d.go()?;
+            if o.workload == "watch_event" {
+                let out = lab
+                    .command_in_ns(lab.ns_node(), &bin("pc-load"))
+                    .arg(format!("--url=https://{api}"))
+                    .arg(format!("--ca={}", ca.display()))
+                    .args(["--max-secs=60", "create", "--path", &path, "--tag", &tag])
+                    .arg(format!("--count={}", o.count))
+                    .arg("--rate=50")
+                    .stdin(Stdio::null())
+                    .output()?;
+                ensure!(
+                    out.status.success(),
+                    "creator: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let v = d.line()?;
+            let c1 = procs::sample(&t.pids);
+            if let Some(mut p) = perf {
+                let _ = portcullis_tests::signal(p.id(), libc::SIGINT);
+                let _ = p.wait();
+            }
+            d.finish()?;
+            let n = v["requests"]
+                .as_f64()
+                .or(v["events"].as_f64())
+                .unwrap_or(0.0);
+            ensure!(
+                n > 0.0
+                    && v["errors"].as_u64().unwrap_or(0) == 0
+                    && v["missing"].as_u64().unwrap_or(0) == 0,
+                "{}: failures: {v}",
+                t.name
+            );
+            let us = procs::cpu_ns(&c0, &c1) as f64 / 1e3 / n;
+            println!(
+                "round {round}: {:<8} CPU {us:>8.1} µs per {unit} ({n} in {:.2} s; p50 {} µs, p99 {} µs)",
+                t.name,
+                v["elapsed_s"].as_f64().unwrap_or(0.0),
+                v["p50_us"],
+                v["p99_us"]
+            );
+            per[ti].push(us);
+        }
     }
-    per.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "{}: daemon CPU per unit, median of {} rounds {:.1} µs (min {:.1}, max {:.1})",
-        o.workload,
-        per.len(),
-        per[per.len() / 2],
-        per[0],
-        per[per.len() - 1]
-    );
+    let mut medians = Vec::new();
+    for (t, v) in targets.iter().zip(per.iter_mut()) {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let m = v[v.len() / 2];
+        println!(
+            "{}: {} CPU per {unit}, median of {} rounds {m:.1} µs (min {:.1}, max {:.1})",
+            o.workload,
+            t.name,
+            v.len(),
+            v[0],
+            v[v.len() - 1]
+        );
+        medians.push((t.name.as_str(), m));
+    }
+    for (a, ma) in &medians {
+        for (b, mb) in &medians {
+            if a != b && (*b == "nginx" || (*b == "floor" && *a == "daemon")) {
+                println!("{a} / {b}: {:.2}×", ma / mb);
+            }
+        }
+    }
+    drop(nginx);
     Ok(())
 }
