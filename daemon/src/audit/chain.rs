@@ -82,12 +82,13 @@ impl Kind {
 }
 
 #[derive(Serialize)]
-pub(super) struct Line<'a> {
+pub(super) struct Line<'a, T: ?Sized + Serialize> {
     pub seq: u64,
-    pub prev: String,
+    pub prev: &'a str,
     pub time: u64,
     pub kind: Kind,
-    pub record: &'a serde_json::value::RawValue,
+    /// Written as it serialises (an already encoded record, a `RawValue`, verbatim).
+    pub record: &'a T,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -138,7 +138,8 @@ pub struct RequestRecord {
     pub conn: u64,
     #[serde(default)]
     pub user: Option<Subject>,
-    pub origin: Origin,
+    /// Shared by the records of one connection.
+    pub origin: std::sync::Arc<Origin>,
     pub method: String,
     pub path: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]

@@ -280,16 +280,15 @@ impl AuditWriter {
         if self.bytes >= self.max_segment_bytes && self.seq >= self.first_seq {
             self.rotate()?;
         }
-        let raw = serde_json::value::to_raw_value(record)?;
         let line = Line {
             seq: self.seq + 1,
-            prev: self.last_hash.clone(),
+            prev: &self.last_hash,
             time: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             kind,
-            record: &raw,
+            record,
         };
         let start = self.pending.len();
         if let Err(e) = serde_json::to_writer(&mut self.pending, &line) {

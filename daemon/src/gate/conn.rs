@@ -75,6 +75,9 @@ pub(super) struct Conn {
     /// Requests in flight (until their response body ends), and since when none is.
     pub active: std::sync::atomic::AtomicUsize,
     pub idle_since: std::sync::Mutex<Instant>,
+    /// The audit records' `origin`, made at the first request and shared by every
+    /// record of the connection (it does not change).
+    pub audit_origin: std::sync::OnceLock<Arc<crate::audit::Origin>>,
 }
 
 impl Conn {
@@ -210,6 +213,7 @@ impl Gate {
             agent,
             active: std::sync::atomic::AtomicUsize::new(0),
             idle_since: std::sync::Mutex::new(Instant::now()),
+            audit_origin: std::sync::OnceLock::new(),
         });
         debug!(h2, sni = ?conn.sni, "TLS established");
         let gate = self.clone();

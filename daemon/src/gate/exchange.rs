@@ -244,7 +244,13 @@ impl Exchange {
 }
 
 /// The connection's origin as recorded: what the kernel saw, never what the agent said.
-fn origin_of(conn: &Conn) -> Origin {
+fn origin_of(conn: &Conn) -> Arc<Origin> {
+    conn.audit_origin
+        .get_or_init(|| Arc::new(make_origin(conn)))
+        .clone()
+}
+
+fn make_origin(conn: &Conn) -> Origin {
     let mut o = Origin {
         peer: conn.peer.to_string(),
         ..Origin::default()

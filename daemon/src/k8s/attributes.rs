@@ -26,12 +26,12 @@ pub struct Attributes {
 impl From<&RequestInfo> for Attributes {
     fn from(r: &RequestInfo) -> Self {
         Attributes {
-            verb: r.verb.clone(),
-            api_group: r.api_group.clone(),
-            resource: r.resource.clone(),
-            subresource: r.subresource.clone(),
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
+            verb: r.verb.to_string(),
+            api_group: r.api_group.to_string(),
+            resource: r.resource.to_string(),
+            subresource: r.subresource.to_string(),
+            namespace: r.namespace.to_string(),
+            name: r.name.to_string(),
             path: if r.is_resource_request {
                 String::new()
             } else {

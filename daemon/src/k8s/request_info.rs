@@ -1,6 +1,7 @@
 //! Kubernetes request attributes, resolved exactly as the apiserver's RequestInfo
 //! resolver does (k8s.io/apiserver/pkg/endpoints/request/requestinfo.go), so policy and
 //! audit speak the vocabulary RBAC and the audit log already use.
+use compact_str::{CompactString, ToCompactString};
 use serde::{Deserialize, Serialize};
 
 /// The attributes of one request (the apiserver's `RequestInfo`).
@@ -10,21 +11,21 @@ pub struct RequestInfo {
     pub is_resource_request: bool,
     /// The request path (for non-resource requests this is what RBAC matches).
     pub path: String,
-    pub verb: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub api_prefix: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub api_group: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub api_version: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub namespace: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub resource: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub subresource: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub name: String,
+    pub verb: CompactString,
+    #[serde(skip_serializing_if = "CompactString::is_empty")]
+    pub api_prefix: CompactString,
+    #[serde(skip_serializing_if = "CompactString::is_empty")]
+    pub api_group: CompactString,
+    #[serde(skip_serializing_if = "CompactString::is_empty")]
+    pub api_version: CompactString,
+    #[serde(skip_serializing_if = "CompactString::is_empty")]
+    pub namespace: CompactString,
+    #[serde(skip_serializing_if = "CompactString::is_empty")]
+    pub resource: CompactString,
+    #[serde(skip_serializing_if = "CompactString::is_empty")]
+    pub subresource: CompactString,
+    #[serde(skip_serializing_if = "CompactString::is_empty")]
+    pub name: CompactString,
 }
 
 impl RequestInfo {
@@ -90,9 +91,10 @@ pub fn resolve(
     let path = percent_encoding::percent_decode_str(raw_path)
         .decode_utf8_lossy()
         .into_owned();
+    let mut verb = CompactString::from(method);
+    verb.as_mut_str().make_ascii_lowercase();
     let mut info = RequestInfo {
-        path: path.clone(),
-        verb: method.to_ascii_lowercase(),
+        verb,
         ..Default::default()
     };
     let trimmed = path.trim_matches('/');
@@ -103,20 +105,24 @@ pub fn resolve(
     };
     // Resource paths have at least /api/VERSION/RESOURCE or /apis/GROUP/VERSION.
     if all.len() < 3 || !API_PREFIXES.contains(&all[0]) {
+        drop(all);
+        info.path = path;
         return Ok(info);
     }
-    info.api_prefix = all[0].to_string();
+    info.api_prefix = all[0].into();
     let mut parts = &all[1..];
     if !GROUPLESS_API_PREFIXES.contains(&info.api_prefix.as_str()) {
         // /apis/GROUP/VERSION/RESOURCE...; shorter is group discovery.
         if parts.len() < 3 {
+            drop(all);
+            info.path = path;
             return Ok(info);
         }
-        info.api_group = parts[0].to_string();
+        info.api_group = parts[0].into();
         parts = &parts[1..];
     }
     // At least VERSION and one more part remain here.
-    info.api_version = parts[0].to_string();
+    info.api_version = parts[0].into();
     parts = &parts[1..];
     info.is_resource_request = true;
 
@@ -126,7 +132,7 @@ pub fn resolve(
                 raw_path.into(),
             ));
         }
-        info.verb = parts[0].to_string();
+        info.verb = parts[0].into();
         parts = &parts[1..];
     } else {
         info.verb = match method {
@@ -138,11 +144,11 @@ pub fn resolve(
             // As the apiserver's resolver: no verb (its authorizer then refuses).
             _ => "",
         }
-        .to_string();
+        .into();
     }
 
     if parts[0] == "namespaces" && parts.len() > 1 {
-        info.namespace = parts[1].to_string();
+        info.namespace = parts[1].into();
         // namespaces/NS/pods/... : drop the namespace prefix; but
         // namespaces/NS/status is the namespace's own subresource.
         if parts.len() > 2 && !NAMESPACE_SUBRESOURCES.contains(&parts[2]) {
@@ -151,14 +157,16 @@ pub fn resolve(
     }
 
     if parts.len() >= 3 && !SPECIAL_VERBS_NO_SUBRESOURCES.contains(&info.verb.as_str()) {
-        info.subresource = parts[2].to_string();
+        info.subresource = parts[2].into();
     }
     if parts.len() >= 2 {
-        info.name = parts[1].to_string();
+        info.name = parts[1].into();
     }
     if !parts.is_empty() {
-        info.resource = parts[0].to_string();
+        info.resource = parts[0].into();
     }
+    drop(all);
+    info.path = path;
 
     // No name and a get: really a list, or a watch.
     if info.name.is_empty() && info.verb == "get" {
@@ -167,7 +175,7 @@ pub fn resolve(
         if let Some(name) = opts.field_selector_name
             && is_valid_path_segment_name(&name)
         {
-            info.name = name;
+            info.name = name.to_compact_string();
         }
     }
     // No name and a delete: deletecollection.

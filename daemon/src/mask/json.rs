@@ -107,14 +107,21 @@ pub struct JsonMasker {
     key_names: NameMemo,
 }
 
+/// Frames and key bytes made room for at the start (an object's keys are short; a
+/// Kubernetes object nests about eight deep).
+const FRAMES_AHEAD: usize = 12;
+const KEY_AHEAD: usize = 32;
+
 impl JsonMasker {
     pub fn new(plan: Arc<Plan>) -> Self {
         JsonMasker {
             plan,
-            frames: Vec::new(),
+            // Sized for an ordinary object's depth and keys, so a small body does not
+            // grow them step by step (each growth is an allocation).
+            frames: Vec::with_capacity(FRAMES_AHEAD),
             lex: Lex::Between,
             sbuf: Vec::new(),
-            spare_keys: Vec::new(),
+            spare_keys: Vec::with_capacity(FRAMES_AHEAD),
             offset: 0,
             out: Vec::new(),
             hold: None,
@@ -147,7 +154,10 @@ impl JsonMasker {
                             if b == b'[' && masked.is_none() && self.at_column_definitions() {
                                 self.secret_columns.clear();
                             }
-                            let mut key = self.spare_keys.pop().unwrap_or_default();
+                            let mut key = self
+                                .spare_keys
+                                .pop()
+                                .unwrap_or_else(|| Vec::with_capacity(KEY_AHEAD));
                             key.clear();
                             let roots_below = self.roots_below_next();
                             // In range: fewer than MAX_DEPTH frames are open here (checked

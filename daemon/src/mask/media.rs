@@ -148,6 +148,16 @@ pub fn json_accept(v: &http::HeaderValue) -> http::HeaderValue {
     let Ok(s) = v.to_str() else {
         return http::HeaderValue::from_static("application/json");
     };
+    // Most agents ask for JSON only (kubectl's gets and lists: `application/json`, or
+    // Table as JSON): nothing to rewrite, no allocation.
+    let asks_other = ["protobuf", "yaml", "cbor"].iter().any(|w| {
+        s.as_bytes()
+            .windows(w.len())
+            .any(|win| win.eq_ignore_ascii_case(w.as_bytes()))
+    });
+    if !asks_other {
+        return v.clone();
+    }
     let mut out = Vec::new();
     for entry in s.split(',') {
         let entry = entry.trim();
@@ -191,6 +201,14 @@ mod tests {
             "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
         );
         let v = http::HeaderValue::from_static("application/vnd.kubernetes.protobuf");
+        assert_eq!(json_accept(&v), "application/json");
+        // The quick path: nothing to rewrite is passed as it came; any case of a
+        // media type the daemon cannot mask still goes through the rewrite.
+        let v = http::HeaderValue::from_static("application/json, */*");
+        assert_eq!(json_accept(&v), "application/json, */*");
+        let v = http::HeaderValue::from_static("Application/YAML;q=0.9, application/json");
+        assert_eq!(json_accept(&v), "application/json;q=0.9,application/json");
+        let v = http::HeaderValue::from_static("application/CBOR");
         assert_eq!(json_accept(&v), "application/json");
     }
 

@@ -99,7 +99,7 @@ impl<'a> Request<'a> {
     /// selector pins (`metadata.namespace=NS` on a list across namespaces).
     pub(super) fn namespace(&self) -> Option<String> {
         if !self.info.namespace.is_empty() {
-            return Some(self.info.namespace.clone());
+            return Some(self.info.namespace.to_string());
         }
         if self.collection() {
             return k8s::field_selector_value(self.query, "metadata.namespace");

@@ -402,6 +402,7 @@ proxy:
             agent: crate::gate::admission::AgentKey::Addr([127, 0, 0, 1].into()),
             active: std::sync::atomic::AtomicUsize::new(0),
             idle_since: std::sync::Mutex::new(std::time::Instant::now()),
+            audit_origin: std::sync::OnceLock::new(),
         }
     }
 
