@@ -122,7 +122,15 @@ pub fn head_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 pub(super) fn hash_line(line: &[u8]) -> String {
-    hex::encode(Sha256::digest(line))
+    // Two records per request go through here: hex by table, not `hex::encode`'s
+    // char iterator (which cost 40% as much as the digest itself in a profile).
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in Sha256::digest(line) {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// The daemon's audit signing key (PKCS#8, 0600), created on first use; the public key
@@ -166,4 +174,17 @@ pub fn list_segments(dir: &Path) -> std::io::Result<Vec<u64>> {
         .collect();
     v.sort_unstable();
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_line_hash_is_the_lowercase_hex_sha256() {
+        // FIPS 180-2's "abc" example.
+        assert_eq!(
+            super::hash_line(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(super::hash_line(b"").len(), 64);
+    }
 }
