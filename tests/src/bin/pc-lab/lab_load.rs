@@ -42,6 +42,10 @@ pub struct Opts {
     /// of `bench proxy`). `--attach` applies to the first one.
     #[arg(long, value_delimiter = ',', default_value = "daemon")]
     pub targets: Vec<String>,
+    /// Requests per second, open loop (`pc-load rate`), instead of the closed loop:
+    /// the cost of a request that arrives alone (a wake-up each).
+    #[arg(long)]
+    pub rate: Option<f64>,
 }
 
 const TARGETS: [&str; 4] = ["daemon", "floor", "floor-h1", "nginx"];
@@ -330,6 +334,10 @@ pub fn run(o: Opts) -> Result<()> {
                 c.args(["watch", "--path", &path, "--tag", &tag])
                     .arg(format!("--watchers={}", o.watchers))
                     .arg(format!("--events={}", o.count));
+            } else if let Some(rate) = o.rate {
+                c.args(["rate", "--path", &path])
+                    .arg(format!("--count={}", o.count))
+                    .arg(format!("--rate={rate}"));
             } else {
                 c.args(["get", "--path", &path])
                     .arg(format!("--count={}", o.count))
