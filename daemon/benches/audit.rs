@@ -29,14 +29,14 @@ fn record(i: u64) -> RequestRecord {
             issuer: "https://kubernetes.default.svc.cluster.local".into(),
             token_id: "3f2a9c1d0b7e6a55".into(),
         }),
-        origin: Origin {
+        origin: std::sync::Arc::new(Origin {
             peer: "10.0.1.2:51234".into(),
             original_dst: "10.96.0.1:443".into(),
             pid: 4242,
             comm: "kubectl".into(),
             cgroup_id: 12345,
             pod_uid: "6f1c2a7e-1111-4000-8000-000000000001".into(),
-        },
+        }),
         method: "DELETE".into(),
         path: format!("/api/v1/namespaces/agents/configmaps/cm-{i}"),
         query: String::new(),
@@ -48,7 +48,7 @@ fn record(i: u64) -> RequestRecord {
             api_version: "v1".into(),
             namespace: "agents".into(),
             resource: "configmaps".into(),
-            name: format!("cm-{i}"),
+            name: format!("cm-{i}").into(),
             ..RequestInfo::default()
         },
         upgrade: false,
