@@ -135,6 +135,24 @@ fn median(mut v: Vec<Run>) -> Run {
     v.swap_remove(v.len() / 2)
 }
 
+/// A small GET's answer, shaped like the API server's (the proxy benchmark's).
+fn small_object() -> Vec<u8> {
+    serde_json::json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {
+        "name": "small", "namespace": "e2e", "uid": "6f1c2b1e-0000-4000-8000-000000000000",
+        "resourceVersion": "1000", "creationTimestamp": "2026-12-01T10:00:00Z",
+        "managedFields": [{"manager": "kubectl-create", "operation": "Update", "apiVersion": "v1",
+            "time": "2026-12-01T10:00:00Z", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:data": {".": {}, "f:d": {}}}}]},
+        "data": {"k": "v"}})
+    .to_string()
+    .into_bytes()
+}
+
+#[inline(never)]
+fn mask_small(plan: &Arc<Plan>, body: &[u8]) -> usize {
+    mask_stream(BodyMasker::Json(JsonMasker::new(plan.clone())), body)
+}
+
 fn mask_stream(mut m: BodyMasker, body: &[u8]) -> usize {
     let mut n = 0;
     for c in body.chunks(CHUNK) {
@@ -174,12 +192,29 @@ fn main() {
         logs.len() as f64 / 1e6
     );
     // MASK_BENCH_PROFILE=list|logs: only mask that body, 20 times (MASK_BENCH_ROUNDS),
-    // for a profiler.
+    // for a profiler. `small`: a ~400-byte ConfigMap (the proxy benchmark's small GET)
+    // through a new masker each round, as every answer gets one: the fixed cost per
+    // answer (callgrind: `--toggle-collect=*mask_small*`).
     if let Ok(which) = std::env::var("MASK_BENCH_PROFILE") {
         let rounds: u32 = std::env::var("MASK_BENCH_ROUNDS")
             .ok()
             .and_then(|r| r.parse().ok())
             .unwrap_or(20);
+        if which == "small" {
+            let body = small_object();
+            let t = Instant::now();
+            let mut out = 0;
+            for _ in 0..rounds {
+                out += std::hint::black_box(mask_small(&plan, &body));
+            }
+            let per = t.elapsed().as_secs_f64() / f64::from(rounds) * 1e9;
+            println!(
+                "small ({} B, out {}): {per:.0} ns per answer over {rounds} rounds",
+                body.len(),
+                out / rounds.max(1) as usize
+            );
+            return;
+        }
         let body = if which == "logs" { &logs } else { &list };
         let t = Instant::now();
         for _ in 0..rounds {
