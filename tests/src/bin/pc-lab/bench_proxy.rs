@@ -26,7 +26,6 @@ use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -41,7 +40,7 @@ use portcullis_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::procs;
+use crate::{nginx, procs};
 
 const POLICY: &str = include_str!("../../../../deploy/policy/coding-agents.yaml");
 
@@ -380,15 +379,14 @@ impl Drop for Standin {
     }
 }
 
+/// nginx on the node in front of both upstreams (one port each).
 struct Nginx {
-    child: Child,
+    nginx: nginx::Nginx,
     ip: String,
 }
 
 impl Nginx {
     fn start(gate: &Gate, nginx: &Path) -> Result<Nginx> {
-        let dir = gate.dir.join("nginx");
-        std::fs::create_dir_all(dir.join("tmp"))?;
         let ip = DAEMON_ADDR
             .split(':')
             .next()
@@ -397,82 +395,27 @@ impl Nginx {
         let (cert, key) = gate.node.issue_server_cert("nginx", &[&ip])?;
         let token = std::fs::read_to_string(&gate.node.daemon_token_file)?;
         let api = gate.api_url().trim_start_matches("https://").to_string();
-        let server = |port: u16, upstream: &str| {
-            format!(
-                r#"  server {{
-    listen {ip}:{port} ssl http2;
-    ssl_certificate {cert};
-    ssl_certificate_key {key};
-    ssl_protocols TLSv1.2 TLSv1.3;
-    client_max_body_size 10m;
-    location / {{
-      proxy_pass https://{upstream};
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer {token}";
-      proxy_set_header Impersonate-User "{AGENT_USER}";
-      proxy_set_header Impersonate-Group "{AGENT_GROUP}";
-      proxy_ssl_trusted_certificate {ca};
-      proxy_ssl_verify on;
-      proxy_ssl_name kubernetes;
-      proxy_ssl_server_name on;
-      proxy_ssl_session_reuse on;
-      proxy_buffering off;
-      proxy_read_timeout 1h;
-    }}
-  }}
-"#,
-                cert = cert.display(),
-                key = key.display(),
-                token = token.trim(),
-                ca = gate.node.ca_pem.display(),
-            )
+        let server = |port: u16, upstream: &str| nginx::Server {
+            listen: format!("{ip}:{port}"),
+            upstream: upstream.to_string(),
+            cert: cert.clone(),
+            key: key.clone(),
         };
-        let conf = format!(
-            r#"daemon off;
-user root;
-worker_processes 2;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path {d}/tmp/body;
-  proxy_temp_path {d}/tmp/proxy;
-  fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi;
-  scgi_temp_path {d}/tmp/scgi;
-  upstream api {{ server {api}; keepalive 64; }}
-  upstream standin {{ server {STANDIN_ADDR}; keepalive 64; }}
-{s1}{s2}}}
-"#,
-            d = dir.display(),
-            s1 = server(NGINX_API_PORT, "api"),
-            s2 = server(NGINX_STANDIN_PORT, "standin"),
-        );
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf)?;
-        let child = gate
-            .node
-            .command(nginx)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting nginx")?;
-        std::thread::sleep(Duration::from_millis(500));
-        let mut n = Nginx { child, ip };
-        if let Some(st) = n.child.try_wait()? {
-            bail!(
-                "nginx exited ({st}): {}",
-                std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-            );
-        }
-        Ok(n)
+        let nginx = nginx::Nginx::start(
+            gate.node.command(nginx),
+            &gate.dir.join("nginx"),
+            &[
+                server(NGINX_API_PORT, &api),
+                server(NGINX_STANDIN_PORT, STANDIN_ADDR),
+            ],
+            &nginx::Upstream {
+                token: &token,
+                user: AGENT_USER,
+                group: AGENT_GROUP,
+                ca: &gate.node.ca_pem,
+            },
+        )?;
+        Ok(Nginx { nginx, ip })
     }
 
     fn url(&self, up: &str) -> String {
@@ -482,21 +425,6 @@ http {{
             NGINX_API_PORT
         };
         format!("https://{}:{port}", self.ip)
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM to the master stops its workers too (SIGKILL would orphan them).
-        let _ = portcullis_tests::signal(self.child.id(), libc::SIGTERM);
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -635,7 +563,7 @@ impl Bench<'_> {
 
     fn proxy_pids(&self, target: &str) -> Vec<u32> {
         match target {
-            "nginx" => procs::tree(self.nginx.child.id()),
+            "nginx" => procs::tree(self.nginx.nginx.child.id()),
             "portcullis" | "gated" => self.gate.daemon.pid().into_iter().collect(),
             _ => Vec::new(),
         }

@@ -11,7 +11,7 @@ use base64::Engine;
 use portcullis_tests::{Lab, bin, node::pki::Pki};
 use serde_json::{Value, json};
 
-use crate::{bench_proxy::Driven, procs};
+use crate::{bench_proxy::Driven, nginx, procs};
 
 #[derive(clap::Args, Clone)]
 pub struct Opts {
@@ -107,95 +107,28 @@ struct Target {
     url: Option<String>,
 }
 
-/// Debian's nginx as the benchmark's plain TLS-terminating reverse proxy (the
-/// configuration of `bench proxy`), stopped with SIGTERM so its workers stop too.
-struct Nginx(std::process::Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = portcullis_tests::signal(self.0.id(), libc::SIGTERM);
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_nginx(lab: &Lab, listen: SocketAddr, upstream: SocketAddr) -> Result<Nginx> {
-    let nginx = std::env::var("PORTCULLIS_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
+fn start_nginx(lab: &Lab, listen: SocketAddr, upstream: SocketAddr) -> Result<nginx::Nginx> {
+    let path = std::env::var("PORTCULLIS_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
     ensure!(
-        std::path::Path::new(&nginx).exists(),
-        "{nginx} is missing: `cargo xtask bench proxy` installs Debian's nginx"
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: `cargo xtask bench proxy` installs Debian's nginx"
     );
-    let d = lab.dir.join("nginx");
-    std::fs::create_dir_all(d.join("tmp"))?;
-    let conf = format!(
-        r#"daemon off;
-user root;
-worker_processes 2;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path {d}/tmp/body;
-  proxy_temp_path {d}/tmp/proxy;
-  fastcgi_temp_path {d}/tmp/fastcgi;
-  uwsgi_temp_path {d}/tmp/uwsgi;
-  scgi_temp_path {d}/tmp/scgi;
-  upstream api {{ server {upstream}; keepalive 64; }}
-  server {{
-    listen {listen} ssl http2;
-    ssl_certificate {dir}/proxy.crt;
-    ssl_certificate_key {dir}/proxy.key;
-    ssl_protocols TLSv1.2 TLSv1.3;
-    location / {{
-      proxy_pass https://api;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Authorization "Bearer bench";
-      proxy_set_header Impersonate-User "portcullis:agent";
-      proxy_set_header Impersonate-Group "portcullis:agents";
-      proxy_ssl_trusted_certificate {dir}/upstream-ca.crt;
-      proxy_ssl_verify on;
-      proxy_ssl_name kubernetes;
-      proxy_ssl_server_name on;
-      proxy_ssl_session_reuse on;
-      proxy_buffering off;
-      proxy_read_timeout 1h;
-    }}
-  }}
-}}
-"#,
-        d = d.display(),
-        dir = lab.dir.display(),
-    );
-    let conf_path = d.join("nginx.conf");
-    std::fs::write(&conf_path, conf)?;
-    let child = lab
-        .command_in_ns(lab.ns_node(), std::path::Path::new(&nginx))
-        .arg("-e")
-        .arg(d.join("error.log"))
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting nginx")?;
-    let mut n = Nginx(child);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    if let Some(st) = n.0.try_wait()? {
-        anyhow::bail!(
-            "nginx exited ({st}): {}",
-            std::fs::read_to_string(d.join("error.log")).unwrap_or_default()
-        );
-    }
-    Ok(n)
+    nginx::Nginx::start(
+        lab.command_in_ns(lab.ns_node(), std::path::Path::new(&path)),
+        &lab.dir.join("nginx"),
+        &[nginx::Server {
+            listen: listen.to_string(),
+            upstream: upstream.to_string(),
+            cert: lab.dir.join("proxy.crt"),
+            key: lab.dir.join("proxy.key"),
+        }],
+        &nginx::Upstream {
+            token: "bench",
+            user: "portcullis:agent",
+            group: "portcullis:agents",
+            ca: &lab.dir.join("upstream-ca.crt"),
+        },
+    )
 }
 
 fn start_floor(lab: &Lab, listen: SocketAddr, api: SocketAddr, http1: bool) -> Result<u32> {
@@ -284,7 +217,7 @@ pub fn run(o: Opts) -> Result<()> {
             "floor" | "floor-h1" => vec![start_floor(&lab, listen, api, t == "floor-h1")?],
             _ => {
                 let n = start_nginx(&lab, listen, api)?;
-                let root = n.0.id();
+                let root = n.child.id();
                 nginx = Some(n);
                 procs::tree(root)
             }

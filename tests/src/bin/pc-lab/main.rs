@@ -20,6 +20,7 @@ mod bench_kernel;
 mod bench_proxy;
 mod bench_watches;
 mod lab_load;
+mod nginx;
 mod procs;
 
 #[derive(Subcommand)]
