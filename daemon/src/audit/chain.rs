@@ -122,15 +122,12 @@ pub fn head_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 pub(super) fn hash_line(line: &[u8]) -> String {
-    // Two records per request go through here: hex by table, not `hex::encode`'s
-    // char iterator (which cost 40% as much as the digest itself in a profile).
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(64);
-    for b in Sha256::digest(line) {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    out
+    // Two records per request go through here: `encode_to_slice` (a table) rather than
+    // `hex::encode`, whose char iterator cost 40% as much as the digest in a profile.
+    let mut out = [0u8; 64];
+    // A SHA-256 digest is 32 bytes: its hex fills the 64 exactly, this cannot fail.
+    let _ = hex::encode_to_slice(Sha256::digest(line), &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The daemon's audit signing key (PKCS#8, 0600), created on first use; the public key

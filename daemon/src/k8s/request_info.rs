@@ -97,6 +97,19 @@ pub fn resolve(
         verb,
         ..Default::default()
     };
+    resolve_parts(&mut info, &path, method, raw_path, query)?;
+    info.path = path;
+    Ok(info)
+}
+
+/// The attributes `path` (decoded) says, into `info` (its verb the method's).
+fn resolve_parts(
+    info: &mut RequestInfo,
+    path: &str,
+    method: &str,
+    raw_path: &str,
+    query: Option<&str>,
+) -> Result<(), RequestInfoError> {
     let trimmed = path.trim_matches('/');
     let all: Vec<&str> = if trimmed.is_empty() {
         vec![]
@@ -105,18 +118,14 @@ pub fn resolve(
     };
     // Resource paths have at least /api/VERSION/RESOURCE or /apis/GROUP/VERSION.
     if all.len() < 3 || !API_PREFIXES.contains(&all[0]) {
-        drop(all);
-        info.path = path;
-        return Ok(info);
+        return Ok(());
     }
     info.api_prefix = all[0].into();
     let mut parts = &all[1..];
     if !GROUPLESS_API_PREFIXES.contains(&info.api_prefix.as_str()) {
         // /apis/GROUP/VERSION/RESOURCE...; shorter is group discovery.
         if parts.len() < 3 {
-            drop(all);
-            info.path = path;
-            return Ok(info);
+            return Ok(());
         }
         info.api_group = parts[0].into();
         parts = &parts[1..];
@@ -165,8 +174,6 @@ pub fn resolve(
     if !parts.is_empty() {
         info.resource = parts[0].into();
     }
-    drop(all);
-    info.path = path;
 
     // No name and a get: really a list, or a watch.
     if info.name.is_empty() && info.verb == "get" {
@@ -182,7 +189,7 @@ pub fn resolve(
     if info.name.is_empty() && info.verb == "delete" {
         info.verb = "deletecollection".into();
     }
-    Ok(info)
+    Ok(())
 }
 
 /// The part of metav1.ListOptions the resolver looks at.
