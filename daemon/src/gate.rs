@@ -129,7 +129,7 @@ impl Gate {
         let admitted = self.precheck(&req, conn)?;
         ex.admitted(&admitted);
         let caller = self.authorizer.authenticate(&req, conn).await?;
-        ex.identified(caller.identity());
+        ex.identified(caller.identity(), conn);
         let content_type = req
             .headers()
             .get(http::header::CONTENT_TYPE)

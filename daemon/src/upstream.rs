@@ -174,21 +174,20 @@ impl Upstream {
         upgrade: bool,
         imp: &Impersonation,
     ) -> Result<(), UpstreamError> {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|pq| pq.as_str())
-            .unwrap_or("/");
-        let mut b = Uri::builder();
-        if let Some(s) = self.base.scheme() {
-            b = b.scheme(s.clone());
-        }
-        if let Some(a) = self.base.authority() {
-            b = b.authority(a.clone());
-        }
-        // The path came from a request hyper already parsed, so it is a valid URI part.
-        if let Ok(uri) = b.path_and_query(pq).build() {
-            parts.uri = uri;
+        // The path and query as hyper parsed them (shared, not parsed again), on the
+        // upstream's scheme and authority.
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = self.base.scheme().cloned();
+        uri.authority = self.base.authority().cloned();
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        if let Ok(u) = Uri::from_parts(uri) {
+            parts.uri = u;
         }
         parts.version = Version::HTTP_11;
         let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();

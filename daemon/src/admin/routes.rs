@@ -193,9 +193,9 @@ impl Admin {
                     ));
                 }
                 Ok(Approver {
-                    user: id.user,
-                    issuer: id.issuer,
-                    subject: id.subject,
+                    user: id.user.clone(),
+                    issuer: id.issuer.clone(),
+                    subject: id.subject.clone(),
                     node_admin: false,
                 })
             }

@@ -1,5 +1,7 @@
 //! The gate's records as written in the chain: `request` (who, from where, what, the
 //! decision) and `response` (its outcome), and the decisions.
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::k8s::RequestInfo;
@@ -137,7 +139,7 @@ pub struct RequestRecord {
     pub received_ns: u64,
     pub conn: u64,
     #[serde(default)]
-    pub user: Option<Subject>,
+    pub user: Option<Arc<Subject>>,
     /// Shared by the records of one connection.
     pub origin: std::sync::Arc<Origin>,
     pub method: String,

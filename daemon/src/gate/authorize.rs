@@ -44,8 +44,21 @@ pub struct Gated {
 pub enum Caller<'a> {
     /// Pass-through: any enrolled agent, as the configured identity.
     Agent(&'a Impersonation),
-    /// Gated: the identity of a verified token.
-    Identified { id: Box<Identity>, gated: &'a Gated },
+    /// Gated: the identity of a verified token, on its connection.
+    Identified {
+        id: Arc<Identity>,
+        gated: &'a Gated,
+        conn: &'a Conn,
+    },
+}
+
+/// A connection's last identity, the policy it was mapped under, and the upstream
+/// impersonation that made (see `Conn::impersonation`).
+#[derive(Debug)]
+pub(super) struct ImpersonationMemo {
+    id: Arc<Identity>,
+    policy: Arc<policy::Policy>,
+    impersonate: Impersonation,
 }
 
 /// A request the gate lets through, and why.
@@ -74,11 +87,11 @@ impl Authorizer {
         }
     }
 
-    pub(super) async fn authenticate<B>(
-        &self,
+    pub(super) async fn authenticate<'a, B>(
+        &'a self,
         req: &Request<B>,
-        conn: &Conn,
-    ) -> Result<Caller<'_>, Refusal> {
+        conn: &'a Conn,
+    ) -> Result<Caller<'a>, Refusal> {
         let gated = match self {
             Authorizer::PassThrough(imp) => return Ok(Caller::Agent(imp)),
             Authorizer::Gated(g) => g,
@@ -89,15 +102,12 @@ impl Authorizer {
             .authenticate(token, conn.kernel_pod.as_ref())
             .await
             .map_err(Refusal::BadToken)?;
-        Ok(Caller::Identified {
-            id: Box::new(id),
-            gated,
-        })
+        Ok(Caller::Identified { id, gated, conn })
     }
 }
 
 impl Caller<'_> {
-    pub fn identity(&self) -> Option<&Identity> {
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
         match self {
             Caller::Agent(_) => None,
             Caller::Identified { id, .. } => Some(id),
@@ -110,7 +120,7 @@ impl Caller<'_> {
         wire: &Wire<'_>,
         upstream: &Upstream,
     ) -> Result<Authorized, Refusal> {
-        let (id, gated) = match self {
+        let (id, gated, conn) = match self {
             Caller::Agent(imp) => {
                 return Ok(Authorized {
                     impersonate: imp.clone(),
@@ -121,18 +131,15 @@ impl Caller<'_> {
                     precondition: None,
                 });
             }
-            Caller::Identified { id, gated } => (*id, gated),
+            Caller::Identified { id, gated, conn } => (id, gated, conn),
         };
         let policy = gated.policy.get();
         // Before any decision: a subject with no upstream identity can never proceed,
         // so nobody is asked to approve its requests.
-        let Some(scoped) = policy.scoped_identity(&id.user) else {
-            return Err(Refusal::Unmapped {
-                policy: policy.name.clone(),
-                user: id.user.username,
-            });
-        };
-        let impersonate = Impersonation::new(&scoped.user, &scoped.groups);
+        let impersonate = impersonation(conn, &id, &policy).ok_or_else(|| Refusal::Unmapped {
+            policy: policy.name.clone(),
+            user: id.user.username.clone(),
+        })?;
         let info = &admitted.info;
         let pod = id.kernel_pod.as_ref().or(id.token_pod.as_ref());
         let request = policy::Request {
@@ -162,12 +169,11 @@ impl Caller<'_> {
         );
         let body = effect::conditional_body(wire, info, &effect)?;
         let precondition = body.as_ref().and(effect.resource_version.clone());
-        let attrs = Box::new(Attributes::from(info));
         let rule = match (d.action, d.rule) {
             (Action::Deny, rule) => {
                 return Err(Refusal::Denied {
-                    attrs,
-                    user: id.user.username,
+                    attrs: Box::new(Attributes::from(info)),
+                    user: id.user.username.clone(),
                     message: d.message,
                     rule,
                 });
@@ -184,6 +190,7 @@ impl Caller<'_> {
             }
             (Action::Approve, rule) => rule.unwrap_or_default(),
         };
+        let attrs = Box::new(Attributes::from(info));
         let spec = d.approval.unwrap_or_else(|| ApprovalSpec {
             approvers: Vec::new(),
             hold: Duration::ZERO,
@@ -234,13 +241,37 @@ impl Caller<'_> {
                 rule,
             }),
             Ok(Held::TooMany { pending }) => Err(Refusal::TooManyPending {
-                user: id.user.username,
+                user: id.user.username.clone(),
                 pending,
                 rule,
             }),
             Err(source) => Err(Refusal::ApprovalsUnavailable { rule, source }),
         }
     }
+}
+
+/// The upstream identity `id` is impersonated as under `policy` (None: the policy maps
+/// it to none), made once per connection, identity and policy.
+fn impersonation(
+    conn: &Conn,
+    id: &Arc<Identity>,
+    policy: &Arc<policy::Policy>,
+) -> Option<Impersonation> {
+    let mut memo = conn.impersonation.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = &*memo
+        && Arc::ptr_eq(&m.id, id)
+        && Arc::ptr_eq(&m.policy, policy)
+    {
+        return Some(m.impersonate.clone());
+    }
+    let scoped = policy.scoped_identity(&id.user)?;
+    let impersonate = Impersonation::new(&scoped.user, &scoped.groups);
+    *memo = Some(ImpersonationMemo {
+        id: id.clone(),
+        policy: policy.clone(),
+        impersonate: impersonate.clone(),
+    });
+    Some(impersonate)
 }
 
 /// The agent's bearer token (`Authorization: Bearer ...`).

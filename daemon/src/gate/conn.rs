@@ -78,6 +78,12 @@ pub(super) struct Conn {
     /// The audit records' `origin`, made at the first request and shared by every
     /// record of the connection (it does not change).
     pub audit_origin: std::sync::OnceLock<Arc<crate::audit::Origin>>,
+    /// The last caller's identity on the connection and what was made from it once:
+    /// its audit subject, and its upstream impersonation under the policy of the
+    /// time. A connection's requests almost always carry one token, whose verified
+    /// identity the authenticator shares: later requests reuse these.
+    pub audit_subject: std::sync::Mutex<Option<super::exchange::SubjectMemo>>,
+    pub impersonation: std::sync::Mutex<Option<super::authorize::ImpersonationMemo>>,
 }
 
 impl Conn {
@@ -214,6 +220,8 @@ impl Gate {
             active: std::sync::atomic::AtomicUsize::new(0),
             idle_since: std::sync::Mutex::new(Instant::now()),
             audit_origin: std::sync::OnceLock::new(),
+            audit_subject: std::sync::Mutex::new(None),
+            impersonation: std::sync::Mutex::new(None),
         });
         debug!(h2, sni = ?conn.sni, "TLS established");
         let gate = self.clone();

@@ -86,6 +86,13 @@ impl Records {
     }
 }
 
+/// A connection's last identity and its audit subject (see `Conn::audit_subject`).
+#[derive(Debug)]
+pub(super) struct SubjectMemo {
+    id: Arc<Identity>,
+    subject: Arc<Subject>,
+}
+
 /// One request's records, from its arrival to the end of its answer.
 pub(super) struct Exchange {
     audit: Arc<AuditLog>,
@@ -101,12 +108,25 @@ impl Exchange {
         self.rec.mutating = a.mutating;
     }
 
-    pub fn identified(&mut self, id: Option<&Identity>) {
-        self.rec.user = id.map(|id| Subject {
-            username: id.user.username.clone(),
-            groups: id.user.groups.clone(),
-            issuer: id.issuer.clone(),
-            token_id: id.token_id.clone(),
+    pub fn identified(&mut self, id: Option<&Arc<Identity>>, conn: &Conn) {
+        self.rec.user = id.map(|id| {
+            let mut memo = conn.audit_subject.lock().unwrap_or_else(|p| p.into_inner());
+            match &*memo {
+                Some(m) if Arc::ptr_eq(&m.id, id) => m.subject.clone(),
+                _ => {
+                    let subject = Arc::new(Subject {
+                        username: id.user.username.clone(),
+                        groups: id.user.groups.clone(),
+                        issuer: id.issuer.clone(),
+                        token_id: id.token_id.clone(),
+                    });
+                    *memo = Some(SubjectMemo {
+                        id: id.clone(),
+                        subject: subject.clone(),
+                    });
+                    subject
+                }
+            }
         });
     }
 

@@ -212,7 +212,7 @@ async fn pass_through_forwards_as_the_configured_identity_with_the_daemons_crede
     let lab = pass_through().await;
     let mut r = req(
         "GET",
-        "/api/v1/namespaces/e2e/configmaps",
+        "/api/v1/namespaces/e2e/configmaps?labelSelector=app%3Dweb%2Ctier&limit=5",
         Some("agent-secret-token"),
         None,
     );
@@ -224,6 +224,11 @@ async fn pass_through_forwards_as_the_configured_identity_with_the_daemons_crede
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     let seen = lab.api.seen_at("GET", "/api/v1/namespaces/e2e/configmaps");
     assert_eq!(seen.len(), 1);
+    // The path and query arrive as the agent sent them, escapes included.
+    assert_eq!(
+        seen[0].uri.query(),
+        Some("labelSelector=app%3Dweb%2Ctier&limit=5")
+    );
     let h = &seen[0].headers;
     assert_eq!(h["authorization"], "Bearer daemon-token");
     assert_eq!(h["impersonate-user"], "portcullis:agent");
@@ -262,7 +267,9 @@ async fn unauthenticated_requests_are_refused_with_the_reason() {
         r.body
     );
 
-    // A token bound to pod A, used from pod B.
+    // A token bound to pod A, used from pod B: refused whether or not its identity is
+    // cached (verified and bound to pod A by an earlier request) — the binding is
+    // checked on every request.
     let r = lab
         .call(From::PodB, Some(&lab.agent_token()), "GET", path)
         .await;
@@ -274,6 +281,23 @@ async fn unauthenticated_requests_are_refused_with_the_reason() {
         )
     );
     assert!(lab.api.seen_at("GET", path).is_empty());
+    let from_a = lab
+        .call(From::PodA, Some(&lab.agent_token()), "GET", path)
+        .await;
+    assert_ne!(from_a.status, StatusCode::UNAUTHORIZED, "{}", from_a.body);
+    let r = lab
+        .call(From::PodB, Some(&lab.agent_token()), "GET", path)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        r.message()
+            .contains("a token is only valid from its own pod")
+    );
+    assert_eq!(
+        lab.api.seen_at("GET", path).len(),
+        1,
+        "only pod A's request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +314,7 @@ async fn a_subject_without_an_upstream_identity_is_refused() {
     let (rec, _) = lab.records("GET", path).await;
     assert_eq!(rec.decision.as_str(), "unmapped");
     assert_eq!(
-        rec.user.map(|u| u.username).as_deref(),
+        rec.user.map(|u| u.username.clone()).as_deref(),
         Some("system:serviceaccount:e2e:other")
     );
 }

@@ -37,20 +37,18 @@ struct Issuer {
     keys: Arc<JwksCache>,
 }
 
-/// A token already verified: its identity stays valid until `expires_at`.
-struct Cached {
-    identity: Identity,
-}
-
 pub struct Authenticator {
     issuers: HashMap<String, Issuer>,
     leeway: Duration,
-    cache: Mutex<HashMap<[u8; 32], Arc<Cached>>>,
+    /// Token digest → its verified identity (valid until `expires_at`), as last bound
+    /// to a pod: requests from that pod share it.
+    cache: Mutex<HashMap<[u8; 32], Arc<Identity>>>,
     /// Where TokenReviews go (the API server, with the daemon's credential).
     reviewer: Option<Arc<Upstream>>,
     review_ttl: Duration,
-    /// `(issuer, jti)` → when the API server last confirmed the token.
-    reviewed: Mutex<HashMap<(String, String), std::time::Instant>>,
+    /// Issuer → jti → when the API server last confirmed the token (by issuer first, so
+    /// a request's lookup borrows its identity's strings instead of copying them).
+    reviewed: Mutex<HashMap<String, HashMap<String, std::time::Instant>>>,
 }
 
 const CACHE_MAX: usize = 4096;
@@ -94,14 +92,15 @@ impl Authenticator {
                 "no API server to send TokenReviews to".into(),
             ));
         };
-        let key = (id.issuer.clone(), id.token_id.clone());
         {
             let mut seen = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(t) = seen.get(&key) {
+            if let Some(by_jti) = seen.get_mut(id.issuer.as_str())
+                && let Some(t) = by_jti.get(id.token_id.as_str())
+            {
                 if t.elapsed() < self.review_ttl {
                     return Ok(());
                 }
-                seen.remove(&key);
+                by_jti.remove(id.token_id.as_str());
             }
         }
         let body = serde_json::json!({
@@ -153,11 +152,16 @@ impl Authenticator {
             )));
         }
         let mut seen = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= CACHE_MAX {
+        if seen.values().map(HashMap::len).sum::<usize>() >= CACHE_MAX {
             let ttl = self.review_ttl;
-            seen.retain(|_, t| t.elapsed() < ttl);
+            for by_jti in seen.values_mut() {
+                by_jti.retain(|_, t| t.elapsed() < ttl);
+            }
+            seen.retain(|_, by_jti| !by_jti.is_empty());
         }
-        seen.insert(key, std::time::Instant::now());
+        seen.entry(id.issuer.clone())
+            .or_default()
+            .insert(id.token_id.clone(), std::time::Instant::now());
         Ok(())
     }
 
@@ -167,7 +171,7 @@ impl Authenticator {
         &self,
         token: &str,
         kernel_pod: Option<&PodRef>,
-    ) -> Result<Identity, AuthError> {
+    ) -> Result<Arc<Identity>, AuthError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let cached = self
             .cache
@@ -175,39 +179,42 @@ impl Authenticator {
             .unwrap_or_else(|p| p.into_inner())
             .get(&digest)
             .cloned();
-        let mut identity = match cached {
-            Some(c) => {
-                if now() > c.identity.expires_at.saturating_add(self.leeway.as_secs()) {
+        let identity = match cached {
+            Some(id) => {
+                if now() > id.expires_at.saturating_add(self.leeway.as_secs()) {
                     self.cache
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&digest);
                     return Err(AuthError::Expired);
                 }
-                c.identity.clone()
+                id
             }
             None => {
-                let id = self.verify(token, &digest).await?;
+                let id = Arc::new(self.verify(token, &digest).await?);
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= CACHE_MAX {
                     let t = now();
-                    cache.retain(|_, c| c.identity.expires_at > t);
+                    cache.retain(|_, c| c.expires_at > t);
                     if cache.len() >= CACHE_MAX {
                         cache.clear();
                     }
                 }
-                cache.insert(
-                    digest,
-                    Arc::new(Cached {
-                        identity: id.clone(),
-                    }),
-                );
+                cache.insert(digest, id.clone());
                 id
             }
         };
-        bind_to_pod(&mut identity, kernel_pod)?;
-        self.review(token, &identity).await?;
-        Ok(identity)
+        let bound = bind_to_pod(identity.clone(), kernel_pod)?;
+        if !Arc::ptr_eq(&bound, &identity) {
+            // Bound to another pod than last time (a token that names none): the next
+            // request from this pod shares this one.
+            self.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(digest, bound.clone());
+        }
+        self.review(token, &bound).await?;
+        Ok(bound)
     }
 
     async fn verify(&self, token: &str, digest: &[u8; 32]) -> Result<Identity, AuthError> {

@@ -1,5 +1,7 @@
 //! Verified claims to an identity, per issuer kind, and the binding of a token to
 //! the pod whose cgroup opened the connection.
+use std::sync::Arc;
+
 use serde::Deserialize;
 
 use super::{AuthError, Identity};
@@ -118,8 +120,12 @@ pub(super) fn identity_from_claims(
 }
 
 /// A token that names a pod is valid only from that pod's cgroup; a token that does
-/// not gets the kernel's pod recorded beside it.
-pub(super) fn bind_to_pod(id: &mut Identity, kernel_pod: Option<&PodRef>) -> Result<(), AuthError> {
+/// not gets the kernel's pod recorded beside it. Checked on every request; the
+/// identity is shared, not copied, while it already names this pod.
+pub(super) fn bind_to_pod(
+    id: Arc<Identity>,
+    kernel_pod: Option<&PodRef>,
+) -> Result<Arc<Identity>, AuthError> {
     if let Some(tp) = &id.token_pod {
         match kernel_pod {
             Some(kp) if kp.uid == tp.uid => {}
@@ -137,8 +143,12 @@ pub(super) fn bind_to_pod(id: &mut Identity, kernel_pod: Option<&PodRef>) -> Res
             }
         }
     }
-    id.kernel_pod = kernel_pod.cloned();
-    Ok(())
+    if id.kernel_pod.as_ref() == kernel_pod {
+        return Ok(id);
+    }
+    let mut bound = Identity::clone(&id);
+    bound.kernel_pod = kernel_pod.cloned();
+    Ok(Arc::new(bound))
 }
 #[cfg(test)]
 mod tests {
@@ -227,14 +237,28 @@ mod tests {
             token_pod: Some(pod("A")),
             kernel_pod: None,
         };
-        assert!(bind_to_pod(&mut id.clone(), Some(&pod("A"))).is_ok());
+        let a = bind_to_pod(Arc::new(id.clone()), Some(&pod("A"))).unwrap();
+        assert_eq!(a.kernel_pod.as_ref().unwrap().uid, "A");
+        // Bound already: the same identity, shared; still checked every time.
+        assert!(Arc::ptr_eq(
+            &a,
+            &bind_to_pod(a.clone(), Some(&pod("A"))).unwrap()
+        ));
         assert!(matches!(
-            bind_to_pod(&mut id.clone(), Some(&pod("B"))),
+            bind_to_pod(a.clone(), Some(&pod("B"))),
             Err(AuthError::PodMismatch { .. })
         ));
-        assert!(bind_to_pod(&mut id.clone(), None).is_err());
+        assert!(bind_to_pod(a, None).is_err());
+        assert!(matches!(
+            bind_to_pod(Arc::new(id.clone()), Some(&pod("B"))),
+            Err(AuthError::PodMismatch { .. })
+        ));
+        assert!(bind_to_pod(Arc::new(id.clone()), None).is_err());
         id.token_pod = None;
-        bind_to_pod(&mut id, Some(&pod("B"))).unwrap();
-        assert_eq!(id.kernel_pod.unwrap().uid, "B");
+        let b = bind_to_pod(Arc::new(id), Some(&pod("B"))).unwrap();
+        assert_eq!(b.kernel_pod.as_ref().unwrap().uid, "B");
+        let c = bind_to_pod(b.clone(), Some(&pod("C"))).unwrap();
+        assert_eq!(c.kernel_pod.as_ref().unwrap().uid, "C");
+        assert_eq!(b.kernel_pod.as_ref().unwrap().uid, "B");
     }
 }

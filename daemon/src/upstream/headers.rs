@@ -1,6 +1,8 @@
 //! The request head rewrite: what describes one hop (RFC 9110 7.6.1) never crosses,
 //! and nothing the agent sent to claim an identity reaches the API server; the
 //! daemon impersonates the subject's scoped identity instead.
+use std::sync::Arc;
+
 use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 /// Headers that describe one hop and never cross a proxy (RFC 9110 7.6.1).
@@ -16,19 +18,24 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// The upstream identity a request is impersonated as, as header values.
+/// The upstream identity a request is impersonated as, as header values. Made once
+/// per identity and shared: a clone is a reference count, and the values' bytes are
+/// shared with every request head they go into.
 #[derive(Debug, Clone)]
-pub struct Impersonation {
+pub struct Impersonation(Arc<Values>);
+
+#[derive(Debug)]
+struct Values {
     user: HeaderValue,
     groups: Vec<HeaderValue>,
 }
 
 impl Impersonation {
     pub fn new(user: &str, groups: &[String]) -> Impersonation {
-        Impersonation {
+        Impersonation(Arc::new(Values {
             user: header_value(user),
             groups: groups.iter().map(|g| header_value(g)).collect(),
-        }
+        }))
     }
 }
 
@@ -41,6 +48,11 @@ fn header_value(s: &str) -> HeaderValue {
 
 /// Removes hop-by-hop headers, including any the Connection header names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most requests carry none (HTTP/2 forbids them): one pass over the names present
+    // instead of a lookup (a parse and a hash) per name in the list.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -63,9 +75,9 @@ pub(super) fn impersonate(h: &mut HeaderMap, credential: Option<HeaderValue>, im
     if let Some(c) = credential {
         h.insert(header::AUTHORIZATION, c);
     }
-    h.insert("impersonate-user", imp.user.clone());
+    h.insert("impersonate-user", imp.0.user.clone());
     // Repeated headers: a comma-joined value would be read as ONE group.
-    for g in &imp.groups {
+    for g in &imp.0.groups {
         h.append("impersonate-group", g.clone());
     }
 }
@@ -109,5 +121,25 @@ mod tests {
         strip_identity(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, vec!["accept"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_is_removed_alone() {
+        for n in HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert("accept", HeaderValue::from_static("application/json"));
+            h.insert(*n, HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut h);
+            let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, vec!["accept"], "{n}");
+        }
+        // What Connection names goes too, and nothing else.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("X-Hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["x-kept"]);
     }
 }

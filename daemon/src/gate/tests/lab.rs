@@ -403,6 +403,8 @@ proxy:
             active: std::sync::atomic::AtomicUsize::new(0),
             idle_since: std::sync::Mutex::new(std::time::Instant::now()),
             audit_origin: std::sync::OnceLock::new(),
+            audit_subject: std::sync::Mutex::new(None),
+            impersonation: std::sync::Mutex::new(None),
         }
     }
 

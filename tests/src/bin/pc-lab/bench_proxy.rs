@@ -91,6 +91,15 @@ pub struct Opts {
     /// Only these upstreams (`apiserver`, `standin`), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = UPSTREAMS.map(String::from))]
     pub upstreams: Vec<String>,
+    /// A command attached to the proxy over the closed-loop measurements of the first
+    /// round for `--attach-target` (`{pid}` becomes the daemon's or nginx master's pid,
+    /// `{tag}` the measurement's name), stopped with SIGINT; e.g. `perf stat -e
+    /// probe_libc:malloc -o /tmp/{tag}.txt -p {pid}`. Its CPU is not the proxy's.
+    #[arg(long)]
+    pub attach: Option<String>,
+    /// Of `portcullis`, `gated` and `nginx`, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "gated")]
+    pub attach_target: Vec<String>,
 }
 
 impl Opts {
@@ -605,11 +614,38 @@ impl Bench<'_> {
         let ready = d.line()?;
         ensure!(ready["ready"] == true, "{what}: not ready: {ready}");
         let (pp, up_p) = (self.proxy_pids(target), self.upstream_pids(up));
+        let attached = match &self.opts.attach {
+            Some(cmd)
+                if self.opts.attach_target.iter().any(|t| t == target)
+                    && tag.starts_with("r0-")
+                    && tag.ends_with("-cpu")
+                    && !pp.is_empty() =>
+            {
+                let c = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!(
+                        "exec {}",
+                        cmd.replace("{pid}", &pp[0].to_string())
+                            .replace("{tag}", tag)
+                    ))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("starting the attached command")?;
+                // perf needs a moment to attach before the measured part starts.
+                std::thread::sleep(std::time::Duration::from_millis(1000));
+                Some(c)
+            }
+            _ => None,
+        };
         let (p0, u0) = (procs::sample(&pp), procs::sample(&up_p));
         d.go()?;
         let side = during.map(|f| f()).transpose()?;
         let mut v = d.line()?;
         let (p1, u1) = (procs::sample(&pp), procs::sample(&up_p));
+        if let Some(mut c) = attached {
+            let _ = portcullis_tests::signal(c.id(), libc::SIGINT);
+            let _ = c.wait();
+        }
         d.finish()?;
         v["proxy_cpu_ns"] = json!(procs::cpu_ns(&p0, &p1));
         v["upstream_cpu_ns"] = json!(procs::cpu_ns(&u0, &u1));
