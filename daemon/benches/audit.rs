@@ -19,7 +19,7 @@ fn record(i: u64) -> RequestRecord {
         id: format!("req-bench-{i}"),
         received_ns: 1_795_000_000_000_000_000 + i,
         conn: i % 16,
-        user: Some(Subject {
+        user: Some(std::sync::Arc::new(Subject {
             username: "system:serviceaccount:agents:coder".into(),
             groups: vec![
                 "system:serviceaccounts".into(),
@@ -28,7 +28,7 @@ fn record(i: u64) -> RequestRecord {
             ],
             issuer: "https://kubernetes.default.svc.cluster.local".into(),
             token_id: "3f2a9c1d0b7e6a55".into(),
-        }),
+        })),
         origin: std::sync::Arc::new(Origin {
             peer: "10.0.1.2:51234".into(),
             original_dst: "10.96.0.1:443".into(),
