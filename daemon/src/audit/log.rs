@@ -10,11 +10,10 @@ use std::sync::{
 };
 
 use serde::Serialize;
-use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use super::{AuditError, AuditWriter, Kind};
+use super::{AuditError, AuditWriter, Kind, chain::Encoded};
 use crate::config::{Audit as AuditCfg, AuditLevel};
 
 const QUEUE: usize = 8192;
@@ -27,7 +26,7 @@ const OVERFLOW: usize = 4096;
 
 struct Entry {
     kind: Kind,
-    record: Box<RawValue>,
+    record: Encoded,
     ack: Option<oneshot::Sender<Result<u64, Arc<AuditError>>>>,
 }
 
@@ -90,7 +89,7 @@ impl AuditLog {
     }
 
     fn entry<T: Serialize>(kind: Kind, rec: &T) -> Option<Entry> {
-        match serde_json::value::to_raw_value(rec) {
+        match Encoded::new(rec) {
             Ok(record) => Some(Entry {
                 kind,
                 record,
@@ -251,7 +250,7 @@ fn write_loop(
         // The batch's lines in one write; were it to fail, none of them is in the chain.
         let mut appended: Vec<Result<u64, Arc<AuditError>>> = batch
             .iter()
-            .map(|e| w.append_buffered(e.kind, &e.record).map_err(Arc::new))
+            .map(|e| w.append_encoded(e.kind, &e.record).map_err(Arc::new))
             .collect();
         if let Err(e) = w.flush() {
             let e = Arc::new(e);

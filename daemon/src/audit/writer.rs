@@ -15,7 +15,8 @@ use tracing::warn;
 
 use super::{
     chain::{
-        AuditError, GENESIS, Head, Kind, Line, hash_line, head_path, io, list_segments, seg_path,
+        AuditError, Encoded, GENESIS, Head, Kind, hash_line, head_path, io, list_segments,
+        seg_path, write_line,
     },
     reopen,
 };
@@ -222,16 +223,14 @@ impl AuditWriter {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
-        self.append_unchecked(
-            Kind::Prune,
-            &Pruned {
-                reason: "audit.max_disk_bytes reached; these segments were acknowledged by the audit sink",
-                deleted_segments: deleted,
-                through_seq,
-                chain_hash,
-                acknowledged_by_sink: acked,
-            },
-        )?;
+        let pruned = Pruned {
+            reason: "audit.max_disk_bytes reached; these segments were acknowledged by the audit sink",
+            deleted_segments: deleted,
+            through_seq,
+            chain_hash,
+            acknowledged_by_sink: acked,
+        };
+        self.append_unchecked(Kind::Prune, |out| serde_json::to_writer(out, &pruned))?;
         Ok(true)
     }
 
@@ -250,6 +249,23 @@ impl AuditWriter {
         &mut self,
         kind: Kind,
         record: &T,
+    ) -> Result<u64, AuditError> {
+        self.append_buffered_with(kind, |out| serde_json::to_writer(out, record))
+    }
+
+    /// [`Self::append_buffered`] for a record encoded already (the gate's, encoded
+    /// where they are made): its bytes go into the line as they are.
+    pub fn append_encoded(&mut self, kind: Kind, record: &Encoded) -> Result<u64, AuditError> {
+        self.append_buffered_with(kind, |out| {
+            out.extend_from_slice(record.as_bytes());
+            Ok(())
+        })
+    }
+
+    fn append_buffered_with(
+        &mut self,
+        kind: Kind,
+        record: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>,
     ) -> Result<u64, AuditError> {
         // Room for this record and a rotation's head: else make room, or refuse.
         const SLACK: u64 = 4096;
@@ -272,26 +288,21 @@ impl AuditWriter {
         self.append_unchecked(kind, record)
     }
 
-    fn append_unchecked<T: Serialize>(
+    fn append_unchecked(
         &mut self,
         kind: Kind,
-        record: &T,
+        record: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>,
     ) -> Result<u64, AuditError> {
         if self.bytes >= self.max_segment_bytes && self.seq >= self.first_seq {
             self.rotate()?;
         }
-        let line = Line {
-            seq: self.seq + 1,
-            prev: &self.last_hash,
-            time: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            kind,
-            record,
-        };
+        let time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let start = self.pending.len();
-        if let Err(e) = serde_json::to_writer(&mut self.pending, &line) {
+        let seq = self.seq + 1;
+        if let Err(e) = write_line(&mut self.pending, seq, &self.last_hash, time, kind, record) {
             self.pending.truncate(start);
             return Err(e.into());
         }

@@ -46,11 +46,13 @@ impl Records {
 
     /// A request has arrived: what is known before any check.
     pub fn begin<B>(&self, req: &Request<B>, conn: &Conn) -> Exchange {
-        let id = format!(
-            "{}-{}",
-            self.id_prefix,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        );
+        // `req-<12 hex>-<n>`, in a buffer of its final size.
+        let mut n = itoa::Buffer::new();
+        let n = n.format(self.next.fetch_add(1, Ordering::Relaxed));
+        let mut id = String::with_capacity(self.id_prefix.len() + 1 + n.len());
+        id.push_str(&self.id_prefix);
+        id.push('-');
+        id.push_str(n);
         Exchange {
             audit: self.audit.clone(),
             started: Instant::now(),

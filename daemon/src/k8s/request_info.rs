@@ -111,11 +111,12 @@ fn resolve_parts(
     query: Option<&str>,
 ) -> Result<(), RequestInfoError> {
     let trimmed = path.trim_matches('/');
-    let all: Vec<&str> = if trimmed.is_empty() {
-        vec![]
-    } else {
-        trimmed.split('/').collect()
-    };
+    // Room for the longest resource path (/apis/G/V/namespaces/NS/R/NAME/SUB is 8
+    // segments) at once, instead of growing to it.
+    let mut all: Vec<&str> = Vec::with_capacity(10);
+    if !trimmed.is_empty() {
+        all.extend(trimmed.split('/'));
+    }
     // Resource paths have at least /api/VERSION/RESOURCE or /apis/GROUP/VERSION.
     if all.len() < 3 || !API_PREFIXES.contains(&all[0]) {
         return Ok(());
