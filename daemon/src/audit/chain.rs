@@ -158,12 +158,22 @@ pub fn head_path(dir: &Path, n: u64) -> PathBuf {
 }
 
 pub(super) fn hash_line(line: &[u8]) -> String {
+    let mut s = String::with_capacity(64);
+    hash_line_into(line, &mut s);
+    s
+}
+
+/// [`hash_line`] into `out` (replacing what it held, in its buffer): the writer keeps
+/// the chain value this way, without an allocation per line.
+pub(super) fn hash_line_into(line: &[u8], out: &mut String) {
     // Two records per request go through here: `encode_to_slice` (a table) rather than
     // `hex::encode`, whose char iterator cost 40% as much as the digest in a profile.
-    let mut out = [0u8; 64];
+    let mut hex = [0u8; 64];
     // A SHA-256 digest is 32 bytes: its hex fills the 64 exactly, this cannot fail.
-    let _ = hex::encode_to_slice(Sha256::digest(line), &mut out);
-    String::from_utf8_lossy(&out).into_owned()
+    let _ = hex::encode_to_slice(Sha256::digest(line), &mut hex);
+    out.clear();
+    // Lowercase hex digits are ASCII.
+    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
 }
 
 /// The daemon's audit signing key (PKCS#8, 0600), created on first use; the public key
@@ -219,6 +229,9 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
         assert_eq!(super::hash_line(b"").len(), 64);
+        let mut kept = "something longer than a hash, to be replaced".repeat(3);
+        super::hash_line_into(b"abc", &mut kept);
+        assert_eq!(kept, super::hash_line(b"abc"));
     }
 
     /// The line as serde_json writes the struct of its fields: what `write_line` must

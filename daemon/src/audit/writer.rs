@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::{
     chain::{
-        AuditError, Encoded, GENESIS, Head, Kind, hash_line, head_path, io, list_segments,
+        AuditError, Encoded, GENESIS, Head, Kind, hash_line_into, head_path, io, list_segments,
         seg_path, write_line,
     },
     reopen,
@@ -306,9 +306,7 @@ impl AuditWriter {
             self.pending.truncate(start);
             return Err(e.into());
         }
-        let h = hash_line(&self.pending[start..]);
-        self.pending.push(b'\n');
-        let len = (self.pending.len() - start) as u64;
+        let len = (self.pending.len() - start + 1) as u64;
         if self.before_pending.is_none() {
             self.before_pending = Some(Rollback {
                 seq: self.seq,
@@ -317,8 +315,9 @@ impl AuditWriter {
                 disk_bytes: self.disk_bytes,
             });
         }
+        hash_line_into(&self.pending[start..], &mut self.last_hash);
+        self.pending.push(b'\n');
         self.seq += 1;
-        self.last_hash = h;
         self.bytes += len;
         self.disk_bytes += len;
         Ok(self.seq)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{
     Encoding, LAST_APPLIED, MAX_DEPTH, MAX_STRING, MaskError, PLACEHOLDER, Plan,
-    names::{NameMemo, is_credential_flag, is_credential_name},
+    names::{is_credential_flag, is_credential_key, is_credential_name},
     paths::{EXEMPT_KEYS, ROOTS, Seg},
 };
 
@@ -103,8 +103,6 @@ pub struct JsonMasker {
     /// Table columns (by index) that show a credential, from the Table's
     /// `columnDefinitions`; kept across a watch's events (later ones omit them).
     secret_columns: Vec<bool>,
-    /// Which keys name a credential, remembered.
-    key_names: NameMemo,
 }
 
 /// Frames and key bytes made room for at the start (an object's keys are short; a
@@ -126,7 +124,6 @@ impl JsonMasker {
             out: Vec::new(),
             hold: None,
             secret_columns: Vec::new(),
-            key_names: NameMemo::default(),
         }
     }
 
@@ -629,7 +626,7 @@ impl JsonMasker {
         }
         // A credential-named field: its scalar value (a nested object keeps its
         // structure and is checked field by field).
-        if !top.array && !container && self.key_names.is_credential_name(&top.key) {
+        if !top.array && !container && is_credential_key(&top.key) {
             return Mode::Mask(Encoding::Text);
         }
         Mode::Plain

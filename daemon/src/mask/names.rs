@@ -177,6 +177,9 @@ pub fn is_credential_name(name: &[u8]) -> bool {
 /// [`is_credential_name`] for object keys, remembered: a list repeats the same few
 /// dozen keys in every item, and a key is judged for each value under it. Direct
 /// mapped, keyed by the whole name (names longer than a slot are judged each time).
+/// The judgement depends on the name alone, so one memo per thread serves every
+/// answer masked on it: a small answer's keys (`apiVersion`, `metadata`, `name`, …)
+/// are judged once per thread, not once per answer, and no answer allocates one.
 #[derive(Default)]
 pub(super) struct NameMemo {
     slots: Vec<MemoSlot>,
@@ -192,6 +195,19 @@ struct MemoSlot {
     len: u8,
     secret: bool,
     name: [u8; MEMO_NAME],
+}
+
+thread_local! {
+    static THREAD_MEMO: std::cell::RefCell<NameMemo> = std::cell::RefCell::new(NameMemo::default());
+}
+
+/// [`is_credential_name`] through this thread's [`NameMemo`].
+pub(super) fn is_credential_key(name: &[u8]) -> bool {
+    THREAD_MEMO.with(|m| match m.try_borrow_mut() {
+        Ok(mut memo) => memo.is_credential_name(name),
+        // Not reentrant, but never wrong: judged without the memo.
+        Err(_) => is_credential_name(name),
+    })
 }
 
 impl NameMemo {
@@ -387,6 +403,17 @@ mod tests {
             );
         }
         assert!(secrets > 5_000, "few credential names generated: {secrets}");
+        // The thread's memo, shared by every masker on the thread, agrees too.
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let name = rng.joined(&parts, 5);
+            assert_eq!(
+                is_credential_key(&name),
+                is_credential_name(&name),
+                "{}",
+                String::from_utf8_lossy(&name)
+            );
+        }
     }
 
     fn words(name: &str) -> Vec<&str> {
