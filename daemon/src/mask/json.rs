@@ -110,16 +110,82 @@ pub struct JsonMasker {
 const FRAMES_AHEAD: usize = 12;
 const KEY_AHEAD: usize = 32;
 
+/// A masker's container stack and key buffers, kept per thread when it is done for
+/// the next one (every answer gets a masker: a small answer's would otherwise
+/// allocate a stack and a key buffer per object it opens). Bounded: at most
+/// [`SCRATCH_KEPT`] per thread, and none that grew past an ordinary object's depth
+/// or key length. Nothing is read from them but what the next masker writes (they are
+/// cleared), as with memory the allocator hands out again.
+struct Scratch {
+    frames: Vec<Frame>,
+    spare_keys: Vec<Vec<u8>>,
+}
+
+const SCRATCH_KEPT: usize = 8;
+const SCRATCH_MAX_FRAMES: usize = 64;
+const SCRATCH_MAX_KEY: usize = 256;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<Scratch>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Scratch {
+    fn take() -> Scratch {
+        SCRATCH
+            .with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()))
+            .unwrap_or_else(|| Scratch {
+                frames: Vec::with_capacity(FRAMES_AHEAD),
+                spare_keys: Vec::with_capacity(FRAMES_AHEAD),
+            })
+    }
+
+    fn keep(mut self) {
+        if self.frames.capacity() > SCRATCH_MAX_FRAMES
+            || self.spare_keys.capacity() > SCRATCH_MAX_FRAMES
+        {
+            return;
+        }
+        // Frames still open (an abandoned stream) give back their key buffers.
+        for f in self.frames.drain(..) {
+            self.spare_keys.push(f.key);
+        }
+        self.spare_keys.retain(|k| k.capacity() <= SCRATCH_MAX_KEY);
+        for k in &mut self.spare_keys {
+            k.clear();
+        }
+        self.spare_keys.truncate(SCRATCH_MAX_FRAMES);
+        let _ = SCRATCH.try_with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut()
+                && s.len() < SCRATCH_KEPT
+            {
+                s.push(self);
+            }
+        });
+    }
+}
+
+impl Drop for JsonMasker {
+    fn drop(&mut self) {
+        Scratch {
+            frames: std::mem::take(&mut self.frames),
+            spare_keys: std::mem::take(&mut self.spare_keys),
+        }
+        .keep();
+    }
+}
+
 impl JsonMasker {
     pub fn new(plan: Arc<Plan>) -> Self {
+        // Sized for an ordinary object's depth and keys, so a small body does not grow
+        // them step by step (each growth is an allocation); a previous masker's on
+        // this thread when there is one.
+        let Scratch { frames, spare_keys } = Scratch::take();
         JsonMasker {
             plan,
-            // Sized for an ordinary object's depth and keys, so a small body does not
-            // grow them step by step (each growth is an allocation).
-            frames: Vec::with_capacity(FRAMES_AHEAD),
+            frames,
             lex: Lex::Between,
             sbuf: Vec::new(),
-            spare_keys: Vec::with_capacity(FRAMES_AHEAD),
+            spare_keys,
             offset: 0,
             out: Vec::new(),
             hold: None,
@@ -812,6 +878,45 @@ mod tests {
             );
         }
         String::from_utf8(whole).unwrap()
+    }
+
+    /// A masker that takes the stack and key buffers a previous one left on the thread
+    /// (even one abandoned deep inside an answer, mid-key) masks exactly as a masker
+    /// on a thread that never masked anything; the thread keeps a bounded number.
+    #[test]
+    fn maskers_reusing_a_threads_scratch_mask_as_new_ones() {
+        let p = secrets_plan();
+        let body = r#"{"kind":"Secret","metadata":{"name":"s","annotations":{"a":"b"}},"data":{"password":"aHVudGVyMg=="},"stringData":{"token":"ghp_abcdefghijklmnopqrstuvwxyz0123456789"},"x":[{"name":"DB_PASSWORD","value":"hunter2hunter2"}]}"#;
+        let fresh = {
+            let (p, body) = (p.clone(), body.to_owned());
+            std::thread::spawn(move || mask_chunks(&p, body.as_bytes(), 5))
+                .join()
+                .unwrap()
+        };
+        assert!(!String::from_utf8_lossy(&fresh).contains("hunter2"));
+        let deep = format!(
+            "{}\"a-very-long-key-{}",
+            r#"{"a":{"b":[{"c":{"d":"#.repeat(6),
+            "k".repeat(300)
+        );
+        for round in 0..3 {
+            // The next masker on this thread takes what this one leaves.
+            let mut abandoned = JsonMasker::new(p.clone());
+            let _ = abandoned.feed(deep.as_bytes());
+            drop(abandoned);
+            for chunk in [1, 5, body.len()] {
+                assert_eq!(
+                    mask_chunks(&p, body.as_bytes(), chunk),
+                    fresh,
+                    "round {round}, chunk {chunk}"
+                );
+            }
+        }
+        let maskers: Vec<_> = (0..SCRATCH_KEPT + 4)
+            .map(|_| JsonMasker::new(p.clone()))
+            .collect();
+        drop(maskers);
+        assert_eq!(SCRATCH.with(|s| s.borrow().len()), SCRATCH_KEPT);
     }
 
     #[test]
