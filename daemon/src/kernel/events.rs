@@ -106,21 +106,8 @@ impl BootClock {
     }
 }
 
-/// Longest a lone event waits in the ring buffer before the daemon reads it while
-/// events come; after polls that found nothing the wait doubles up to
-/// [`POLL_IDLE_MAX`], so a node with nothing to report costs a wake-up a second, not
-/// fifty (a batch that fills wakes the reader at once either way).
+/// Longest a lone event waits in the ring buffer before the daemon reads it.
 pub const POLL_EVERY: Duration = Duration::from_millis(20);
-pub const POLL_IDLE_MAX: Duration = Duration::from_secs(1);
-
-/// The wait before the next poll, after one that found events (`found`) or not.
-pub fn next_poll(after: Duration, found: bool) -> Duration {
-    if found {
-        POLL_EVERY
-    } else {
-        (after * 2).clamp(POLL_EVERY, POLL_IDLE_MAX)
-    }
-}
 
 /// Reads the ring buffer until the receiver goes away.
 pub async fn pump(
@@ -133,8 +120,9 @@ pub async fn pump(
     })?;
     let clock = BootClock::now();
     // The programs wake us only once a batch has built up (a wake-up per event would
-    // sit inside every agent connect); the poll bounds the delay of a lone event.
-    let mut wait = POLL_EVERY;
+    // sit inside every agent connect); the tick bounds the delay of a lone event.
+    let mut tick = tokio::time::interval(POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let batch = tokio::select! {
             g = afd.readable_mut() => {
@@ -144,14 +132,9 @@ pub async fn pump(
                 })?;
                 let batch = drain(g.get_inner_mut(), &clock);
                 g.clear_ready();
-                wait = POLL_EVERY;
                 batch
             }
-            _ = tokio::time::sleep(wait) => {
-                let batch = drain(afd.get_mut(), &clock);
-                wait = next_poll(wait, !batch.is_empty());
-                batch
-            }
+            _ = tick.tick() => drain(afd.get_mut(), &clock),
         };
         for ev in batch {
             if tx.send(ev).await.is_err() {
@@ -204,19 +187,6 @@ fn drain(ring: &mut RingBuf<MapData>, clock: &BootClock) -> Vec<KernelEvent> {
 mod tests {
     use super::*;
     use portcullis_common::{Origin, SockKey};
-
-    #[test]
-    fn an_idle_ring_is_polled_less_often_and_events_bring_the_short_wait_back() {
-        let mut w = POLL_EVERY;
-        let mut idle = Vec::new();
-        for _ in 0..8 {
-            w = next_poll(w, false);
-            idle.push(w.as_millis());
-        }
-        assert_eq!(idle, [40, 80, 160, 320, 640, 1000, 1000, 1000]);
-        assert_eq!(next_poll(POLL_IDLE_MAX, true), POLL_EVERY);
-        assert_eq!(next_poll(POLL_EVERY, true), POLL_EVERY);
-    }
 
     #[test]
     fn decodes_a_redirect() {
