@@ -172,8 +172,8 @@ pub(super) fn hash_line_into(line: &[u8], out: &mut String) {
     // A SHA-256 digest is 32 bytes: its hex fills the 64 exactly, this cannot fail.
     let _ = hex::encode_to_slice(Sha256::digest(line), &mut hex);
     out.clear();
-    // Lowercase hex digits are ASCII.
-    out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    // Lowercase hex digits are ASCII: each byte is its char (no fallible conversion).
+    out.extend(hex.iter().map(|&b| char::from(b)));
 }
 
 /// The daemon's audit signing key (PKCS#8, 0600), created on first use; the public key

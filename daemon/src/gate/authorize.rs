@@ -252,7 +252,7 @@ impl Caller<'_> {
 
 /// The upstream identity `id` is impersonated as under `policy` (None: the policy maps
 /// it to none), made once per connection, identity and policy.
-fn impersonation(
+pub(super) fn impersonation(
     conn: &Conn,
     id: &Arc<Identity>,
     policy: &Arc<policy::Policy>,

@@ -862,3 +862,50 @@ async fn an_upgrade_becomes_a_byte_pipe_and_its_end_is_recorded() {
     assert_eq!(seen[0].headers["upgrade"], "websocket");
     assert_eq!(seen[0].headers["authorization"], "Bearer daemon-token");
 }
+
+/// The impersonation a connection remembers is the current policy's: a policy reload
+/// that maps the subject elsewhere (or nowhere) applies to the next request on a
+/// connection opened before it, and another identity on the connection gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_impersonation_follows_the_policy_and_the_identity() {
+    use crate::{identity::Identity, k8s::UserInfo, policy::Policy};
+    use std::sync::Arc;
+    let lab = gated().await;
+    let conn = lab.conn(From::PodA);
+    let parse = |text: &str| Arc::new(Policy::parse(text, std::path::Path::new("p.yaml")).unwrap());
+    let first = parse(lab::POLICY);
+    let second = parse(&lab::POLICY.replace("\"portcullis:agent\"", "\"portcullis:narrower\""));
+    let unmapped = parse(&lab::POLICY.replace("name: agent}", "name: someone-else}"));
+    let id = |user: &str| {
+        Arc::new(Identity {
+            user: UserInfo {
+                username: user.into(),
+                groups: vec![],
+            },
+            issuer: "https://kubernetes.default.svc".into(),
+            subject: user.into(),
+            token_id: "t".into(),
+            expires_at: u64::MAX,
+            token_pod: None,
+            kernel_pod: None,
+        })
+    };
+    let agent = id(AGENT);
+    let shown = |i: Option<crate::upstream::Impersonation>| format!("{i:?}");
+    let a = shown(super::authorize::impersonation(&conn, &agent, &first));
+    assert!(a.contains("portcullis:agent"), "{a}");
+    assert_eq!(
+        a,
+        shown(super::authorize::impersonation(&conn, &agent, &first))
+    );
+    let b = shown(super::authorize::impersonation(&conn, &agent, &second));
+    assert!(
+        b.contains("portcullis:narrower") && !b.contains("portcullis:agent\""),
+        "{b}"
+    );
+    assert!(super::authorize::impersonation(&conn, &agent, &unmapped).is_none());
+    let other = id("system:serviceaccount:e2e:other");
+    assert!(super::authorize::impersonation(&conn, &other, &first).is_none());
+    let again = shown(super::authorize::impersonation(&conn, &agent, &first));
+    assert_eq!(again, a);
+}
