@@ -621,19 +621,7 @@ impl Bench<'_> {
                     && tag.ends_with("-cpu")
                     && !pp.is_empty() =>
             {
-                let c = std::process::Command::new("sh")
-                    .arg("-c")
-                    .arg(format!(
-                        "exec {}",
-                        cmd.replace("{pid}", &pp[0].to_string())
-                            .replace("{tag}", tag)
-                    ))
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .context("starting the attached command")?;
-                // perf needs a moment to attach before the measured part starts.
-                std::thread::sleep(std::time::Duration::from_millis(1000));
-                Some(c)
+                Some(procs::attach(cmd, pp[0], tag)?)
             }
             _ => None,
         };
@@ -642,9 +630,8 @@ impl Bench<'_> {
         let side = during.map(|f| f()).transpose()?;
         let mut v = d.line()?;
         let (p1, u1) = (procs::sample(&pp), procs::sample(&up_p));
-        if let Some(mut c) = attached {
-            let _ = portcullis_tests::signal(c.id(), libc::SIGINT);
-            let _ = c.wait();
+        if let Some(c) = attached {
+            procs::detach(c);
         }
         d.finish()?;
         v["proxy_cpu_ns"] = json!(procs::cpu_ns(&p0, &p1));

@@ -280,22 +280,9 @@ pub fn run(o: Opts) -> Result<()> {
             let r = d.line()?;
             ensure!(r["ready"] == true, "pc-load not ready: {r}");
             let perf = match (&o.attach, round, ti) {
-                (Some(cmd), 0, 0) => Some(
-                    std::process::Command::new("sh")
-                        .arg("-c")
-                        .arg(format!(
-                            "exec {}",
-                            cmd.replace("{pid}", &t.pids[0].to_string())
-                        ))
-                        .stdout(Stdio::null())
-                        .spawn()
-                        .context("starting the attached command")?,
-                ),
+                (Some(cmd), 0, 0) => Some(procs::attach(cmd, t.pids[0], "lab-load")?),
                 _ => None,
             };
-            if perf.is_some() {
-                std::thread::sleep(std::time::Duration::from_millis(1000));
-            }
             let c0 = procs::sample(&t.pids);
             d.go()?;
             if o.workload == "watch_event" {
@@ -316,9 +303,8 @@ pub fn run(o: Opts) -> Result<()> {
             }
             let v = d.line()?;
             let c1 = procs::sample(&t.pids);
-            if let Some(mut p) = perf {
-                let _ = portcullis_tests::signal(p.id(), libc::SIGINT);
-                let _ = p.wait();
+            if let Some(p) = perf {
+                procs::detach(p);
             }
             d.finish()?;
             let n = v["requests"]

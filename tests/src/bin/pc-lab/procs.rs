@@ -142,3 +142,27 @@ pub fn rss(pid: u32) -> (u64, u64) {
     };
     (kb("VmRSS:"), kb("VmHWM:"))
 }
+
+/// A command attached to process `pid` for a measurement (`perf stat/record -p {pid}`,
+/// `strace`): `{pid}` and `{tag}` substituted, started through `sh`, given a second to
+/// attach before the measured part. Stop it with [`detach`].
+pub fn attach(cmd: &str, pid: u32, tag: &str) -> anyhow::Result<std::process::Child> {
+    use anyhow::Context;
+    let c = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec {}",
+            cmd.replace("{pid}", &pid.to_string()).replace("{tag}", tag)
+        ))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting the attached command")?;
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    Ok(c)
+}
+
+/// Stops an [`attach`]ed command the way perf writes its results: SIGINT, then waits.
+pub fn detach(mut c: std::process::Child) {
+    let _ = portcullis_tests::signal(c.id(), libc::SIGINT);
+    let _ = c.wait();
+}
