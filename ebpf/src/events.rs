@@ -5,7 +5,7 @@
 //! bounded amount of ring buffer, disk and memory. A full ring buffer drops the event,
 //! never the enforcement decision.
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP},
     helpers::generated::bpf_ktime_get_boot_ns,
 };
 use portcullis_common::{
@@ -97,13 +97,16 @@ pub fn emit_at(report: &Report, origin: &Origin, now: u64) {
             socket_cookie: report.socket_cookie,
             ktime_ns: now,
         });
-        // Waking the reader on every event costs an irq_work and a wake-up inside the
-        // agent's connect(); the daemon also polls every few milliseconds, so wake it
-        // only once a batch has built up.
+        // The reader sleeps on the ring while it is empty, and between two drains it
+        // waits a few milliseconds (the daemon's `kernel::events::pump`). Flags 0 is the
+        // kernel's adaptive notification: the commit wakes the reader only when it has
+        // caught up with this very record (the ring was empty), checked after the commit,
+        // so no event can be left unannounced; the rest of a batch costs no wake-up
+        // (an irq_work inside the agent's connect). A ring filling fast wakes it at once.
         let flags = if PC_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKE_AFTER_BYTES {
             BPF_RB_FORCE_WAKEUP
         } else {
-            BPF_RB_NO_WAKEUP
+            0
         };
         entry.submit(flags as u64);
     }

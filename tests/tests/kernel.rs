@@ -2,7 +2,10 @@
 //! (network namespaces, veths, cgroups). Every case of shared/notes/bypass-checklist.md
 //! is attempted from the agent cgroup; each must be blocked AND reported as a
 //! ring-buffer event. Run as root by `cargo xtask test`.
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use portcullis_tests::{Lab, Probe, wait_for};
 use serde_json::Value;
@@ -209,6 +212,40 @@ fn bypass_udp_and_quic_are_refused() {
         );
     }
     assert_standin_untouched(&lab);
+}
+
+/// The programs wake the daemon's reader for an event that lands in a ring it has
+/// emptied: a lone refused attempt after a quiet spell is in the daemon's events at
+/// once, not at the reader's backstop poll (5 s) — and an idle node sends no wake-ups.
+#[test]
+fn a_lone_event_after_a_quiet_spell_is_read_at_once() {
+    let lab = lab("lone");
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        // Quiet: the reader has drained the ring and sleeps on it.
+        std::thread::sleep(Duration::from_millis(1500));
+        let p = run(&lab, &["udp", &lab.api().to_string()]);
+        assert_eq!(p.errno(), Some(EPERM), "UDP to the API: {}", p.json);
+        let t0 = Instant::now();
+        let pid = p.pid();
+        let seen = wait_for(10, || {
+            lab.kernel_events()
+                .into_iter()
+                .find(|e| e["kind"] == "datagram_refused" && e["origin"]["pid"].as_u64() == pid)
+        });
+        assert!(
+            seen.is_some(),
+            "no datagram_refused event for pid {pid:?}: {:?}",
+            lab.kernel_events()
+        );
+        took.push(t0.elapsed());
+    }
+    took.sort();
+    // The median of three: one slow turn on a busy host is not the behaviour.
+    assert!(
+        took[1] < Duration::from_millis(500),
+        "a lone event was read only after {took:?} (the backstop poll is 5 s)"
+    );
 }
 
 #[test]

@@ -106,8 +106,15 @@ impl BootClock {
     }
 }
 
-/// Longest a lone event waits in the ring buffer before the daemon reads it.
-pub const POLL_EVERY: Duration = Duration::from_millis(20);
+/// Least time between two drains of the ring while events come. The programs wake
+/// the reader only for an event that lands in a ring it has emptied (the kernel's
+/// adaptive notification) or once a batch has built up, so a lone event is read at
+/// once, a burst costs a wake-up per this gap, and an idle node none at all.
+pub const DRAIN_GAP: Duration = Duration::from_millis(20);
+
+/// A poll of a ring that sent no wake-up for this long: a backstop only (every event
+/// landing in an emptied ring wakes the reader).
+pub const BACKSTOP_POLL: Duration = Duration::from_secs(5);
 
 /// Reads the ring buffer until the receiver goes away.
 pub async fn pump(
@@ -119,27 +126,32 @@ pub async fn pump(
         message: format!("registering with the reactor: {e}"),
     })?;
     let clock = BootClock::now();
-    // The programs wake us only once a batch has built up (a wake-up per event would
-    // sit inside every agent connect); the tick bounds the delay of a lone event.
-    let mut tick = tokio::time::interval(POLL_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last drain stopped at its bound: the records left behind send no wake-up.
+    let mut left_behind = false;
     loop {
-        let batch = tokio::select! {
-            g = afd.readable_mut() => {
-                let mut g = g.map_err(|e| KernelError::Map {
-                    map: portcullis_common::maps::EVENTS.into(),
-                    message: e.to_string(),
-                })?;
-                let batch = drain(g.get_inner_mut(), &clock);
-                g.clear_ready();
-                batch
+        if !left_behind {
+            tokio::select! {
+                g = afd.readable_mut() => {
+                    // Cleared before the drain: a record committed after it finds the
+                    // ring emptied and wakes us again (at worst a drain finds nothing).
+                    g.map_err(|e| KernelError::Map {
+                        map: portcullis_common::maps::EVENTS.into(),
+                        message: e.to_string(),
+                    })?
+                    .clear_ready();
+                }
+                _ = tokio::time::sleep(BACKSTOP_POLL) => {}
             }
-            _ = tick.tick() => drain(afd.get_mut(), &clock),
-        };
+        }
+        let batch = drain(afd.get_mut(), &clock);
+        left_behind = batch.len() >= MAX_DRAIN;
         for ev in batch {
             if tx.send(ev).await.is_err() {
                 return Ok(());
             }
+        }
+        if !left_behind {
+            tokio::time::sleep(DRAIN_GAP).await;
         }
     }
 }
