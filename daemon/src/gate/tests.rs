@@ -806,9 +806,11 @@ async fn requests_arriving_together_share_api_server_connections() {
     // Once the API server is known to speak HTTP/2, new requests go to an
     // HTTP/2-only lane (one more connection per event loop — the lab runs two — whose
     // client never races itself again; the negotiating lanes close when idle) and keep
-    // using it.
+    // using it. Which loop a new agent connection lands on depends on whether the last
+    // one has closed yet (the least-loaded loop), so the second loop's lane may open in
+    // any batch: the bound is one lane per loop, however many requests follow.
     let mut counts = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..4 {
         for _ in 0..5 {
             let r = lab.call(From::PodA, None, "GET", path).await;
             assert_eq!(r.status, StatusCode::OK);
@@ -816,8 +818,8 @@ async fn requests_arriving_together_share_api_server_connections() {
         counts.push(lab.api.connections());
     }
     assert!(
-        counts[0] <= n + 2 && counts[1] == counts[0],
-        "{n} then {counts:?}"
+        counts.iter().all(|c| *c <= n + 2),
+        "{n} then {counts:?} (at most one HTTP/2-only lane per event loop)"
     );
 }
 
