@@ -433,15 +433,21 @@ pub fn chain_tamper(env: &mut Env) -> Result<()> {
     );
     let seg = dir.join("seg-000001.jsonl");
     let text = std::fs::read_to_string(&seg)?;
-    ensure!(
-        text.contains("kernel-event"),
-        "no kernel events in the audit chain"
-    );
-    let tampered = text.replacen("\"kind\":\"kernel-event\"", "\"kind\":\"kernel-evenT\"", 1);
-    std::fs::write(&seg, tampered)?;
-    let o = cli(env, &["audit", "verify", &dir_s])?;
+    const KIND: &str = "\"kind\":\"kernel-event\"";
+    let at = text
+        .find(KIND)
+        .context("no kernel events in the audit chain")?;
+    // One byte changed in place and put back the same way: the daemon keeps appending
+    // meanwhile (a grant expiring, a kernel event), and rewriting the whole file would
+    // erase what it appended between the read and the write back.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&seg)?;
+    let byte = (at + KIND.len() - 2) as u64;
+    f.write_at(b"T", byte)?;
+    let o = cli(env, &["audit", "verify", &dir_s]);
+    f.write_at(b"t", byte)?;
+    let o = o?;
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    std::fs::write(&seg, text)?;
     ensure!(
         !o.status.success() && out.contains("FAIL  seg-000001"),
         "tamper not detected: {out}"
