@@ -410,12 +410,7 @@ mod tests {
     async fn a_queued_record_is_written_within_a_round() {
         let dir = shm_dir();
         let log = log(&dir);
-        let seg = dir.join("audit/seg-000001.jsonl");
-        let lines = || {
-            std::fs::read_to_string(&seg)
-                .map(|t| t.lines().count())
-                .unwrap_or(0)
-        };
+        let lines = || segment_lines(&dir);
         // The first record wakes the writer from its sleep on the queue; it is then
         // between rounds, with that record uncommitted.
         log.record(Kind::Request, &0);
@@ -440,12 +435,7 @@ mod tests {
     async fn a_record_after_a_quiet_round_wakes_the_writer() {
         let dir = shm_dir();
         let log = log(&dir);
-        let seg = dir.join("audit/seg-000001.jsonl");
-        let lines = || {
-            std::fs::read_to_string(&seg)
-                .map(|t| t.lines().count())
-                .unwrap_or(0)
-        };
+        let lines = || segment_lines(&dir);
         let mut took = Vec::new();
         for i in 0..3 {
             // A record, then quiet past a round: the writer sleeps until its commit.
@@ -469,6 +459,11 @@ mod tests {
             took[1] < FLUSH_EVERY * 2,
             "written after {took:?} (round {FLUSH_EVERY:?}, commit {COMMIT_EVERY:?})"
         );
+    }
+
+    /// Lines in the log's first segment so far (none before the writer creates it).
+    fn segment_lines(dir: &std::path::Path) -> usize {
+        std::fs::read_to_string(dir.join("audit/seg-000001.jsonl")).map_or(0, |t| t.lines().count())
     }
 
     fn shm_dir() -> std::path::PathBuf {
