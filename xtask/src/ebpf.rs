@@ -208,9 +208,8 @@ mod tests {
 
     #[test]
     fn version_script_globals_only() {
-        let dir = std::env::temp_dir().join(format!("pc-vs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("vs");
+        let dir = tempfile::Builder::new().prefix("pc-vs-").tempdir().unwrap();
+        let p = dir.path().join("vs");
         std::fs::write(
             &p,
             "{\n  global:\n    pc_connect4;\n    PC_EVENTS;\n\n  local:\n    *;\n};\n",

@@ -231,16 +231,17 @@ mod tests {
     use super::*;
     use crate::audit::{AuditWriter, Kind, load_or_create_key};
 
-    fn tmp(tag: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("pc-anchor-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn tmp(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("pc-anchor-{tag}-"))
+            .tempdir()
+            .unwrap()
     }
 
     #[test]
     fn records_cut_and_re_signed_on_the_node_are_caught_against_the_anchor() {
-        let d = tmp("cut");
+        let tmp = tmp("cut");
+        let d = tmp.path();
         let key = load_or_create_key(&d.join("audit.key")).unwrap();
         let public = key.public_key().as_ref().to_vec();
         let dir = d.join("audit");

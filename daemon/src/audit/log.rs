@@ -333,7 +333,8 @@ mod tests {
 
     #[tokio::test]
     async fn durable_records_are_on_disk_when_acknowledged() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         let log = log(&dir);
         let mut seqs = Vec::new();
         for i in 0..20 {
@@ -351,7 +352,8 @@ mod tests {
 
     #[tokio::test]
     async fn queued_records_are_committed_within_the_interval() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         let log = log(&dir);
         for i in 0..5 {
             log.record(Kind::Request, &i);
@@ -368,7 +370,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_unwritable_log_fails_durable_records_and_reports_unhealthy() {
-        let dir = tempdir();
+        let tmp = tempdir();
+        let dir = tmp.path();
         let log = log(&dir);
         log.durable(Kind::Request, &1).await.unwrap();
         // The directory goes away under the writer: the head cannot be rewritten.
@@ -383,7 +386,8 @@ mod tests {
     /// tmpfs (fsync costs nothing there), so the figure is the writer's own delay.
     #[tokio::test]
     async fn a_waited_record_wakes_the_writer_between_rounds() {
-        let dir = shm_dir();
+        let tmp = shm_dir();
+        let dir = tmp.path();
         let log = log(&dir);
         let mut lat = Vec::new();
         for i in 0..20 {
@@ -395,7 +399,6 @@ mod tests {
             log.durable(Kind::Request, &i).await.expect("durable");
             lat.push(t0.elapsed());
         }
-        let _ = std::fs::remove_dir_all(&dir);
         lat.sort();
         assert!(
             lat[lat.len() / 2] < FLUSH_EVERY / 2,
@@ -408,7 +411,8 @@ mod tests {
     /// only at the commit (COMMIT_EVERY): a daemon crash keeps what was written.
     #[tokio::test]
     async fn a_queued_record_is_written_within_a_round() {
-        let dir = shm_dir();
+        let tmp = shm_dir();
+        let dir = tmp.path();
         let log = log(&dir);
         let lines = || segment_lines(&dir);
         // The first record wakes the writer from its sleep on the queue; it is then
@@ -421,7 +425,6 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         let took = t0.elapsed();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(
             took < COMMIT_EVERY / 2,
             "written after {took:?} (round {FLUSH_EVERY:?}, commit {COMMIT_EVERY:?})"
@@ -433,7 +436,8 @@ mod tests {
     /// the commit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_record_after_a_quiet_round_wakes_the_writer() {
-        let dir = shm_dir();
+        let tmp = shm_dir();
+        let dir = tmp.path();
         let log = log(&dir);
         let lines = || segment_lines(&dir);
         let mut took = Vec::new();
@@ -452,7 +456,6 @@ mod tests {
             // Past the commit: the next round starts from a sleep on the queue.
             tokio::time::sleep(COMMIT_EVERY * 2).await;
         }
-        let _ = std::fs::remove_dir_all(&dir);
         took.sort();
         // The median of three: one slow wake-up on a busy host is not the behaviour.
         assert!(
@@ -466,34 +469,22 @@ mod tests {
         std::fs::read_to_string(dir.join("audit/seg-000001.jsonl")).map_or(0, |t| t.lines().count())
     }
 
-    fn shm_dir() -> std::path::PathBuf {
+    fn shm_dir() -> tempfile::TempDir {
         let shm = std::path::Path::new("/dev/shm");
         assert!(
             shm.is_dir(),
             "this test needs /dev/shm (tmpfs) to time the writer without disk syncs"
         );
-        let dir = shm.join(format!(
-            "pc-auditlog-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir).expect("shm dir");
-        dir
+        tempfile::Builder::new()
+            .prefix("pc-auditlog-")
+            .tempdir_in(shm)
+            .expect("shm dir")
     }
 
-    fn tempdir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "pc-auditlog-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    fn rand_suffix() -> u64 {
-        let mut b = [0u8; 8];
-        getrandom::fill(&mut b).unwrap();
-        u64::from_le_bytes(b)
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("pc-auditlog-")
+            .tempdir()
+            .unwrap()
     }
 }

@@ -216,9 +216,11 @@ mod budget_tests {
     /// the first segment by hand does not verify.
     #[test]
     fn the_disk_budget_deletes_only_acknowledged_segments_and_stays_verifiable() {
-        let d = std::env::temp_dir().join(format!("pc-audit-budget-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("pc-audit-budget-")
+            .tempdir()
+            .unwrap();
+        let d = tmp.path();
         let key = load_or_create_key(&d.join("audit.key")).unwrap();
         let public = key.public_key().as_ref().to_vec();
         let dir = d.join("audit");
@@ -269,7 +271,6 @@ mod budget_tests {
         std::fs::remove_file(head_path(&dir, first)).unwrap();
         let r = verify(&dir, &public).unwrap();
         assert!(!r.problems.is_empty(), "a removed segment verified");
-        let _ = std::fs::remove_dir_all(&d);
     }
 }
 
@@ -282,16 +283,14 @@ mod tests {
     use super::*;
     use crate::audit::{AuditWriter, Kind, load_or_create_key};
 
-    fn tmp(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("pc-audit-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    /// Three segments of records, committed; returns (audit dir, public key).
-    fn fixture(tag: &str) -> (PathBuf, Vec<u8>) {
-        let d = tmp(tag);
+    /// Three segments of records, committed; returns (the directory, removed when
+    /// dropped; the audit dir in it; the public key).
+    fn fixture(tag: &str) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("pc-audit-{tag}-"))
+            .tempdir()
+            .unwrap();
+        let d = tmp.path();
         let key = load_or_create_key(&d.join("audit.key")).unwrap();
         let public = key.public_key().as_ref().to_vec();
         let dir = d.join("audit");
@@ -304,7 +303,7 @@ mod tests {
             }
         }
         w.commit().unwrap();
-        (dir, public)
+        (tmp, dir, public)
     }
 
     fn problems(dir: &Path, key: &[u8]) -> Vec<String> {
@@ -339,7 +338,7 @@ mod tests {
 
     #[test]
     fn intact_evidence_verifies_across_segments_and_reopen() {
-        let (dir, key) = fixture("intact");
+        let (_tmp, dir, key) = fixture("intact");
         let r = verify(&dir, &key).unwrap();
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert_eq!(r.records, 12);
@@ -355,7 +354,7 @@ mod tests {
 
     #[test]
     fn an_uncommitted_tail_is_reported_apart_and_signed_by_commit_or_reopen() {
-        let (dir, key) = fixture("tail");
+        let (_tmp, dir, key) = fixture("tail");
         let k = || load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
         let mut w = AuditWriter::open(&dir, k(), 1 << 20).unwrap();
         for i in 0..3 {
@@ -385,7 +384,7 @@ mod tests {
             v["seq"].as_u64().unwrap() - 1
         );
         // An unsigned tail in a closed segment is a problem, not a pending commit.
-        let (dir, key) = fixture("tail-closed");
+        let (_tmp, dir, key) = fixture("tail-closed");
         let p = seg_path(&dir, 1);
         let mut l = lines(&p);
         l.push(l.last().unwrap().clone());
@@ -397,7 +396,7 @@ mod tests {
 
     #[test]
     fn a_tail_is_waited_for_then_reported_if_it_stays_unsigned() {
-        let (dir, key) = fixture("settled");
+        let (_tmp, dir, key) = fixture("settled");
         let k = load_or_create_key(&dir.parent().unwrap().join("audit.key")).unwrap();
         let mut w = AuditWriter::open(&dir, k, 1 << 20).unwrap();
         w.append(Kind::Request, &serde_json::json!({"late": 1}))
@@ -423,7 +422,7 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_is_found() {
-        let (dir, key) = fixture("flip");
+        let (_tmp, dir, key) = fixture("flip");
         let p = seg_path(&dir, 1);
         let mut l = lines(&p);
         l[1] = l[1].replace("\"get\"", "\"gex\"");
@@ -437,7 +436,7 @@ mod tests {
 
     #[test]
     fn deletion_reordering_and_truncation_are_found() {
-        let (dir, key) = fixture("del");
+        let (_tmp, dir, key) = fixture("del");
         let p = seg_path(&dir, 1);
         let mut l = lines(&p);
         l.remove(1);
@@ -448,7 +447,7 @@ mod tests {
                 .any(|p| p.contains("deleted or reordered"))
         );
 
-        let (dir, key) = fixture("reorder");
+        let (_tmp, dir, key) = fixture("reorder");
         let p = seg_path(&dir, 2);
         let mut l = lines(&p);
         l.swap(0, 1);
@@ -459,7 +458,7 @@ mod tests {
                 .any(|p| p.contains("seg-000002"))
         );
 
-        let (dir, key) = fixture("trunc");
+        let (_tmp, dir, key) = fixture("trunc");
         let p = seg_path(&dir, 3);
         let mut l = lines(&p);
         l.pop();
@@ -469,7 +468,7 @@ mod tests {
 
     #[test]
     fn swapped_or_missing_segments_and_forged_heads_are_found() {
-        let (dir, key) = fixture("swap");
+        let (_tmp, dir, key) = fixture("swap");
         for ext in ["jsonl", "head.json"] {
             let a = dir.join(format!("seg-000001.{ext}"));
             let b = dir.join(format!("seg-000002.{ext}"));
@@ -480,13 +479,13 @@ mod tests {
         }
         assert!(!problems(&dir, &key).is_empty());
 
-        let (dir, key) = fixture("missing");
+        let (_tmp, dir, key) = fixture("missing");
         std::fs::remove_file(seg_path(&dir, 2)).unwrap();
         std::fs::remove_file(head_path(&dir, 2)).unwrap();
         assert!(problems(&dir, &key).iter().any(|p| p.contains("missing")));
 
         // Rewriting a head to cover an edit needs the key.
-        let (dir, key) = fixture("forge");
+        let (_tmp, dir, key) = fixture("forge");
         let hp = head_path(&dir, 1);
         let mut h: Head = serde_json::from_slice(&std::fs::read(&hp).unwrap()).unwrap();
         h.last_seq += 1;
@@ -496,7 +495,7 @@ mod tests {
 
     #[test]
     fn hostile_sequence_numbers_are_reported_not_panicked_on() {
-        let (dir, key) = fixture("hostile");
+        let (_tmp, dir, key) = fixture("hostile");
         let p = seg_path(&dir, 1);
         let mut l = lines(&p);
         l[0] = l[0].replacen("\"seq\":1", &format!("\"seq\":{}", u64::MAX), 1);
@@ -514,7 +513,7 @@ mod tests {
     #[test]
     fn records_cut_or_edited_while_stopped_are_recorded_as_damage_not_absorbed() {
         for tamper in ["cut", "edit", "head"] {
-            let (dir, key) = fixture(&format!("stopped-{tamper}"));
+            let (_tmp, dir, key) = fixture(&format!("stopped-{tamper}"));
             let last = *list_segments(&dir).unwrap().last().unwrap();
             let p = seg_path(&dir, last);
             let mut l = lines(&p);
@@ -564,7 +563,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_cut_back_on_open() {
-        let (dir, key) = fixture("torn");
+        let (_tmp, dir, key) = fixture("torn");
         let last = *list_segments(&dir).unwrap().last().unwrap();
         let p = seg_path(&dir, last);
         let mut f = OpenOptions::new().append(true).open(&p).unwrap();
