@@ -335,7 +335,7 @@ mod tests {
     async fn durable_records_are_on_disk_when_acknowledged() {
         let tmp = tempdir();
         let dir = tmp.path();
-        let log = log(&dir);
+        let log = log(dir);
         let mut seqs = Vec::new();
         for i in 0..20 {
             seqs.push(
@@ -354,7 +354,7 @@ mod tests {
     async fn queued_records_are_committed_within_the_interval() {
         let tmp = tempdir();
         let dir = tmp.path();
-        let log = log(&dir);
+        let log = log(dir);
         for i in 0..5 {
             log.record(Kind::Request, &i);
         }
@@ -372,7 +372,7 @@ mod tests {
     async fn an_unwritable_log_fails_durable_records_and_reports_unhealthy() {
         let tmp = tempdir();
         let dir = tmp.path();
-        let log = log(&dir);
+        let log = log(dir);
         log.durable(Kind::Request, &1).await.unwrap();
         // The directory goes away under the writer: the head cannot be rewritten.
         std::fs::remove_dir_all(dir.join("audit")).unwrap();
@@ -388,7 +388,7 @@ mod tests {
     async fn a_waited_record_wakes_the_writer_between_rounds() {
         let tmp = shm_dir();
         let dir = tmp.path();
-        let log = log(&dir);
+        let log = log(dir);
         let mut lat = Vec::new();
         for i in 0..20 {
             // A record nobody waits for: the writer takes it and then sleeps out its
@@ -413,8 +413,8 @@ mod tests {
     async fn a_queued_record_is_written_within_a_round() {
         let tmp = shm_dir();
         let dir = tmp.path();
-        let log = log(&dir);
-        let lines = || segment_lines(&dir);
+        let log = log(dir);
+        let lines = || segment_lines(dir);
         // The first record wakes the writer from its sleep on the queue; it is then
         // between rounds, with that record uncommitted.
         log.record(Kind::Request, &0);
@@ -438,8 +438,8 @@ mod tests {
     async fn a_record_after_a_quiet_round_wakes_the_writer() {
         let tmp = shm_dir();
         let dir = tmp.path();
-        let log = log(&dir);
-        let lines = || segment_lines(&dir);
+        let log = log(dir);
+        let lines = || segment_lines(dir);
         let mut took = Vec::new();
         for i in 0..3 {
             // A record, then quiet past a round: the writer sleeps until its commit.
