@@ -13,7 +13,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use super::{AuditError, AuditWriter, Kind, chain::Encoded};
+use super::{
+    AuditError, AuditWriter, Kind,
+    chain::{EncodeJson, Encoded},
+};
 use crate::config::{Audit as AuditCfg, AuditLevel};
 
 const QUEUE: usize = 8192;
@@ -93,8 +96,8 @@ impl AuditLog {
         }))
     }
 
-    fn entry<T: Serialize>(kind: Kind, rec: &T) -> Option<Entry> {
-        match Encoded::new(rec) {
+    fn entry(kind: Kind, encoded: Result<Encoded, serde_json::Error>) -> Option<Entry> {
+        match encoded {
             Ok(record) => Some(Entry {
                 kind,
                 record,
@@ -110,7 +113,17 @@ impl AuditLog {
     /// Queues a record without waiting. A full queue makes a task wait for room
     /// rather than drop the record.
     pub fn record<T: Serialize>(&self, kind: Kind, rec: &T) {
-        let Some(e) = Self::entry(kind, rec) else {
+        self.queue(Self::entry(kind, Encoded::new(rec)));
+    }
+
+    /// [`Self::record`] for a record that writes its own JSON (the gate's per-request
+    /// records).
+    pub fn record_own<T: EncodeJson>(&self, kind: Kind, rec: &T) {
+        self.queue(Self::entry(kind, Encoded::own(rec)));
+    }
+
+    fn queue(&self, entry: Option<Entry>) {
+        let Some(e) = entry else {
             return;
         };
         match self.tx.try_send(e) {
@@ -166,7 +179,22 @@ impl AuditLog {
         kind: Kind,
         rec: &T,
     ) -> Result<u64, AuditUnavailable> {
-        let mut e = Self::entry(kind, rec).ok_or(AuditUnavailable::Encode)?;
+        self.queue_durable(Self::entry(kind, Encoded::new(rec)))
+            .await
+    }
+
+    /// [`Self::durable`] for a record that writes its own JSON.
+    pub async fn durable_own<T: EncodeJson>(
+        &self,
+        kind: Kind,
+        rec: &T,
+    ) -> Result<u64, AuditUnavailable> {
+        self.queue_durable(Self::entry(kind, Encoded::own(rec)))
+            .await
+    }
+
+    async fn queue_durable(&self, entry: Option<Entry>) -> Result<u64, AuditUnavailable> {
+        let mut e = entry.ok_or(AuditUnavailable::Encode)?;
         let (ack, done) = oneshot::channel();
         e.ack = Some(ack);
         self.tx

@@ -178,12 +178,12 @@ impl Exchange {
         if self.rec.mutating {
             return self
                 .audit
-                .durable(Kind::Request, &self.rec)
+                .durable_own(Kind::Request, &self.rec)
                 .await
                 .map(|_| ())
                 .map_err(Refusal::AuditWriteFailed);
         }
-        self.audit.record(Kind::Request, &self.rec);
+        self.audit.record_own(Kind::Request, &self.rec);
         if !self.audit.healthy() && self.audit.fail_closed_reads {
             return Err(Refusal::AuditUnhealthy);
         }
@@ -207,7 +207,7 @@ impl Exchange {
             if let Some(a) = refusal.approval() {
                 self.rec.approval = a.to_owned();
             }
-            self.audit.record(Kind::Request, &self.rec);
+            self.audit.record_own(Kind::Request, &self.rec);
             self.written = true;
         }
         let resp = refusal.response();
@@ -357,7 +357,7 @@ impl Outcome {
         response_body: Option<serde_json::Value>,
         session_bytes: Option<(u64, u64)>,
     ) {
-        self.audit.record(
+        self.audit.record_own(
             Kind::Response,
             &ResponseRecord {
                 id: self.id,
