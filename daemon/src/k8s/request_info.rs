@@ -87,10 +87,15 @@ pub fn resolve(
     raw_path: &str,
     query: Option<&str>,
 ) -> Result<RequestInfo, RequestInfoError> {
-    // Go resolves on URL.Path, which is percent-decoded.
-    let path = percent_encoding::percent_decode_str(raw_path)
-        .decode_utf8_lossy()
-        .into_owned();
+    // Go resolves on URL.Path, which is percent-decoded (a path with no escape, nearly
+    // every one, is its own decoding: one search instead of a byte-by-byte decode).
+    let path = if raw_path.contains('%') {
+        percent_encoding::percent_decode_str(raw_path)
+            .decode_utf8_lossy()
+            .into_owned()
+    } else {
+        raw_path.to_owned()
+    };
     let mut verb = CompactString::from(method);
     verb.as_mut_str().make_ascii_lowercase();
     let mut info = RequestInfo {

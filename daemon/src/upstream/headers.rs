@@ -18,6 +18,10 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
+// Names made once, not parsed from a string for every request.
+const IMPERSONATE_USER: HeaderName = HeaderName::from_static("impersonate-user");
+const IMPERSONATE_GROUP: HeaderName = HeaderName::from_static("impersonate-group");
+
 /// The upstream identity a request is impersonated as, as header values. Made once
 /// per identity and shared: a clone is a reference count, and the values' bytes are
 /// shared with every request head they go into.
@@ -75,10 +79,10 @@ pub(super) fn impersonate(h: &mut HeaderMap, credential: Option<HeaderValue>, im
     if let Some(c) = credential {
         h.insert(header::AUTHORIZATION, c);
     }
-    h.insert("impersonate-user", imp.0.user.clone());
+    h.insert(IMPERSONATE_USER, imp.0.user.clone());
     // Repeated headers: a comma-joined value would be read as ONE group.
     for g in &imp.0.groups {
-        h.append("impersonate-group", g.clone());
+        h.append(IMPERSONATE_GROUP, g.clone());
     }
 }
 
