@@ -401,6 +401,13 @@ impl Lab {
 
     /// Starts `portcullis run` in the node namespace and waits until it is ready.
     pub fn start_daemon(&self) -> Result<Value> {
+        self.start_daemon_wrapped(&[])
+    }
+
+    /// [`Self::start_daemon`] under `wrap` (a command and its arguments the daemon's
+    /// command line is appended to: a profiler's), with a ready deadline four times as
+    /// long when wrapped.
+    pub fn start_daemon_wrapped(&self, wrap: &[String]) -> Result<Value> {
         let ready_file = self.state_dir().join("ready");
         let _ = std::fs::remove_file(&ready_file);
         let log = std::fs::OpenOptions::new()
@@ -409,6 +416,7 @@ impl Lab {
             .open(self.dir.join("daemon.log"))?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.ns_node()))
+            .args(wrap)
             .arg(bin("portcullis"))
             .args(["run", "--config"])
             .arg(&self.config)
@@ -419,7 +427,7 @@ impl Lab {
             .context("starting portcullis run")?;
         let pid = child.id();
         *self.daemon.lock().unwrap() = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(if wrap.is_empty() { 30 } else { 120 });
         loop {
             if let Ok(text) = std::fs::read_to_string(&ready_file)
                 && let Ok(v) = serde_json::from_str::<Value>(&text)
@@ -438,10 +446,7 @@ impl Lab {
                 );
             }
             if Instant::now() > deadline {
-                bail!(
-                    "portcullis run not ready after 30 s:\n{}",
-                    self.daemon_log()
-                );
+                bail!("portcullis run not ready in time:\n{}", self.daemon_log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -4,14 +4,19 @@
 //! records the daemon with `perf record` over exactly the measured part) and for the
 //! before/after figures of an optimisation; `cargo xtask bench proxy` remains the
 //! reference, against nginx and the real API server.
-use std::{io::BufRead, net::SocketAddr, path::PathBuf, process::Stdio};
+use std::{
+    io::BufRead,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+};
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
 use portcullis_tests::{Lab, bin, node::pki::Pki};
 use serde_json::{Value, json};
 
-use crate::{bench_proxy::Driven, nginx, procs};
+use crate::{bench_proxy::Driven, callgrind::Callgrind, nginx, procs};
 
 #[derive(clap::Args, Clone)]
 pub struct Opts {
@@ -46,6 +51,12 @@ pub struct Opts {
     /// the cost of a request that arrives alone (a wake-up each).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Runs the floor and the daemon under valgrind's callgrind (Debian's `valgrind`),
+    /// counting over each round's measured part only, and prints the instructions each
+    /// executes per request (user space): repeatable where CPU time is not. Slow (use
+    /// a `--count` of a few thousand); the CPU times printed beside are valgrind's.
+    #[arg(long)]
+    pub callgrind: bool,
 }
 
 const TARGETS: [&str; 4] = ["daemon", "floor", "floor-h1", "nginx"];
@@ -131,8 +142,21 @@ fn start_nginx(lab: &Lab, listen: SocketAddr, upstream: SocketAddr) -> Result<ng
     )
 }
 
-fn start_floor(lab: &Lab, listen: SocketAddr, api: SocketAddr, http1: bool) -> Result<u32> {
-    let mut c = lab.command_in_ns(lab.ns_node(), &bin("pc-floor"));
+fn start_floor(
+    lab: &Lab,
+    listen: SocketAddr,
+    api: SocketAddr,
+    http1: bool,
+    wrap: &[String],
+) -> Result<u32> {
+    let mut c = match wrap.split_first() {
+        Some((program, args)) => {
+            let mut c = lab.command_in_ns(lab.ns_node(), Path::new(program));
+            c.args(args).arg(bin("pc-floor"));
+            c
+        }
+        None => lab.command_in_ns(lab.ns_node(), &bin("pc-floor")),
+    };
     c.arg(format!("--listen={listen}"))
         .arg(format!("--cert={}", lab.dir.join("proxy.crt").display()))
         .arg(format!("--key={}", lab.dir.join("proxy.key").display()))
@@ -206,7 +230,9 @@ pub fn run(o: Opts) -> Result<()> {
         "portcullis ca init: {}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let ready = lab.start_daemon()?;
+    let cg = o.callgrind.then(|| Callgrind::new(&lab.dir)).transpose()?;
+    let wrap = |name: &str| cg.as_ref().map(|c| c.wrap(name)).unwrap_or_default();
+    let ready = lab.start_daemon_wrapped(&wrap("daemon"))?;
     let daemon = ready["pid"].as_u64().context("daemon pid")? as u32;
     let mut targets = Vec::new();
     let mut nginx = None;
@@ -214,7 +240,9 @@ pub fn run(o: Opts) -> Result<()> {
         let listen = SocketAddr::new(proxy_ip, 16444 + i as u16);
         let pids = match t.as_str() {
             "daemon" => vec![daemon],
-            "floor" | "floor-h1" => vec![start_floor(&lab, listen, api, t == "floor-h1")?],
+            "floor" | "floor-h1" => {
+                vec![start_floor(&lab, listen, api, t == "floor-h1", &wrap(t))?]
+            }
             _ => {
                 let n = start_nginx(&lab, listen, api)?;
                 let root = n.child.id();
@@ -240,6 +268,10 @@ pub fn run(o: Opts) -> Result<()> {
         "request"
     };
     let mut per: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    // Instructions per request (callgrind): everything, and without the software hash
+    // and the commits ([`crate::callgrind::Counts::per_request_work`]).
+    let mut instr: Vec<Vec<(f64, f64)>> = vec![Vec::new(); targets.len()];
+    let counted = |t: &Target| cg.is_some() && t.name != "nginx";
     for round in 0..o.rounds {
         for (ti, t) in targets.iter().enumerate() {
             let mut c = match &t.url {
@@ -283,6 +315,9 @@ pub fn run(o: Opts) -> Result<()> {
                 (Some(cmd), 0, 0) => Some(procs::attach(cmd, t.pids[0], "lab-load")?),
                 _ => None,
             };
+            if let Some(cg) = cg.as_ref().filter(|_| counted(t)) {
+                cg.start(t.pids[0])?;
+            }
             let c0 = procs::sample(&t.pids);
             d.go()?;
             if o.workload == "watch_event" {
@@ -303,6 +338,10 @@ pub fn run(o: Opts) -> Result<()> {
             }
             let v = d.line()?;
             let c1 = procs::sample(&t.pids);
+            let counts = match cg.as_ref().filter(|_| counted(t)) {
+                Some(cg) => Some(cg.stop(&t.name, t.pids[0])?),
+                None => None,
+            };
             if let Some(p) = perf {
                 procs::detach(p);
             }
@@ -327,6 +366,16 @@ pub fn run(o: Opts) -> Result<()> {
                 v["p99_us"]
             );
             per[ti].push(us);
+            if let Some(c) = counts {
+                let (all, work) = (c.total as f64 / n, c.per_request_work() as f64 / n);
+                println!(
+                    "round {round}: {:<8} {all:>9.0} instructions per {unit} (callgrind, user space); {work:.0} without the chain's SHA-256 in software ({:.0}) and the commits ({:.0})",
+                    t.name,
+                    c.sha256 as f64 / n,
+                    c.commits as f64 / n
+                );
+                instr[ti].push((all, work));
+            }
         }
     }
     let mut medians = Vec::new();
@@ -342,6 +391,27 @@ pub fn run(o: Opts) -> Result<()> {
             v[v.len() - 1]
         );
         medians.push((t.name.as_str(), m));
+    }
+    let mut work = Vec::new();
+    for (t, v) in targets.iter().zip(instr.iter_mut()) {
+        if v.is_empty() {
+            continue;
+        }
+        v.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let (all, w) = v[v.len() / 2];
+        println!(
+            "{}: {} instructions per {unit}, median of {} rounds: {w:.0} without the software SHA-256 and the commits ({all:.0} in all)",
+            o.workload,
+            t.name,
+            v.len()
+        );
+        work.push((t.name.as_str(), w));
+    }
+    if let (Some((_, d)), Some((_, f))) = (
+        work.iter().find(|(n, _)| *n == "daemon"),
+        work.iter().find(|(n, _)| *n == "floor"),
+    ) {
+        println!("instructions, daemon / floor: {:.2}×", d / f);
     }
     for (a, ma) in &medians {
         for (b, mb) in &medians {

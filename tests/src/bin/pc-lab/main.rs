@@ -19,6 +19,7 @@ struct Cli {
 mod bench_kernel;
 mod bench_proxy;
 mod bench_watches;
+mod callgrind;
 mod lab_load;
 mod nginx;
 mod procs;
