@@ -62,6 +62,14 @@ fn bad_gateway(e: &dyn std::fmt::Display) -> Response<Out> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // As the daemon (`init_tracing`): a subscriber at its default level. Without one,
+    // hyper's and h2's spans fell back to the `log` crate's check, ~5,000 instructions
+    // a request the daemon does not spend (callgrind).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
