@@ -173,28 +173,15 @@ impl AuditLog {
         }
     }
 
-    /// Queues a record and returns once it is durable (its sequence number).
-    pub async fn durable<T: Serialize>(
+    /// Queues a record and returns once it is durable (its sequence number). Only the
+    /// gate waits for a record (a mutation's, before it is forwarded), so only records
+    /// that write their own JSON are taken.
+    pub async fn durable<T: EncodeJson>(
         &self,
         kind: Kind,
         rec: &T,
     ) -> Result<u64, AuditUnavailable> {
-        self.queue_durable(Self::entry(kind, Encoded::new(rec)))
-            .await
-    }
-
-    /// [`Self::durable`] for a record that writes its own JSON.
-    pub async fn durable_own<T: EncodeJson>(
-        &self,
-        kind: Kind,
-        rec: &T,
-    ) -> Result<u64, AuditUnavailable> {
-        self.queue_durable(Self::entry(kind, Encoded::own(rec)))
-            .await
-    }
-
-    async fn queue_durable(&self, entry: Option<Entry>) -> Result<u64, AuditUnavailable> {
-        let mut e = entry.ok_or(AuditUnavailable::Encode)?;
+        let mut e = Self::entry(kind, Encoded::own(rec)).ok_or(AuditUnavailable::Encode)?;
         let (ack, done) = oneshot::channel();
         e.ack = Some(ack);
         self.tx
@@ -401,10 +388,12 @@ mod tests {
         let tmp = tempdir();
         let dir = tmp.path();
         let log = log(dir);
-        log.durable(Kind::Request, &1).await.unwrap();
+        log.durable(Kind::Request, &serde_json::json!(1))
+            .await
+            .unwrap();
         // The directory goes away under the writer: the head cannot be rewritten.
         std::fs::remove_dir_all(dir.join("audit")).unwrap();
-        let r = log.durable(Kind::Request, &2).await;
+        let r = log.durable(Kind::Request, &serde_json::json!(2)).await;
         assert!(r.is_err(), "{r:?}");
         assert!(!log.healthy());
     }
@@ -424,7 +413,9 @@ mod tests {
             log.record(Kind::Request, &i);
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             let t0 = std::time::Instant::now();
-            log.durable(Kind::Request, &i).await.expect("durable");
+            log.durable(Kind::Request, &serde_json::json!(i))
+                .await
+                .expect("durable");
             lat.push(t0.elapsed());
         }
         lat.sort();

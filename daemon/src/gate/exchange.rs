@@ -178,7 +178,7 @@ impl Exchange {
         if self.rec.mutating {
             return self
                 .audit
-                .durable_own(Kind::Request, &self.rec)
+                .durable(Kind::Request, &self.rec)
                 .await
                 .map(|_| ())
                 .map_err(Refusal::AuditWriteFailed);
