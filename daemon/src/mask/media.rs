@@ -141,6 +141,13 @@ impl Masking {
     }
 }
 
+/// Words in the media types the daemon cannot mask (protobuf, YAML, CBOR, CBOR
+/// sequences), as an Accept header names them.
+const UNMASKABLE_WORDS: [&str; 3] = ["protobuf", "yaml", "cbor"];
+/// Letters one of which every word of [`UNMASKABLE_WORDS`] holds (and
+/// `application/json` none): the quick check before the word search.
+const UNMASKABLE_TELL: [u8; 2] = [b'b', b'y'];
+
 /// The agent's Accept header with every encoding the daemon cannot mask (protobuf,
 /// YAML, CBOR) asked for as JSON instead, parameters kept
 /// (`as=Table;g=meta.k8s.io;v=v1`).
@@ -149,16 +156,17 @@ pub fn json_accept(v: &http::HeaderValue) -> http::HeaderValue {
         return http::HeaderValue::from_static("application/json");
     };
     // Most agents ask for JSON only (kubectl's gets and lists: `application/json`, or
-    // Table as JSON): nothing to rewrite, no allocation. Each of the words holds a `b`
-    // or a `y`: a value with neither (`application/json`) is passed on after one look
-    // at each byte instead of a search for each word.
+    // Table as JSON): nothing to rewrite, no allocation. Each of the words holds one of
+    // the [`UNMASKABLE_TELL`] letters (a test holds every word to it): a value with none
+    // (`application/json`) is passed on after one look at each byte instead of a
+    // search for each word.
     if !s
         .bytes()
-        .any(|c| matches!(c.to_ascii_lowercase(), b'b' | b'y'))
+        .any(|c| UNMASKABLE_TELL.contains(&c.to_ascii_lowercase()))
     {
         return v.clone();
     }
-    let asks_other = ["protobuf", "yaml", "cbor"].iter().any(|w| {
+    let asks_other = UNMASKABLE_WORDS.iter().any(|w| {
         s.as_bytes()
             .windows(w.len())
             .any(|win| win.eq_ignore_ascii_case(w.as_bytes()))
@@ -218,6 +226,24 @@ mod tests {
         assert_eq!(json_accept(&v), "application/json;q=0.9,application/json");
         let v = http::HeaderValue::from_static("application/CBOR");
         assert_eq!(json_accept(&v), "application/json");
+    }
+
+    #[test]
+    fn the_quick_accept_check_cannot_miss_an_unmaskable_word() {
+        // A word added to the list without one of the tell letters would pass the
+        // quick check unrewritten: this fails first.
+        for w in UNMASKABLE_WORDS {
+            assert!(
+                w.bytes().any(|c| UNMASKABLE_TELL.contains(&c)),
+                "{w} holds none of the quick check's letters"
+            );
+        }
+        assert!(
+            !"application/json"
+                .bytes()
+                .any(|c| UNMASKABLE_TELL.contains(&c)),
+            "the quick check no longer passes plain JSON"
+        );
     }
 
     #[test]
