@@ -149,7 +149,11 @@ fn count(line: &str) -> Option<u64> {
 }
 
 fn read(file: &Path) -> Result<Counts> {
-    let own = annotate(file, false)?;
+    parse(&annotate(file, false)?, &annotate(file, true)?)
+}
+
+/// Counts from callgrind_annotate's function tables: `own` (self costs), `inclusive`.
+fn parse(own: &str, inclusive: &str) -> Result<Counts> {
     let total = own
         .lines()
         .find(|l| l.contains("PROGRAM TOTALS"))
@@ -162,7 +166,7 @@ fn read(file: &Path) -> Result<Counts> {
         .filter(|l| l.contains("sha2::sha256::compress256"))
         .filter_map(count)
         .sum();
-    let commits = annotate(file, true)?
+    let commits = inclusive
         .lines()
         .filter(|l| l.contains("AuditWriter::commit") && !l.contains("=>"))
         .filter_map(count)
@@ -173,4 +177,40 @@ fn read(file: &Path) -> Result<Counts> {
         sha256,
         commits,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The shape callgrind_annotate 3.19 prints (`--auto=no`), cut from a real dump.
+    #[test]
+    fn counts_are_read_from_the_function_tables() {
+        let own = "\
+--------------------------------------------------------------------------------
+Ir
+--------------------------------------------------------------------------------
+361,218,234 (100.0%)  PROGRAM TOTALS
+
+--------------------------------------------------------------------------------
+Ir                    file:function
+--------------------------------------------------------------------------------
+361,186,839 (99.99%)  ./misc/../sysdeps/unix/sysv/linux/x86_64/clone.S:clone [/usr/lib/x86_64-linux-gnu/libc.so.6]
+ 49,494,000 (13.70%)  /root/.cargo/registry/src/sha2-0.10.9/src/sha256/soft.rs:sha2::sha256::compress256
+ 29,310,000 ( 8.11%)  /rustc/x/library/core/src/intrinsics/mod.rs:sha2::sha256::compress256
+ 23,190,000 ( 6.42%)  /rustc/x/library/core/src/num/uint_macros.rs:sha2::sha256::compress256
+  6,772,035 ( 1.87%)  /work/main/daemon/src/mask/json.rs:portcullis::mask::json::JsonMasker::feed [/work/main/target/release/portcullis]
+";
+        let inclusive = "\
+361,218,234 (100.0%)  PROGRAM TOTALS
+  5,961,428 ( 1.65%)  daemon/src/audit/writer.rs:portcullis::audit::writer::AuditWriter::commit [/work/main/target/release/portcullis]
+  5,746,164 ( 1.59%)  /work/main/daemon/src/audit/writer.rs:portcullis::audit::writer::AuditWriter::commit
+  5,706,299 ( 1.58%)  /work/main/daemon/src/audit/writer.rs:portcullis::audit::writer::AuditWriter::write_head
+";
+        let c = super::parse(own, inclusive).unwrap();
+        assert_eq!(c.total, 361_218_234);
+        assert_eq!(c.sha256, 49_494_000 + 29_310_000 + 23_190_000);
+        assert_eq!(c.commits, 5_961_428);
+        assert_eq!(c.per_request_work(), 361_218_234 - 101_994_000 - 5_961_428);
+        // No total: an error, not a zero.
+        assert!(super::parse("nothing", inclusive).is_err());
+    }
 }
