@@ -479,10 +479,13 @@ fn is_timestamp(s: &[u8]) -> bool {
     let Some((head, tail)) = s.split_first_chunk::<19>() else {
         return false;
     };
-    let shaped = head
-        .iter()
-        .zip(SHAPE)
-        .all(|(&b, &p)| if p == b'0' { b.is_ascii_digit() } else { b == p });
+    let shaped = head.iter().zip(SHAPE).all(|(&b, &p)| {
+        if p == b'0' {
+            b.is_ascii_digit()
+        } else {
+            b == p
+        }
+    });
     shaped
         && match tail {
             [b'Z'] => true,

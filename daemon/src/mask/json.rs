@@ -247,18 +247,14 @@ impl JsonMasker {
                             }
                             self.spare_keys.push(f.key);
                             self.out.push(b);
+                            // The comma that most often follows, at once.
+                            if input.get(i + 1) == Some(&b',') {
+                                self.comma();
+                                i += 1;
+                            }
                         }
                         b':' => self.out.push(b),
-                        b',' => {
-                            if let Some(f) = self.frames.last_mut() {
-                                if f.array {
-                                    f.index += 1;
-                                } else {
-                                    f.expect_key = true;
-                                }
-                            }
-                            self.out.push(b);
-                        }
+                        b',' => self.comma(),
                         b'"' => {
                             let is_key =
                                 self.frames.last().is_some_and(|f| !f.array && f.expect_key);
@@ -279,15 +275,22 @@ impl JsonMasker {
                                 if content.len() > MAX_STRING && gathers(mode, is_key, &self.plan) {
                                     return Err(MaskError::TooLong);
                                 }
+                                let mut end = i + len + 2;
                                 if is_key {
-                                    // Keys pass as they are: the string and its quotes
-                                    // in one copy.
-                                    self.out.extend_from_slice(&input[i..i + len + 2]);
+                                    // Keys pass as they are: the string, its quotes and
+                                    // the colon that most often follows in one copy.
+                                    end += usize::from(input.get(end) == Some(&b':'));
+                                    self.out.extend_from_slice(&input[i..end]);
                                     self.key_read(content);
                                 } else {
                                     self.end_string(false, mode, content);
+                                    // The comma that most often follows, at once.
+                                    if input.get(end) == Some(&b',') {
+                                        self.comma();
+                                        end += 1;
+                                    }
                                 }
-                                i += len + 2;
+                                i = end;
                                 continue;
                             }
                             self.sbuf.clear();
@@ -373,6 +376,19 @@ impl JsonMasker {
         }
         self.offset += input.len() as u64;
         Ok(self.ready())
+    }
+
+    /// A comma between elements: the next one is an array's next index, or an
+    /// object's next key.
+    fn comma(&mut self) {
+        if let Some(f) = self.frames.last_mut() {
+            if f.array {
+                f.index += 1;
+            } else {
+                f.expect_key = true;
+            }
+        }
+        self.out.push(b',');
     }
 
     /// The output that can go now: all of it, or what precedes a held `value`.

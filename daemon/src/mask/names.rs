@@ -215,6 +215,10 @@ impl NameMemo {
         let (Some(&first), Some(&last)) = (name.first(), name.last()) else {
             return false;
         };
+        // As short a name as `k` is out at once, without a slot.
+        if name.len() < 3 {
+            return false;
+        }
         if name.len() > MEMO_NAME {
             return is_credential_name(name);
         }
