@@ -338,6 +338,31 @@ mod tests {
         record: &'a T,
     }
 
+    /// The escape check itself, apart from what serde_json writes (a string wrongly
+    /// said to need escapes would still come out right, through serde_json): no byte
+    /// that needs none makes it say yes, and each one that does, at every position of
+    /// strings up to 49 bytes (the short ones checked as one padded block), makes it.
+    #[test]
+    fn the_escape_check_says_yes_exactly_for_the_bytes_that_need_one() {
+        let clean: Vec<u8> = (0x20u8..0x7f)
+            .filter(|&b| b != b'"' && b != b'\\')
+            .collect();
+        for len in 0..50 {
+            for fill in &clean {
+                assert!(!super::needs_escape(&vec![*fill; len]), "{len} × {fill}");
+            }
+            let s: Vec<u8> = (0..len).map(|i| clean[i % clean.len()]).collect();
+            assert!(!super::needs_escape(&s), "{len}");
+            for at in 0..len {
+                for bad in [0u8, 0x1f, b'"', b'\\'] {
+                    let mut t = s.clone();
+                    t[at] = bad;
+                    assert!(super::needs_escape(&t), "{len} {at} {bad}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn strings_are_written_as_serde_json_writes_them() {
         // Every ASCII byte and a few non-ASCII characters, at every place in strings of
