@@ -1165,4 +1165,52 @@ mod tests {
         let mut m = JsonMasker::new(p.clone());
         assert_eq!(m.feed(&[b'['; MAX_DEPTH + 1]), Err(MaskError::TooDeep));
     }
+
+    /// A `:` after a key and a `,` after a string or a closed container are taken with
+    /// what precedes them when they are in the same chunk: the error at the byte after
+    /// them is reported at the same offset, and what the comma moves on (an array's
+    /// index, an object's next key) is the same, in every split of the body.
+    #[test]
+    fn a_colon_or_comma_taken_at_once_leaves_offsets_and_state_as_before() {
+        let p = secrets_plan();
+        let feed_split = |body: &[u8], at: usize| {
+            let mut m = JsonMasker::new(p.clone());
+            let mut out = m.feed(&body[..at])?;
+            out.extend(m.feed(&body[at..])?);
+            out.extend(m.finish()?);
+            Ok::<_, MaskError>(out)
+        };
+        for (body, bad) in [
+            (&b"[\"a\",x]"[..], 5),
+            (b"[{},x]", 4),
+            (b"[[],x]", 4),
+            (b"{\"k\":\"v\",x}", 9),
+            (b"{\"k\":x}", 5),
+            (b"{\"k\":{},x}", 8),
+        ] {
+            for at in 0..=body.len() {
+                assert_eq!(
+                    feed_split(body, at),
+                    Err(MaskError::Syntax {
+                        offset: bad,
+                        why: "unexpected character"
+                    }),
+                    "{} split at {at}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        // The comma moves an array's index on: a Secret list's second item is masked as
+        // its first, and an object's next key is read as a key, in every split.
+        let body = br#"{"kind":"SecretList","items":[{"kind":"Secret","data":{"a":"c2VjcmV0"}},{"kind":"Secret","data":{"b":"c2VjcmV0","c":"c2VjcmV0"}}]}"#;
+        let whole = feed_split(body, body.len()).expect("masks");
+        assert!(
+            !String::from_utf8_lossy(&whole).contains("c2VjcmV0"),
+            "{}",
+            String::from_utf8_lossy(&whole)
+        );
+        for at in 0..=body.len() {
+            assert_eq!(feed_split(body, at).as_ref(), Ok(&whole), "split at {at}");
+        }
+    }
 }
