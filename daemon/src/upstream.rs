@@ -1,9 +1,10 @@
-//! The API server side: pooled TLS connections (HTTP/2 when the API server offers it,
-//! another connection when those open have no stream left (`pool.rs`); HTTP/1.1 for
-//! upgrades), the daemon's own credential, and the rewrite that removes everything the
+//! The API server side: TLS connections (HTTP/2 when the API server offers it, held
+//! by the lanes themselves (`connection.rs`), another connection when those open have
+//! no stream left (`pool.rs`); HTTP/1.1 for upgrades), the daemon's own credential, and the rewrite that removes everything the
 //! agent sent to claim an identity and adds the scoped impersonation; the daemon's own
 //! calls (policy reads as a scoped identity, the audit anchor).
 mod anchor;
+mod connection;
 mod headers;
 mod pool;
 mod token;
@@ -20,6 +21,7 @@ use hyper_util::{
 use rustls::ClientConfig;
 
 pub use anchor::ConfigMapAnchor;
+pub use connection::SendError;
 pub use headers::{Impersonation, strip_hop_by_hop};
 pub use pool::UpstreamBody;
 
@@ -66,9 +68,7 @@ pub enum UpstreamError {
     },
     /// hyper's error says little without its causes: the message carries the chain.
     #[error("{}", source_chain(error))]
-    Request {
-        error: hyper_util::client::legacy::Error,
-    },
+    Request { error: SendError },
     #[error("reading {uri}: {source}")]
     Body {
         uri: String,
@@ -151,11 +151,11 @@ impl Upstream {
                 None,
             ),
         };
-        let h2_tls = tls.clone();
+        let (h2_tls, h2_base) = (tls.clone(), base.clone());
         Ok(Upstream {
             base,
             lanes: pool::Lanes::new(pool::STREAMS_PER_CONNECTION, move |p| {
-                build_client(h2_tls.clone(), Flavor::Lane(p))
+                lane_client(h2_tls.clone(), &h2_base, p)
             }),
             upgrade_client: build_client(tls, Flavor::Upgrade),
             token,
@@ -294,7 +294,7 @@ impl Upstream {
         &self,
         req: http::Request<ProxyBody>,
         upgrade: bool,
-    ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
         if upgrade {
             Ok(self
                 .upgrade_client
@@ -316,7 +316,22 @@ enum Flavor {
     Upgrade,
 }
 
-fn build_client(tls: ClientConfig, flavor: Flavor) -> HttpsClient {
+/// A lane's client: the pooled client while the protocol is negotiated, one HTTP/2
+/// connection of its own once the API server is known to speak it.
+fn lane_client(tls: ClientConfig, base: &Uri, protocol: pool::Protocol) -> pool::LaneClient {
+    match protocol {
+        pool::Protocol::Negotiated => {
+            pool::LaneClient::Pooled(build_client(tls, Flavor::Lane(protocol)))
+        }
+        pool::Protocol::Http2 => pool::LaneClient::Direct(connection::H2Connection::new(
+            connector(tls, Flavor::Lane(protocol)),
+            base.clone(),
+        )),
+    }
+}
+
+/// TCP (5 s connect timeout, no Nagle) and TLS offering the protocols `flavor` speaks.
+fn connector(tls: ClientConfig, flavor: Flavor) -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -324,11 +339,15 @@ fn build_client(tls: ClientConfig, flavor: Flavor) -> HttpsClient {
     let b = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
-    let connector = match flavor {
+    match flavor {
         Flavor::Lane(pool::Protocol::Negotiated) => b.enable_all_versions().wrap_connector(http),
         Flavor::Lane(pool::Protocol::Http2) => b.enable_http2().wrap_connector(http),
         Flavor::Upgrade => b.enable_http1().wrap_connector(http),
-    };
+    }
+}
+
+fn build_client(tls: ClientConfig, flavor: Flavor) -> HttpsClient {
+    let connector = connector(tls, flavor);
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

@@ -180,7 +180,7 @@ impl Gate {
         Ok(Response::from_parts(p, body.boxed()))
     }
 
-    pub(super) fn upstream_error(&self, error: hyper_util::client::legacy::Error) -> Refusal {
+    pub(super) fn upstream_error(&self, error: crate::upstream::SendError) -> Refusal {
         let base = self.upstream.base().to_string();
         let connect = error.is_connect();
         let error = Box::new(error);

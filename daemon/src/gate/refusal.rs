@@ -10,7 +10,7 @@ use crate::{
     identity::AuthError,
     k8s::{Attributes, PreconditionError, RequestInfoError, Status, StatusCause, StatusDetails},
     mask::Unmaskable,
-    upstream::UpstreamError,
+    upstream::{SendError, UpstreamError},
     util::{ProxyBody, source_chain},
 };
 
@@ -127,18 +127,12 @@ pub enum Refusal {
         "Portcullis cannot reach the Kubernetes API server at {base}: {}",
         source_chain(error.as_ref())
     )]
-    UpstreamUnreachable {
-        base: String,
-        error: Box<hyper_util::client::legacy::Error>,
-    },
+    UpstreamUnreachable { base: String, error: Box<SendError> },
     #[error(
         "the request to the Kubernetes API server at {base} failed: {}",
         source_chain(error.as_ref())
     )]
-    UpstreamFailed {
-        base: String,
-        error: Box<hyper_util::client::legacy::Error>,
-    },
+    UpstreamFailed { base: String, error: Box<SendError> },
     #[error("Portcullis: {0}")]
     Unmaskable(#[source] Unmaskable),
     /// A write whose body carries a masking placeholder: forwarding it would store the

@@ -763,6 +763,75 @@ async fn an_unreachable_api_server_is_a_503_the_client_retries() {
     assert_eq!(resp.code, 503);
 }
 
+/// Once the API server is known to speak HTTP/2, each lane holds its connection
+/// itself: a connection the API server ends — with a GOAWAY (stopping, or idle for
+/// 90 s) or with no word (killed, reset) — is opened again for the next request, and
+/// the requests go on being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_connection_that_ends_is_opened_again() {
+    use self::fake_api::End;
+    for how in [End::Graceful, End::Abrupt] {
+        let lab = pass_through().await;
+        let path = "/api/v1/namespaces/e2e/configmaps";
+        // The first answer shows HTTP/2; the next requests go on HTTP/2 lanes.
+        for _ in 0..3 {
+            let r = lab.call(From::PodA, None, "GET", path).await;
+            assert_eq!(r.status, StatusCode::OK, "{how:?}: {}", r.body);
+        }
+        for round in 0..3 {
+            let before = lab.api.connections();
+            lab.api.close_connections(how);
+            // The lanes see their connections end (a closed socket, a GOAWAY).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for i in 0..4 {
+                let r = lab.call(From::PodA, None, "GET", path).await;
+                assert_eq!(
+                    r.status,
+                    StatusCode::OK,
+                    "{how:?}, round {round}, request {i}: {}",
+                    r.body
+                );
+            }
+            let after = lab.api.connections();
+            // One new connection per event loop that served a request (the lab runs
+            // two), none per request.
+            assert!(
+                (before + 1..=before + 2).contains(&after),
+                "{how:?}, round {round}: {before} connections, then {after}"
+            );
+        }
+        assert_eq!(lab.api.seen_at("GET", path).len(), 3 + 3 * 4, "{how:?}");
+    }
+}
+
+/// An API server that goes away after the lanes went HTTP/2 is a 503 the client
+/// retries (the lane cannot open a connection), as before it was ever reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_gone_after_its_connections_opened_is_a_503() {
+    let lab = pass_through().await;
+    let path = "/api/v1/namespaces/e2e/configmaps";
+    for _ in 0..3 {
+        let r = lab.call(From::PodA, None, "GET", path).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    lab.api.stop();
+    lab.api.close_connections(fake_api::End::Graceful);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..2 {
+        let r = lab.call(From::PodA, None, "GET", path).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+        assert_eq!(r.headers["retry-after"], "1");
+        assert!(
+            r.message().starts_with(&format!(
+                "Portcullis cannot reach the Kubernetes API server at {}",
+                lab.api.url()
+            )),
+            "{}",
+            r.body
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_arriving_together_share_api_server_connections() {
     use http_body_util::{BodyExt, Empty};

@@ -14,13 +14,20 @@
 //! Each of the agents' event loops (`loops`) has lanes of its own, so a request and
 //! its API server connection are served by the same thread; requests made elsewhere
 //! (the main runtime: token reviews, discovery) share a set of their own.
+//!
+//! Until the API server has answered over HTTP/2 a lane is hyper-util's pooled client
+//! negotiating the protocol (HTTP/1.1 stays that way); after, a lane is one HTTP/2
+//! connection it holds itself (`connection`). A lane idle for 90 s (the API server's
+//! own idle timeout) is closed, except each loop's first HTTP/2 lane, whose connection
+//! the API server closes when idle and the lane opens again on its next request.
 use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -29,8 +36,14 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
-use super::HttpsClient;
+use super::{
+    HttpsClient,
+    connection::{H2Connection, SendError},
+};
 use crate::{loops, util::ProxyBody};
+
+/// A lane idle this long is closed (kube-apiserver closes its side after 90 s).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Streams per connection: kube-apiserver's default limit.
 pub(super) const STREAMS_PER_CONNECTION: usize = 100;
@@ -46,10 +59,33 @@ pub(super) enum Protocol {
     Http2,
 }
 
+/// How a lane sends.
+pub(super) enum LaneClient {
+    /// hyper-util's pooled client: [`Protocol::Negotiated`] lanes.
+    Pooled(HttpsClient),
+    /// One HTTP/2 connection: [`Protocol::Http2`] lanes.
+    Direct(H2Connection),
+}
+
+impl LaneClient {
+    async fn send(
+        &self,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        match self {
+            LaneClient::Pooled(c) => Ok(c.request(req).await?),
+            LaneClient::Direct(c) => c.send(req).await,
+        }
+    }
+}
+
 struct Lane {
-    client: HttpsClient,
+    client: LaneClient,
     protocol: Protocol,
     streams: AtomicUsize,
+    /// When `streams` last fell to 0: milliseconds since `epoch`.
+    idle_since: AtomicU64,
+    epoch: Instant,
     /// A negotiating lane's first request is on its way: the others wait for it (see
     /// [`Lanes::request`]).
     opening: AtomicBool,
@@ -59,12 +95,21 @@ struct Lane {
 }
 
 pub(super) struct Lanes {
-    new_client: Box<dyn Fn(Protocol) -> HttpsClient + Send + Sync>,
+    new_client: Box<dyn Fn(Protocol) -> LaneClient + Send + Sync>,
     /// Per event loop (index [`loops::current`]; 0: off the loops).
     lanes: Box<[Mutex<Vec<Arc<Lane>>>]>,
     per_lane: usize,
     /// The API server has answered over HTTP/2: new lanes are HTTP/2-only.
     h2: AtomicBool,
+    idle_timeout: Duration,
+    epoch: Instant,
+}
+
+impl Lane {
+    fn idle_ms(&self, now: Instant) -> u64 {
+        let now = u64::try_from(now.duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(self.idle_since.load(Ordering::Relaxed))
+    }
 }
 
 /// A stream taken on a lane; dropping it gives the stream back.
@@ -72,7 +117,10 @@ struct Slot(Arc<Lane>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+        if self.0.streams.fetch_sub(1, Ordering::Relaxed) == 1 {
+            let ms = u64::try_from(self.0.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.0.idle_since.store(ms, Ordering::Relaxed);
+        }
     }
 }
 
@@ -90,7 +138,7 @@ impl Drop for Opening<'_> {
 impl Lanes {
     pub(super) fn new(
         per_lane: usize,
-        new_client: impl Fn(Protocol) -> HttpsClient + Send + Sync + 'static,
+        new_client: impl Fn(Protocol) -> LaneClient + Send + Sync + 'static,
     ) -> Self {
         Lanes {
             new_client: Box::new(new_client),
@@ -99,6 +147,8 @@ impl Lanes {
                 .collect(),
             per_lane: per_lane.max(1),
             h2: AtomicBool::new(false),
+            idle_timeout: IDLE_TIMEOUT,
+            epoch: Instant::now(),
         }
     }
 
@@ -109,10 +159,25 @@ impl Lanes {
         let h2 = self.h2.load(Ordering::Acquire);
         let here = loops::current().min(loops::MAX_LOOPS);
         let mut lanes = self.lanes[here].lock().unwrap_or_else(|p| p.into_inner());
-        if h2 {
-            // Negotiating lanes nothing uses any more: their pools go with them.
-            lanes
-                .retain(|l| l.protocol == Protocol::Http2 || l.streams.load(Ordering::Relaxed) > 0);
+        if h2 && (lanes.len() > 1 || lanes.first().is_some_and(|l| l.protocol != Protocol::Http2)) {
+            // Negotiating lanes nothing uses any more (their pools go with them), and
+            // HTTP/2 lanes idle for `idle_timeout` but the first (their connections).
+            let mut first = true;
+            let mut now = None;
+            lanes.retain(|l| {
+                if l.streams.load(Ordering::Relaxed) > 0 {
+                    first &= l.protocol != Protocol::Http2;
+                    return true;
+                }
+                if l.protocol != Protocol::Http2 {
+                    return false;
+                }
+                if std::mem::take(&mut first) {
+                    return true;
+                }
+                let now = *now.get_or_insert_with(Instant::now);
+                u128::from(l.idle_ms(now)) < self.idle_timeout.as_millis()
+            });
         }
         for lane in lanes.iter() {
             if h2 && lane.protocol != Protocol::Http2 {
@@ -134,6 +199,8 @@ impl Lanes {
             client: (self.new_client)(protocol),
             protocol,
             streams: AtomicUsize::new(1),
+            idle_since: AtomicU64::new(0),
+            epoch: self.epoch,
             opening: AtomicBool::new(false),
             warm: AtomicBool::new(false),
             warmed: Notify::new(),
@@ -153,7 +220,7 @@ impl Lanes {
     pub(super) async fn request(
         &self,
         req: http::Request<ProxyBody>,
-    ) -> Result<http::Response<UpstreamBody>, hyper_util::client::legacy::Error> {
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
         let slot = self.take();
         let lane = &*slot.0;
         let mut opening = None;
@@ -169,7 +236,7 @@ impl Lanes {
                 opening = Some(Opening(lane));
             }
         }
-        let resp = lane.client.request(req).await;
+        let resp = lane.client.send(req).await;
         if let Ok(r) = &resp
             && r.version() == Version::HTTP_2
         {
@@ -232,7 +299,8 @@ mod tests {
     fn lanes(per: usize) -> Lanes {
         Lanes::new(per, |p| {
             let tls = crate::tls::client_config(None, None).expect("client config");
-            super::super::build_client(tls, super::super::Flavor::Lane(p))
+            let base = http::Uri::from_static("https://127.0.0.1:1");
+            super::super::lane_client(tls, &base, p)
         })
     }
 
@@ -300,5 +368,31 @@ mod tests {
             2,
             "lanes are kept (their idle connections time out)"
         );
+    }
+
+    #[test]
+    fn idle_http2_lanes_close_but_the_first() {
+        let mut l = lanes(1);
+        l.h2.store(true, Ordering::Release);
+        let (a, b, c) = (l.take(), l.take(), l.take());
+        assert_eq!(l.count(), 3);
+        let (first, second) = (a.0.clone(), b.0.clone());
+        drop((a, c));
+        // Idle, not for long enough.
+        let d = l.take();
+        assert!(Arc::ptr_eq(&d.0, &first));
+        assert_eq!(l.count(), 3);
+        drop(d);
+        l.idle_timeout = Duration::ZERO;
+        // The idle third lane closes; the first is kept although idle, the second
+        // because it has a stream open.
+        let e = l.take();
+        assert!(Arc::ptr_eq(&e.0, &first), "the first lane is kept");
+        assert_eq!(l.count(), 2);
+        drop((b, e));
+        let f = l.take();
+        assert!(Arc::ptr_eq(&f.0, &first));
+        assert_eq!(l.count(), 1, "the second closes once idle");
+        assert!(!Arc::ptr_eq(&f.0, &second));
     }
 }

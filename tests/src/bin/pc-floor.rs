@@ -1,7 +1,8 @@
 //! pc-floor: a test-only REFERENCE proxy for `pc-lab lab-load --targets`: the daemon's
-//! own stack with nothing of the gate in it. rustls + hyper/h2 toward the client, a
-//! hyper-util client (rustls, HTTP/2, as the daemon's upstream lanes) toward the
-//! upstream, on one single-threaded runtime as one of the daemon's event loops. It swaps
+//! own stack with nothing of the gate in it. rustls + hyper/h2 toward the client, one
+//! HTTP/2 connection held and sent on directly (rustls, as the daemon's upstream lanes;
+//! opened again when it closes) toward the upstream, or hyper-util's pooled client for
+//! an HTTP/1.1 upstream, on one single-threaded runtime as one of the daemon's event loops. It swaps
 //! the client's `Authorization` for its own bearer token and adds impersonation, as the
 //! benchmark's nginx does; bodies pass through untouched: no attributes, identity,
 //! policy, masking or audit. What it costs per request is the floor of the daemon's
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::{body::Incoming, service::service_fn};
+use hyper::{body::Incoming, client::conn::http2, service::service_fn};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -45,6 +46,75 @@ struct Cli {
 }
 
 type Out = BoxBody<Bytes, hyper::Error>;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// How requests go upstream.
+enum Upstream {
+    /// HTTP/1.1 with keep-alive: hyper-util's pooled client.
+    Pooled(Client<Connector, Incoming>),
+    /// One HTTP/2 connection, as a daemon lane holds it.
+    Direct {
+        connector: Connector,
+        base: Uri,
+        sender: std::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+        opening: tokio::sync::Mutex<()>,
+    },
+}
+
+impl Upstream {
+    async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>> {
+        let (connector, base, sender, opening) = match self {
+            Upstream::Pooled(client) => return Ok(client.request(req).await?),
+            Upstream::Direct {
+                connector,
+                base,
+                sender,
+                opening,
+            } => (connector, base, sender, opening),
+        };
+        for _ in 0..3 {
+            let attempt = {
+                let mut s = sender.lock().unwrap_or_else(|p| p.into_inner());
+                match s.as_mut() {
+                    Some(s) if !s.is_closed() => Ok(s.try_send_request(req)),
+                    _ => Err(req),
+                }
+            };
+            req = match attempt {
+                Ok(sent) => match sent.await {
+                    Ok(r) => return Ok(r),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => back,
+                        None => return Err(e.into_error().into()),
+                    },
+                },
+                Err(back) => back,
+            };
+            let _one = opening.lock().await;
+            let open = sender
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|s| !s.is_closed());
+            if !open {
+                use tower_service::Service;
+                let mut c = connector.clone();
+                std::future::poll_fn(|cx| c.poll_ready(cx))
+                    .await
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                let io = c.call(base.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+                let (s, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await?;
+                tokio::spawn(conn);
+                *sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+            }
+        }
+        anyhow::bail!("the upstream closed each new connection at once")
+    }
+}
 
 fn bad_gateway(e: &dyn std::fmt::Display) -> Response<Out> {
     let body = format!(
@@ -107,12 +177,22 @@ async fn serve(cli: Cli) -> Result<()> {
     } else {
         b.enable_http2().wrap_connector(http)
     };
-    let client: Client<_, Incoming> = Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .http2_only(!cli.upstream_http1)
-        .build(connector);
     let base = cli.upstream.trim_end_matches('/').to_string();
+    let client = Arc::new(if cli.upstream_http1 {
+        Upstream::Pooled(
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .build(connector),
+        )
+    } else {
+        Upstream::Direct {
+            connector,
+            base: base.parse()?,
+            sender: std::sync::Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
+        }
+    });
     let auth = HeaderValue::from_str(&format!("Bearer {}", cli.token))?;
 
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
@@ -153,7 +233,7 @@ async fn serve(cli: Cli) -> Result<()> {
                         "impersonate-group",
                         HeaderValue::from_static("portcullis:agents"),
                     );
-                    Ok(match client.request(req).await {
+                    Ok(match client.send(req).await {
                         Ok(r) => r.map(BodyExt::boxed),
                         Err(e) => bad_gateway(&e),
                     })

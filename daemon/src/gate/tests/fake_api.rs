@@ -47,7 +47,20 @@ pub struct FakeApi {
     revoked: Revoked,
     /// TLS connections accepted.
     accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Tells the open connections to end (see [`FakeApi::close_connections`]).
+    ends: tokio::sync::watch::Sender<Option<End>>,
     task: JoinHandle<()>,
+}
+
+/// How the open connections end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// GOAWAY, the requests in flight answered first (the API server stopping, or
+    /// closing an idle connection).
+    Graceful,
+    /// The TCP connection closed with no word (the API server killed, a middlebox's
+    /// reset).
+    Abrupt,
 }
 
 /// Subjects whose tokens TokenReview no longer authenticates (their service account
@@ -114,12 +127,15 @@ impl FakeApi {
         });
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = accepted.clone();
+        let (ends, ended) = tokio::sync::watch::channel(None);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let (acceptor, state) = (acceptor.clone(), state.clone());
+                let mut ended = ended.clone();
+                ended.mark_unchanged();
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
@@ -129,9 +145,18 @@ impl FakeApi {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(answer(&state, req).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = ended.changed() => {}
+                    }
+                    if *ended.borrow() == Some(End::Graceful) {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
                 });
             }
         });
@@ -142,8 +167,14 @@ impl FakeApi {
             objects,
             revoked,
             accepted,
+            ends,
             task,
         }
+    }
+
+    /// Ends every connection open now (`how`); new ones are accepted as before.
+    pub fn close_connections(&self, how: End) {
+        self.ends.send_replace(Some(how));
     }
 
     /// Connections the gate has opened to this API server.
