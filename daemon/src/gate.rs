@@ -158,9 +158,10 @@ impl Gate {
             };
             let authorized = caller.authorize(&admitted, &wire, &self.upstream).await?;
             ex.authorized(&authorized);
-            return self
-                .upgrade(req, conn, ex, &admitted, &authorized, content)
-                .await;
+            // Boxed: upgrades are rare, and a large future held inline makes every
+            // request's as large (the exchange is boxed per request: its whole size
+            // copied).
+            return Box::pin(self.upgrade(req, conn, ex, &admitted, &authorized, content)).await;
         }
         let (parts, body) = req.into_parts();
         // A mutation's body is read whole before anything is decided: a grant covers

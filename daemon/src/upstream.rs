@@ -296,9 +296,8 @@ impl Upstream {
         upgrade: bool,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
         if upgrade {
-            Ok(self
-                .upgrade_client
-                .request(req)
+            // Boxed: rare, and large (see `pool::LaneClient::send`).
+            Ok(Box::pin(self.upgrade_client.request(req))
                 .await?
                 .map(UpstreamBody::unpooled))
         } else {

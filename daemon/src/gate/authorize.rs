@@ -155,7 +155,8 @@ impl Caller<'_> {
         // Only what a rule that could decide reads is fetched (most requests: nothing).
         let needs = policy.needs(&request);
         let effect = if needs.any() {
-            effect::obtain(upstream, &impersonate, wire, info, needs).await?
+            // Boxed: rare, and large (see `Gate::pass`).
+            Box::pin(effect::obtain(upstream, &impersonate, wire, info, needs)).await?
         } else {
             effect::Effect::default()
         };

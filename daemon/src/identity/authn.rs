@@ -108,26 +108,27 @@ impl Authenticator {
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": issuer.cfg.audiences},
         });
-        let (code, answer) = up
-            .call(
-                None,
-                Call {
-                    method: http::Method::POST,
-                    path_and_query: "/apis/authentication.k8s.io/v1/tokenreviews",
-                    accept: "application/json",
-                    content_type: Some("application/json"),
-                    body: bytes::Bytes::from(body.to_string()),
-                },
-                1 << 20,
-            )
-            .await
-            .map_err(|e| match e {
-                crate::upstream::UpstreamError::Request { .. }
-                | crate::upstream::UpstreamError::Timeout { .. } => {
-                    AuthError::ReviewUnreachable(e.to_string())
-                }
-                e => AuthError::ReviewUnavailable(e.to_string()),
-            })?;
+        // Boxed: a review is rare (once per token and `review_ttl`), and its large
+        // future held inline would make every request's future as large.
+        let (code, answer) = Box::pin(up.call(
+            None,
+            Call {
+                method: http::Method::POST,
+                path_and_query: "/apis/authentication.k8s.io/v1/tokenreviews",
+                accept: "application/json",
+                content_type: Some("application/json"),
+                body: bytes::Bytes::from(body.to_string()),
+            },
+            1 << 20,
+        ))
+        .await
+        .map_err(|e| match e {
+            crate::upstream::UpstreamError::Request { .. }
+            | crate::upstream::UpstreamError::Timeout { .. } => {
+                AuthError::ReviewUnreachable(e.to_string())
+            }
+            e => AuthError::ReviewUnavailable(e.to_string()),
+        })?;
         if !code.is_success() {
             return Err(AuthError::ReviewUnavailable(format!(
                 "TokenReview answered {}",
@@ -191,7 +192,9 @@ impl Authenticator {
                 id
             }
             None => {
-                let id = Arc::new(self.verify(token, &digest).await?);
+                // Boxed: a cache miss (signature, TokenReview) is rare, and its large
+                // future held inline would make every request's future as large.
+                let id = Arc::new(Box::pin(self.verify(token, &digest)).await?);
                 let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= CACHE_MAX {
                     let t = now();

@@ -142,7 +142,10 @@ impl H2Connection {
             if opened == 2 {
                 return Err(SendError::Connect(Arc::new(OpenError::ClosedAtOnce)));
             }
-            self.open().await?;
+            // Boxed: opening (TCP, TLS, the HTTP/2 handshake) is a large future, and
+            // held inline it would make every request's future as large — moved and
+            // copied as the request goes (+12k instructions per small GET, callgrind).
+            Box::pin(self.open()).await?;
             opened += 1;
         }
     }

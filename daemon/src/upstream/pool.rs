@@ -73,7 +73,10 @@ impl LaneClient {
         req: http::Request<ProxyBody>,
     ) -> Result<http::Response<Incoming>, SendError> {
         match self {
-            LaneClient::Pooled(c) => Ok(c.request(req).await?),
+            // Boxed: the pooled client's future is large and serves only until the API
+            // server is known to speak HTTP/2 (or an HTTP/1.1 one); inline it would make
+            // every request's future as large.
+            LaneClient::Pooled(c) => Ok(Box::pin(c.request(req)).await?),
             LaneClient::Direct(c) => c.send(req).await,
         }
     }

@@ -91,26 +91,9 @@ impl Upstream {
                 },
                 Err(back) => back,
             };
-            let _one = opening.lock().await;
-            let open = sender
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .is_some_and(|s| !s.is_closed());
-            if !open {
-                use tower_service::Service;
-                let mut c = connector.clone();
-                std::future::poll_fn(|cx| c.poll_ready(cx))
-                    .await
-                    .map_err(|e| anyhow::anyhow!(e))?;
-                let io = c.call(base.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
-                let (s, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(io)
-                    .await?;
-                tokio::spawn(conn);
-                *sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-            }
+            // Boxed, as the daemon's: a large future held inline makes every request's
+            // future as large.
+            Box::pin(open(connector, base, sender, opening)).await?;
         }
         anyhow::bail!("the upstream closed each new connection at once")
     }
@@ -128,6 +111,35 @@ fn bad_gateway(e: &dyn std::fmt::Display) -> Response<Out> {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+async fn open(
+    connector: &Connector,
+    base: &Uri,
+    sender: &std::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    opening: &tokio::sync::Mutex<()>,
+) -> Result<()> {
+    let _one = opening.lock().await;
+    let open = sender
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .is_some_and(|s| !s.is_closed());
+    if !open {
+        use tower_service::Service;
+        let mut c = connector.clone();
+        std::future::poll_fn(|cx| c.poll_ready(cx))
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let io = c.call(base.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+        let (s, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await?;
+        tokio::spawn(conn);
+        *sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
