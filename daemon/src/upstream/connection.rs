@@ -9,8 +9,9 @@
 //! for a choice the lane had already made.
 //!
 //! A request the connection did not take (it was closed by the time the request reached
-//! it: nothing of it was sent) goes on a new connection, once; a request that was sent
-//! and then failed is not sent again (it may not be idempotent).
+//! it: nothing of it was sent) goes on a new connection; if that one too closes first,
+//! the request fails as "cannot reach" (503, retried by the client). A request that was
+//! sent and then failed is not sent again (it may not be idempotent).
 use std::{
     future::poll_fn,
     sync::{
@@ -41,7 +42,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// No connection could be opened (TCP, TLS, HTTP/2 preface): nothing was sent.
-    #[error("opening a connection: {0}")]
+    #[error("opening a connection")]
     Connect(#[source] Arc<dyn std::error::Error + Send + Sync>),
     /// The request failed on an open HTTP/2 connection.
     #[error(transparent)]
@@ -72,7 +73,7 @@ enum OpenError {
     Connect(BoxError),
     #[error("the API server did not agree to HTTP/2 (ALPN)")]
     NotHttp2,
-    #[error("HTTP/2 handshake: {0}")]
+    #[error("HTTP/2 handshake")]
     Handshake(#[source] hyper::Error),
     #[error("the API server closed two new connections before the request could be sent")]
     ClosedAtOnce,
@@ -318,9 +319,12 @@ mod tests {
         let conn = connection(base.clone(), OPEN_TIMEOUT);
         let e = conn.send(get(&base)).await.expect_err("refused");
         assert!(e.is_connect(), "{e}");
-        assert!(
-            crate::util::source_chain(&e).contains("opening a connection"),
-            "{e}"
-        );
+        let chain = crate::util::source_chain(&e);
+        assert!(chain.starts_with("opening a connection: "), "{chain}");
+        // Each cause once: the chain is not the same words twice.
+        let causes: Vec<&str> = chain.split(": ").collect();
+        for pair in causes.windows(2) {
+            assert!(!pair[1].contains(pair[0]), "{chain}");
+        }
     }
 }
