@@ -1,8 +1,9 @@
 //! The API server side: TLS connections (HTTP/2 when the API server offers it, held
 //! by the lanes themselves (`connection.rs`), another connection when those open have
-//! no stream left (`pool.rs`); HTTP/1.1 for upgrades), the daemon's own credential, and the rewrite that removes everything the
-//! agent sent to claim an identity and adds the scoped impersonation; the daemon's own
-//! calls (policy reads as a scoped identity, the audit anchor).
+//! no stream left (`pool.rs`); HTTP/1.1 for upgrades), the daemon's own credential, and
+//! the rewrite that removes everything the agent sent to claim an identity and adds the
+//! scoped impersonation; the daemon's own calls (policy reads as a scoped identity, the
+//! audit anchor).
 mod anchor;
 mod connection;
 mod headers;
@@ -306,6 +307,12 @@ impl Upstream {
     }
 }
 
+/// HTTP/2 pings on a connection with streams open, and how long one may go
+/// unanswered: they detect a dead API server connection under long watches. The same
+/// for the pooled client and a lane's own connection (`connection`).
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// What a client is for.
 #[derive(Debug, Clone, Copy)]
 enum Flavor {
@@ -351,10 +358,8 @@ fn build_client(tls: ClientConfig, flavor: Flavor) -> HttpsClient {
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .http2_only(matches!(flavor, Flavor::Lane(pool::Protocol::Http2)))
         .http2_adaptive_window(true)
-        // Detects a dead API server connection under long watches.
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_keep_alive_timeout(Duration::from_secs(15))
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .http2_keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .build(connector)
 }

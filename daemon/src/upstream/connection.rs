@@ -83,8 +83,8 @@ pub(super) struct H2Connection {
     connector: HttpsConnector<HttpConnector>,
     /// `https://host:port` of the API server.
     base: Uri,
-    /// The open connection's handle; `None` before the first request and once it has
-    /// been seen closed.
+    /// The connection's handle; `None` before the first opening. A closed one is
+    /// replaced by the next opening.
     sender: Mutex<Option<http2::SendRequest<ProxyBody>>>,
     /// One opening at a time; the requests that wait for it then share its result:
     /// the last opening's failure, if it failed.
@@ -120,10 +120,8 @@ impl H2Connection {
                 let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
                 match sender.as_mut() {
                     Some(s) if !s.is_closed() => Ok(s.try_send_request(req)),
-                    _ => {
-                        *sender = None;
-                        Err(req)
-                    }
+                    // None yet, or closed: `open` replaces it.
+                    _ => Err(req),
                 }
             };
             match attempt {
@@ -132,10 +130,7 @@ impl H2Connection {
                     Ok(resp) => return Ok(resp),
                     Err(mut e) => match e.take_message() {
                         // Not sent: the connection closed first.
-                        Some(back) => {
-                            self.forget_closed();
-                            req = back;
-                        }
+                        Some(back) => req = back,
                         None => return Err(SendError::Http(e.into_error())),
                     },
                 },
@@ -148,14 +143,6 @@ impl H2Connection {
             // copied as the request goes (+12k instructions per small GET, callgrind).
             Box::pin(self.open()).await?;
             opened += 1;
-        }
-    }
-
-    /// Drops the handle if its connection has closed.
-    fn forget_closed(&self) {
-        let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
-        if sender.as_ref().is_some_and(http2::SendRequest::is_closed) {
-            *sender = None;
         }
     }
 
@@ -220,9 +207,8 @@ impl H2Connection {
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
-            // Detects a dead API server connection under long watches.
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(15))
+            .keep_alive_interval(super::KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(super::KEEP_ALIVE_TIMEOUT)
             .handshake(io)
             .await
             .map_err(OpenError::Handshake)?;

@@ -6,10 +6,9 @@
 //! connection's limit instead of opening another connection. Every agent on the node
 //! shares the daemon's connections, and a watch (or `logs -f`) holds its stream for as
 //! long as it runs: with one connection, the 101st long-running request would make
-//! every later request wait for good. So each connection (a "lane": a client with a
-//! pool of its own, hence its own connection) counts its open streams, from the
-//! request until its response body is dropped, and a request goes to the first lane
-//! with room.
+//! every later request wait for good. So each connection (a "lane") counts its open
+//! streams, from the request until its response body is dropped, and a request goes to
+//! the first lane with room.
 //!
 //! Each of the agents' event loops (`loops`) has lanes of its own, so a request and
 //! its API server connection are served by the same thread; requests made elsewhere
