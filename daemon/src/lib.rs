@@ -82,3 +82,7 @@ pub mod policy;
 mod tls;
 mod upstream;
 mod util;
+
+/// A lane's own HTTP/2 connection to the API server, also for `pc-floor` (the test-only
+/// reference proxy whose cost is the daemon's stack without the gate, this included).
+pub use upstream::{H2Connection, ResponseBody, SendError};

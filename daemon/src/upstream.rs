@@ -8,6 +8,7 @@ mod anchor;
 mod connection;
 mod headers;
 mod pool;
+mod stream;
 mod token;
 
 use std::{path::PathBuf, time::Duration};
@@ -22,9 +23,10 @@ use hyper_util::{
 use rustls::ClientConfig;
 
 pub use anchor::ConfigMapAnchor;
-pub use connection::SendError;
+pub use connection::{H2Connection, SendError};
 pub use headers::{Impersonation, strip_hop_by_hop};
 pub use pool::UpstreamBody;
+pub use stream::ResponseBody;
 
 use crate::{
     config::{self, Credential},

@@ -1,42 +1,54 @@
 //! One HTTP/2 connection to the API server that a lane opens itself, and opens again
 //! when it has closed (the API server's GOAWAY when it stops or after 90 s idle, a reset,
-//! a failed keep-alive ping).
+//! a keep-alive ping left unanswered).
 //!
 //! Once the API server is known to speak HTTP/2 a lane is exactly one connection, so it
-//! sends on hyper's connection handle directly. The generic pooled client did the same
-//! through a pool keyed by destination (a hashed lookup, a checkout racing a connect, and
-//! the futures that carry them): ~4–5k instructions per request, ~4% of a small GET's,
-//! for a choice the lane had already made.
+//! sends on the `h2` crate's connection handle from the request's own task. hyper's
+//! client did the same through its connection task: each request went through a
+//! channel to that task, which spawned a task of its own per request to wait for the
+//! response (a task allocation, its state moved in, a oneshot back and two wake-ups:
+//! ~5k instructions a request, callgrind). Here the request's task opens the stream
+//! and waits for the response itself; a request body is piped from the same task
+//! while it fits the window and from a task of its own only when it must wait.
 //!
-//! A request the connection did not take (it was closed by the time the request reached
-//! it: nothing of it was sent) goes on a new connection; if that one too closes first,
-//! the request fails as "cannot reach" (503, retried by the client). A request that was
+//! A request the connection cannot take (it is closing: a GOAWAY, an error; nothing
+//! of it was sent) goes on a new connection; if that one too is closed first, the
+//! request fails as "cannot reach" (503, retried by the client). A request that was
 //! sent and then failed is not sent again (it may not be idempotent).
 use std::{
-    future::poll_fn,
+    future::{Future, poll_fn},
+    pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
-use http::{Request, Response, Uri};
-use hyper::{body::Incoming, client::conn::http2};
+use bytes::Bytes;
+use http::{Request, Response, Uri, header};
+use http_body::Body;
 use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::connect::HttpConnector,
-    rt::{TokioExecutor, TokioTimer},
-};
+use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 use tracing::debug;
 
-use crate::util::{BoxError, ProxyBody};
+use super::stream::{Pipe, ResponseBody};
+use crate::util::BoxError;
 
 /// The TCP connect (5 s, the connector's own limit), TLS handshake and HTTP/2 preface
 /// together: an API server that accepts but never answers must not hold requests for
 /// good.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Flow-control windows offered to the API server: per stream and for the whole
+/// connection (hyper's client defaults). A stream's window is what the API server may
+/// send ahead of the agent's reading; the daemon holds at most that for it.
+const STREAM_WINDOW: u32 = 2 << 20;
+const CONNECTION_WINDOW: u32 = 5 << 20;
+/// Largest response head accepted (hyper's client default).
+const MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// Why a request did not get an answer from the API server.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +58,7 @@ pub enum SendError {
     Connect(#[source] Arc<dyn std::error::Error + Send + Sync>),
     /// The request failed on an open HTTP/2 connection.
     #[error(transparent)]
-    Http(hyper::Error),
+    Http(h2::Error),
     /// The pooled client's error (a lane still negotiating its protocol; upgrades).
     #[error(transparent)]
     Pooled(#[from] hyper_util::client::legacy::Error),
@@ -74,65 +86,98 @@ enum OpenError {
     #[error("the API server did not agree to HTTP/2 (ALPN)")]
     NotHttp2,
     #[error("HTTP/2 handshake")]
-    Handshake(#[source] hyper::Error),
+    Handshake(#[source] h2::Error),
     #[error("the API server closed two new connections before the request could be sent")]
     ClosedAtOnce,
 }
 
-pub(super) struct H2Connection {
+/// An open connection's handle.
+struct Handle {
+    send: h2::client::SendRequest<Bytes>,
+    /// Set when the connection can take no more requests (its task ended, or it
+    /// refused one): the next opening replaces it.
+    closed: Arc<AtomicBool>,
+}
+
+/// HTTP/2 pings, and how long one may go unanswered before the connection is given up
+/// (its streams then fail, rather than wait for good on a dead API server).
+#[derive(Debug, Clone, Copy)]
+struct KeepAlive {
+    interval: Duration,
+    timeout: Duration,
+}
+
+pub struct H2Connection {
     connector: HttpsConnector<HttpConnector>,
     /// `https://host:port` of the API server.
     base: Uri,
     /// The connection's handle; `None` before the first opening. A closed one is
     /// replaced by the next opening.
-    sender: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    handle: Mutex<Option<Handle>>,
     /// One opening at a time; the requests that wait for it then share its result:
     /// the last opening's failure, if it failed.
     opening: tokio::sync::Mutex<Option<Arc<dyn std::error::Error + Send + Sync>>>,
     /// Openings ended so far (counted once each has its result).
     openings: AtomicU64,
     open_timeout: Duration,
+    keep_alive: KeepAlive,
+}
+
+/// What became of a request offered to the open connection.
+enum Offer {
+    /// It is on its way: the response to wait for, and the stream for its body.
+    Sent(h2::client::ResponseFuture, h2::SendStream<Bytes>),
+    /// The connection refused it for what it is (a head HTTP/2 cannot carry).
+    Refused(h2::Error),
+    /// No open connection: nothing was sent.
+    NoConnection,
+    /// The connection has as many streams open as the API server allows: wait on
+    /// this handle of it (the request is still unsent).
+    Wait(h2::client::SendRequest<Bytes>),
 }
 
 impl H2Connection {
     /// `connector` must offer only HTTP/2 in ALPN.
-    pub(super) fn new(connector: HttpsConnector<HttpConnector>, base: Uri) -> Self {
+    pub fn new(connector: HttpsConnector<HttpConnector>, base: Uri) -> Self {
         H2Connection {
             connector,
             base,
-            sender: Mutex::new(None),
+            handle: Mutex::new(None),
             opening: tokio::sync::Mutex::new(None),
             openings: AtomicU64::new(0),
             open_timeout: OPEN_TIMEOUT,
+            keep_alive: KeepAlive {
+                interval: super::KEEP_ALIVE_INTERVAL,
+                timeout: super::KEEP_ALIVE_TIMEOUT,
+            },
         }
     }
 
-    pub(super) async fn send(
-        &self,
-        mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+    pub async fn send<B>(&self, req: Request<B>) -> Result<Response<ResponseBody>, SendError>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (head, body) = req.into_parts();
+        let last = body.is_end_stream();
+        let mut head = Some(Request::from_parts(head, ()));
         // At most two openings for one request: the first connection may close before
         // the request reaches it (a GOAWAY in flight); a second that does too is the
         // API server's doing, and the error says so.
         let mut opened = 0;
-        loop {
-            let attempt = {
-                let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
-                match sender.as_mut() {
-                    Some(s) if !s.is_closed() => Ok(s.try_send_request(req)),
-                    // None yet, or closed: `open` replaces it.
-                    _ => Err(req),
-                }
-            };
-            match attempt {
-                Err(back) => req = back,
-                Ok(sent) => match sent.await {
-                    Ok(resp) => return Ok(resp),
-                    Err(mut e) => match e.take_message() {
-                        // Not sent: the connection closed first.
-                        Some(back) => req = back,
-                        None => return Err(SendError::Http(e.into_error())),
+        let (response, tx) = loop {
+            match self.offer(&mut head, last) {
+                Offer::Sent(response, tx) => break (response, tx),
+                Offer::Refused(e) => return Err(SendError::Http(e)),
+                Offer::NoConnection => {}
+                Offer::Wait(mut send) => match poll_fn(|cx| send.poll_ready(cx)).await {
+                    Ok(()) => match head.take().map(|h| send.send_request(h, last)) {
+                        Some(Ok((response, tx))) => break (response, tx),
+                        Some(Err(e)) => return Err(SendError::Http(e)),
+                        None => unreachable!("the head is taken once, when it is sent"),
                     },
+                    // Closed while it waited: nothing was sent.
+                    Err(e) => debug!(error = %e, "API server connection closed"),
                 },
             }
             if opened == 2 {
@@ -143,6 +188,52 @@ impl H2Connection {
             // copied as the request goes (+12k instructions per small GET, callgrind).
             Box::pin(self.open()).await?;
             opened += 1;
+        };
+        if !last {
+            // Sent from here while the window allows (a body read whole, the common
+            // case, goes at once); what must wait for window goes on in a task.
+            let mut pipe = Pipe::new(body, tx);
+            if poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx)))
+                .await
+                .is_pending()
+            {
+                tokio::spawn(pipe);
+            }
+        }
+        let resp = response.await.map_err(SendError::Http)?;
+        let length = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok(resp.map(|recv| ResponseBody::new(recv, length)))
+    }
+
+    /// Offers the request's head to the open connection, without waiting.
+    fn offer(&self, head: &mut Option<Request<()>>, last: bool) -> Offer {
+        let mut handle = self.handle.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(h) = handle.as_mut() else {
+            return Offer::NoConnection;
+        };
+        if h.closed.load(Ordering::Acquire) {
+            return Offer::NoConnection;
+        }
+        // Whether the connection takes a stream now. It does unless it is closing or
+        // a stream of this handle still waits for the API server's stream limit (then
+        // a handle of its own waits for room).
+        match h.send.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => {
+                debug!(error = %e, "API server connection takes no more requests");
+                h.closed.store(true, Ordering::Release);
+                return Offer::NoConnection;
+            }
+            Poll::Pending => return Offer::Wait(h.send.clone()),
+        }
+        match head.take().map(|r| h.send.send_request(r, last)) {
+            Some(Ok((response, tx))) => Offer::Sent(response, tx),
+            Some(Err(e)) => Offer::Refused(e),
+            None => unreachable!("the head is taken once, when it is sent"),
         }
     }
 
@@ -162,8 +253,8 @@ impl H2Connection {
             return Err(SendError::Connect(e.clone()));
         }
         let result = match tokio::time::timeout(self.open_timeout, self.handshake()).await {
-            Ok(Ok(sender)) => {
-                *self.sender.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
+            Ok(Ok(handle)) => {
+                *self.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
                 *failed = None;
                 Ok(())
             }
@@ -179,14 +270,14 @@ impl H2Connection {
     }
 
     fn is_open(&self) -> bool {
-        self.sender
+        self.handle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .is_some_and(|s| !s.is_closed())
+            .is_some_and(|h| !h.closed.load(Ordering::Acquire))
     }
 
-    async fn handshake(&self) -> Result<http2::SendRequest<ProxyBody>, OpenError> {
+    async fn handshake(&self) -> Result<Handle, OpenError> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -195,30 +286,59 @@ impl H2Connection {
             .call(self.base.clone())
             .await
             .map_err(OpenError::Connect)?;
-        let h2 = match &io {
-            hyper_rustls::MaybeHttpsStream::Https(tls) => {
-                tls.inner().get_ref().1.alpn_protocol() == Some(b"h2")
-            }
-            hyper_rustls::MaybeHttpsStream::Http(_) => false,
+        // The TLS stream itself (tokio's I/O traits, as h2 reads), not hyper's wrapper.
+        let tls = match io {
+            hyper_rustls::MaybeHttpsStream::Https(tls) => tls.into_inner(),
+            hyper_rustls::MaybeHttpsStream::Http(_) => return Err(OpenError::NotHttp2),
         };
-        if !h2 {
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(OpenError::NotHttp2);
         }
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(super::KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(super::KEEP_ALIVE_TIMEOUT)
-            .handshake(io)
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(OpenError::Handshake)?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let pings = conn.ping_pong();
+        let (keep_alive, ended) = (self.keep_alive, closed.clone());
         // On this thread's runtime: a lane belongs to one event loop.
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "API server connection ended");
+            tokio::select! {
+                biased;
+                r = &mut conn => match r {
+                    Ok(()) => debug!("API server connection closed"),
+                    Err(e) => debug!(error = %e, "API server connection ended"),
+                },
+                why = keep_alive.watch(pings) => {
+                    debug!(%why, "API server connection given up: a keep-alive ping went unanswered");
+                }
             }
+            // Dropped (if not done): its streams fail and the API server sees it close.
+            drop(conn);
+            ended.store(true, Ordering::Release);
         });
-        Ok(sender)
+        Ok(Handle { send, closed })
+    }
+}
+
+impl KeepAlive {
+    /// Pings every `interval`; returns when one is not answered within `timeout`.
+    async fn watch(self, pings: Option<h2::PingPong>) -> String {
+        let Some(mut pings) = pings else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(self.interval).await;
+            match tokio::time::timeout(self.timeout, pings.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return e.to_string(),
+                Err(_) => return format!("no answer within {:?}", self.timeout),
+            }
+        }
     }
 }
 
@@ -249,7 +369,15 @@ mod tests {
     }
 
     fn connection(base: Uri, open_timeout: Duration) -> H2Connection {
-        let tls = crate::tls::client_config(None, None).expect("client config");
+        connection_trusting(base, open_timeout, None)
+    }
+
+    fn connection_trusting(
+        base: Uri,
+        open_timeout: Duration,
+        ca: Option<&std::path::Path>,
+    ) -> H2Connection {
+        let tls = crate::tls::client_config(ca, None).expect("client config");
         let connector = super::super::connector(
             tls,
             super::super::Flavor::Lane(super::super::pool::Protocol::Http2),
@@ -260,7 +388,78 @@ mod tests {
         }
     }
 
-    fn get(base: &Uri) -> Request<ProxyBody> {
+    /// A TLS listener on loopback offering only HTTP/2, with the CA that signed its
+    /// certificate (written to `dir`), and the base URL to reach it.
+    async fn tls_listener(
+        dir: &std::path::Path,
+    ) -> (
+        tokio::net::TcpListener,
+        tokio_rustls::TlsAcceptor,
+        std::path::PathBuf,
+        Uri,
+    ) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names =
+            vec![rcgen::SanType::IpAddress("127.0.0.1".parse().expect("ip"))];
+        let cert = params.self_signed(&key).expect("cert");
+        let ca = dir.join("ca.crt");
+        std::fs::write(&ca, cert.pem()).expect("write ca");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        server.alpn_protocols = vec![b"h2".to_vec()];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("https://{}", listener.local_addr().expect("addr"))
+            .parse()
+            .expect("uri");
+        (
+            listener,
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            ca,
+            base,
+        )
+    }
+
+    /// An HTTP/2 server (hyper's) answering every request with `answer`.
+    async fn serve<F, Fut>(dir: &std::path::Path, answer: F) -> (Uri, std::path::PathBuf)
+    where
+        F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<crate::util::ProxyBody>> + Send + 'static,
+    {
+        let (listener, acceptor, ca, base) = tls_listener(dir).await;
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, answer) = (acceptor.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let answer = answer.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(req).await) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+                });
+            }
+        });
+        (base, ca)
+    }
+
+    fn get(base: &Uri) -> Request<crate::util::ProxyBody> {
         Request::get(format!("{base}api"))
             .body(crate::util::full(bytes::Bytes::new()))
             .expect("request")
@@ -312,5 +511,172 @@ mod tests {
         for pair in causes.windows(2) {
             assert!(!pair[1].contains(pair[0]), "{chain}");
         }
+    }
+
+    /// A response larger than the stream's and the connection's windows arrives
+    /// whole: the window is given back as the body is read (without that, the API
+    /// server could send no more than the first 2 MiB).
+    #[tokio::test]
+    async fn a_response_larger_than_the_windows_arrives_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        const LEN: usize = 12 << 20;
+        let (base, ca) = serve(dir.path(), |_req| async {
+            let chunks =
+                (0..LEN / (64 << 10)).map(|i| {
+                    Ok::<_, crate::util::BoxError>(http_body::Frame::data(Bytes::from(
+                        vec![(i % 251) as u8; 64 << 10],
+                    )))
+                });
+            Response::new(http_body_util::BodyExt::boxed(
+                http_body_util::StreamBody::new(futures_util::stream::iter(chunks)),
+            ))
+        })
+        .await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        let read = async {
+            let resp = conn.send(get(&base)).await.expect("response");
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .expect("body")
+                .to_bytes()
+        };
+        let body = tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("the whole body within 20 s");
+        assert_eq!(body.len(), LEN);
+        for (i, chunk) in body.chunks(64 << 10).enumerate() {
+            assert!(chunk.iter().all(|&b| b == (i % 251) as u8), "chunk {i}");
+        }
+    }
+
+    /// A request body larger than the API server's windows is sent whole, in order,
+    /// as the windows open (the part that must wait goes on in a task of its own);
+    /// one that fails midway resets its stream, so the server never takes what came
+    /// before for a whole body.
+    #[tokio::test]
+    async fn request_bodies_wait_for_window_and_a_failed_one_is_reset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (got, mut results) = tokio::sync::mpsc::unbounded_channel();
+        let (base, ca) = serve(dir.path(), move |req| {
+            let got = got.clone();
+            async move {
+                let body = http_body_util::BodyExt::collect(req.into_body()).await;
+                let _ = got.send(body.map(|b| b.to_bytes()).map_err(|e| e.to_string()));
+                Response::new(crate::util::full(Bytes::from_static(b"{}")))
+            }
+        })
+        .await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        const CHUNK: usize = 32 << 10;
+        const CHUNKS: usize = 128; // 4 MiB: beyond hyper's server windows (1 MiB).
+        let chunks = (0..CHUNKS).map(|i| {
+            Ok::<_, crate::util::BoxError>(http_body::Frame::data(Bytes::from(vec![
+                (i % 253) as u8;
+                CHUNK
+            ])))
+        });
+        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+            futures_util::stream::iter(chunks),
+        ));
+        let req = Request::post(format!("{base}api"))
+            .body(body)
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(20), conn.send(req))
+            .await
+            .expect("answered within 20 s")
+            .expect("response");
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        let received = tokio::time::timeout(Duration::from_secs(5), results.recv())
+            .await
+            .expect("the server read the body")
+            .expect("one result")
+            .expect("a whole body");
+        assert_eq!(received.len(), CHUNK * CHUNKS);
+        for (i, chunk) in received.chunks(CHUNK).enumerate() {
+            assert!(chunk.iter().all(|&b| b == (i % 253) as u8), "chunk {i}");
+        }
+
+        // The body fails after two chunks: the server sees its stream reset.
+        let chunks: Vec<Result<http_body::Frame<Bytes>, crate::util::BoxError>> = vec![
+            Ok(http_body::Frame::data(Bytes::from(vec![1u8; CHUNK]))),
+            Ok(http_body::Frame::data(Bytes::from(vec![2u8; CHUNK]))),
+            Err("the agent went away".into()),
+        ];
+        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+            futures_util::stream::iter(chunks),
+        ));
+        let req = Request::post(format!("{base}api"))
+            .body(body)
+            .expect("request");
+        // Whether the client gets an answer or the reset depends on timing; it must
+        // not hang.
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn.send(req))
+            .await
+            .expect("settled within 10 s");
+        let outcome = tokio::time::timeout(Duration::from_secs(5), results.recv())
+            .await
+            .expect("the server's read ended")
+            .expect("one result");
+        assert!(outcome.is_err(), "taken as whole: {outcome:?}");
+    }
+
+    /// An API server that stops answering (its connection open, nothing read): the
+    /// keep-alive ping goes unanswered, the connection is given up and the request
+    /// on it fails instead of waiting for good; the next request opens a new one.
+    #[tokio::test]
+    async fn a_connection_whose_pings_go_unanswered_is_given_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (listener, acceptor, ca, base) = tls_listener(dir.path()).await;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let Ok(mut h2) = h2::server::handshake(tls).await else {
+                    continue;
+                };
+                if n == 0 {
+                    // Takes the first request, then reads nothing more: no pong.
+                    if let Some(Ok(req)) = h2.accept().await {
+                        held.push((h2, req));
+                    }
+                    continue;
+                }
+                tokio::spawn(async move {
+                    while let Some(Ok((_req, mut respond))) = h2.accept().await {
+                        let _ = respond.send_response(Response::new(()), true);
+                    }
+                });
+            }
+        });
+        let conn = H2Connection {
+            keep_alive: KeepAlive {
+                interval: Duration::from_millis(200),
+                timeout: Duration::from_millis(300),
+            },
+            ..connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca))
+        };
+        let started = std::time::Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(5), conn.send(get(&base)))
+            .await
+            .expect("failed within 5 s, not held")
+            .expect_err("no answer");
+        assert!(!e.is_connect(), "sent, then lost: {e}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!conn.is_open(), "given up");
+        let resp = tokio::time::timeout(Duration::from_secs(5), conn.send(get(&base)))
+            .await
+            .expect("answered within 5 s")
+            .expect("a new connection answers");
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 }

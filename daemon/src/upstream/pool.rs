@@ -38,8 +38,12 @@ use tokio::sync::Notify;
 use super::{
     HttpsClient,
     connection::{H2Connection, SendError},
+    stream::ResponseBody,
 };
-use crate::{loops, util::ProxyBody};
+use crate::{
+    loops,
+    util::{BoxError, ProxyBody},
+};
 
 /// A lane idle this long is closed (kube-apiserver closes its side after 90 s).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -70,13 +74,13 @@ impl LaneClient {
     async fn send(
         &self,
         req: http::Request<ProxyBody>,
-    ) -> Result<http::Response<Incoming>, SendError> {
+    ) -> Result<http::Response<Received>, SendError> {
         match self {
             // Boxed: the pooled client's future is large and serves only until the API
             // server is known to speak HTTP/2 (or an HTTP/1.1 one); inline it would make
             // every request's future as large.
-            LaneClient::Pooled(c) => Ok(Box::pin(c.request(req)).await?),
-            LaneClient::Direct(c) => c.send(req).await,
+            LaneClient::Pooled(c) => Ok(Box::pin(c.request(req)).await?.map(Received::Pooled)),
+            LaneClient::Direct(c) => Ok(c.send(req).await?.map(Received::Direct)),
         }
     }
 }
@@ -263,34 +267,55 @@ impl Lanes {
 
 /// An API server response body; it holds its HTTP/2 stream's place on its lane.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: Received,
     _slot: Option<Slot>,
+}
+
+/// A response body as the client that received it reads it.
+enum Received {
+    /// hyper's: the pooled client (a negotiating lane, an HTTP/1.1 API server) and
+    /// upgrades.
+    Pooled(Incoming),
+    /// A lane's own HTTP/2 connection's.
+    Direct(ResponseBody),
 }
 
 impl UpstreamBody {
     /// A body that holds no lane's stream (HTTP/1.1 upgrade connections).
     pub(super) fn unpooled(inner: Incoming) -> Self {
-        UpstreamBody { inner, _slot: None }
+        UpstreamBody {
+            inner: Received::Pooled(inner),
+            _slot: None,
+        }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.inner {
+            Received::Pooled(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Received::Direct(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Received::Pooled(b) => b.is_end_stream(),
+            Received::Direct(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Received::Pooled(b) => b.size_hint(),
+            Received::Direct(b) => b.size_hint(),
+        }
     }
 }
 

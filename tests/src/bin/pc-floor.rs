@@ -1,8 +1,9 @@
 //! pc-floor: a test-only REFERENCE proxy for `pc-lab lab-load --targets`: the daemon's
-//! own stack with nothing of the gate in it. rustls + hyper/h2 toward the client, one
-//! HTTP/2 connection held and sent on directly (rustls, as the daemon's upstream lanes;
-//! opened again when it closes) toward the upstream, or hyper-util's pooled client for
-//! an HTTP/1.1 upstream, on one single-threaded runtime as one of the daemon's event loops. It swaps
+//! own stack with nothing of the gate in it. rustls + hyper/h2 toward the client, the
+//! daemon's own lane connection toward the upstream (`portcullis::H2Connection`: one
+//! HTTP/2 connection, rustls + h2, opened again when it closes), or hyper-util's pooled
+//! client for an HTTP/1.1 upstream, on one single-threaded runtime as one of the
+//! daemon's event loops. It swaps
 //! the client's `Authorization` for its own bearer token and adds impersonation, as the
 //! benchmark's nginx does; bodies pass through untouched: no attributes, identity,
 //! policy, masking or audit. What it costs per request is the floor of the daemon's
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::{body::Incoming, client::conn::http2, service::service_fn};
+use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -45,7 +46,7 @@ struct Cli {
     upstream_http1: bool,
 }
 
-type Out = BoxBody<Bytes, hyper::Error>;
+type Out = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -53,49 +54,19 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 enum Upstream {
     /// HTTP/1.1 with keep-alive: hyper-util's pooled client.
     Pooled(Client<Connector, Incoming>),
-    /// One HTTP/2 connection, as a daemon lane holds it.
-    Direct {
-        connector: Connector,
-        base: Uri,
-        sender: std::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
-        opening: tokio::sync::Mutex<()>,
-    },
+    /// One HTTP/2 connection: the daemon's lane connection.
+    Direct(portcullis::H2Connection),
 }
 
 impl Upstream {
-    async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>> {
-        let (connector, base, sender, opening) = match self {
-            Upstream::Pooled(client) => return Ok(client.request(req).await?),
-            Upstream::Direct {
-                connector,
-                base,
-                sender,
-                opening,
-            } => (connector, base, sender, opening),
-        };
-        for _ in 0..3 {
-            let attempt = {
-                let mut s = sender.lock().unwrap_or_else(|p| p.into_inner());
-                match s.as_mut() {
-                    Some(s) if !s.is_closed() => Ok(s.try_send_request(req)),
-                    _ => Err(req),
-                }
-            };
-            req = match attempt {
-                Ok(sent) => match sent.await {
-                    Ok(r) => return Ok(r),
-                    Err(mut e) => match e.take_message() {
-                        Some(back) => back,
-                        None => return Err(e.into_error().into()),
-                    },
-                },
-                Err(back) => back,
-            };
-            // Boxed, as the daemon's: a large future held inline makes every request's
-            // future as large.
-            Box::pin(open(connector, base, sender, opening)).await?;
-        }
-        anyhow::bail!("the upstream closed each new connection at once")
+    async fn send(&self, req: Request<Incoming>) -> Result<Response<Out>> {
+        Ok(match self {
+            Upstream::Pooled(client) => client
+                .request(req)
+                .await?
+                .map(|b| b.map_err(Into::into).boxed()),
+            Upstream::Direct(c) => c.send(req).await?.map(|b| b.map_err(Into::into).boxed()),
+        })
     }
 }
 
@@ -111,35 +82,6 @@ fn bad_gateway(e: &dyn std::fmt::Display) -> Response<Out> {
         HeaderValue::from_static("application/json"),
     );
     r
-}
-
-async fn open(
-    connector: &Connector,
-    base: &Uri,
-    sender: &std::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
-    opening: &tokio::sync::Mutex<()>,
-) -> Result<()> {
-    let _one = opening.lock().await;
-    let open = sender
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .is_some_and(|s| !s.is_closed());
-    if !open {
-        use tower_service::Service;
-        let mut c = connector.clone();
-        std::future::poll_fn(|cx| c.poll_ready(cx))
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let io = c.call(base.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
-        let (s, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(io)
-            .await?;
-        tokio::spawn(conn);
-        *sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-    }
-    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -198,12 +140,7 @@ async fn serve(cli: Cli) -> Result<()> {
                 .build(connector),
         )
     } else {
-        Upstream::Direct {
-            connector,
-            base: base.parse()?,
-            sender: std::sync::Mutex::new(None),
-            opening: tokio::sync::Mutex::new(()),
-        }
+        Upstream::Direct(portcullis::H2Connection::new(connector, base.parse()?))
     });
     let auth = HeaderValue::from_str(&format!("Bearer {}", cli.token))?;
 
@@ -246,7 +183,7 @@ async fn serve(cli: Cli) -> Result<()> {
                         HeaderValue::from_static("portcullis:agents"),
                     );
                     Ok(match client.send(req).await {
-                        Ok(r) => r.map(BodyExt::boxed),
+                        Ok(r) => r,
                         Err(e) => bad_gateway(&e),
                     })
                 }
