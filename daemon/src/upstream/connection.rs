@@ -8,8 +8,9 @@
 //! channel to that task, which spawned a task of its own per request to wait for the
 //! response (a task allocation, its state moved in, a oneshot back and two wake-ups:
 //! ~5k instructions a request, callgrind). Here the request's task opens the stream
-//! and waits for the response itself; a request body is piped from the same task
-//! while it fits the window and from a task of its own only when it must wait.
+//! and waits for the response itself; a request body read whole is handed to h2 from
+//! the same task, and one streamed from the agent goes on from a task of its own when
+//! it must wait (for the API server's window, or for the agent).
 //!
 //! A request the connection cannot take (it is closing: a GOAWAY, an error; nothing
 //! of it was sent) goes on a new connection; if that one too is closed first, the
@@ -27,7 +28,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, Uri, header};
+use http::{Method, Request, Response, Uri, header};
 use http_body::Body;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -42,11 +43,14 @@ use crate::util::BoxError;
 /// good.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Flow-control windows offered to the API server: per stream and for the whole
-/// connection (hyper's client defaults). A stream's window is what the API server may
-/// send ahead of the agent's reading; the daemon holds at most that for it.
-const STREAM_WINDOW: u32 = 2 << 20;
-const CONNECTION_WINDOW: u32 = 5 << 20;
+/// Flow-control windows offered to the API server. A stream's window is what the API
+/// server may send ahead of the agent's reading: the daemon holds at most that for a
+/// stream whose agent has stopped reading. The connection's is the streams' together,
+/// so such streams never hold back the others on their lane (other agents' answers):
+/// with a smaller connection window, a few agents that stop reading would stall
+/// everyone's requests on the connection.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW * super::pool::STREAMS_PER_CONNECTION as u32;
 /// Largest response head accepted (hyper's client default).
 const MAX_HEADER_LIST: u32 = 16 << 10;
 
@@ -62,6 +66,9 @@ pub enum SendError {
     /// The pooled client's error (a lane still negotiating its protocol; upgrades).
     #[error(transparent)]
     Pooled(#[from] hyper_util::client::legacy::Error),
+    /// A method a lane does not carry.
+    #[error("{0} requests are not sent on an API server connection's streams")]
+    Method(Method),
 }
 
 impl SendError {
@@ -70,7 +77,7 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) => false,
+            SendError::Http(_) | SendError::Method(_) => false,
             SendError::Pooled(e) => e.is_connect(),
         }
     }
@@ -131,9 +138,6 @@ enum Offer {
     Refused(h2::Error),
     /// No open connection: nothing was sent.
     NoConnection,
-    /// The connection has as many streams open as the API server allows: wait on
-    /// this handle of it (the request is still unsent).
-    Wait(h2::client::SendRequest<Bytes>),
 }
 
 impl H2Connection {
@@ -158,6 +162,10 @@ impl H2Connection {
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
+        if req.method() == Method::CONNECT {
+            // Tunnels go over HTTP/1.1 upgrades (`upgrade_client`), never on a lane.
+            return Err(SendError::Method(Method::CONNECT));
+        }
         let (head, body) = req.into_parts();
         let last = body.is_end_stream();
         let mut head = Some(Request::from_parts(head, ()));
@@ -170,15 +178,6 @@ impl H2Connection {
                 Offer::Sent(response, tx) => break (response, tx),
                 Offer::Refused(e) => return Err(SendError::Http(e)),
                 Offer::NoConnection => {}
-                Offer::Wait(mut send) => match poll_fn(|cx| send.poll_ready(cx)).await {
-                    Ok(()) => match head.take().map(|h| send.send_request(h, last)) {
-                        Some(Ok((response, tx))) => break (response, tx),
-                        Some(Err(e)) => return Err(SendError::Http(e)),
-                        None => unreachable!("the head is taken once, when it is sent"),
-                    },
-                    // Closed while it waited: nothing was sent.
-                    Err(e) => debug!(error = %e, "API server connection closed"),
-                },
             }
             if opened == 2 {
                 return Err(SendError::Connect(Arc::new(OpenError::ClosedAtOnce)));
@@ -189,15 +188,20 @@ impl H2Connection {
             Box::pin(self.open()).await?;
             opened += 1;
         };
+        // A body still being sent when the request is abandoned (its response, or the
+        // wait for it, dropped) is cut off: its stream reset.
+        let mut abandon = None;
         if !last {
-            // Sent from here while the window allows (a body read whole, the common
-            // case, goes at once); what must wait for window goes on in a task.
+            // Sent from here as far as it can be (a body read whole goes at once: h2
+            // holds its one chunk until the window opens); the rest from a task.
             let mut pipe = Pipe::new(body, tx);
             if poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx)))
                 .await
                 .is_pending()
             {
-                tokio::spawn(pipe);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                abandon = Some(tx);
+                tokio::spawn(pipe.cancelled_by(rx));
             }
         }
         let resp = response.await.map_err(SendError::Http)?;
@@ -206,7 +210,7 @@ impl H2Connection {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        Ok(resp.map(|recv| ResponseBody::new(recv, length)))
+        Ok(resp.map(|recv| ResponseBody::new(recv, length, abandon)))
     }
 
     /// Offers the request's head to the open connection, without waiting.
@@ -218,23 +222,27 @@ impl H2Connection {
         if h.closed.load(Ordering::Acquire) {
             return Offer::NoConnection;
         }
-        // Whether the connection takes a stream now. It does unless it is closing or
-        // a stream of this handle still waits for the API server's stream limit (then
-        // a handle of its own waits for room).
-        match h.send.poll_ready(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => {
-                debug!(error = %e, "API server connection takes no more requests");
-                h.closed.store(true, Ordering::Release);
-                return Offer::NoConnection;
-            }
-            Poll::Pending => return Offer::Wait(h.send.clone()),
-        }
-        match head.take().map(|r| h.send.send_request(r, last)) {
-            Some(Ok((response, tx))) => Offer::Sent(response, tx),
-            Some(Err(e)) => Offer::Refused(e),
-            None => unreachable!("the head is taken once, when it is sent"),
-        }
+        // A handle for this request: a shared one would remember a stream still
+        // waiting for the API server's stream limit and make the next request wait on
+        // it (with nothing to wake it here). A fresh handle is ready unless the
+        // connection is closing, so nothing is registered with the no-op waker; a
+        // stream beyond the limit waits in h2's queue until one ends.
+        let mut send = h.send.clone();
+        let closing = match send.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => match head.take().map(|r| send.send_request(r, last)) {
+                Some(Ok((response, tx))) => return Offer::Sent(response, tx),
+                // Closing between the two checks (another thread's runtime drove the
+                // connection): h2 refuses before anything is sent.
+                Some(Err(e)) if e.is_go_away() || e.is_io() => e,
+                Some(Err(e)) => return Offer::Refused(e),
+                None => unreachable!("the head is taken once, when it is sent"),
+            },
+            Poll::Ready(Err(e)) => e,
+            Poll::Pending => unreachable!("a new handle has no stream waiting to open"),
+        };
+        debug!(error = %closing, "API server connection takes no more requests");
+        h.closed.store(true, Ordering::Release);
+        Offer::NoConnection
     }
 
     /// Opens a connection unless another request has opened one meanwhile; a request
@@ -298,6 +306,10 @@ impl H2Connection {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(MAX_HEADER_LIST)
+            // Until the API server's SETTINGS say: its default (hyper's, too).
+            .initial_max_send_streams(super::pool::STREAMS_PER_CONNECTION)
+            // Request body bytes h2 holds per stream for the window (hyper's).
+            .max_send_buffer_size(1 << 20)
             .enable_push(false)
             .handshake::<_, Bytes>(tls)
             .await
@@ -436,6 +448,19 @@ mod tests {
         F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<crate::util::ProxyBody>> + Send + 'static,
     {
+        serve_streams(dir, None, answer).await
+    }
+
+    /// [`serve`], allowing at most `max_streams` concurrent streams per connection.
+    async fn serve_streams<F, Fut>(
+        dir: &std::path::Path,
+        max_streams: Option<u32>,
+        answer: F,
+    ) -> (Uri, std::path::PathBuf)
+    where
+        F: Fn(Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<crate::util::ProxyBody>> + Send + 'static,
+    {
         let (listener, acceptor, ca, base) = tls_listener(dir).await;
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -451,6 +476,7 @@ mod tests {
                     let _ = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     )
+                    .max_concurrent_streams(max_streams)
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                     .await;
                 });
@@ -672,11 +698,102 @@ mod tests {
             started.elapsed()
         );
         assert!(!conn.is_open(), "given up");
+        // The next connection with the usual keep-alive: a slow moment of the test
+        // machine must not give it up too.
+        let mut conn = conn;
+        conn.keep_alive = KeepAlive {
+            interval: super::super::KEEP_ALIVE_INTERVAL,
+            timeout: super::super::KEEP_ALIVE_TIMEOUT,
+        };
         let resp = tokio::time::timeout(Duration::from_secs(5), conn.send(get(&base)))
             .await
             .expect("answered within 5 s")
             .expect("a new connection answers");
         assert_eq!(resp.status(), http::StatusCode::OK);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A body streamed in chunks: `chunks` of `len` bytes, each byte its chunk's index,
+    /// then, if `open`, no end (the agent still sending).
+    fn streamed(chunks: usize, len: usize, open: bool) -> crate::util::ProxyBody {
+        use futures_util::StreamExt;
+        let data = futures_util::stream::iter((0..chunks).map(move |i| {
+            Ok::<_, crate::util::BoxError>(http_body::Frame::data(Bytes::from(vec![i as u8; len])))
+        }));
+        let tail = if open {
+            futures_util::future::Either::Left(futures_util::stream::pending())
+        } else {
+            futures_util::future::Either::Right(futures_util::stream::empty())
+        };
+        http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(data.chain(tail)))
+    }
+
+    /// An API server that allows one stream at a time: requests beyond it wait for
+    /// their stream and their bodies are all sent (a stream waiting to open is not
+    /// polled on the request's behalf with nothing to wake it).
+    #[tokio::test]
+    async fn requests_beyond_the_stream_limit_wait_and_are_all_sent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (base, ca) = serve_streams(dir.path(), Some(1), |req| async move {
+            let n = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            Response::new(crate::util::full(Bytes::from(n.to_string())))
+        })
+        .await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        // The API server's settings (one stream) known first.
+        conn.send(get(&base)).await.expect("first answer");
+        const CHUNKS: usize = 48;
+        const LEN: usize = 32 << 10; // 1.5 MiB each: beyond the server's 1 MiB window.
+        let sends = (0..4).map(|_| async {
+            let req = Request::post(format!("{base}api"))
+                .body(streamed(CHUNKS, LEN, false))
+                .expect("request");
+            let resp = conn.send(req).await.expect("response");
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .expect("body")
+                .to_bytes()
+        });
+        let answers = tokio::time::timeout(
+            Duration::from_secs(20),
+            futures_util::future::join_all(sends),
+        )
+        .await
+        .expect("all four answered within 20 s");
+        for a in answers {
+            assert_eq!(a, (CHUNKS * LEN).to_string().as_bytes());
+        }
+    }
+
+    /// A request abandoned while its body is still being sent (the agent still
+    /// sending, nobody waiting for the answer any more): its stream is reset, so the
+    /// API server stops waiting for the rest.
+    #[tokio::test]
+    async fn an_abandoned_request_resets_its_stream() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (got, mut results) = tokio::sync::mpsc::unbounded_channel();
+        let (base, ca) = serve(dir.path(), move |req| {
+            let got = got.clone();
+            async move {
+                let body = http_body_util::BodyExt::collect(req.into_body()).await;
+                let _ = got.send(body.map(|b| b.to_bytes().len()).map_err(|e| e.to_string()));
+                Response::new(crate::util::full(Bytes::new()))
+            }
+        })
+        .await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        let req = Request::post(format!("{base}api"))
+            .body(streamed(2, 16 << 10, true))
+            .expect("request");
+        let waited = tokio::time::timeout(Duration::from_millis(500), conn.send(req)).await;
+        assert!(waited.is_err(), "no answer while the body is unfinished");
+        let outcome = tokio::time::timeout(Duration::from_secs(5), results.recv())
+            .await
+            .expect("the server's read ended: the stream was reset")
+            .expect("one result");
+        assert!(outcome.is_err(), "taken as whole: {outcome:?}");
     }
 }

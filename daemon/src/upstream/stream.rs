@@ -1,8 +1,10 @@
 //! One HTTP/2 stream on a lane's own connection (`connection`): the request body piped
 //! into it as the API server's flow control lets it through, and the response body
 //! read from it, its flow-control credit given back as each chunk is taken. The
-//! window refills only as fast as the agent reads, so a slow agent slows its own
-//! stream and the daemon holds no more than the window for it.
+//! window refills only as fast as the agent reads, so an agent that stops reading
+//! holds up its own stream only (the connection's window is all the streams' together,
+//! `connection::CONNECTION_WINDOW`) and the daemon holds no more than one stream window
+//! for it.
 use std::{
     future::Future,
     pin::Pin,
@@ -12,6 +14,7 @@ use std::{
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use http_body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::util::BoxError;
@@ -23,14 +26,22 @@ pub struct ResponseBody {
     data_done: bool,
     /// What the Content-Length header says is still to come, if it said.
     remaining: Option<u64>,
+    /// The request body's task, if it was still sending: dropped with the response,
+    /// it resets the stream ([`Pipe::cancelled_by`]).
+    _abandon: Option<oneshot::Sender<()>>,
 }
 
 impl ResponseBody {
-    pub(super) fn new(recv: RecvStream, content_length: Option<u64>) -> Self {
+    pub(super) fn new(
+        recv: RecvStream,
+        content_length: Option<u64>,
+        abandon: Option<oneshot::Sender<()>>,
+    ) -> Self {
         ResponseBody {
             recv,
             data_done: false,
             remaining: content_length,
+            _abandon: abandon,
         }
     }
 }
@@ -80,14 +91,19 @@ impl Body for ResponseBody {
 
 /// A request body on its way into its stream: a chunk is sent once the stream has
 /// window for it (h2 would buffer without bound otherwise), and nothing more is read
-/// from the body meanwhile. Ends when the body has been sent, or when the stream is
-/// reset (the API server answered without needing the rest, or gave up); a body that
-/// fails resets the stream, so the API server never takes a cut-off body for a whole one.
+/// from the body meanwhile; the last chunk (a body read whole is one) is handed to h2
+/// at once, which holds it until the window opens: it is in memory already. Ends when
+/// the body has been sent, or when the stream is reset (the API server answered
+/// without needing the rest, or gave up); a body that fails resets the stream, so the
+/// API server never takes a cut-off body for a whole one, and so does a request
+/// abandoned while its body is still being sent ([`Pipe::cancelled_by`]).
 pub(super) struct Pipe<B> {
     body: B,
     tx: SendStream<Bytes>,
     /// A chunk read from the body, waiting for window; whether it is the last.
     held: Option<(Bytes, bool)>,
+    /// Ends when the request is abandoned (its sender dropped).
+    abandoned: Option<oneshot::Receiver<()>>,
 }
 
 impl<B> Pipe<B> {
@@ -96,6 +112,18 @@ impl<B> Pipe<B> {
             body,
             tx,
             held: None,
+            abandoned: None,
+        }
+    }
+
+    /// The same pipe, resetting its stream when `abandoned`'s sender is dropped (the
+    /// request's response, or the wait for it, dropped). Without it the pipe would
+    /// keep the stream open — waiting for an agent's body or for window — after nobody
+    /// wants the answer.
+    pub(super) fn cancelled_by(self, abandoned: oneshot::Receiver<()>) -> Self {
+        Pipe {
+            abandoned: Some(abandoned),
+            ..self
         }
     }
 }
@@ -109,6 +137,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        if let Some(a) = &mut this.abandoned
+            && Pin::new(a).poll(cx).is_ready()
+        {
+            debug!("request abandoned while its body was being sent: the stream is reset");
+            this.tx.send_reset(Reason::CANCEL);
+            return Poll::Ready(());
+        }
         loop {
             // Registered whatever else waits: a reset wakes this task.
             if let Poll::Ready(r) = this.tx.poll_reset(cx) {
@@ -143,7 +178,7 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let last = this.body.is_end_stream();
-                        if data.is_empty() {
+                        if data.is_empty() || last {
                             if this.tx.send_data(data, last).is_err() || last {
                                 return Poll::Ready(());
                             }

@@ -170,6 +170,20 @@ async fn serve(cli: Cli) -> Result<()> {
                         return Ok::<_, hyper::Error>(bad_gateway(&"bad request target"));
                     };
                     *req.uri_mut() = uri;
+                    if req.version() != http::Version::HTTP_2 {
+                        // What describes an HTTP/1.1 hop cannot go on an HTTP/2
+                        // stream (h2 refuses the request); HTTP/2 clients send none.
+                        for n in [
+                            "connection",
+                            "keep-alive",
+                            "proxy-connection",
+                            "transfer-encoding",
+                            "upgrade",
+                            "te",
+                        ] {
+                            req.headers_mut().remove(n);
+                        }
+                    }
                     *req.version_mut() = http::Version::HTTP_11;
                     let h = req.headers_mut();
                     h.remove(header::HOST);
