@@ -559,16 +559,7 @@ mod tests {
         })
         .await;
         let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
-        let read = async {
-            let resp = conn.send(get(&base)).await.expect("response");
-            http_body_util::BodyExt::collect(resp.into_body())
-                .await
-                .expect("body")
-                .to_bytes()
-        };
-        let body = tokio::time::timeout(Duration::from_secs(20), read)
-            .await
-            .expect("the whole body within 20 s");
+        let body = get_whole(&conn, &base, Duration::from_secs(20)).await;
         assert_eq!(body.len(), LEN);
         for (i, chunk) in body.chunks(64 << 10).enumerate() {
             assert!(chunk.iter().all(|&b| b == (i % 251) as u8), "chunk {i}");
@@ -582,30 +573,12 @@ mod tests {
     #[tokio::test]
     async fn request_bodies_wait_for_window_and_a_failed_one_is_reset() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (got, mut results) = tokio::sync::mpsc::unbounded_channel();
-        let (base, ca) = serve(dir.path(), move |req| {
-            let got = got.clone();
-            async move {
-                let body = http_body_util::BodyExt::collect(req.into_body()).await;
-                let _ = got.send(body.map(|b| b.to_bytes()).map_err(|e| e.to_string()));
-                Response::new(crate::util::full(Bytes::from_static(b"{}")))
-            }
-        })
-        .await;
+        let (base, ca, mut results) = reading_server(dir.path()).await;
         let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
         const CHUNK: usize = 32 << 10;
         const CHUNKS: usize = 128; // 4 MiB: beyond hyper's server windows (1 MiB).
-        let chunks = (0..CHUNKS).map(|i| {
-            Ok::<_, crate::util::BoxError>(http_body::Frame::data(Bytes::from(vec![
-                (i % 253) as u8;
-                CHUNK
-            ])))
-        });
-        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
-            futures_util::stream::iter(chunks),
-        ));
         let req = Request::post(format!("{base}api"))
-            .body(body)
+            .body(streamed(CHUNKS, CHUNK, false))
             .expect("request");
         let resp = tokio::time::timeout(Duration::from_secs(20), conn.send(req))
             .await
@@ -619,7 +592,7 @@ mod tests {
             .expect("a whole body");
         assert_eq!(received.len(), CHUNK * CHUNKS);
         for (i, chunk) in received.chunks(CHUNK).enumerate() {
-            assert!(chunk.iter().all(|&b| b == (i % 253) as u8), "chunk {i}");
+            assert!(chunk.iter().all(|&b| b == i as u8), "chunk {i}");
         }
 
         // The body fails after two chunks: the server sees its stream reset.
@@ -713,6 +686,67 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
+    /// A GET's whole answer, which must arrive `within`.
+    async fn get_whole(conn: &H2Connection, base: &Uri, within: Duration) -> Bytes {
+        let read = async {
+            let resp = conn.send(get(base)).await.expect("response");
+            http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .expect("body")
+                .to_bytes()
+        };
+        tokio::time::timeout(within, read)
+            .await
+            .unwrap_or_else(|_| panic!("no whole answer within {within:?}"))
+    }
+
+    /// What a server read of each request body: the whole body, or why it could not
+    /// (a reset stream); it answers `{}` once the body has ended.
+    type BodiesRead = tokio::sync::mpsc::UnboundedReceiver<Result<Bytes, String>>;
+
+    /// A server that reads every request body whole and reports it ([`BodiesRead`]).
+    async fn reading_server(dir: &std::path::Path) -> (Uri, std::path::PathBuf, BodiesRead) {
+        let (got, results) = tokio::sync::mpsc::unbounded_channel();
+        let (base, ca) = serve(dir, move |req| {
+            let got = got.clone();
+            async move {
+                let body = http_body_util::BodyExt::collect(req.into_body()).await;
+                let _ = got.send(body.map(|b| b.to_bytes()).map_err(|e| e.to_string()));
+                Response::new(crate::util::full(Bytes::from_static(b"{}")))
+            }
+        })
+        .await;
+        (base, ca, results)
+    }
+
+    /// Agents that stop reading hold up their own streams only: with several large
+    /// answers left unread on the lane's connection, another request's answer still
+    /// arrives (the connection's window is the streams' together).
+    #[tokio::test]
+    async fn unread_answers_do_not_stall_the_others_on_the_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (base, ca) = serve(dir.path(), |req| async move {
+            let big = req.uri().path() == "/big";
+            let chunks = if big { 64 } else { 32 }; // 4 MiB unread, 2 MiB read
+            Response::new(streamed(chunks, 64 << 10, false))
+        })
+        .await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        let mut unread = Vec::new();
+        for _ in 0..6 {
+            let req = Request::get(format!("{base}big"))
+                .body(crate::util::empty())
+                .expect("request");
+            unread.push(conn.send(req).await.expect("answer head"));
+        }
+        // Their windows filled (6 MiB held, beyond hyper's old 5 MiB connection window).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Answered whole within 10 s beside the unread answers.
+        let body = get_whole(&conn, &base, Duration::from_secs(10)).await;
+        assert_eq!(body.len(), 32 * (64 << 10));
+        drop(unread);
+    }
+
     /// A body streamed in chunks: `chunks` of `len` bytes, each byte its chunk's index,
     /// then, if `open`, no end (the agent still sending).
     fn streamed(chunks: usize, len: usize, open: bool) -> crate::util::ProxyBody {
@@ -774,16 +808,7 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_request_resets_its_stream() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (got, mut results) = tokio::sync::mpsc::unbounded_channel();
-        let (base, ca) = serve(dir.path(), move |req| {
-            let got = got.clone();
-            async move {
-                let body = http_body_util::BodyExt::collect(req.into_body()).await;
-                let _ = got.send(body.map(|b| b.to_bytes().len()).map_err(|e| e.to_string()));
-                Response::new(crate::util::full(Bytes::new()))
-            }
-        })
-        .await;
+        let (base, ca, mut results) = reading_server(dir.path()).await;
         let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
         let req = Request::post(format!("{base}api"))
             .body(streamed(2, 16 << 10, true))
