@@ -57,6 +57,17 @@ pub struct Opts {
     /// a `--count` of a few thousand); the CPU times printed beside are valgrind's.
     #[arg(long)]
     pub callgrind: bool,
+    /// The proxies' own credential to the upstream (the daemon's, and what nginx and
+    /// the floor put in place of the agent's): `sa` (default) a token shaped like the
+    /// projected service-account token of an installed daemon (a JWT of ~1.2 KB, RS256
+    /// as kubeadm's clusters sign them; the stand-in does not verify it), `short` a
+    /// 5-byte one (the figures before session 32). The agent's own token stays short:
+    /// kubectl and client-go index it in HPACK after the first request, so a proxy
+    /// decodes it once per connection; pc-load's h2 client never indexes an
+    /// `Authorization` header, and a long one would charge every proxy a decode per
+    /// request that real agents do not cause.
+    #[arg(long, default_value = "sa")]
+    pub upstream_token: String,
 }
 
 const TARGETS: [&str; 4] = ["daemon", "floor", "floor-h1", "nginx"];
@@ -109,6 +120,39 @@ fn canned(dir: &std::path::Path) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// A token with the size and shape of the one a kubelet projects into an installed
+/// daemon's pod (audience, expiry, pod and node bindings; an RS256 signature of 256
+/// bytes): what the daemon sends the API server with every request.
+fn service_account_token() -> String {
+    let (namespace, account) = ("portcullis-system", "portcullis");
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = json!({"alg": "RS256", "kid": "mZ3hQ0x5Lw1vUeJkqT2bC9sYfN8pRaGdE4oXi7HtB6c"});
+    let uid = |i: u32| format!("9b2f4c1e-{i:04x}-4d6a-8e3b-5c7f1a2d9e0b");
+    let claims = json!({
+        "aud": ["https://kubernetes.default.svc.cluster.local"],
+        "exp": 1796212800u64, "iat": 1764676800u64, "nbf": 1764676800u64,
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "jti": uid(1),
+        "kubernetes.io": {
+            "namespace": namespace,
+            "node": {"name": "pc-node", "uid": uid(2)},
+            "pod": {"name": format!("{account}-7x2kq"), "uid": uid(3)},
+            "serviceaccount": {"name": account, "uid": uid(4)},
+            "warnafter": 1764680407u64
+        },
+        "sub": format!("system:serviceaccount:{namespace}:{account}")
+    });
+    let signature: Vec<u8> = (0..256u32)
+        .map(|i| (i.wrapping_mul(167) ^ 0x5a) as u8)
+        .collect();
+    format!(
+        "{}.{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(claims.to_string()),
+        b64.encode(signature)
+    )
+}
+
 /// A proxy measured by `lab-load`.
 struct Target {
     name: String,
@@ -118,7 +162,12 @@ struct Target {
     url: Option<String>,
 }
 
-fn start_nginx(lab: &Lab, listen: SocketAddr, upstream: SocketAddr) -> Result<nginx::Nginx> {
+fn start_nginx(
+    lab: &Lab,
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    token: &str,
+) -> Result<nginx::Nginx> {
     let path = std::env::var("PORTCULLIS_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
     ensure!(
         std::path::Path::new(&path).exists(),
@@ -134,7 +183,7 @@ fn start_nginx(lab: &Lab, listen: SocketAddr, upstream: SocketAddr) -> Result<ng
             key: lab.dir.join("proxy.key"),
         }],
         &nginx::Upstream {
-            token: "bench",
+            token,
             user: "portcullis:agent",
             group: "portcullis:agents",
             ca: &lab.dir.join("upstream-ca.crt"),
@@ -146,6 +195,7 @@ fn start_floor(
     lab: &Lab,
     listen: SocketAddr,
     api: SocketAddr,
+    token: &str,
     http1: bool,
     wrap: &[String],
 ) -> Result<u32> {
@@ -165,7 +215,7 @@ fn start_floor(
             "--ca={}",
             lab.dir.join("upstream-ca.crt").display()
         ))
-        .arg("--token=bench")
+        .arg(format!("--token={token}"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if http1 {
@@ -197,8 +247,13 @@ pub fn run(o: Opts) -> Result<()> {
         .write(&lab.dir, "proxy")?;
     let ca = lab.dir.join("upstream-ca.crt");
     std::fs::write(&ca, &pki.ca_cert)?;
+    let daemon_token = match o.upstream_token.as_str() {
+        "sa" => service_account_token(),
+        "short" => "bench".to_string(),
+        other => anyhow::bail!("--upstream-token: sa or short, not {other}"),
+    };
     let token = lab.dir.join("token");
-    std::fs::write(&token, "bench")?;
+    std::fs::write(&token, &daemon_token)?;
     let index = canned(&lab.dir)?;
     let mut standin = lab
         .command_in_ns(lab.ns_api(), &bin("pc-standin"))
@@ -241,10 +296,17 @@ pub fn run(o: Opts) -> Result<()> {
         let pids = match t.as_str() {
             "daemon" => vec![daemon],
             "floor" | "floor-h1" => {
-                vec![start_floor(&lab, listen, api, t == "floor-h1", &wrap(t))?]
+                vec![start_floor(
+                    &lab,
+                    listen,
+                    api,
+                    &daemon_token,
+                    t == "floor-h1",
+                    &wrap(t),
+                )?]
             }
             _ => {
-                let n = start_nginx(&lab, listen, api)?;
+                let n = start_nginx(&lab, listen, api, &daemon_token)?;
                 let root = n.child.id();
                 nginx = Some(n);
                 procs::tree(root)
@@ -358,8 +420,11 @@ pub fn run(o: Opts) -> Result<()> {
                 t.name
             );
             let us = procs::cpu_ns(&c0, &c1) as f64 / 1e3 / n;
+            let user = procs::user_share(&c0, &c1)
+                .map(|u| format!("{:.0}% user", u * 100.0))
+                .unwrap_or_else(|| "user share unknown".into());
             println!(
-                "round {round}: {:<8} CPU {us:>8.1} µs per {unit} ({n} in {:.2} s; p50 {} µs, p99 {} µs)",
+                "round {round}: {:<8} CPU {us:>8.1} µs per {unit} ({user}; {n} in {:.2} s; p50 {} µs, p99 {} µs)",
                 t.name,
                 v["elapsed_s"].as_f64().unwrap_or(0.0),
                 v["p50_us"],

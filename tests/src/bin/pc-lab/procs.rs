@@ -18,6 +18,8 @@ const TICKS_PER_S: u64 = 100;
 struct Proc {
     /// utime + stime of the whole process, ticks.
     ticks: u64,
+    /// utime alone, ticks.
+    user_ticks: u64,
     /// Run time of each live thread, ns.
     threads: BTreeMap<u32, u64>,
 }
@@ -33,7 +35,8 @@ fn read_proc(pid: u32) -> Option<Proc> {
     // Fields after the command (which may hold spaces): state is field 3, utime 14.
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let user_ticks = f.get(11)?.parse::<u64>().ok()?;
+    let ticks = user_ticks + f.get(12)?.parse::<u64>().ok()?;
     let mut threads = BTreeMap::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
@@ -49,7 +52,11 @@ fn read_proc(pid: u32) -> Option<Proc> {
             threads.insert(tid, ns);
         }
     }
-    Some(Proc { ticks, threads })
+    Some(Proc {
+        ticks,
+        user_ticks,
+        threads,
+    })
 }
 
 pub fn sample(pids: &[u32]) -> Sample {
@@ -59,6 +66,18 @@ pub fn sample(pids: &[u32]) -> Sample {
             .filter_map(|&p| Some((p, read_proc(p)?)))
             .collect(),
     }
+}
+
+/// The share of user time in the CPU time the processes of `after` used since
+/// `before`, from `/proc/PID/stat` (clock ticks: coarse, for a few seconds' load).
+pub fn user_share(before: &Sample, after: &Sample) -> Option<f64> {
+    let (mut user, mut all) = (0, 0);
+    for (pid, b) in &after.procs {
+        let a = before.procs.get(pid).cloned().unwrap_or_default();
+        user += b.user_ticks.saturating_sub(a.user_ticks);
+        all += b.ticks.saturating_sub(a.ticks);
+    }
+    (all > 0).then(|| user as f64 / all as f64)
 }
 
 /// CPU time (ns) the processes of `after` used since `before`.
