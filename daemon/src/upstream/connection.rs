@@ -14,8 +14,14 @@
 //!
 //! A request the connection cannot take (it is closing: a GOAWAY, an error; nothing
 //! of it was sent) goes on a new connection; if that one too is closed first, the
-//! request fails as "cannot reach" (503, retried by the client). A request that was
-//! sent and then failed is not sent again (it may not be idempotent).
+//! request fails as "cannot reach" (503, retried by the client). A request the API
+//! server drops unprocessed after its stream opened (RFC 9113 §8.7: a stream above a
+//! GOAWAY's last stream id — the API server going away, or its `--goaway-chance` — or
+//! one reset with `REFUSED_STREAM`) goes again, at most [`RESENDS`] times, as Go's
+//! client does for kubectl talking to the API server directly: a copy of its head is
+//! kept for that, and of its body when it went whole in one piece (a body streamed from
+//! the agent cannot go again; that request fails with 502). A request that failed in
+//! any other way is not sent again: the API server may have acted on it.
 use std::{
     future::{Future, poll_fn},
     pin::Pin,
@@ -53,6 +59,9 @@ const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = STREAM_WINDOW * super::pool::STREAMS_PER_CONNECTION as u32;
 /// Largest response head accepted (hyper's client default).
 const MAX_HEADER_LIST: u32 = 16 << 10;
+/// Times a request the API server refused unprocessed is sent again (each time on the
+/// connection open then: a GOAWAY's closes it and the next opens).
+const RESENDS: usize = 2;
 
 /// Why a request did not get an answer from the API server.
 #[derive(Debug, thiserror::Error)]
@@ -168,14 +177,79 @@ impl H2Connection {
         }
         let (head, body) = req.into_parts();
         let last = body.is_end_stream();
-        let mut head = Some(Request::from_parts(head, ()));
+        let mut head = Request::from_parts(head, ());
+        let mut body = Some(body);
+        // The body as it went, if it went whole in one piece: what a resend sends.
+        let mut whole: Option<Bytes> = None;
+        let mut resends = 0;
+        loop {
+            // Kept while a resend is possible: the head goes into h2 and is not given
+            // back.
+            let copy = (resends < RESENDS).then(|| copy_head(&head));
+            let (response, tx) = self.start(head, last).await?;
+            // A body still being sent when the request is abandoned (its response, or
+            // the wait for it, dropped) is cut off: its stream reset.
+            let mut abandon = None;
+            if !last {
+                if let Some(body) = body.take() {
+                    // Sent from here as far as it can be (a body read whole goes at
+                    // once: h2 holds its one chunk until the window opens); the rest
+                    // from a task.
+                    let mut pipe = Pipe::new(body, tx);
+                    if poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx)))
+                        .await
+                        .is_pending()
+                    {
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        abandon = Some(tx);
+                        tokio::spawn(pipe.cancelled_by(rx));
+                    } else {
+                        whole = pipe.sent_whole();
+                    }
+                } else if let Some(data) = &whole {
+                    // Sent again (only a body that went whole is): h2 holds it until
+                    // the window opens, as the first time.
+                    let mut tx = tx;
+                    let _ = tx.send_data(data.clone(), true);
+                }
+            }
+            let error = match response.await {
+                Ok(resp) => {
+                    let length = resp
+                        .headers()
+                        .get(header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    return Ok(resp.map(|recv| ResponseBody::new(recv, length, abandon)));
+                }
+                Err(e) => e,
+            };
+            match copy {
+                Some(copy) if unprocessed(&error) && (last || whole.is_some()) => {
+                    debug!(error = %error, "the API server refused a request unprocessed: sending it again");
+                    head = copy;
+                    resends += 1;
+                }
+                _ => return Err(SendError::Http(error)),
+            }
+        }
+    }
+
+    /// Opens the request's stream on the open connection, or on a new one if there is
+    /// none or it is closing (nothing of the request was sent then).
+    async fn start(
+        &self,
+        head: Request<()>,
+        last: bool,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), SendError> {
+        let mut head = Some(head);
         // At most two openings for one request: the first connection may close before
         // the request reaches it (a GOAWAY in flight); a second that does too is the
         // API server's doing, and the error says so.
         let mut opened = 0;
-        let (response, tx) = loop {
+        loop {
             match self.offer(&mut head, last) {
-                Offer::Sent(response, tx) => break (response, tx),
+                Offer::Sent(response, tx) => return Ok((response, tx)),
                 Offer::Refused(e) => return Err(SendError::Http(e)),
                 Offer::NoConnection => {}
             }
@@ -187,30 +261,7 @@ impl H2Connection {
             // copied as the request goes (+12k instructions per small GET, callgrind).
             Box::pin(self.open()).await?;
             opened += 1;
-        };
-        // A body still being sent when the request is abandoned (its response, or the
-        // wait for it, dropped) is cut off: its stream reset.
-        let mut abandon = None;
-        if !last {
-            // Sent from here as far as it can be (a body read whole goes at once: h2
-            // holds its one chunk until the window opens); the rest from a task.
-            let mut pipe = Pipe::new(body, tx);
-            if poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx)))
-                .await
-                .is_pending()
-            {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                abandon = Some(tx);
-                tokio::spawn(pipe.cancelled_by(rx));
-            }
         }
-        let resp = response.await.map_err(SendError::Http)?;
-        let length = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        Ok(resp.map(|recv| ResponseBody::new(recv, length, abandon)))
     }
 
     /// Offers the request's head to the open connection, without waiting.
@@ -335,6 +386,27 @@ impl H2Connection {
         });
         Ok(Handle { send, closed })
     }
+}
+
+/// Whether the API server refused the request without processing it (RFC 9113 §8.7),
+/// so it may go again whatever its method: its stream was above the last stream id of
+/// a GOAWAY the API server sent (h2 fails only those streams with the GOAWAY's error),
+/// or the API server reset it with `REFUSED_STREAM`. A stream at or below that id the
+/// API server may have acted on: when its connection then closes, h2 fails it with an
+/// I/O error, which is never resent.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
+/// The head of a request, again: the headers' values are shared, not copied.
+fn copy_head(r: &Request<()>) -> Request<()> {
+    let mut copy = Request::new(());
+    *copy.method_mut() = r.method().clone();
+    *copy.uri_mut() = r.uri().clone();
+    *copy.version_mut() = r.version();
+    *copy.headers_mut() = r.headers().clone();
+    copy
 }
 
 impl KeepAlive {
@@ -820,5 +892,189 @@ mod tests {
             .expect("the server's read ended: the stream was reset")
             .expect("one result");
         assert!(outcome.is_err(), "taken as whole: {outcome:?}");
+    }
+
+    /// What the raw test server does with a whole request on its stream.
+    #[derive(Debug, Clone, Copy)]
+    enum Fate {
+        /// `200`, no body.
+        Answer,
+        /// `RST_STREAM` with `REFUSED_STREAM`.
+        Refuse,
+        /// A GOAWAY whose last stream id is below the request's: dropped unprocessed.
+        GoAwayBelow,
+        /// A GOAWAY whose last stream id is the request's, then the connection closed
+        /// without an answer: the API server may have acted on it.
+        GoAwayAtThenClose,
+    }
+
+    /// The requests a raw test server received: (connection, stream, body).
+    type Received = Arc<Mutex<Vec<(usize, u32, Vec<u8>)>>>;
+
+    /// A TEST-ONLY HTTP/2 server writing its frames by hand, for what h2's own server
+    /// does not do on demand: a GOAWAY whose last stream id is below a stream it has
+    /// received (the race of an API server going away while a request is on its way).
+    /// `fate(connection, request)` (both counted from 0) decides each whole request's
+    /// fate; every request is recorded.
+    async fn raw_server(
+        dir: &std::path::Path,
+        fate: fn(usize, usize) -> Fate,
+    ) -> (Uri, std::path::PathBuf, Received) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+            let len = u32::try_from(payload.len())
+                .expect("small frame")
+                .to_be_bytes();
+            let mut f = vec![len[1], len[2], len[3], kind, flags];
+            f.extend_from_slice(&stream.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        }
+        let (listener, acceptor, ca, base) = tls_listener(dir).await;
+        let received: Received = Arc::default();
+        let record = received.clone();
+        tokio::spawn(async move {
+            let mut conns = 0;
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, record, n) = (acceptor.clone(), record.clone(), conns);
+                conns += 1;
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut preface = [0u8; 24];
+                    if tls.read_exact(&mut preface).await.is_err() {
+                        return;
+                    }
+                    let _ = tls.write_all(&frame(4, 0, 0, &[])).await;
+                    let (mut requests, mut bodies) = (0, std::collections::HashMap::new());
+                    loop {
+                        let mut head = [0u8; 9];
+                        if tls.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let (kind, flags) = (head[3], head[4]);
+                        let stream =
+                            u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & !(1 << 31);
+                        let mut payload = vec![0u8; len];
+                        if tls.read_exact(&mut payload).await.is_err() {
+                            return;
+                        }
+                        let ended = match kind {
+                            // HEADERS (no padding or priority from h2's client).
+                            1 => {
+                                bodies.insert(stream, Vec::new());
+                                flags & 1 != 0
+                            }
+                            // DATA
+                            0 => {
+                                if let Some(b) = bodies.get_mut(&stream) {
+                                    b.extend_from_slice(&payload);
+                                }
+                                flags & 1 != 0
+                            }
+                            // SETTINGS, PING: acknowledged (a PING with its payload).
+                            4 | 6 if flags & 1 == 0 => {
+                                let echo = if kind == 6 { &payload[..] } else { &[] };
+                                let _ = tls.write_all(&frame(kind, 1, 0, echo)).await;
+                                false
+                            }
+                            _ => false,
+                        };
+                        if !ended {
+                            continue;
+                        }
+                        let body = bodies.remove(&stream).unwrap_or_default();
+                        record.lock().expect("record").push((n, stream, body));
+                        let reply = match fate(n, requests) {
+                            Fate::Answer => frame(1, 0x5, stream, &[0x88]),
+                            Fate::Refuse => frame(3, 0, stream, &7u32.to_be_bytes()),
+                            Fate::GoAwayBelow | Fate::GoAwayAtThenClose => {
+                                let last = match fate(n, requests) {
+                                    Fate::GoAwayBelow => stream.saturating_sub(2),
+                                    _ => stream,
+                                };
+                                let mut p = last.to_be_bytes().to_vec();
+                                p.extend_from_slice(&0u32.to_be_bytes());
+                                frame(7, 0, 0, &p)
+                            }
+                        };
+                        requests += 1;
+                        if tls.write_all(&reply).await.is_err() || tls.flush().await.is_err() {
+                            return;
+                        }
+                        if let Fate::GoAwayAtThenClose = fate(n, requests - 1) {
+                            let _ = tls.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (base, ca, received)
+    }
+
+    /// Requests the API server drops unprocessed go again, whatever their method, as
+    /// Go's client sends them again to an API server it talks to directly: one above
+    /// a GOAWAY's last stream id (on a new connection, the GOAWAY's closes) and one
+    /// reset with `REFUSED_STREAM` (on the same connection), a POST's body whole each
+    /// time. A request at or below that id, whose connection then closes unanswered,
+    /// the API server may have acted on: it fails and is not sent again.
+    #[tokio::test]
+    async fn requests_refused_unprocessed_are_sent_again_and_no_others() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let post = |base: &Uri| {
+            Request::post(format!("{base}api"))
+                .body(crate::util::full(Bytes::from_static(b"{\"kind\":\"Pod\"}")))
+                .expect("request")
+        };
+        // Refused twice, then answered: the GOAWAY's on the first connection, a
+        // REFUSED_STREAM on the second.
+        let (base, ca, received) = raw_server(dir.path(), |conn, req| match (conn, req) {
+            (0, _) => Fate::GoAwayBelow,
+            (1, 0) => Fate::Refuse,
+            _ => Fate::Answer,
+        })
+        .await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        let resp = tokio::time::timeout(Duration::from_secs(10), conn.send(post(&base)))
+            .await
+            .expect("answered within 10 s")
+            .expect("sent again until answered");
+        assert_eq!(resp.status(), 200);
+        let got = received.lock().expect("received").clone();
+        let expected_body = b"{\"kind\":\"Pod\"}".to_vec();
+        assert_eq!(
+            got,
+            vec![
+                (0, 1, expected_body.clone()),
+                (1, 1, expected_body.clone()),
+                (1, 3, expected_body),
+            ],
+            "the POST went three times, its body whole each time"
+        );
+        // Refused every time: sent again twice, then the refusal is the answer.
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        let (base, ca, received) = raw_server(dir2.path(), |_, _| Fate::Refuse).await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        let e = conn.send(get(&base)).await.expect_err("refused");
+        assert!(matches!(&e, SendError::Http(h) if unprocessed(h)), "{e:?}");
+        assert_eq!(received.lock().expect("received").len(), 1 + RESENDS);
+        // Possibly processed: not sent again.
+        let dir3 = tempfile::tempdir().expect("tempdir");
+        let (base, ca, received) = raw_server(dir3.path(), |_, _| Fate::GoAwayAtThenClose).await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        let e = tokio::time::timeout(Duration::from_secs(10), conn.send(post(&base)))
+            .await
+            .expect("failed within 10 s")
+            .expect_err("the connection closed unanswered");
+        assert!(!e.is_connect(), "{e:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            received.lock().expect("received").len(),
+            1,
+            "a request the API server may have acted on went again"
+        );
     }
 }

@@ -104,6 +104,11 @@ pub(super) struct Pipe<B> {
     held: Option<(Bytes, bool)>,
     /// Ends when the request is abandoned (its sender dropped).
     abandoned: Option<oneshot::Receiver<()>>,
+    /// Some data of the body went into the stream.
+    sent: bool,
+    /// The body, when it went in one piece: all of it was one chunk, handed to h2 with
+    /// the end of the stream (a copy shares the bytes).
+    whole: Option<Bytes>,
 }
 
 impl<B> Pipe<B> {
@@ -113,7 +118,15 @@ impl<B> Pipe<B> {
             tx,
             held: None,
             abandoned: None,
+            sent: false,
+            whole: None,
         }
+    }
+
+    /// The body, if the pipe has handed all of it to h2 in one piece: what sending the
+    /// request again sends.
+    pub(super) fn sent_whole(self) -> Option<Bytes> {
+        self.whole
     }
 
     /// The same pipe, resetting its stream when `abandoned`'s sender is dropped (the
@@ -165,6 +178,7 @@ where
                         Poll::Ready(None) => return Poll::Ready(()),
                     }
                 }
+                this.sent = true;
                 if let Err(e) = this.tx.send_data(data, last) {
                     debug!(error = %e, "request body chunk not sent");
                     return Poll::Ready(());
@@ -179,6 +193,10 @@ where
                     Ok(data) => {
                         let last = this.body.is_end_stream();
                         if data.is_empty() || last {
+                            if last && !this.sent {
+                                this.whole = Some(data.clone());
+                            }
+                            this.sent |= !data.is_empty();
                             if this.tx.send_data(data, last).is_err() || last {
                                 return Poll::Ready(());
                             }
@@ -205,6 +223,9 @@ where
                     return Poll::Ready(());
                 }
                 None => {
+                    if !this.sent {
+                        this.whole = Some(Bytes::new());
+                    }
                     let _ = this.tx.send_data(Bytes::new(), true);
                     return Poll::Ready(());
                 }
