@@ -64,6 +64,7 @@ const CASES: &[Case] = &[
         clients::cp_attach_and_port_forward,
     ),
     ("python_client_list_create_watch", clients::python_client),
+    ("goaway_races_never_reach_the_agent", clients::goaway_races),
     (
         "pretty_output_and_curl_user_agents",
         current_api::pretty_and_user_agents,
@@ -337,7 +338,13 @@ fn setup() -> Result<Env> {
         GateOptions {
             policy: Some(POLICY),
             proxy_extra: "  header_timeout: 3s\n",
-            apiserver_flags: vec!["--feature-gates=CBORServingAndStorage=true".into()],
+            // GOAWAYs as an HA cluster's API servers send them (the most the flag
+            // allows: 1 request in 50), under every case: the daemon's connection to
+            // the API server goes away while requests are on their way.
+            apiserver_flags: vec![
+                "--feature-gates=CBORServingAndStorage=true".into(),
+                "--goaway-chance=0.02".into(),
+            ],
             // PORTCULLIS_E2E_INSTALL=1: the daemon is the DaemonSet of deploy/.
             install: std::env::var_os("PORTCULLIS_E2E_INSTALL").is_some(),
             log_level: None,
