@@ -62,6 +62,10 @@ const MAX_HEADER_LIST: u32 = 16 << 10;
 /// Times a request the API server refused unprocessed is sent again (each time on the
 /// connection open then: a GOAWAY's closes it and the next opens).
 const RESENDS: usize = 2;
+/// The wait before a second resend (the first goes at once: after a GOAWAY, on a new
+/// connection): an API server that refuses a stream twice is busy, and Go's client
+/// too waits before trying again.
+const RESEND_PAUSE: Duration = Duration::from_millis(100);
 
 /// Why a request did not get an answer from the API server.
 #[derive(Debug, thiserror::Error)]
@@ -81,12 +85,14 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// Whether the API server could not be reached at all (503 and a retry, rather
-    /// than 502).
+    /// Whether the API server could not be reached at all, or refused the request
+    /// unprocessed every time it was sent (503 and a retry, rather than 502: nothing
+    /// was done, so a client may send any request again).
     pub fn is_connect(&self) -> bool {
         match self {
             SendError::Connect(_) => true,
-            SendError::Http(_) | SendError::Method(_) => false,
+            SendError::Http(e) => unprocessed(e),
+            SendError::Method(_) => false,
             SendError::Pooled(e) => e.is_connect(),
         }
     }
@@ -229,6 +235,9 @@ impl H2Connection {
                     debug!(error = %error, "the API server refused a request unprocessed: sending it again");
                     head = copy;
                     resends += 1;
+                    if resends > 1 {
+                        tokio::time::sleep(RESEND_PAUSE).await;
+                    }
                 }
                 _ => return Err(SendError::Http(error)),
             }
@@ -393,7 +402,9 @@ impl H2Connection {
 /// a GOAWAY the API server sent (h2 fails only those streams with the GOAWAY's error),
 /// or the API server reset it with `REFUSED_STREAM`. A stream at or below that id the
 /// API server may have acted on: when its connection then closes, h2 fails it with an
-/// I/O error, which is never resent.
+/// I/O error, which is never resent. (One path in h2 0.4 marks every open stream with
+/// a remote GOAWAY error: a PUSH_PROMISE on a stream a GOAWAY closed, which an API
+/// server never sends to a client that disabled push, as the lanes do.)
 fn unprocessed(e: &h2::Error) -> bool {
     e.is_remote()
         && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
@@ -1005,6 +1016,10 @@ mod tests {
                             return;
                         }
                         if let Fate::GoAwayAtThenClose = fate(n, requests - 1) {
+                            // Read first: a close with the client's frames unread
+                            // would be a TCP reset, which could reach the client
+                            // before the GOAWAY does.
+                            tokio::time::sleep(Duration::from_millis(100)).await;
                             let _ = tls.shutdown().await;
                             return;
                         }
@@ -1058,8 +1073,12 @@ mod tests {
         let dir2 = tempfile::tempdir().expect("tempdir");
         let (base, ca, received) = raw_server(dir2.path(), |_, _| Fate::Refuse).await;
         let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
-        let e = conn.send(get(&base)).await.expect_err("refused");
+        let e = tokio::time::timeout(Duration::from_secs(10), conn.send(get(&base)))
+            .await
+            .expect("failed within 10 s")
+            .expect_err("refused");
         assert!(matches!(&e, SendError::Http(h) if unprocessed(h)), "{e:?}");
+        assert!(e.is_connect(), "refused unprocessed: a 503, not a 502");
         assert_eq!(received.lock().expect("received").len(), 1 + RESENDS);
         // Possibly processed: not sent again.
         let dir3 = tempfile::tempdir().expect("tempdir");
@@ -1069,7 +1088,10 @@ mod tests {
             .await
             .expect("failed within 10 s")
             .expect_err("the connection closed unanswered");
-        assert!(!e.is_connect(), "{e:?}");
+        assert!(
+            matches!(&e, SendError::Http(h) if h.is_io()) && !e.is_connect(),
+            "the connection's close, a 502: {e:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(
             received.lock().expect("received").len(),
