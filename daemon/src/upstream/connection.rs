@@ -1030,6 +1030,28 @@ mod tests {
         (base, ca, received)
     }
 
+    fn post(base: &Uri) -> Request<crate::util::ProxyBody> {
+        Request::post(format!("{base}api"))
+            .body(crate::util::full(Bytes::from_static(b"{\"kind\":\"Pod\"}")))
+            .expect("request")
+    }
+
+    /// A request (`make`) to a raw server whose every request meets `fate`: its error
+    /// (within 10 s) and what the server received.
+    async fn failing(
+        fate: fn(usize, usize) -> Fate,
+        make: fn(&Uri) -> Request<crate::util::ProxyBody>,
+    ) -> (SendError, Received) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (base, ca, received) = raw_server(dir.path(), fate).await;
+        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
+        let e = tokio::time::timeout(Duration::from_secs(10), conn.send(make(&base)))
+            .await
+            .expect("failed within 10 s")
+            .expect_err("no answer");
+        (e, received)
+    }
+
     /// Requests the API server drops unprocessed go again, whatever their method, as
     /// Go's client sends them again to an API server it talks to directly: one above
     /// a GOAWAY's last stream id (on a new connection, the GOAWAY's closes) and one
@@ -1039,11 +1061,6 @@ mod tests {
     #[tokio::test]
     async fn requests_refused_unprocessed_are_sent_again_and_no_others() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let post = |base: &Uri| {
-            Request::post(format!("{base}api"))
-                .body(crate::util::full(Bytes::from_static(b"{\"kind\":\"Pod\"}")))
-                .expect("request")
-        };
         // Refused twice, then answered: the GOAWAY's on the first connection, a
         // REFUSED_STREAM on the second.
         let (base, ca, received) = raw_server(dir.path(), |conn, req| match (conn, req) {
@@ -1070,24 +1087,12 @@ mod tests {
             "the POST went three times, its body whole each time"
         );
         // Refused every time: sent again twice, then the refusal is the answer.
-        let dir2 = tempfile::tempdir().expect("tempdir");
-        let (base, ca, received) = raw_server(dir2.path(), |_, _| Fate::Refuse).await;
-        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
-        let e = tokio::time::timeout(Duration::from_secs(10), conn.send(get(&base)))
-            .await
-            .expect("failed within 10 s")
-            .expect_err("refused");
+        let (e, received) = failing(|_, _| Fate::Refuse, get).await;
         assert!(matches!(&e, SendError::Http(h) if unprocessed(h)), "{e:?}");
         assert!(e.is_connect(), "refused unprocessed: a 503, not a 502");
         assert_eq!(received.lock().expect("received").len(), 1 + RESENDS);
         // Possibly processed: not sent again.
-        let dir3 = tempfile::tempdir().expect("tempdir");
-        let (base, ca, received) = raw_server(dir3.path(), |_, _| Fate::GoAwayAtThenClose).await;
-        let conn = connection_trusting(base.clone(), OPEN_TIMEOUT, Some(&ca));
-        let e = tokio::time::timeout(Duration::from_secs(10), conn.send(post(&base)))
-            .await
-            .expect("failed within 10 s")
-            .expect_err("the connection closed unanswered");
+        let (e, received) = failing(|_, _| Fate::GoAwayAtThenClose, post).await;
         assert!(
             matches!(&e, SendError::Http(h) if h.is_io()) && !e.is_connect(),
             "the connection's close, a 502: {e:?}"
