@@ -1086,8 +1086,14 @@ mod tests {
             ],
             "the POST went three times, its body whole each time"
         );
-        // Refused every time: sent again twice, then the refusal is the answer.
+        // Refused every time: sent again twice (the second after a pause), then the
+        // refusal is the answer.
+        let t = std::time::Instant::now();
         let (e, received) = failing(|_, _| Fate::Refuse, get).await;
+        assert!(
+            t.elapsed() >= RESEND_PAUSE,
+            "no pause before the second resend"
+        );
         assert!(matches!(&e, SendError::Http(h) if unprocessed(h)), "{e:?}");
         assert!(e.is_connect(), "refused unprocessed: a 503, not a 502");
         assert_eq!(received.lock().expect("received").len(), 1 + RESENDS);

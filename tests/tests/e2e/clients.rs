@@ -524,6 +524,8 @@ pub fn python_client(env: &mut Env) -> Result<()> {
 /// those again, as Go's client does for kubectl talking to the API server directly: not
 /// one of 4,000 GETs from an agent pod fails (before, the daemon answered them 502).
 pub fn goaway_races(env: &mut Env) -> Result<()> {
+    const RESENT: &str = "the API server refused a request unprocessed: sending it again";
+    let resent_before = env.daemon_log().matches(RESENT).count();
     env.admin_ok(&["create", "configmap", "goaway-probe", "--from-literal=k=v"])?;
     let path = format!("/api/v1/namespaces/{NAMESPACE}/configmaps/goaway-probe");
     let url = format!("--url=https://{}", env.cluster_ip());
@@ -554,5 +556,15 @@ pub fn goaway_races(env: &mut Env) -> Result<()> {
         v["requests"] == 4000 && v["errors"] == 0,
         "requests failed while the API server sent GOAWAYs: {v}"
     );
+    // Proof the race happened (else the case would pass for nothing): the daemon
+    // sent some requests again. The installed daemon logs at the shipped level.
+    if !env.daemon.installed {
+        let resent = env.daemon_log().matches(RESENT).count() - resent_before;
+        ensure!(
+            resent > 0,
+            "no request was refused unprocessed: the GOAWAY race was not exercised"
+        );
+        println!("    {resent} requests refused unprocessed and sent again; none failed");
+    }
     Ok(())
 }

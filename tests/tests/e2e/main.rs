@@ -347,7 +347,11 @@ fn setup() -> Result<Env> {
             ],
             // PORTCULLIS_E2E_INSTALL=1: the daemon is the DaemonSet of deploy/.
             install: std::env::var_os("PORTCULLIS_E2E_INSTALL").is_some(),
-            log_level: None,
+            // The shipped level, a line per request, and the lanes' connection events
+            // (the GOAWAY case counts the resends in them).
+            log_level: Some(
+                "info,portcullis::requests=debug,portcullis::upstream::connection=debug",
+            ),
         },
     )
 }
