@@ -327,7 +327,8 @@ impl Node {
         write(&p.join("sa.key"), &sa.serialize_pem())?;
         write(&p.join("sa.pub"), &sa.public_key_pem())?;
         let admin_token = random_token();
-        let daemon_token = random_token();
+        // Shaped as an installed daemon's own (the benchmarks' proxies send it).
+        let daemon_token = service_account_shaped_token("portcullis-system", "portcullis");
         write(
             &p.join("tokens.csv"),
             &format!(
@@ -1073,13 +1074,64 @@ fn tail_logs(dir: &Path) -> String {
     out
 }
 
-pub fn random_token() -> String {
-    let mut b = [0u8; 24];
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         use std::io::Read;
         let _ = f.read_exact(&mut b);
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    b
+}
+
+pub fn random_token() -> String {
+    random_bytes::<24>()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// A bearer token of the size and shape of an installed daemon's projected
+/// service-account token (a JWT of ~1.2 KB: RS256 as kubeadm's clusters sign them,
+/// the claims a pod-bound token carries), with a random id and signature. Only its
+/// shape is real: the test node's API server knows it from its static token file.
+/// The proxies measured by the benchmarks send it upstream on every request, and its
+/// size is a cost (HTTP/2's HPACK never indexes `Authorization`).
+pub fn service_account_shaped_token(namespace: &str, account: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let uid = || {
+        let h = hex(&random_bytes::<16>());
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    };
+    let header = serde_json::json!({"alg": "RS256", "kid": b64.encode(random_bytes::<32>())});
+    let claims = serde_json::json!({
+        "aud": ["https://kubernetes.default.svc.cluster.local"],
+        "exp": 1796212800u64, "iat": 1764676800u64, "nbf": 1764676800u64,
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "jti": uid(),
+        "kubernetes.io": {
+            "namespace": namespace,
+            "node": {"name": NODE_NAME, "uid": uid()},
+            "pod": {"name": format!("{account}-7x2kq"), "uid": uid()},
+            "serviceaccount": {"name": account, "uid": uid()},
+            "warnafter": 1764680407u64
+        },
+        "sub": format!("system:serviceaccount:{namespace}:{account}")
+    });
+    format!(
+        "{}.{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(claims.to_string()),
+        b64.encode(random_bytes::<256>())
+    )
 }
 
 fn cert_kubeconfig(ca: &Path, cert: &Path, key: &Path) -> String {

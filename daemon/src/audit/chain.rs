@@ -114,9 +114,27 @@ impl Encoded {
 
     /// Encoded by the record itself.
     pub fn own<T: ?Sized + EncodeJson>(record: &T) -> Result<Encoded, serde_json::Error> {
-        let mut v = Vec::with_capacity(Self::AHEAD);
-        record.encode_json(&mut v)?;
-        Ok(Encoded(v))
+        Self::own_in(Vec::with_capacity(Self::AHEAD), record)
+    }
+
+    /// [`Self::own`] into `buf` (emptied first): a buffer a written record gave back.
+    pub fn own_in<T: ?Sized + EncodeJson>(
+        mut buf: Vec<u8>,
+        record: &T,
+    ) -> Result<Encoded, serde_json::Error> {
+        buf.clear();
+        record.encode_json(&mut buf)?;
+        Ok(Encoded(buf))
+    }
+
+    /// A buffer for [`Self::own_in`], when none is given back.
+    pub fn buffer() -> Vec<u8> {
+        Vec::with_capacity(Self::AHEAD)
+    }
+
+    /// The buffer, for another record once this one is written.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.0
     }
 
     pub fn as_bytes(&self) -> &[u8] {

@@ -120,39 +120,6 @@ fn canned(dir: &std::path::Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// A token with the size and shape of the one a kubelet projects into an installed
-/// daemon's pod (audience, expiry, pod and node bindings; an RS256 signature of 256
-/// bytes): what the daemon sends the API server with every request.
-fn service_account_token() -> String {
-    let (namespace, account) = ("portcullis-system", "portcullis");
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let header = json!({"alg": "RS256", "kid": "mZ3hQ0x5Lw1vUeJkqT2bC9sYfN8pRaGdE4oXi7HtB6c"});
-    let uid = |i: u32| format!("9b2f4c1e-{i:04x}-4d6a-8e3b-5c7f1a2d9e0b");
-    let claims = json!({
-        "aud": ["https://kubernetes.default.svc.cluster.local"],
-        "exp": 1796212800u64, "iat": 1764676800u64, "nbf": 1764676800u64,
-        "iss": "https://kubernetes.default.svc.cluster.local",
-        "jti": uid(1),
-        "kubernetes.io": {
-            "namespace": namespace,
-            "node": {"name": "pc-node", "uid": uid(2)},
-            "pod": {"name": format!("{account}-7x2kq"), "uid": uid(3)},
-            "serviceaccount": {"name": account, "uid": uid(4)},
-            "warnafter": 1764680407u64
-        },
-        "sub": format!("system:serviceaccount:{namespace}:{account}")
-    });
-    let signature: Vec<u8> = (0..256u32)
-        .map(|i| (i.wrapping_mul(167) ^ 0x5a) as u8)
-        .collect();
-    format!(
-        "{}.{}.{}",
-        b64.encode(header.to_string()),
-        b64.encode(claims.to_string()),
-        b64.encode(signature)
-    )
-}
-
 /// A proxy measured by `lab-load`.
 struct Target {
     name: String,
@@ -248,7 +215,9 @@ pub fn run(o: Opts) -> Result<()> {
     let ca = lab.dir.join("upstream-ca.crt");
     std::fs::write(&ca, &pki.ca_cert)?;
     let daemon_token = match o.upstream_token.as_str() {
-        "sa" => service_account_token(),
+        "sa" => {
+            portcullis_tests::node::service_account_shaped_token("portcullis-system", "portcullis")
+        }
         "short" => "bench".to_string(),
         other => anyhow::bail!("--upstream-token: sa or short, not {other}"),
     };
