@@ -1112,9 +1112,15 @@ pub fn service_account_shaped_token(namespace: &str, account: &str) -> String {
         )
     };
     let header = serde_json::json!({"alg": "RS256", "kid": b64.encode(random_bytes::<32>())});
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let claims = serde_json::json!({
         "aud": ["https://kubernetes.default.svc.cluster.local"],
-        "exp": 1796212800u64, "iat": 1764676800u64, "nbf": 1764676800u64,
+        // A year, as the API server extends a projected token by default
+        // (`--service-account-extend-token-expiration`), warning after the 3,607 s
+        // the kubelet asked for (`warnafter`).
+        "exp": now + 365 * 86_400, "iat": now, "nbf": now,
         "iss": "https://kubernetes.default.svc.cluster.local",
         "jti": uid(),
         "kubernetes.io": {
@@ -1122,7 +1128,7 @@ pub fn service_account_shaped_token(namespace: &str, account: &str) -> String {
             "node": {"name": NODE_NAME, "uid": uid()},
             "pod": {"name": format!("{account}-7x2kq"), "uid": uid()},
             "serviceaccount": {"name": account, "uid": uid()},
-            "warnafter": 1764680407u64
+            "warnafter": now + 3607
         },
         "sub": format!("system:serviceaccount:{namespace}:{account}")
     });

@@ -34,10 +34,13 @@ const OVERFLOW: usize = 4096;
 const SPARES: usize = 512;
 const SPARE_MAX_BYTES: usize = 4096;
 
-#[derive(Default)]
 struct Spares(std::sync::Mutex<Vec<Vec<u8>>>);
 
 impl Spares {
+    fn new() -> Spares {
+        Spares(std::sync::Mutex::new(Vec::with_capacity(SPARES)))
+    }
+
     fn take(&self) -> Vec<u8> {
         self.0
             .lock()
@@ -46,16 +49,20 @@ impl Spares {
             .unwrap_or_else(Encoded::buffer)
     }
 
-    /// Keeps what fits of `bufs` (emptied; the rest are freed).
+    /// Keeps what fits of `bufs` and empties it; the rest are freed after the lock is
+    /// let go (loops wait on it to encode).
     fn give(&self, bufs: &mut Vec<Vec<u8>>) {
         bufs.retain(|b| b.capacity() <= SPARE_MAX_BYTES);
-        let mut spares = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let room = SPARES.saturating_sub(spares.len());
-        bufs.truncate(room);
-        spares.append(bufs);
+        {
+            let mut spares = self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let keep = SPARES.saturating_sub(spares.len()).min(bufs.len());
+            let from = bufs.len() - keep;
+            spares.extend(bufs.drain(from..));
+        }
+        bufs.clear();
     }
 }
 
@@ -104,7 +111,7 @@ impl AuditLog {
         let committed = Arc::new(tokio::sync::Notify::new());
         let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer_idle = Arc::new(AtomicBool::new(false));
-        let spares = Arc::new(Spares::default());
+        let spares = Arc::new(Spares::new());
         let thread = {
             let healthy = healthy.clone();
             let committed = committed.clone();
@@ -431,14 +438,24 @@ mod tests {
         )
         .await
         .unwrap();
-        let spares = log.spares.0.lock().unwrap();
-        assert!(
-            !spares.is_empty() && spares.len() <= SPARES,
-            "{}",
-            spares.len()
-        );
-        assert!(spares.iter().all(|b| b.capacity() <= SPARE_MAX_BYTES));
-        drop(spares);
+        // The buffers come back after the acknowledgement.
+        let mut kept = 0;
+        for _ in 0..100 {
+            kept = log.spares.0.lock().unwrap().len();
+            if kept > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(kept > 0 && kept <= SPARES, "{kept}");
+        let big = log
+            .spares
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|b| b.capacity() > SPARE_MAX_BYTES);
+        assert!(!big, "a buffer over {SPARE_MAX_BYTES} bytes was kept");
         let mut segs: Vec<_> = std::fs::read_dir(dir.join("audit"))
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -457,6 +474,61 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 2001);
+    }
+
+    /// Records are encoded into a buffer given back, not a new one: one buffer,
+    /// marked by its size, goes round and is all the spares there are afterwards.
+    #[tokio::test]
+    async fn records_are_encoded_into_the_buffers_given_back() {
+        let tmp = tempdir();
+        let log = log(tmp.path());
+        log.spares.give(&mut vec![Vec::with_capacity(3000)]);
+        // Until the last record's buffer is back (after its acknowledgement, or the
+        // writer's next round).
+        let back = || async {
+            for _ in 0..200 {
+                if !log.spares.0.lock().unwrap().is_empty() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            panic!("no buffer came back");
+        };
+        for i in 0..3 {
+            log.durable(Kind::Request, &serde_json::json!({ "i": i }))
+                .await
+                .unwrap();
+            back().await;
+            log.record_own(Kind::Request, &serde_json::json!({ "j": i }));
+            back().await;
+        }
+        let caps: Vec<usize> = log
+            .spares
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Vec::capacity)
+            .collect();
+        assert_eq!(caps, [3000], "a buffer was made where one was given back");
+    }
+
+    /// At most SPARES buffers are kept, none larger than SPARE_MAX_BYTES.
+    #[test]
+    fn spares_are_bounded() {
+        let spares = Spares::new();
+        let mut bufs: Vec<Vec<u8>> = (0..SPARES + 100)
+            .map(|i| Vec::with_capacity(if i % 2 == 0 { 64 } else { SPARE_MAX_BYTES + 1 }))
+            .collect();
+        spares.give(&mut bufs);
+        assert!(bufs.is_empty());
+        assert_eq!(spares.0.lock().unwrap().len(), (SPARES + 100) / 2);
+        let mut more: Vec<Vec<u8>> = (0..SPARES).map(|_| Vec::with_capacity(64)).collect();
+        spares.give(&mut more);
+        assert!(more.is_empty());
+        let kept = spares.0.lock().unwrap();
+        assert_eq!(kept.len(), SPARES);
+        assert!(kept.iter().all(|b| b.capacity() <= SPARE_MAX_BYTES));
     }
 
     #[tokio::test]
