@@ -1148,3 +1148,36 @@ fn cert_kubeconfig(ca: &Path, cert: &Path, key: &Path) -> String {
         key.display()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+
+    /// The shape the benchmarks' figures rest on: an installed daemon's token size, a
+    /// JWT's three base64url parts, nothing a static token file's CSV line or an
+    /// `Authorization` header would break on.
+    #[test]
+    fn the_daemon_token_is_shaped_like_a_projected_one() {
+        let t = super::service_account_shaped_token("portcullis-system", "portcullis");
+        assert!((1_000..=1_400).contains(&t.len()), "{} bytes", t.len());
+        let parts: Vec<&str> = t.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let claims: serde_json::Value =
+            serde_json::from_slice(&b64.decode(parts[1]).expect("base64url")).expect("JSON");
+        assert_eq!(
+            claims["sub"],
+            "system:serviceaccount:portcullis-system:portcullis"
+        );
+        assert!(claims["exp"].as_u64() > claims["iat"].as_u64());
+        assert_eq!(b64.decode(parts[2]).expect("base64url").len(), 256);
+        assert!(
+            t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        );
+        assert_ne!(
+            t,
+            super::service_account_shaped_token("portcullis-system", "portcullis")
+        );
+    }
+}

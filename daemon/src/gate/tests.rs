@@ -480,21 +480,9 @@ async fn a_request_whose_approval_expires_while_held_is_refused() {
     let path = "/api/v1/namespaces/e2e/configmaps/slow-late";
     let held = lab.call(From::PodA, Some(&token), "DELETE", path);
     let expire = async {
-        // Found in any state: on a loaded machine the first look may come after the
-        // second it may stay pending (looking expires what is due).
-        let mut found = None;
-        for _ in 0..200 {
-            found = lab
-                .approvals()
-                .list()
-                .into_iter()
-                .find(|a| a.request.name == "slow-late");
-            if found.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let a = found.expect("an approval for slow-late");
+        // In any state: on a loaded machine the first look may come after the second
+        // it stays pending.
+        let a = lab.approval("slow-late").await;
         tokio::time::sleep(Duration::from_millis(2100)).await;
         lab.approvals().expire_due();
         a.id

@@ -613,18 +613,30 @@ proxy:
 
     /// The pending approval for the request on `name`, once there is one.
     pub async fn pending(&self, name: &str) -> Approval {
+        self.approval_where(name, |a| a.state == State::Pending)
+            .await
+    }
+
+    /// The approval for the request on `name`, in whatever state, once there is one
+    /// (looking expires what is due: on a loaded machine a short-lived one may be
+    /// expired by the first look).
+    pub async fn approval(&self, name: &str) -> Approval {
+        self.approval_where(name, |_| true).await
+    }
+
+    async fn approval_where(&self, name: &str, pick: impl Fn(&Approval) -> bool) -> Approval {
         for _ in 0..200 {
             if let Some(a) = self
                 .approvals()
                 .list()
                 .into_iter()
-                .find(|a| a.state == State::Pending && a.request.name == name)
+                .find(|a| a.request.name == name && pick(a))
             {
                 return a;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("no pending approval for {name}");
+        panic!("no approval as asked for {name}");
     }
 }
 
